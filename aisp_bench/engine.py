@@ -13,9 +13,13 @@ pre-logit, Eq. 2). Per row it applies one of three rules:
 How it is fast:
 
 * ``prefill`` runs each prompt once (several prompts left-padded in one batch) and keeps
-  its KV cache and its last pre-logit; ``decode`` copies that cache to each of a prompt's
-  rows instead of prefilling n copies, and can be called many times on one prefix (all
-  of AISP's κ iterations reuse one prefill);
+  its KV cache and its last pre-logit; ``decode`` can be called many times on one prefix
+  (all of AISP's κ iterations reuse one prefill);
+* the prompt's KV cache is shared by its rows, not copied (``shared_prefix``): each
+  decode step attends to one copy of the prompt KV per prompt and to a preallocated
+  per-row buffer of generated tokens (no per-step concatenation). Models that this
+  attention does not cover exactly use ``attention="copy"``: the prompt cache copied to
+  each row in a ``DynamicCache`` (still one prefill);
 * rows that finish (EOS, a stop string, ``max_new_tokens``) leave the batch at once: the
   cache and every per-row tensor are compacted so finished rows cost nothing more;
 * rows beyond ``max_batch_rows`` are decoded in successive chunks.
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aisp_bench import shared_prefix
 from aisp_bench.types import Prompt, Sample
 
 
@@ -115,6 +120,8 @@ class Engine:
         max_prompt_tokens: longer prompts are truncated from the left (``overflow=
             "truncate_left"``) or refused with ``PromptTooLongError`` (``"error"``);
             default: the model's context length minus ``max_new_tokens``.
+        attention: ``auto`` (shared-prefix attention where the model supports it, else
+            ``copy``), ``shared_prefix`` or ``copy``.
     """
 
     def __init__(
@@ -131,6 +138,7 @@ class Engine:
         max_prompt_tokens: int | None = None,
         overflow: str = "truncate_left",
         check_prelogit: bool = True,
+        attention: str = "auto",
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -138,7 +146,13 @@ class Engine:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
         if overflow not in ("truncate_left", "error"):
             raise ValueError(f"overflow must be 'truncate_left' or 'error', got {overflow!r}")
+        if attention not in ("auto", "shared_prefix", "copy"):
+            raise ValueError(f"attention must be 'auto', 'shared_prefix' or 'copy', got {attention!r}")
         self.model = model.eval()
+        ok = shared_prefix.supported(model.config)
+        if attention == "shared_prefix" and not ok:
+            raise ValueError(f"shared-prefix attention does not support model type {model.config.model_type!r}")
+        self.attention = "shared_prefix" if attention == "auto" and ok else ("copy" if attention == "auto" else attention)
         self.tokenizer = tokenizer
         self.render = render or (lambda p: p.text)
         self.max_new_tokens = int(max_new_tokens)
@@ -305,9 +319,14 @@ class Engine:
         dev = self.device
         B = int(slots.numel())
         slots_d = slots.to(dev)
-        cache = copy.deepcopy(prefix.cache)
-        cache.batch_select_indices(slots_d)
-        mask = prefix.mask.index_select(0, slots_d)
+        shared = self.attention == "shared_prefix"
+        if shared:
+            cache = shared_prefix.SuffixKV(len(prefix.cache.layers), self.max_new_tokens)
+            state = shared_prefix.DecodeState.build(prefix.cache, prefix.mask, slots_d)
+        else:
+            cache = copy.deepcopy(prefix.cache)
+            cache.batch_select_indices(slots_d)
+        mask = None if shared else prefix.mask.index_select(0, slots_d)
         pos = prefix.next_pos.index_select(0, slots_d).clone()
         z = prefix.last_hidden.index_select(0, slots_d)
         if noise is not None:
@@ -345,10 +364,19 @@ class Engine:
                 break
             if done:
                 keep = torch.tensor(sorted(set(range(len(act_list))) - set(done)), device=dev)
-                cache.batch_select_indices(keep)
-                mask, pos, tok, active = mask[keep], pos[keep], tok[keep], active[keep]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            z = self._forward(tok.unsqueeze(-1), mask, pos.unsqueeze(-1), cache)[:, -1]
+                pos, tok, active = pos[keep], tok[keep], active[keep]
+                if shared:
+                    cache.select(keep)
+                    state.set_rows(slots_d[active])
+                else:
+                    cache.batch_select_indices(keep)
+                    mask = mask[keep]
+            if shared:
+                with shared_prefix.active(self.model.config, state):
+                    z = self._forward(tok.unsqueeze(-1), None, pos.unsqueeze(-1), cache)[:, -1]
+            else:
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                z = self._forward(tok.unsqueeze(-1), mask, pos.unsqueeze(-1), cache)[:, -1]
             pos = pos + 1
         return results  # type: ignore[return-value]
 

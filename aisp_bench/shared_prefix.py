@@ -1,0 +1,179 @@
+"""Shared-prefix attention for the engine's decode steps (used only by ``engine.py``).
+
+While decoding, the n rows of a prompt all attend to the same prompt keys and values.
+Copying that prompt KV cache n times (what ``generate`` with repeated inputs does, and a
+plain ``DynamicCache.batch_repeat_interleave``) multiplies its memory and the bytes read
+at every step by n; concatenating each new token onto it (``DynamicCache``) copies it
+again at every step. Here instead:
+
+* the prompt part stays as prefilled, one copy per prompt: K_p, V_p of shape
+  (P, H_kv, L_p, D), with the left padding masked;
+* each row's generated part lives in a preallocated buffer (rows, H_kv, T, D), written
+  in place (``SuffixKV``, the object the model sees as its cache);
+* attention for a decode step (one query per row) is computed in two parts and merged
+  exactly with a shared softmax: scores against the prompt, as one matrix product per
+  prompt for all of its rows and query heads (grouped-query heads share their KV head);
+  scores against the row's own generated tokens; then
+  out = (Σ exp(s_p − m) V_p + Σ exp(s_s − m) V_s) / (Σ exp(s_p − m) + Σ exp(s_s − m)).
+
+It plugs into ``transformers`` as an attention implementation registered under
+``ATTN_NAME`` (``AttentionInterface``), switched on only around decode forwards. Models
+for which this is exact: decoder-only Llama-style attention without sliding windows,
+softcapping or attention sinks (``supported``); the engine falls back to the plain cache
+copy for others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+ATTN_NAME = "aisp_shared_prefix"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+_ACTIVE: list[DecodeState] = []
+
+
+def supported(config) -> bool:
+    """Whether shared-prefix attention computes exactly what the model's attention does."""
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    window = getattr(config, "sliding_window", None)
+    use_window = getattr(config, "use_sliding_window", window is not None)
+    if window is not None and use_window and window < getattr(config, "max_position_embeddings", 0):
+        return False
+    return getattr(config, "attn_logit_softcapping", None) is None
+
+
+class SuffixKV:
+    """Per layer, the generated tokens' keys and values: (rows, H_kv, capacity, D) buffers
+    written in place; ``update`` returns views of the filled part."""
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        n = self.lengths[layer_idx]
+        q = key_states.shape[-2]
+        if self.k[layer_idx] is None:
+            b, h, _, d = key_states.shape
+            self.k[layer_idx] = key_states.new_empty((b, h, self.capacity, d))
+            self.v[layer_idx] = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+        if n + q > self.capacity:
+            raise RuntimeError(f"SuffixKV full: {n} + {q} > {self.capacity}")
+        self.k[layer_idx][:, :, n : n + q] = key_states
+        self.v[layer_idx][:, :, n : n + q] = value_states
+        self.lengths[layer_idx] = n + q
+        return self.k[layer_idx][:, :, : n + q], self.v[layer_idx][:, :, : n + q]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only these rows (finished rows leave the batch)."""
+        for i, (k, v) in enumerate(zip(self.k, self.v)):
+            if k is not None:
+                self.k[i], self.v[i] = k.index_select(0, keep), v.index_select(0, keep)
+
+
+@dataclass
+class DecodeState:
+    """The prompt KV and the row -> prompt layout of one decode chunk.
+
+    ============  ==================  ============================================
+    field         shape               meaning
+    ============  ==================  ============================================
+    k, v          P x (P, H_kv, L, D) prompt keys/values per layer (not copied)
+    bias          (P, 1, 1, L)        0 for prompt tokens, -inf for left padding
+    row_prompt    (B,)                prompt index of each live row
+    row_pos       (B,)                its position among that prompt's live rows
+    groups        (P, R)              live rows of each prompt, padded with row 0
+    ============  ==================  ============================================
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    bias: torch.Tensor
+    row_prompt: torch.Tensor
+    row_pos: torch.Tensor
+    groups: torch.Tensor
+
+    @classmethod
+    def build(cls, prefix_cache, prefix_mask: torch.Tensor, slots: torch.Tensor) -> DecodeState:
+        layers = prefix_cache.layers
+        bias = torch.zeros(prefix_mask.shape, dtype=torch.float32, device=prefix_mask.device)
+        bias = bias.masked_fill(prefix_mask == 0, float("-inf"))[:, None, None, :]
+        state = cls([lay.keys for lay in layers], [lay.values for lay in layers], bias, slots, slots, slots)
+        state.set_rows(slots)
+        return state
+
+    def set_rows(self, row_prompt: torch.Tensor) -> None:
+        """Recompute the grouping for the live rows (prompt-major order is not required)."""
+        P = self.bias.shape[0]
+        rp = row_prompt.to(self.bias.device)
+        counts = torch.bincount(rp, minlength=P)
+        order = torch.argsort(rp, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.empty_like(rp)
+        pos[order] = torch.arange(rp.numel(), device=rp.device) - starts[rp[order]]
+        R = max(1, int(counts.max()))
+        groups = torch.zeros((P, R), dtype=torch.long, device=rp.device)
+        groups[rp, pos] = torch.arange(rp.numel(), device=rp.device)
+        self.row_prompt, self.row_pos, self.groups = rp, pos, groups
+
+
+def attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """One decode step of shared-prefix attention; returns (output (B, 1, H, D), None)."""
+    st = _ACTIVE[-1]
+    layer = module.layer_idx
+    kp, vp = st.k[layer], st.v[layer]
+    B, H, q_len, D = query.shape
+    if q_len != 1:
+        raise RuntimeError("shared-prefix attention handles decode steps (one query per row) only")
+    P, Hkv, L, _ = kp.shape
+    g = H // Hkv
+    R = st.groups.shape[1]
+    scale = scaling if scaling is not None else D**-0.5
+    q = query.view(B, Hkv, g, D)
+    # scores against the prompt: one (R·g x D) @ (D x L) product per prompt and KV head
+    qg = q[st.groups].permute(0, 2, 1, 3, 4).reshape(P, Hkv, R * g, D)
+    sp = torch.matmul(qg, kp.transpose(-1, -2)).float() * scale + st.bias
+    sp = sp.view(P, Hkv, R, g, L).permute(0, 2, 1, 3, 4)[st.row_prompt, st.row_pos]  # (B, Hkv, g, L)
+    # scores against the row's own generated tokens
+    ss = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (B, Hkv, g, t)
+    m = torch.maximum(sp.amax(-1, keepdim=True), ss.amax(-1, keepdim=True))
+    ep, es = torch.exp(sp - m), torch.exp(ss - m)
+    den = ep.sum(-1, keepdim=True) + es.sum(-1, keepdim=True)
+    # weighted values: the prompt part per prompt again, the generated part per row
+    epg = ep.to(vp.dtype)[st.groups].permute(0, 2, 1, 3, 4).reshape(P, Hkv, R * g, L)
+    op = torch.matmul(epg, vp).view(P, Hkv, R, g, -1).permute(0, 2, 1, 3, 4)[st.row_prompt, st.row_pos]
+    os_ = torch.matmul(es.to(value.dtype), value)
+    out = (op.float() + os_.float()) / den  # (B, Hkv, g, Dv)
+    return out.to(query.dtype).reshape(B, H, 1, -1).transpose(1, 2), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, attention)
+
+
+_register()
+
+
+@contextlib.contextmanager
+def active(model_config, state: DecodeState):
+    """Route the model's attention through ``attention`` with ``state`` for this block."""
+    previous = model_config._attn_implementation
+    _ACTIVE.append(state)
+    model_config._attn_implementation = ATTN_NAME
+    try:
+        yield
+    finally:
+        model_config._attn_implementation = previous
+        _ACTIVE.pop()
