@@ -183,6 +183,13 @@ def speed(args) -> dict:
     t0 = time.perf_counter()
     with torch.device(DEV):
         model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16 if DEV == "cuda" else torch.float32).eval()
+    with torch.no_grad():  # explicit random weights: never time on uninitialised (often zero) memory
+        g = torch.Generator(DEV).manual_seed(0)
+        for name, prm in model.named_parameters():
+            if "norm" in name:
+                prm.fill_(1.0)
+            else:
+                prm.normal_(0.0, 0.02, generator=g)
     init_s = time.perf_counter() - t0
     eos = shape["eos_token_id"]
     tok = IdTokenizer(eos=eos)
@@ -193,6 +200,10 @@ def speed(args) -> dict:
     eng = Engine(model, tok, lambda p: p.text, max_new_tokens=T, max_batch_rows=P * n, check_prelogit=True)
     eng_copy = Engine(model, tok, lambda p: p.text, max_new_tokens=T, max_batch_rows=P * n, check_prelogit=False,
                       attention="copy")
+    with torch.inference_mode():
+        probe = model(input_ids=torch.tensor([[5, 6, 7]], device=DEV)).logits[0, -1].float()
+    sanity = {"logits_finite": bool(torch.isfinite(probe).all()), "logits_std": float(probe.std())}
+    print("weights:", sanity, flush=True)
     bw = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (d // cfg.num_attention_heads) * 2
@@ -231,7 +242,7 @@ def speed(args) -> dict:
     match = {v: {"rows_identical": sum(a == b for a, b in zip(outputs[v], outputs["engine"])) / len(outputs["engine"]),
                  "prefix_agreement": agreement(outputs[v], outputs["engine"])}
              for v in ("engine_copy", "hf", "hf_batched")}
-    return {"model": "Llama-3-8B config, random bf16 weights", "init_seconds": init_s, "weights_gb": weight_bytes / 1e9,
+    return {"model": "Llama-3-8B config, random bf16 weights (N(0, 0.02))", "init_seconds": init_s, "sanity": sanity, "weights_gb": weight_bytes / 1e9,
             "copy_bandwidth_tb_s": bw / 1e12, "workload": {"prompts": P, "n": n, "tau": tau, "new_tokens": T,
                                                             "prompt_lengths": args.prompt_lengths, "sigma": args.sigma},
             "results": results, "rows_equal_to_engine": match,
