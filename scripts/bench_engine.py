@@ -60,7 +60,8 @@ def run_variant(variant: str, data: Path, k: int, n: int, tau: int, new_tokens: 
     prompts = load_prompts(data, k)
     d = model.config.hidden_size
     noise = noise_for(prompts, n, tau, d, sigma)
-    eos = tok.eos_token_id
+    gen_eos = model.generation_config.eos_token_id  # the engine stops on these and the tokenizer's
+    eos_ids = sorted({tok.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None})
     rows: list[list[int]] = []
     t0 = time.perf_counter()
     if variant == "engine":
@@ -71,6 +72,8 @@ def run_variant(variant: str, data: Path, k: int, n: int, tau: int, new_tokens: 
         rows = [s.token_ids for s in out]
     else:
         tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
         groups = [[i] for i in range(k)] if variant == "hf" else [list(range(k))]
         for g in groups:
             texts = [policy.render(prompts[i]) for i in g for _ in range(n)]
@@ -86,11 +89,13 @@ def run_variant(variant: str, data: Path, k: int, n: int, tau: int, new_tokens: 
             h = model.lm_head.register_forward_pre_hook(hook)
             try:
                 with torch.inference_mode():
-                    gen = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=eos)
+                    gen = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos_ids,
+                                         pad_token_id=eos_ids[0])
             finally:
                 h.remove()
             for row in gen[:, enc["input_ids"].shape[1]:].tolist():
-                rows.append(row[: row.index(eos) + 1] if eos in row else row)
+                end = next((i for i, x in enumerate(row) if x in eos_ids), None)
+                rows.append(row if end is None else row[: end + 1])
     seconds = time.perf_counter() - t0
     return {
         "variant": variant,

@@ -17,10 +17,13 @@ PROMPTS = [
 T = 20
 
 
-@pytest.fixture(scope="module")
-def engine(smollm2):
-    return Engine(smollm2.model, smollm2.tokenizer, smollm2.render, max_new_tokens=T, max_batch_rows=64,
-                  add_special_tokens=False)
+@pytest.fixture(scope="module", params=["shared_prefix", "copy"])
+def engine(smollm2, request):
+    """Both attention paths: the prompt KV shared by its rows, and copied to each row."""
+    eng = Engine(smollm2.model, smollm2.tokenizer, smollm2.render, max_new_tokens=T, max_batch_rows=64,
+                 add_special_tokens=False, attention=request.param)
+    assert eng.attention == request.param
+    return eng
 
 
 def hf_generate(smollm2, prompts, n=1, hook=None, max_new_tokens=T):
@@ -31,17 +34,26 @@ def hf_generate(smollm2, prompts, n=1, hook=None, max_new_tokens=T):
     """
     tok, model = smollm2.tokenizer, smollm2.model
     tok.padding_side = "left"
+    if tok.pad_token is None:  # some transformers versions give the GGUF tokenizer none
+        tok.pad_token = tok.eos_token
     texts = [smollm2.render(p) for p in prompts for _ in range(n)]
     enc = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    # the engine's stop ids: the generation config's EOS and the tokenizer's (they differ
+    # on some transformers versions for this GGUF model)
+    gen_eos = model.generation_config.eos_token_id
+    eos = sorted({tok.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None})
     handle = model.lm_head.register_forward_pre_hook(hook) if hook else None
     try:
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=eos[0])
     finally:
         if handle:
             handle.remove()
-    gen = out[:, enc["input_ids"].shape[1]:].tolist()
-    eos = tok.eos_token_id
-    return [row[: row.index(eos) + 1] if eos in row else row for row in gen]
+    rows = []
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        end = next((i for i, x in enumerate(row) if x in eos), None)
+        rows.append(row if end is None else row[: end + 1])
+    return rows
 
 
 @pytest.mark.slow
@@ -59,7 +71,7 @@ def test_zero_noise_equals_hf_greedy(engine, smollm2):
     # text and finish reasons
     for s in ours:
         assert s.finish_reason in ("eos", "length")
-        assert (s.finish_reason == "eos") == (s.token_ids[-1] == smollm2.tokenizer.eos_token_id)
+        assert (s.finish_reason == "eos") == (s.token_ids[-1] in engine.eos_token_ids)
         assert s.text == smollm2.tokenizer.decode(s.token_ids, skip_special_tokens=True).strip()
 
 
@@ -96,7 +108,7 @@ def test_chunking_and_batch_composition_do_not_change_rows(engine):
     slots = [0, 0, 1, 1, 2, 2]
     full = engine.decode(engine.prefill(PROMPTS), slots, noise=noise)
     small = Engine(engine.model, engine.tokenizer, engine.render, max_new_tokens=T, max_batch_rows=2,
-                   add_special_tokens=False, check_prelogit=False)
+                   add_special_tokens=False, check_prelogit=False, attention=engine.attention)
     chunked = small.decode(small.prefill(PROMPTS), slots, noise=noise)
     alone = small.decode(small.prefill([PROMPTS[1]]), [0, 0], noise=noise[2:4])
     assert [s.token_ids for s in chunked] == [s.token_ids for s in full]
@@ -117,14 +129,55 @@ def test_prefill_runs_each_prompt_once(engine):
 
 
 @pytest.mark.slow
-def test_finished_rows_leave_the_batch(smollm2):
-    """A row that ends early stops costing compute: generated tokens = sum of lengths."""
+@pytest.mark.parametrize("attention", ["shared_prefix", "copy"])
+def test_finished_rows_leave_the_batch(smollm2, attention):
+    """Rows that end early stop costing compute (generated tokens = sum of lengths), and
+    the rows left after compaction still decode exactly as generate does."""
     eng = Engine(smollm2.model, smollm2.tokenizer, smollm2.render, max_new_tokens=40, add_special_tokens=False,
-                 check_prelogit=False)
-    prefix = eng.prefill([PROMPTS[0], PROMPTS[1]])
-    out = eng.decode(prefix, [0, 1])
-    assert out[0].finish_reason == "eos" and out[0].num_tokens < 40
-    assert eng.stats["generated_tokens"] == out[0].num_tokens + out[1].num_tokens
+                 check_prelogit=False, attention=attention)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    slots = [0, 1, 2, 0, 2, 1]  # rows of a prompt need not be adjacent
+    out = eng.decode(eng.prefill(prompts), slots)
+    lengths = [s.num_tokens for s in out]
+    assert out[0].finish_reason == "eos" and min(lengths) < 40 and max(lengths) == 40
+    assert eng.stats["generated_tokens"] == sum(lengths)
+    ref = hf_generate(smollm2, prompts, max_new_tokens=40)
+    assert [s.token_ids for s in out] == [ref[i] for i in slots]
+
+
+def test_shared_prefix_attention_matches_sdpa():
+    """The two-part attention (prompt once per prompt + own generated tokens) equals SDPA
+    over each row's full sequence, with left padding, GQA and uneven rows per prompt."""
+    from aisp_bench import shared_prefix as sp
+
+    g = torch.Generator().manual_seed(0)
+    P, Hkv, gq, D, L, t = 3, 2, 3, 8, 7, 4
+    H = Hkv * gq
+    mask = torch.ones(P, L, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    kp, vp = torch.randn(P, Hkv, L, D, generator=g), torch.randn(P, Hkv, L, D, generator=g)
+    slots = torch.tensor([2, 0, 0, 1, 2, 2, 0])
+    B = len(slots)
+    q = torch.randn(B, H, 1, D, generator=g)
+    ks, vs = torch.randn(B, Hkv, t, D, generator=g), torch.randn(B, Hkv, t, D, generator=g)
+
+    class Layer:
+        layers = [type("L", (), {"keys": kp, "values": vp})()]
+
+    state = sp.DecodeState.build(Layer(), mask, slots)
+    module = type("M", (), {"layer_idx": 0})()
+    sp._ACTIVE.append(state)
+    try:
+        out, _ = sp.attention(module, q, ks, vs, scaling=D**-0.5)
+    finally:
+        sp._ACTIVE.pop()
+    for b, p in enumerate(slots.tolist()):
+        k = torch.cat([kp[p], ks[b]], dim=1).repeat_interleave(gq, dim=0)  # (H, L+t, D)
+        v = torch.cat([vp[p], vs[b]], dim=1).repeat_interleave(gq, dim=0)
+        m = torch.cat([mask[p].bool(), torch.ones(t, dtype=torch.bool)])
+        ref = torch.nn.functional.scaled_dot_product_attention(q[b], k, v, attn_mask=m[None, None, :])
+        torch.testing.assert_close(out[b, 0], ref[:, 0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
