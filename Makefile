@@ -23,7 +23,7 @@ else
 endif
 MODEL := $(word 1,$(subst __, ,$(PAIR)))
 REWARD := $(word 2,$(subst __, ,$(PAIR)))
-RUN := $(PY) -m aisp_bench scale=$(SCALE) model=$(MODEL) reward=$(REWARD)
+SWEEP := $(PY) -m aisp_bench -m scale=$(SCALE) model=$(MODEL) reward=$(REWARD) progress=false
 JUDGE_ARGS ?=
 
 # The benchmark data beside this checkout (our CI and dev machines); elsewhere the hub.
@@ -61,7 +61,7 @@ bench-gpu: setup  ## the same comparison on CUDA with a Llama-3-8B-shaped model 
 	$(PY) scripts/bench_gpu.py
 
 runs: setup  ## the Table 1 runs for PAIR (3 methods x SHP, HH-RLHF x seeds 0-2)
-	$(RUN) -m experiment=table1 progress=false
+	$(SWEEP) experiment=table1
 
 evaluate: runs  ## diversity, coherence and reward of those runs into their summary.json
 	$(PY) -m aisp_bench.evaluate '$(RESULTS)/runs/*/$(PAIR)/*/table1/seed*' --encoder $(ENCODER)
@@ -91,7 +91,7 @@ table3: runs  ## win rate AISP vs BoN (N(0,σ²I)) by the judge
 	$(PY) -m aisp_bench.report table3 --results $(RESULTS) --out $(RESULTS)
 
 lambda_sweep: setup  ## AISP over a λ grid with the std(r/λ) tuning signal (DATASET=shp)
-	$(RUN) -m experiment=lambda_sweep dataset=$(or $(DATASET),shp) progress=false
+	$(SWEEP) experiment=lambda_sweep dataset=$(or $(DATASET),shp)
 	$(PY) -m aisp_bench.report lambda_sweep --results $(RESULTS) --out $(RESULTS)
 
 paper: table1 figure2 compute table2 table3  ## every artefact for PAIR

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from aisp_bench.results import MANIFEST, SUMMARY, RecordWriter, read_json, summarize, write_json_atomic
+from aisp_bench.results import MANIFEST, SUMMARY, RecordWriter, read_json, read_records, summarize, write_json_atomic
 from aisp_bench.types import Prompt, Result
 
 log = logging.getLogger("aisp_bench")
@@ -189,6 +189,14 @@ def run(cfg: DictConfig) -> Path:
     elif run_dir.exists() and any(run_dir.iterdir()) and not cfg.get("overwrite", False):
         raise UserError(f"run folder {run_dir} exists without a {MANIFEST}; pass overwrite=true to replace it")
 
+    # A complete run of the same config: nothing to load, nothing to do.
+    if old_manifest is not None and not cfg.get("overwrite", False) and (run_dir / SUMMARY).is_file():
+        skipped_before = set(read_json(run_dir / SUMMARY).get("skipped_ids") or [])
+        done_before = {r["prompt_id"] for r in read_records(run_dir)}
+        if {p.id for p in prompts} - skipped_before <= done_before:
+            log.info("%s: complete (%d prompts); nothing to do", run_dir, len(done_before))
+            return run_dir
+
     # Load models (errors here still leave the folder untouched).
     gen = cfg.generation
     try:
@@ -245,10 +253,6 @@ def run(cfg: DictConfig) -> Path:
                  len(done), len(todo), len(skipped), len(truncated))
         batch = _choose_batch_prompts(cfg, method)
         _run_batches(method, engine, reward, todo, batch, seed, writer, rewards, cfg.get("progress", True))
-        records = writer.existing  # re-read below for the summary
-
-    from aisp_bench.results import read_records
-
     records = read_records(run_dir)
     summary_path = run_dir / SUMMARY
     old_summary = read_json(summary_path) if summary_path.is_file() else {}

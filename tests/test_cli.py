@@ -184,7 +184,8 @@ def test_end_to_end_run_and_resume(tmp_path, shared_data):
     # the same command again: nothing recomputed, nothing duplicated
     again = cli(args, tmp_path)
     assert again.returncode == 0 and (run_dir / "records.jsonl").read_bytes() == before
-    assert read_json(run_dir / "manifest.json")["sessions"][-1]["prompts_run"] == 0
+    assert "complete (2 prompts); nothing to do" in again.stderr and "loading policy" not in again.stderr
+    assert len(read_json(run_dir / "manifest.json")["sessions"]) == 1
     # a folder made by a different config is refused, and left alone
     manifest_path = run_dir / "manifest.json"
     m = read_json(manifest_path)

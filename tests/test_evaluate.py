@@ -168,3 +168,135 @@ def test_cli_with_minilm_stand_in(tmp_path, capsys):
     assert -1.0 <= m["coherence"] <= 1.0 and m["num_records"] == 3
     assert main([str(run), "--encoder", "minilm"]) == 0
     assert "1 up to date" in capsys.readouterr().out
+
+
+# -- --reward: an evaluation reward model (Table 1's "rewards by UltraRM") ----------------
+from aisp_bench.evaluate import eval_rewards_path, load_reward_model  # noqa: E402
+from aisp_bench.rewards import RewardModel  # noqa: E402
+
+METRICS_NO_COH = "--metrics=reward_mean,diversity,response_tokens_mean,response_words_mean,num_records"
+NAMES_NO_COH = METRICS_NO_COH.split("=", 1)[1].split(",")
+# words of the cleaned responses: 5, 6 (cut at "User:"), 0 (empty -> " ")
+WORDS_MEAN = (5 + 6 + 0) / 3
+
+
+class WordReward(RewardModel):
+    """r = words in the response + 100 per extra message of the prompt; counts what it scores."""
+
+    def __init__(self, name: str = "words", device: str = "auto", fail_load: bool = False):
+        self.name = name
+        self.device = device
+        self.fail_load = fail_load
+        self.scored: list[tuple[int, str]] = []  # (number of prompt messages, response)
+
+    def load(self):
+        if self.fail_load:
+            raise RuntimeError("cannot load reward model 'words' from 'nowhere': no such weights\nsecond line")
+        return self
+
+    def _score_batch(self, prompts, responses):
+        self.scored += [(len(p.messages), r) for p, r in zip(prompts, responses)]
+        return torch.tensor([len(r.split()) + 100.0 * (len(p.messages) - 1) for p, r in zip(prompts, responses)])
+
+
+def reward_yaml(tmp_path: Path, **extra) -> Path:
+    path = tmp_path / "words.yaml"
+    lines = [f"_target_: {WordReward.__module__}.WordReward", "name: words", "device: auto"]
+    lines += [f"{k}: {json.dumps(v)}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_eval_reward_replaces_reward_mean_and_names_both(tmp_path):
+    run = make_run(tmp_path)
+    rm = WordReward()
+    status, m = evaluate_run(run, None, names=NAMES_NO_COH, reward=rm)
+    assert status == "updated"
+    assert m["reward_mean"] == pytest.approx(WORDS_MEAN)
+    assert (m["reward_model"], m["reward_source"]) == ("words", "evaluated")
+    assert m["run_reward_mean"] == pytest.approx(1.0)  # the run's own: (1 - 2 + 4) / 3
+    assert list(m)[:4] == ["reward_mean", "reward_model", "reward_source", "run_reward_mean"]
+    # what was scored: each record's messages and its *cleaned* response
+    assert sorted(rm.scored) == sorted([(1, "a b c d e"), (1, "the cat the cat the cat"), (1, " ")])
+    assert read_json(run / "summary.json")["metrics"] == m
+    cache = [json.loads(x) for x in eval_rewards_path(run, "words").read_text().splitlines()]
+    assert [(c["prompt_id"], c["reward"]) for c in cache] == [("0", 5.0), ("1", 6.0), ("2", 0.0)]
+
+    # idempotent: same reward, nothing scored, file unchanged
+    before = (run / "summary.json").read_bytes()
+    assert evaluate_run(run, None, names=NAMES_NO_COH, reward=rm)[0] == "up to date"
+    assert len(rm.scored) == 3 and (run / "summary.json").read_bytes() == before
+
+    # no --reward: the run's own reward and the manifest's reward name
+    status, m = evaluate_run(run, None, names=NAMES_NO_COH)
+    assert status == "updated"
+    assert (m["reward_mean"], m["run_reward_mean"]) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert (m["reward_model"], m["reward_source"]) == ("rm", "run")
+
+    # back to the evaluation reward: recomputed from the score cache, nothing re-scored
+    status, m = evaluate_run(run, None, names=NAMES_NO_COH, reward=rm)
+    assert status == "updated" and m["reward_mean"] == pytest.approx(WORDS_MEAN) and len(rm.scored) == 3
+    assert (run / "summary.json").read_bytes() == before
+    # another reward name is another fingerprint and another cache file
+    other = WordReward(name="words2")
+    assert evaluate_run(run, None, names=NAMES_NO_COH, reward=other)[0] == "updated"
+    assert len(other.scored) == 3 and eval_rewards_path(run, "words2").is_file()
+    # --force re-scores (and gives the same block)
+    assert evaluate_run(run, None, names=NAMES_NO_COH, reward=rm, force=True)[0] == "updated"
+    assert len(rm.scored) == 6 and (run / "summary.json").read_bytes() == before
+
+
+def test_eval_reward_reads_messages_and_scores_only_new_records(tmp_path):
+    run = make_run(tmp_path, torn=False)
+    recs = [json.loads(x) for x in (run / "records.jsonl").read_text().splitlines()]
+    recs[1]["messages"] = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Question number 1?"},
+    ]
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rm = WordReward()
+    _, m = evaluate_run(run, None, names=NAMES_NO_COH, reward=rm)
+    assert m["reward_mean"] == pytest.approx((5 + 206 + 0) / 3)  # record 1: 3 messages -> +200
+    # the run grew by one record: only that one is scored
+    recs.append({"prompt_id": "3", "prompt": "Q?", "response": "w x y z", "reward": 0.0})  # no messages
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    status, m = evaluate_run(run, None, names=NAMES_NO_COH, reward=rm)
+    assert status == "updated" and rm.scored[3:] == [(1, "w x y z")]
+    assert m["reward_mean"] == pytest.approx((5 + 206 + 0 + 4) / 4) and m["num_records"] == 4
+
+
+def test_cli_reward_from_yaml_and_errors(tmp_path, capsys):
+    run = make_run(tmp_path)
+    yaml_path = reward_yaml(tmp_path)
+    assert main([str(run), METRICS_NO_COH, "--reward", str(yaml_path), "--reward-device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "[words]" in out and "1 updated" in out
+    m = read_json(run / "summary.json")["metrics"]
+    assert m["reward_mean"] == pytest.approx(WORDS_MEAN) and m["reward_source"] == "evaluated"
+    assert main([str(run), METRICS_NO_COH, "--reward", str(yaml_path)]) == 0
+    assert "1 up to date" in capsys.readouterr().out
+
+    before = (run / "summary.json").read_bytes()
+    for args, needle in (
+        ([METRICS_NO_COH, "--reward", "nosuch_rm"], "known: "),
+        ([METRICS_NO_COH, "--reward", str(tmp_path / "missing.yaml")], "missing.yaml"),
+        ([METRICS_NO_COH, "--reward-device", "cpu"], "--reward-device needs --reward"),
+        (["--reward", str(yaml_path), "--metrics", "diversity"], "reward_mean"),
+        ([METRICS_NO_COH, "--reward", str(reward_yaml(tmp_path, bogus=1))], "bogus"),
+    ):
+        assert main([str(run), *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err, err
+    # a reward that cannot load: one line, exit 1, nothing written
+    assert main([str(run), METRICS_NO_COH, "--reward", str(reward_yaml(tmp_path, fail_load=True)), "--force"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: cannot load evaluation reward 'words': cannot load reward model 'words' from 'nowhere': " \
+        "no such weights"
+    assert (run / "summary.json").read_bytes() == before
+
+
+def test_load_reward_model_by_name_builds_without_loading():
+    reward, name = load_reward_model("ultrarm", device="cuda:1")
+    assert name == "ultrarm" and reward.name == "ultrarm" and reward.device == "cuda:1"
+    assert reward.model is None  # nothing loaded or downloaded

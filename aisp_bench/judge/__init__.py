@@ -5,6 +5,9 @@
   cache, budget, retries, concurrency, dry run;
 * :mod:`aisp_bench.judge.winrate` - seeded prompt sampling, both-order judging, win /
   draw / loss / invalid tallies, the win-rate JSON files, :func:`winrate_dataframe`;
+* :mod:`aisp_bench.judge.rm_server` - an offline judge: a reward model behind the same
+  chat-completions API (``--local-reward-judge``; not imported here, so that
+  ``python -m aisp_bench.judge.rm_server`` runs cleanly);
 * ``python -m aisp_bench.judge`` - the command line (see :mod:`aisp_bench.judge.__main__`).
 """
 
