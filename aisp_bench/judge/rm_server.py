@@ -53,7 +53,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import queue
 import re
 import string
@@ -572,5 +571,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

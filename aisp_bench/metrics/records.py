@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from aisp_bench.results import RunFolderError, read_json, scan_records, write_json_atomic
+from aisp_bench.results import RunFolderError, read_json, scan_records, write_json_atomic  # noqa: F401 (re-exported)
 
 RECORDS_FILE = "records.jsonl"
 MANIFEST_FILE = "manifest.json"

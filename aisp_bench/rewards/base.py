@@ -7,6 +7,7 @@ real token of each row.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from aisp_bench.registry import Registry
 from aisp_bench.types import Prompt
 
+log = logging.getLogger(__name__)
 REWARDS: Registry[type] = Registry("reward")
 
 PADDING_SIDES = ("left", "right")
@@ -85,6 +87,26 @@ def check_local_path(reward: str, name_or_path: str) -> None:
     if s.startswith(("/", "./", "../", "~")) or Path(s).expanduser().exists():
         if not Path(s).expanduser().exists():
             raise FileNotFoundError(f"cannot load reward model {reward!r}: no such folder {s!r}")
+
+
+def pretrained_args(reward: str, src: str, device: str, dtype: str, device_map: str | None = None,
+                    revision: str | None = None, attn_implementation: str | None = None):
+    """(dtype, hub kwargs, placement kwargs) for ``from_pretrained`` of a reward model.
+
+    Checks a local path first; places the model straight onto its device (a 13B model
+    never passes through CPU memory) unless ``device_map`` says otherwise.
+    """
+    from aisp_bench.models.loading import resolve_device, resolve_dtype
+
+    check_local_path(reward, src)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    hub = {"revision": revision} if revision else {}
+    place = {"device_map": device_map or {"": str(dev)}}
+    if attn_implementation:
+        place["attn_implementation"] = attn_implementation
+    log.info("loading reward model %s from %s (%s on %s)", reward, src, torch_dtype, device_map or dev)
+    return torch_dtype, hub, place
 
 
 def load_error(reward: str, src: str, err: BaseException) -> RuntimeError:

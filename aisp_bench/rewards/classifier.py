@@ -21,12 +21,11 @@ from collections.abc import Sequence
 
 import torch
 
-from aisp_bench.models.loading import resolve_device, resolve_dtype
 from aisp_bench.models.templates import ChatTemplateFormat
 from aisp_bench.rewards.base import (
     REWARDS,
     TextPairReward,
-    check_local_path,
+    pretrained_args,
     last_token_index,
     load_error,
     model_device,
@@ -101,17 +100,10 @@ class HFClassifierReward(TextPairReward):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         src = self.name_or_path
-        check_local_path(self.name, src)
-        device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype, device)
-        kw = {"revision": self.revision} if self.revision else {}
-        log.info("loading reward model %s from %s (%s on %s)", self.name, src, dtype, self.device_map or device)
+        dtype, kw, extra = pretrained_args(self.name, src, self.device, self.dtype, self.device_map, self.revision,
+                                           self.attn_implementation)
         try:
             tok = AutoTokenizer.from_pretrained(src, **kw)
-            extra = {}
-            if self.attn_implementation:
-                extra["attn_implementation"] = self.attn_implementation
-            extra["device_map"] = self.device_map or {"": str(device)}
             model = AutoModelForSequenceClassification.from_pretrained(src, dtype=dtype, **kw, **extra)
         except (OSError, ValueError, KeyError) as e:
             raise load_error(self.name, src, e) from None

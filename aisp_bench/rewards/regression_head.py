@@ -19,11 +19,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from aisp_bench.models.loading import resolve_device, resolve_dtype
 from aisp_bench.rewards.base import (
     REWARDS,
     TextPairReward,
-    check_local_path,
+    pretrained_args,
     last_token_index,
     load_error,
     model_device,
@@ -144,18 +143,10 @@ class RegressionHeadReward(TextPairReward):
         from transformers import AutoTokenizer
 
         src = self.name_or_path
-        check_local_path(self.name, src)
-        device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype, device)
-        kw = {"revision": self.revision} if self.revision else {}
-        log.info("loading reward model %s from %s (%s on %s)", self.name, src, dtype, self.device_map or device)
+        dtype, kw, extra = pretrained_args(self.name, src, self.device, self.dtype, self.device_map, self.revision,
+                                           self.attn_implementation)
         try:
             config = AutoConfig.from_pretrained(src, **kw)
-            extra = {}
-            if self.attn_implementation:
-                extra["attn_implementation"] = self.attn_implementation
-            # straight onto the device (a 13B model never passes through CPU memory)
-            extra["device_map"] = self.device_map or {"": str(device)}
             model, info = RegressionHeadModel.from_pretrained(
                 src, config=config, dtype=dtype, output_loading_info=True, **kw, **extra
             )
