@@ -99,6 +99,8 @@ def reward_config_path(spec: str, conf_dir: str | os.PathLike[str] | None = None
     separator. Raises ``FileNotFoundError`` (one line, listing the known names) otherwise.
     """
     base = Path(conf_dir) if conf_dir is not None else CONF_DIR
+    if conf_dir is None and not base.is_dir():  # an installed package: the working copy's conf/
+        base = Path.cwd() / "conf"
     if spec.endswith((".yaml", ".yml")) or "/" in spec or os.sep in spec:
         path = Path(spec).expanduser()
         if not path.is_file():

@@ -207,7 +207,7 @@ def run(cfg: DictConfig) -> Path:
         reward = _cached("reward", cfg.reward, lambda: reward.load())
     except (OSError, RuntimeError, ValueError) as e:
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    ctx = policy.context_length()
+    ctx = cfg.model.get("max_context") or getattr(engine.model.config, "max_position_embeddings", None)
     engine.max_prompt_tokens = None if ctx is None else max(1, ctx - int(gen.max_new_tokens))
     engine.overflow = "error" if gen.prompt_overflow == "skip" else "truncate_left"
 

@@ -201,6 +201,25 @@ def test_end_to_end_run_and_resume(tmp_path, shared_data):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("overflow", ["skip", "truncate_left"])
+def test_long_prompts_are_skipped_or_truncated_and_counted(compose, shared_data, overflow):
+    cfg = compose(["scale=smoke", "dataset=shp", f"dataset.path={shared_data / 'shp' / 'test_1000.jsonl'}",
+                   "dataset.num_prompts=4", "model.max_context=110", f"generation.prompt_overflow={overflow}",
+                   "budget.n=1", "budget.kappa=1", "generation.max_new_tokens=4", "progress=false"])
+    run_dir = run(cfg)
+    summary, recs = read_json(run_dir / "summary.json"), read_records(run_dir)
+    # some of these 4 prompts exceed 110 - 4 tokens with SmolLM2's chat template
+    long_ids = summary["skipped_ids"] if overflow == "skip" else summary["truncated_ids"]
+    assert len(long_ids) >= 1 and summary["num_prompts"] == 4
+    if overflow == "skip":
+        assert summary["num_skipped"] == len(long_ids) and summary["num_truncated"] == 0
+        assert len(recs) == 4 - len(long_ids) and not {r["prompt_id"] for r in recs} & set(long_ids)
+        assert summary["complete"]
+    else:
+        assert summary["num_truncated"] == len(long_ids) and summary["num_skipped"] == 0 and len(recs) == 4
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_without_duplicates(tmp_path, shared_data):
     args = _shp_args(shared_data, n_prompts=3) + ["batch_prompts=1", "method=bon_gaussian"]
     env = dict(os.environ, AISP_BENCH_RESULTS=str(tmp_path), PYTHONUNBUFFERED="1")

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -167,8 +168,9 @@ def test_bad_requests_get_400_or_404(server):
     with pytest.raises(openai.BadRequestError, match="last message must be the user's"):
         c.chat.completions.create(model=server.model, messages=[{"role": "assistant", "content": "x"}])
     req = urllib.request.Request(server.base_url + "/chat/completions", data=b"{not json", method="POST")
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(req, timeout=5)
+        no_proxy.open(req, timeout=5)
     assert e.value.code == 400 and b"not JSON" in e.value.read()
     assert server.pairs_scored == 0 and server.requests_served == 0
 
@@ -348,6 +350,8 @@ def test_standalone_server_process(tmp_path):
         env=env,
         cwd=ROOT,
     )
+    watchdog = threading.Timer(60, proc.kill)  # never hang the suite on a stuck child
+    watchdog.start()
     try:
         line = proc.stdout.readline()
         assert "as judge model 'rm:words' at http://127.0.0.1:" in line, (line, proc.stderr.read())
@@ -357,6 +361,7 @@ def test_standalone_server_process(tmp_path):
         r = c.chat.completions.create(model="rm:words", messages=build_messages("q", "a", "b c"))
         assert parse_scores(r.choices[0].message.content) == Scores(3, 7)
     finally:
+        watchdog.cancel()
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=10)
