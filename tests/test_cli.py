@@ -256,7 +256,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path, shared_data):
 
 
 @pytest.mark.slow
-def test_multirun_gives_one_folder_per_setting(tmp_path, shared_data):
+def test_multirun_gives_one_folder_per_setting(tmp_path):
     out = cli(["-m", "scale=smoke", "progress=false", "method.lam=0.1,0.3", "budget.kappa=1", "dataset.num_prompts=1"],
               tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
