@@ -22,6 +22,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from synthetic_runs import write_run
 
 from aisp_bench.judge import PairwiseJudge, build_messages, parse_scores, run_comparison
 from aisp_bench.judge.__main__ import main as judge_main
@@ -189,40 +190,15 @@ ANSWERS = {
 }
 
 
-def write_run(root: Path, method: str, seed: int, side: int) -> Path:
-    run = root / "runs" / "shp" / "tiny__rm" / method / "default" / f"seed{seed}"
-    run.mkdir(parents=True)
-    config = {
-        "seed": seed,
-        "method": {"name": method},
-        "model": {"name": "tiny", "stop_strings": []},
-        "reward": {"name": "rm"},
-        "dataset": {"name": "shp"},
-    }
-    (run / "manifest.json").write_text(json.dumps({"config": config}))
-    lines = []
-    for pid, answers in ANSWERS.items():
-        q = f"Question {pid}?"
-        lines.append(
-            json.dumps(
-                {
-                    "prompt_id": pid,
-                    "prompt": q,
-                    "messages": [{"role": "user", "content": q}],
-                    "response": f"{answers[side]} seed{seed}",  # one more word each side
-                    "reward": 0.0,
-                }
-            )
-        )
-    (run / "records.jsonl").write_text("\n".join(lines) + "\n")
-    (run / "summary.json").write_text(json.dumps({"complete": True}))
-    return run
+def write_side(root: Path, method: str, seed: int, side: int) -> Path:
+    """A run whose answers are side ``side`` of ANSWERS, plus one word naming the seed."""
+    return write_run(root, method, seed, {pid: f"{answers[side]} seed{seed}" for pid, answers in ANSWERS.items()})
 
 
 @pytest.fixture
 def runs(tmp_path):
-    a = [write_run(tmp_path, "aisp", s, 0) for s in (0, 1)]
-    b = [write_run(tmp_path, "bon_topp", s, 1) for s in (0, 1)]
+    a = [write_side(tmp_path, "aisp", s, 0) for s in (0, 1)]
+    b = [write_side(tmp_path, "bon_topp", s, 1) for s in (0, 1)]
     return a, b
 
 
