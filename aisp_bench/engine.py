@@ -117,9 +117,10 @@ class Engine:
         stop_strings: a row ends when its text contains one; the text is cut before it.
         eos_token_ids: extra ids that end a row, beside the model's own EOS ids.
         add_special_tokens: passed to the tokenizer when encoding rendered prompts.
-        max_prompt_tokens: longer prompts are truncated from the left (``overflow=
-            "truncate_left"``) or refused with ``PromptTooLongError`` (``"error"``);
-            default: the model's context length minus ``max_new_tokens``.
+        context_length: prompts longer than ``context_length - max_new_tokens`` tokens
+            are truncated from the left (``overflow="truncate_left"``) or refused with
+            ``PromptTooLongError`` (``"error"``); default: the model's
+            ``max_position_embeddings`` (None: no limit).
         attention: ``auto`` (shared-prefix attention where the model supports it, else
             ``copy``), ``shared_prefix`` or ``copy``.
     """
@@ -135,7 +136,7 @@ class Engine:
         stop_strings: Sequence[str] = (),
         eos_token_ids: Sequence[int] = (),
         add_special_tokens: bool = False,
-        max_prompt_tokens: int | None = None,
+        context_length: int | None = None,
         overflow: str = "truncate_left",
         check_prelogit: bool = True,
         attention: str = "auto",
@@ -152,7 +153,9 @@ class Engine:
         ok = shared_prefix.supported(model.config)
         if attention == "shared_prefix" and not ok:
             raise ValueError(f"shared-prefix attention does not support model type {model.config.model_type!r}")
-        self.attention = "shared_prefix" if attention == "auto" and ok else ("copy" if attention == "auto" else attention)
+        if attention == "auto":
+            attention = "shared_prefix" if ok else "copy"
+        self.attention = attention
         self.tokenizer = tokenizer
         self.render = render or (lambda p: p.text)
         self.max_new_tokens = int(max_new_tokens)
@@ -177,10 +180,7 @@ class Engine:
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
 
-        ctx = getattr(model.config, "max_position_embeddings", None)
-        if max_prompt_tokens is None and ctx:
-            max_prompt_tokens = int(ctx) - self.max_new_tokens
-        self.max_prompt_tokens = max_prompt_tokens
+        self.context_length = context_length or getattr(model.config, "max_position_embeddings", None)
         # Stop strings are searched in the text of the last few tokens only.
         self._stop_window = max((len(s) for s in self.stop_strings), default=0) + 2
         self.stats = {"prefill_tokens": 0, "generated_tokens": 0, "forward_calls": 0}
@@ -200,10 +200,18 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """Longest prompt that leaves room for ``max_new_tokens`` (None: no limit)."""
+        return None if not self.context_length else max(1, int(self.context_length) - self.max_new_tokens)
+
     # ------------------------------------------------------------------ encoding
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Token ids of the rendered prompt, before any truncation."""
+        return self.tokenizer(self.render(prompt), add_special_tokens=self.add_special_tokens)["input_ids"]
+
     def encode(self, prompt: Prompt) -> EncodedPrompt:
-        text = self.render(prompt)
-        ids = self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"]
+        ids = self.prompt_ids(prompt)
         n = len(ids)
         limit = self.max_prompt_tokens
         if limit is not None and n > limit:

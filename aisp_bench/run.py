@@ -202,21 +202,20 @@ def run(cfg: DictConfig) -> Path:
     try:
         engine = _cached("model", cfg.model, lambda: build_engine(
             policy, int(gen.max_new_tokens), int(gen.batch_rows), str(gen.prompt_overflow)))
-        engine.max_new_tokens = int(gen.max_new_tokens)
-        engine.max_batch_rows = int(gen.batch_rows)
         reward = _cached("reward", cfg.reward, lambda: reward.load())
     except (OSError, RuntimeError, ValueError) as e:
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    ctx = cfg.model.get("max_context") or getattr(engine.model.config, "max_position_embeddings", None)
-    engine.max_prompt_tokens = None if ctx is None else max(1, ctx - int(gen.max_new_tokens))
+    # an engine reused from an earlier job of a multirun takes this job's settings
+    engine.max_new_tokens = int(gen.max_new_tokens)
+    engine.max_batch_rows = int(gen.batch_rows)
+    engine.context_length = cfg.model.get("max_context") or getattr(engine.model.config, "max_position_embeddings", None)
     engine.overflow = "error" if gen.prompt_overflow == "skip" else "truncate_left"
 
     # Prompts that do not fit the context: skipped or truncated, and counted.
     skipped, truncated, todo_all = [], [], []
     for p in prompts:
         if engine.max_prompt_tokens is not None:
-            n_tok = len(engine.tokenizer(engine.render(p), add_special_tokens=engine.add_special_tokens)["input_ids"])
-            if n_tok > engine.max_prompt_tokens:
+            if len(engine.prompt_ids(p)) > engine.max_prompt_tokens:
                 (skipped if gen.prompt_overflow == "skip" else truncated).append(p.id)
                 if gen.prompt_overflow == "skip":
                     continue

@@ -108,23 +108,24 @@ class DecodeState:
         layers = prefix_cache.layers
         bias = torch.zeros(prefix_mask.shape, dtype=torch.float32, device=prefix_mask.device)
         bias = bias.masked_fill(prefix_mask == 0, float("-inf"))[:, None, None, :]
-        state = cls([lay.keys for lay in layers], [lay.values for lay in layers], bias, slots, slots, slots)
-        state.set_rows(slots)
-        return state
+        return cls([lay.keys for lay in layers], [lay.values for lay in layers], bias,
+                   *row_layout(slots.to(bias.device), bias.shape[0]))
 
     def set_rows(self, row_prompt: torch.Tensor) -> None:
-        """Recompute the grouping for the live rows (prompt-major order is not required)."""
-        P = self.bias.shape[0]
-        rp = row_prompt.to(self.bias.device)
-        counts = torch.bincount(rp, minlength=P)
-        order = torch.argsort(rp, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.empty_like(rp)
-        pos[order] = torch.arange(rp.numel(), device=rp.device) - starts[rp[order]]
-        R = max(1, int(counts.max()))
-        groups = torch.zeros((P, R), dtype=torch.long, device=rp.device)
-        groups[rp, pos] = torch.arange(rp.numel(), device=rp.device)
-        self.row_prompt, self.row_pos, self.groups = rp, pos, groups
+        """Recompute the grouping for the live rows (after finished rows left)."""
+        self.row_prompt, self.row_pos, self.groups = row_layout(row_prompt.to(self.bias.device), self.bias.shape[0])
+
+
+def row_layout(rp: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_prompt, row_pos, groups) for rows whose prompts are ``rp`` (any order)."""
+    counts = torch.bincount(rp, minlength=P)
+    order = torch.argsort(rp, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(rp)
+    pos[order] = torch.arange(rp.numel(), device=rp.device) - starts[rp[order]]
+    groups = torch.zeros((P, max(1, int(counts.max()))), dtype=torch.long, device=rp.device)
+    groups[rp, pos] = torch.arange(rp.numel(), device=rp.device)
+    return rp, pos, groups
 
 
 def attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):

@@ -141,7 +141,6 @@ def build_engine(policy: Policy, max_new_tokens: int, batch_rows: int, prompt_ov
     from aisp_bench.engine import Engine
 
     model, tok = policy.load()
-    ctx = policy.context_length()
     return Engine(
         model,
         tok,
@@ -151,7 +150,7 @@ def build_engine(policy: Policy, max_new_tokens: int, batch_rows: int, prompt_ov
         stop_strings=policy.stop_strings,
         eos_token_ids=policy.eos_token_ids(),
         add_special_tokens=policy.add_special_tokens,
-        max_prompt_tokens=None if ctx is None else max(1, ctx - max_new_tokens),
+        context_length=policy.context_length(),
         overflow="error" if prompt_overflow == "skip" else "truncate_left",
     )
 
