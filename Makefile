@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 SCALE ?= smoke
 # EVAL_REWARD: the reward model Table 1 reports (the paper: UltraRM for every pair);
 # empty = each run's own reward model. JUDGE_ARGS: how Tables 2-3 are judged (the paper:
-# GPT-4 through conf/judge/gpt4.yaml; offline: a held-out reward model behind the same API).
+# GPT-4 through aisp_bench/conf/judge/gpt4.yaml; offline: a held-out reward model behind the same API).
 ifeq ($(SCALE),smoke)
   PAIR ?= smollm2_135m__smollm2_judge
   RESULTS ?= results/smoke
@@ -89,7 +89,7 @@ JUDGE = for ds in shp hh_rlhf; do \
 	    --runs-b "$(RESULTS)/runs/$$ds/$(PAIR)/$(1)/table1/seed*" $(JUDGE_ARGS) || exit $$?; \
 	done
 
-table2: runs  ## win rate AISP vs BoN (top-p) by the judge (conf/judge/gpt4.yaml; OPENAI_API_KEY)
+table2: runs  ## win rate AISP vs BoN (top-p) by the judge (aisp_bench/conf/judge/gpt4.yaml; OPENAI_API_KEY)
 	$(call JUDGE,bon_topp)
 	$(PY) -m aisp_bench.report table2 --results $(RESULTS) --out $(RESULTS)
 

@@ -22,7 +22,7 @@ from aisp_bench.run import UserError
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
     from aisp_bench.run import run
 

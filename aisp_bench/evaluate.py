@@ -82,7 +82,7 @@ from aisp_bench.metrics.records import (
 )
 
 EVALUATE_VERSION = 2  # 2: reward_model / reward_source / run_reward_mean, --reward
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 EVAL_REWARDS_PREFIX = "eval_rewards_"
 REWARD_CHUNK = 256  # pairs scored between two writes of the eval-reward cache
 

@@ -58,7 +58,7 @@ def smollm2():
     return policy
 
 
-CONF_DIR = ROOT / "conf"
+CONF_DIR = ROOT / "aisp_bench" / "conf"
 
 
 @pytest.fixture

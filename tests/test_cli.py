@@ -18,7 +18,7 @@ from aisp_bench.results import read_json, read_records
 from aisp_bench.run import UserError, run
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = {g: sorted(p.stem for p in (ROOT / "conf" / g).glob("*.yaml")) for g in
+GROUPS = {g: sorted(p.stem for p in (ROOT / "aisp_bench" / "conf" / g).glob("*.yaml")) for g in
           ("method", "model", "reward", "dataset", "judge", "experiment", "scale")}
 
 

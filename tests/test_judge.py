@@ -255,7 +255,7 @@ def test_seeded_sampling_is_reproducible_and_trial_dependent():
 
 # -- config -------------------------------------------------------------------------------
 def test_yaml_keys_match_constructor_and_instantiate():
-    cfg = yaml.safe_load((ROOT / "conf" / "judge" / "gpt4.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "aisp_bench" / "conf" / "judge" / "gpt4.yaml").read_text())
     params = list(inspect.signature(PairwiseJudge.__init__).parameters)[1:]
     assert cfg["_target_"] == "aisp_bench.judge.client.PairwiseJudge"
     assert sorted(k for k in cfg if k != "_target_") == sorted(params)

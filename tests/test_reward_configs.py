@@ -36,7 +36,7 @@ from aisp_bench.models.templates import TranscriptFormat
 from aisp_bench.rewards import RegressionHeadModel, RewardModel
 from aisp_bench.types import Message, Prompt
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "aisp_bench" / "conf"
 REWARD_YAMLS = sorted((CONF / "reward").glob("*.yaml"))
 MODEL_YAMLS = sorted((CONF / "model").glob("*.yaml"))
 

@@ -29,7 +29,7 @@ from aisp_bench.rewards import (
 from aisp_bench.rewards.base import last_token_index, pad_batch, truncate_keep_end
 from aisp_bench.types import Message, Prompt
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "aisp_bench" / "conf"
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
