@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 
 from aisp_bench.results import read_json, read_records
 from aisp_bench.run import UserError, run
+from proc import run_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = {g: sorted(p.stem for p in (ROOT / "aisp_bench" / "conf" / g).glob("*.yaml")) for g in
@@ -24,8 +25,7 @@ GROUPS = {g: sorted(p.stem for p in (ROOT / "aisp_bench" / "conf" / g).glob("*.y
 
 def cli(args, env_results, timeout=300):
     env = dict(os.environ, AISP_BENCH_RESULTS=str(env_results), PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "aisp_bench", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_tree([sys.executable, "-m", "aisp_bench", *args], cwd=ROOT, env=env, timeout=timeout)
 
 
 @pytest.mark.parametrize("group", ["method", "model", "reward", "dataset", "judge"])

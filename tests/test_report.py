@@ -370,9 +370,11 @@ def test_summary_only_run_and_no_judge_error(tmp_path, capsys):
 
 
 def test_report_package_never_imports_torch():
-    import subprocess
     import sys
+
+    from proc import run_tree
 
     code = ("import sys, aisp_bench.report, aisp_bench.report.figures, aisp_bench.report.__main__; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    out = run_tree([sys.executable, "-c", code], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

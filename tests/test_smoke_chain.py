@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from proc import run_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +20,7 @@ def test_make_smoke_produces_every_artefact(tmp_path, shared_data):
     env.pop("OPENAI_API_KEY", None)  # the offline judge must not need one
     cmd = ["make", "-s", "smoke", "SKIP_SETUP=1", f"PY={sys.executable}", f"RESULTS={tmp_path / 'smoke'}",
            "SEEDS=0,1", f"SHARED_DATA={shared_data}"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = run_tree(cmd, cwd=ROOT, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = tmp_path / "smoke"
     tables = {p.name for p in (res / "tables").iterdir()}
@@ -42,6 +43,6 @@ def test_make_smoke_produces_every_artefact(tmp_path, shared_data):
     sweep = lam[lam.variant.str.startswith("lambda_sweep")]
     assert len(sweep) == 5 and sweep.lam.nunique() == 5 and sweep.std_r_over_lam_first.notna().all()
     # runs are reused: a second `make smoke` generates nothing new
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    again = run_tree(cmd, cwd=ROOT, env=env, timeout=900)
     assert again.returncode == 0
     assert again.stderr.count("nothing to do") == 12 + 5 and "loading policy" not in again.stderr
