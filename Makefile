@@ -10,15 +10,17 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SCALE ?= smoke
+# The commands share one syntax (key=value overrides, see each one's --help) and one run
+# selection (results_dir=..., select.pair=..., select.variant=...).
 # EVAL_REWARD: the reward model Table 1 reports (the paper: UltraRM for every pair);
 # empty = each run's own reward model. JUDGE_ARGS: how Tables 2-3 are judged (the paper:
-# GPT-4 through aisp_bench/conf/judge/gpt4.yaml; offline: a held-out reward model behind the same API).
+# GPT-4, aisp_bench/conf/judge/gpt4.yaml; offline: a held-out reward model, in process).
 ifeq ($(SCALE),smoke)
   PAIR ?= smollm2_135m__smollm2_judge
   RESULTS ?= results/smoke
   ENCODER ?= minilm
   EVAL_REWARD ?=
-  JUDGE_ARGS ?= --local-reward-judge minilm_similarity
+  JUDGE_ARGS ?= judge=reward_model reward=minilm_similarity
 else ifeq ($(SCALE),paper)
   PAIR ?= llama3_8b__ultrarm
   RESULTS ?= results
@@ -31,6 +33,8 @@ endif
 MODEL := $(word 1,$(subst __, ,$(PAIR)))
 REWARD := $(word 2,$(subst __, ,$(PAIR)))
 SWEEP := $(PY) -m aisp_bench -m scale=$(SCALE) model=$(MODEL) reward=$(REWARD) progress=false
+REPORT := $(PY) -m aisp_bench.report results_dir=$(RESULTS)
+TABLE1_RUNS := results_dir=$(RESULTS) select.pair=$(PAIR) select.variant=table1
 
 # The benchmark data beside this checkout (our CI and dev machines); elsewhere the hub.
 SHARED_DATA ?= ../shared/data
@@ -52,7 +56,7 @@ setup:  ## create .venv and install aisp-bench with the offline models (idempote
 
 demo: setup  ## offline demo: AISP and both BoN on 3 prompts with SmolLM2, then a comparison table
 	$(PY) -m aisp_bench -m experiment=demo progress=false
-	$(PY) -m aisp_bench.report compare --results results --dataset demo --variant demo
+	$(PY) -m aisp_bench.report target=compare select.dataset=demo select.variant=demo
 
 test: setup  ## run the test suite (what CI runs)
 	$(PY) -m pytest -q
@@ -70,36 +74,31 @@ runs: setup  ## the Table 1 runs for PAIR (3 methods x SHP, HH-RLHF x seeds 0-2;
 	$(SWEEP) experiment=table1 $(if $(SEEDS),seed=$(SEEDS))
 
 evaluate: runs  ## diversity, coherence and reward of those runs into their summary.json
-	$(PY) -m aisp_bench.evaluate '$(RESULTS)/runs/*/$(PAIR)/*/table1/seed*' --encoder $(ENCODER) \
-	  $(if $(EVAL_REWARD),--reward $(EVAL_REWARD))
+	$(PY) -m aisp_bench.evaluate $(TABLE1_RUNS) encoder=$(ENCODER) $(if $(EVAL_REWARD),reward=$(EVAL_REWARD))
 
 table1: evaluate  ## results/tables/table1.{md,csv,tex} (mean (std) over seeds, paper values beside)
-	$(PY) -m aisp_bench.report table1 --results $(RESULTS) --out $(RESULTS)
+	$(REPORT) target=table1
 
 figure2: runs  ## results/figures/figure2_<dataset>.png: reward against iteration k
-	$(PY) -m aisp_bench.report figure2 --results $(RESULTS) --out $(RESULTS)
+	$(REPORT) target=figure2
 
 compute: runs  ## best reward against generated tokens and seconds (equal-compute view)
-	$(PY) -m aisp_bench.report compute --results $(RESULTS) --out $(RESULTS)
+	$(REPORT) target=compute
 
-# One judge call per dataset: AISP's seeds vs the baseline's seeds (trial k = seed k).
-JUDGE = for ds in shp hh_rlhf; do \
-	  $(PY) -m aisp_bench.judge --results-dir $(RESULTS) \
-	    --runs-a "$(RESULTS)/runs/$$ds/$(PAIR)/aisp/table1/seed*" \
-	    --runs-b "$(RESULTS)/runs/$$ds/$(PAIR)/$(1)/table1/seed*" $(JUDGE_ARGS) || exit $$?; \
-	done
+# AISP's seeds vs the baseline's seeds (trial k = seed k), on every dataset of the Table 1 runs.
+JUDGE = $(PY) -m aisp_bench.judge $(TABLE1_RUNS) method_a=aisp method_b=$(1) $(JUDGE_ARGS)
 
 table2: runs  ## win rate AISP vs BoN (top-p) by the judge (aisp_bench/conf/judge/gpt4.yaml; OPENAI_API_KEY)
 	$(call JUDGE,bon_topp)
-	$(PY) -m aisp_bench.report table2 --results $(RESULTS) --out $(RESULTS)
+	$(REPORT) target=table2
 
 table3: runs  ## win rate AISP vs BoN (N(0,σ²I)) by the judge
 	$(call JUDGE,bon_gaussian)
-	$(PY) -m aisp_bench.report table3 --results $(RESULTS) --out $(RESULTS)
+	$(REPORT) target=table3
 
 lambda_sweep: setup  ## AISP over a λ grid with the std(r/λ) tuning signal (DATASET=shp)
 	$(SWEEP) experiment=lambda_sweep dataset=$(or $(DATASET),shp)
-	$(PY) -m aisp_bench.report lambda_sweep --results $(RESULTS) --out $(RESULTS)
+	$(REPORT) target=lambda_sweep
 
 paper: table1 figure2 compute table2 table3  ## every artefact for PAIR
 

@@ -5,36 +5,27 @@ Examples::
     python -m aisp_bench                                   # offline default (SmolLM2, demo prompts)
     python -m aisp_bench method=aisp dataset=shp model=llama3_8b reward=ultrarm
     python -m aisp_bench -m method=aisp method.lam=0.1,0.3,0.7
+    python -m aisp_bench --help                            # every option
 """
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from aisp_bench.config import register_resolvers
-from aisp_bench.registry import UnknownNameError
-from aisp_bench.results import RunFolderError
-from aisp_bench.run import UserError
-
-register_resolvers()
+from aisp_bench.cli import run_app
+from aisp_bench.config import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def _main(cfg: DictConfig) -> None:
+def _run(cfg: DictConfig) -> None:
     from aisp_bench.run import run
 
-    try:
-        run(cfg)
-    except (UserError, UnknownNameError, RunFolderError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(cfg)
 
 
-def main() -> None:
-    _main()
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_app(_run, cfg)
 
 
 if __name__ == "__main__":

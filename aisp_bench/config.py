@@ -1,8 +1,27 @@
-"""OmegaConf resolvers used by ``conf/`` (registered before any config is composed)."""
+"""Where the configs are, the keys that do not change results, and the OmegaConf resolvers of ``conf/``.
+
+Resolvers are registered on import, before any config is composed.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped in the wheel: every app's config_path
+
+# Keys that do not change what a run computes: a resumed run may differ in them, and they
+# are not part of the run folder name. (``judge``: manifests of older versions hold one.)
+NON_SEMANTIC: tuple[str, ...] = (
+    "overwrite", "results_dir", "run_dir", "progress", "batch_prompts", "generation.batch_rows",
+    "model.device", "model.device_map", "model.attn_implementation", "reward.device", "reward.batch_size",
+    "experiment_name", "judge",
+)  # fmt: skip
+# Keys left out of the run folder's variant name besides those: already in its path, or a path.
+FOLDER_KEYS: tuple[str, ...] = (
+    "method", "model", "reward", "dataset", "seed", "experiment", "scale", "dataset.path", "hydra.verbose",
+)  # fmt: skip
 
 
 def run_segment(experiment_name: str | None, override_dirname: str) -> str:
@@ -22,8 +41,14 @@ def _scale(x, factor) -> float:
     return float(x) * float(factor)
 
 
+def _variant_exclude_keys() -> list[str]:
+    """``hydra.job.config.override_dirname.exclude_keys`` (conf/hydra/default.yaml)."""
+    return [*FOLDER_KEYS, *NON_SEMANTIC]
+
+
 def register_resolvers() -> None:
-    for name, fn in (("aisp_run_segment", run_segment), ("aisp_mul", _mul), ("aisp_scale", _scale)):
+    for name, fn in (("aisp_run_segment", run_segment), ("aisp_mul", _mul), ("aisp_scale", _scale),
+                     ("aisp_variant_exclude_keys", _variant_exclude_keys)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -9,6 +9,7 @@ resumes; a folder made with a different config is refused unless ``overwrite=tru
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import logging
 import os
@@ -17,27 +18,21 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from aisp_bench.results import MANIFEST, SUMMARY, RecordWriter, read_json, read_records, summarize, write_json_atomic
-from aisp_bench.types import Prompt, Result
+from aisp_bench.cli import UserError, first_line, instantiate_node
+from aisp_bench.config import NON_SEMANTIC
+from aisp_bench.rundir import (
+    MANIFEST, RUN_LOG, SUMMARY, RecordWriter, make_record, read_json, read_records, summarize, write_json_atomic,
+)  # fmt: skip
+from aisp_bench.types import Prompt
 
 log = logging.getLogger("aisp_bench")
-
-# Config keys that do not change what a run computes: a resumed run may differ in them.
-NON_SEMANTIC = (
-    "overwrite", "results_dir", "run_dir", "generation.batch_rows", "batch_prompts", "progress",
-    "model.device", "model.device_map", "model.attn_implementation", "reward.device", "reward.batch_size",
-    "judge", "experiment_name", "report",
-)
-
-
-class UserError(Exception):
-    """A bad input; reported as one line on stderr with a non-zero exit."""
 
 
 def _now() -> str:
@@ -69,8 +64,6 @@ def versions() -> dict[str, str]:
 
 def semantic_config(cfg: dict) -> dict:
     """The config without keys that do not change results (for the resume check)."""
-    import copy
-
     c = copy.deepcopy(cfg)
     for key in NON_SEMANTIC:
         parts = key.split(".")
@@ -91,27 +84,6 @@ def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
-def make_record(prompt: Prompt, result: Result, seconds: float) -> dict:
-    rec = {
-        "prompt_id": prompt.id,
-        "prompt": prompt.transcript(),
-        "messages": prompt.to_json(),
-        "response": result.response,
-        "reward": result.reward,
-        "sample_rewards": result.sample_rewards,
-        "num_samples": result.num_samples,
-        "num_tokens": result.num_tokens,
-        "response_tokens": result.response_tokens,
-        "sample_tokens": result.sample_tokens,
-        "seconds": seconds,
-        "finish_reason": result.finish_reason,
-    }
-    if result.iterations:
-        rec["iterations"] = result.iterations
-    rec.update(result.extra)
-    return rec
-
-
 # Loaded models survive between the jobs of one multirun (same process, same config).
 _LOADED: dict[str, Any] = {}
 
@@ -121,18 +93,6 @@ def _cached(kind: str, node: DictConfig, build):
     if key not in _LOADED:
         _LOADED[key] = build()
     return _LOADED[key]
-
-
-def _instantiate(node: DictConfig, what: str):
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(node)
-    except Exception as e:  # Hydra wraps constructor errors; show the cause in one line
-        cause = e
-        while getattr(cause, "__cause__", None) is not None:
-            cause = cause.__cause__
-        raise UserError(f"{what}: {cause}") from None
 
 
 def _choose_batch_prompts(cfg: DictConfig, method) -> int:
@@ -157,80 +117,128 @@ def _check_generation(cfg: DictConfig) -> None:
         raise UserError(f"seed must be an integer >= 0, got {seed!r}")
 
 
+@dataclass
+class Job:
+    """One configuration, checked and built (nothing loaded, no file touched yet)."""
+
+    run_dir: Path
+    resolved: dict  # the config as written to manifest.json
+    method: Any
+    prompts: list[Prompt]
+    policy: Any
+    reward: Any
+    overwrite: bool
+
+
 def run(cfg: DictConfig) -> Path:
     """Run (or resume) one configuration; returns its run folder."""
+    job = prepare(cfg)
+    old_manifest = resume_check(job)
+    if is_complete(job, old_manifest):  # nothing to load, nothing to do
+        log.info("%s: complete (%d prompts); nothing to do", job.run_dir, len(job.prompts))
+        return job.run_dir
+    engine, reward = load(cfg, job)
+    fit, skipped, truncated = fit_prompts(engine, job.prompts, str(cfg.generation.prompt_overflow))
+    manifest = open_folder(job, old_manifest, engine, reward)
+    done_before = generate(cfg, job, engine, reward, fit, len(skipped), len(truncated))
+    finalize(job, manifest, skipped, truncated, done_before)
+    return job.run_dir
+
+
+def prepare(cfg: DictConfig) -> Job:
+    """Check the config and build its objects; bad input raises ``UserError`` before any file is touched."""
     from aisp_bench.data.datasets import DatasetError
-    from aisp_bench.models.policy import build_engine
 
     _check_generation(cfg)
-    method = _instantiate(cfg.method, "method")
-    dataset = _instantiate(cfg.dataset, "dataset")
+    method = instantiate_node(cfg.method, "method")
+    dataset = instantiate_node(cfg.dataset, "dataset")
     try:
         prompts = dataset.load()
     except DatasetError as e:
         raise UserError(str(e)) from None
-    policy = _instantiate(cfg.model, "model")
-    reward = _instantiate(cfg.reward, "reward")
-    run_dir = Path(cfg.run_dir)
+    policy = instantiate_node(cfg.model, "model")
+    reward = instantiate_node(cfg.reward, "reward")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
+    return Job(Path(cfg.run_dir), resolved, method, prompts, policy, reward, bool(cfg.get("overwrite", False)))
 
-    # Compare with an existing run folder before loading anything heavy.
-    manifest_path = run_dir / MANIFEST
-    old_manifest = None
-    if manifest_path.is_file():
-        old_manifest = read_json(manifest_path)
-        diff = config_diff(semantic_config(old_manifest.get("config", {})), semantic_config(resolved))
-        if diff and not cfg.get("overwrite", False):
+
+def resume_check(job: Job) -> dict | None:
+    """The run folder's manifest when it was made with this config (None: a new folder).
+
+    A folder made with another config, or holding files but no manifest, is refused
+    unless ``overwrite=true``.
+    """
+    path = job.run_dir / MANIFEST
+    if path.is_file():
+        old = read_json(path)
+        diff = config_diff(semantic_config(old.get("config", {})), semantic_config(job.resolved))
+        if diff and not job.overwrite:
             raise UserError(
-                f"run folder {run_dir} was made with a different config ({'; '.join(diff[:3])}"
+                f"run folder {job.run_dir} was made with a different config ({'; '.join(diff[:3])}"
                 f"{'; ...' if len(diff) > 3 else ''}); pass overwrite=true to replace it"
             )
-    elif run_dir.exists() and any(run_dir.iterdir()) and not cfg.get("overwrite", False):
-        raise UserError(f"run folder {run_dir} exists without a {MANIFEST}; pass overwrite=true to replace it")
+        return old
+    if job.run_dir.exists() and any(job.run_dir.iterdir()) and not job.overwrite:
+        raise UserError(f"run folder {job.run_dir} exists without a {MANIFEST}; pass overwrite=true to replace it")
+    return None
 
-    # A complete run of the same config: nothing to load, nothing to do.
-    if old_manifest is not None and not cfg.get("overwrite", False) and (run_dir / SUMMARY).is_file():
-        skipped_before = set(read_json(run_dir / SUMMARY).get("skipped_ids") or [])
-        done_before = {r["prompt_id"] for r in read_records(run_dir)}
-        if {p.id for p in prompts} - skipped_before <= done_before:
-            log.info("%s: complete (%d prompts); nothing to do", run_dir, len(done_before))
-            return run_dir
 
-    # Load models (errors here still leave the folder untouched).
+def is_complete(job: Job, old_manifest: dict | None) -> bool:
+    """True when the folder already holds every prompt of this config (or skipped it)."""
+    summary_path = job.run_dir / SUMMARY
+    if old_manifest is None or job.overwrite or not summary_path.is_file():
+        return False
+    skipped_before = set(read_json(summary_path).get("skipped_ids") or [])
+    done_before = {r["prompt_id"] for r in read_records(job.run_dir)}
+    return {p.id for p in job.prompts} - skipped_before <= done_before
+
+
+def _loaded(policy):
+    policy.load()
+    return policy
+
+
+def load(cfg: DictConfig, job: Job):
+    """(engine, loaded reward): models are loaded once per process, an engine is built per job."""
+    from aisp_bench.models.policy import build_engine
+
     gen = cfg.generation
     try:
-        engine = _cached("model", cfg.model, lambda: build_engine(
-            policy, int(gen.max_new_tokens), int(gen.batch_rows), str(gen.prompt_overflow)))
-        reward = _cached("reward", cfg.reward, lambda: reward.load())
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    # an engine reused from an earlier job of a multirun takes this job's settings
-    engine.max_new_tokens = int(gen.max_new_tokens)
-    engine.max_batch_rows = int(gen.batch_rows)
-    engine.context_length = cfg.model.get("max_context") or getattr(engine.model.config, "max_position_embeddings", None)
-    engine.overflow = "error" if gen.prompt_overflow == "skip" else "truncate_left"
+        policy = _cached("model", cfg.model, lambda: _loaded(job.policy))
+        reward = _cached("reward", cfg.reward, lambda: job.reward.load())
+        engine = build_engine(policy, max_new_tokens=int(gen.max_new_tokens), batch_rows=int(gen.batch_rows),
+                              prompt_overflow=str(gen.prompt_overflow))
+    except (OSError, RuntimeError, ValueError) as e:  # errors here still leave the folder untouched
+        raise UserError(first_line(e)) from None
+    return engine, reward
 
-    # Prompts that do not fit the context: skipped or truncated, and counted.
-    skipped, truncated, todo_all = [], [], []
+
+def fit_prompts(engine, prompts: list[Prompt], overflow: str) -> tuple[list[Prompt], list[str], list[str]]:
+    """(prompts to run, skipped ids, truncated ids): prompts longer than the engine allows are
+    skipped (``overflow="skip"``) or truncated, and counted."""
+    fit, skipped, truncated = [], [], []
+    limit = engine.max_prompt_tokens
     for p in prompts:
-        if engine.max_prompt_tokens is not None:
-            if len(engine.prompt_ids(p)) > engine.max_prompt_tokens:
-                (skipped if gen.prompt_overflow == "skip" else truncated).append(p.id)
-                if gen.prompt_overflow == "skip":
-                    continue
-        todo_all.append(p)
+        if limit is not None and len(engine.prompt_ids(p)) > limit:
+            (skipped if overflow == "skip" else truncated).append(p.id)
+            if overflow == "skip":
+                continue
+        fit.append(p)
+    return fit, skipped, truncated
 
-    if old_manifest is not None and cfg.get("overwrite", False):
-        log.warning("overwrite=true: replacing %s", run_dir)
-        shutil.rmtree(run_dir)
+
+def open_folder(job: Job, old_manifest: dict | None, engine, reward) -> dict:
+    """Create (or replace, with ``overwrite``) the run folder; write the manifest with a new session."""
+    if old_manifest is not None and job.overwrite:
+        log.warning("overwrite=true: replacing %s", job.run_dir)
+        shutil.rmtree(job.run_dir)
         old_manifest = None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _attach_log_file(run_dir)
-
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    _attach_log_file(job.run_dir)
     session = {"started": _now(), "device": str(engine.device), "git_commit": git_commit(), "argv": sys.argv}
     manifest = {
-        "config": resolved,
+        "config": job.resolved,
         "versions": versions(),
         "git_commit": session["git_commit"],
         "device": str(engine.device),
@@ -239,33 +247,40 @@ def run(cfg: DictConfig) -> Path:
         "finished": None,
         "sessions": (old_manifest.get("sessions", []) if old_manifest else []) + [session],
     }
-    write_json_atomic(manifest_path, manifest)
+    write_json_atomic(job.run_dir / MANIFEST, manifest)
+    return manifest
 
-    seed = int(cfg.seed)
-    with RecordWriter(run_dir) as writer:
+
+def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipped: int, truncated: int) -> int:
+    """Decode the prompts not yet recorded, appending a record per prompt; returns how many were done before."""
+    with RecordWriter(job.run_dir) as writer:
         if writer.repaired:
             log.warning("%s: cut off a torn last line left by an interrupted run", writer.path)
         done = {r["prompt_id"] for r in writer.existing}
-        todo = [p for p in todo_all if p.id not in done]
+        todo = [p for p in fit if p.id not in done]
+        log.info("%s: %d prompts, %d done, %d to run, %d skipped, %d truncated", job.run_dir, len(job.prompts),
+                 len(done), len(todo), skipped, truncated)
         rewards = [float(r["reward"]) for r in writer.existing]
-        log.info("%s: %d prompts, %d done, %d to run, %d skipped, %d truncated", run_dir, len(prompts),
-                 len(done), len(todo), len(skipped), len(truncated))
-        batch = _choose_batch_prompts(cfg, method)
-        _run_batches(method, engine, reward, todo, batch, seed, writer, rewards, cfg.get("progress", True))
-    records = read_records(run_dir)
-    summary_path = run_dir / SUMMARY
+        batch = _choose_batch_prompts(cfg, job.method)
+        _run_batches(job.method, engine, reward, todo, batch, int(cfg.seed), writer, rewards, cfg.get("progress", True))
+    return len(done)
+
+
+def finalize(job: Job, manifest: dict, skipped: list[str], truncated: list[str], done_before: int) -> None:
+    """Write ``summary.json`` (evaluation metrics stay while the records do) and close the session."""
+    records = read_records(job.run_dir)
+    summary_path = job.run_dir / SUMMARY
     old_summary = read_json(summary_path) if summary_path.is_file() else {}
-    summary = summarize(records, len(prompts), skipped, truncated)
+    summary = summarize(records, len(job.prompts), skipped, truncated)
     if "metrics" in old_summary and old_summary.get("num_done") == summary["num_done"]:
         summary["metrics"] = old_summary["metrics"]  # evaluation results stay valid
     write_json_atomic(summary_path, summary)
-    session["finished"] = _now()
-    session["prompts_run"] = summary["num_done"] - len(done)
-    manifest["finished"] = session["finished"]
-    write_json_atomic(manifest_path, manifest)
-    log.info("done: %d/%d prompts, mean reward %s -> %s", summary["num_done"], len(prompts),
-             None if summary["mean_reward"] is None else round(summary["mean_reward"], 4), run_dir)
-    return run_dir
+    session = manifest["sessions"][-1]
+    session["finished"] = manifest["finished"] = _now()
+    session["prompts_run"] = summary["num_done"] - done_before
+    write_json_atomic(job.run_dir / MANIFEST, manifest)
+    mean = None if summary["mean_reward"] is None else round(summary["mean_reward"], 4)
+    log.info("done: %d/%d prompts, mean reward %s -> %s", summary["num_done"], len(job.prompts), mean, job.run_dir)
 
 
 def _run_batches(method, engine, reward, todo, batch, seed, writer, rewards, progress) -> None:
@@ -289,10 +304,10 @@ def _run_batches(method, engine, reward, todo, batch, seed, writer, rewards, pro
 
 def _attach_log_file(run_dir: Path) -> None:
     root = logging.getLogger()
-    path = str(run_dir / "run.log")
+    path = str(run_dir / RUN_LOG)
     if any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path) for h in root.handlers):
         return
-    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename.endswith("run.log")]:
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename.endswith(RUN_LOG)]:
         root.removeHandler(h)
         h.close()
     fh = logging.FileHandler(path)

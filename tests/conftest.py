@@ -63,9 +63,10 @@ CONF_DIR = ROOT / "aisp_bench" / "conf"
 
 @pytest.fixture
 def compose(monkeypatch, tmp_path):
-    """compose(overrides) -> a job config as `python -m aisp_bench` would see it.
+    """compose(overrides, config_name="config") -> a job config as the command would see it.
 
-    Results go under tmp_path/results; Hydra's `hydra:` resolver is set up.
+    config_name: config (python -m aisp_bench), evaluate, judge or report. Results go
+    under tmp_path/results; Hydra's `hydra:` resolver is set up.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -77,10 +78,10 @@ def compose(monkeypatch, tmp_path):
 
     monkeypatch.setenv("AISP_BENCH_RESULTS", str(tmp_path / "results"))
 
-    def _compose(overrides=()):
+    def _compose(overrides=(), config_name="config"):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+            cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
             del cfg["hydra"]

@@ -1,4 +1,4 @@
-"""The command line: composition, end-to-end runs, resume after a crash, bad input."""
+"""The command line: composition, end-to-end runs, resume after a crash, bad input, the four apps' front door."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from aisp_bench.results import read_json, read_records
-from aisp_bench.run import UserError, run
+from aisp_bench.cli import UserError
+from aisp_bench.config import NON_SEMANTIC
+from aisp_bench.run import run, semantic_config
+from aisp_bench.rundir import read_json, read_records
 from proc import run_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +33,13 @@ def cli(args, env_results, timeout=300):
 
 @pytest.mark.parametrize("group", ["method", "model", "reward", "dataset", "judge"])
 def test_every_config_option_instantiates(compose, group):
-    """Every option builds its object (nothing is loaded or downloaded)."""
+    """Every option builds its object (nothing is loaded or downloaded); judges in the judge command."""
     assert GROUPS[group], f"conf/{group} is empty"
     for option in GROUPS[group]:
-        cfg = compose([f"{group}={option}"])
+        if group == "judge":
+            cfg = compose([f"judge={option}", "reward=minilm_similarity"], config_name="judge")
+        else:
+            cfg = compose([f"{group}={option}"])
         obj = instantiate(cfg[group])
         assert obj is not None
         if group in ("method", "model", "reward", "dataset"):
@@ -71,6 +77,21 @@ def test_run_folder_names(compose, tmp_path):
     assert cfg.run_dir == str(tmp_path / "results/runs/shp/smollm2_135m__smollm2_judge/aisp/method.lam=0.3/seed2")
     assert compose(["method=bon_topp"]).run_dir.endswith("runs/demo/smollm2_135m__smollm2_judge/bon_topp/default/seed0")
     assert "/aisp/table1/seed0" in compose(["experiment=table1"]).run_dir
+
+
+def test_non_semantic_keys_are_neither_in_the_folder_name_nor_in_the_resume_check(compose):
+    """One list (config.NON_SEMANTIC) drives Hydra's exclude_keys and the resume check."""
+    values = {"overwrite": "true", "progress": "false", "batch_prompts": "2", "generation.batch_rows": "8",
+              "model.device": "cpu", "model.device_map": "auto", "model.attn_implementation": "sdpa",
+              "reward.device": "cpu", "reward.batch_size": "4", "experiment_name": "x"}
+    assert set(values) | {"results_dir", "run_dir", "judge"} == set(NON_SEMANTIC)
+    cfg = compose([f"{k}={v}" for k, v in values.items() if k != "experiment_name"])
+    assert cfg.run_dir.endswith("/aisp/default/seed0")  # none of them names the folder
+    plain = OmegaConf.to_container(compose([]), resolve=True)
+    changed = OmegaConf.to_container(cfg, resolve=True)
+    assert changed != plain and semantic_config(changed) == semantic_config(plain)
+    assert semantic_config({**plain, "judge": {"model": "gpt-4"}}) == semantic_config(plain)  # older manifests
+    assert compose(["method.alpha=0.5"]).run_dir.endswith("/aisp/method.alpha=0.5/seed0")
 
 
 # ------------------------------------------------------------------------- bad input

@@ -1,4 +1,4 @@
-"""``python -m aisp_bench.evaluate`` on tiny synthetic run folders."""
+"""``python -m aisp_bench.evaluate`` on tiny synthetic run folders (the command run in process on its composed config)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from aisp_bench.cli import UserError, run_app
 from aisp_bench.evaluate import evaluate_run, main
 from aisp_bench.metrics.coherence import MINILM_LABEL, Encoder
-from aisp_bench.metrics.records import read_json
+from aisp_bench.rundir import read_json
 
 RESPONSES = ["a b c d e", "the cat the cat the cat\n\nUser: and then?", ""]
 # hand-counted diversities: 0.4, 1/15 (cut at "User:"), 0 (empty -> " ")
@@ -113,69 +114,77 @@ def test_evaluate_is_idempotent_and_tracks_its_inputs(tmp_path):
     assert evaluate_run(run, Other())[0] == "updated"
 
 
-def test_cli_without_coherence_and_errors(tmp_path, capsys):
+NO_COH = "metrics=[reward_mean,diversity,response_tokens_mean,response_words_mean,num_records]"
+
+
+@pytest.fixture
+def evaluate(compose, tmp_path, capsys):
+    """evaluate(*overrides) -> (exit code, stdout, stderr) of the command on tmp_path's runs."""
+
+    def _evaluate(*overrides):
+        cfg = compose([f"results_dir={tmp_path}", *overrides], config_name="evaluate")
+        try:
+            run_app(main, cfg)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _evaluate
+
+
+def test_cli_without_coherence_and_errors(tmp_path, evaluate):
     run = make_run(tmp_path)
     make_run(tmp_path, seed=1, summary=False)  # unfinished: skipped
-    metrics = "--metrics=reward_mean,diversity,response_tokens_mean,response_words_mean,num_records"
-    assert main([str(tmp_path / "runs"), metrics]) == 0
-    out, err = capsys.readouterr()
-    assert "1 updated, 0 up to date, 1 skipped, 0 failed" in out and "seed1: skipped" in err
+    code, out, err = evaluate(NO_COH)
+    assert code == 0 and "1 updated, 0 up to date, 1 skipped, 0 failed" in out and "seed1: skipped" in err
     m = read_json(run / "summary.json")["metrics"]
     assert "coherence" not in m and m["diversity"] == pytest.approx(DIVERSITY)
     before = (run / "summary.json").read_bytes()
-    assert main([str(run), metrics]) == 0
-    assert "up to date" in capsys.readouterr().out and (run / "summary.json").read_bytes() == before
+    code, out, _ = evaluate(NO_COH, "select.seed=0")
+    assert code == 0 and "1 run(s): 0 updated, 1 up to date" in out and (run / "summary.json").read_bytes() == before
 
-    for args in (
-        [str(tmp_path / "missing")],
-        [str(tmp_path / "runs" / "nothing*")],
-        [str(tmp_path / "runs" / "shp" / "x")],
-    ):
-        if "x" in args[0]:
-            (tmp_path / "runs" / "shp" / "x").mkdir()
-        assert main(args) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and "\n" not in err
-    assert main([str(run), "--metrics", "reward_mean,divrsity"]) == 2
-    assert "known:" in capsys.readouterr().err
+    for args, needle in ((["select.dataset=hh_rlhf"], "no run folders under"), (["select.seed=[x]"], "select.seed"),
+                         (["metrics=[reward_mean,divrsity]"], "known:"), (["encoder=simcs"], "known: minilm"),
+                         (["encoder=minilm", "device=cuda:7"], "device")):
+        code, _, err = evaluate(*args)
+        assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, (args, err)
 
     (run / "records.jsonl").write_text('{"prompt_id": 1}\nnot json\n{"prompt_id": 2}\n')
-    assert main([str(run), metrics]) == 1  # corrupt records: reported, non-zero
-    assert "records.jsonl: line 2 is corrupt" in capsys.readouterr().err
+    code, _, err = evaluate(NO_COH)
+    assert code == 1 and "records.jsonl: line 2 is corrupt" in err  # reported, non-zero
 
 
-def test_cli_simcse_unavailable_names_minilm(tmp_path, capsys, monkeypatch):
+def test_cli_simcse_unavailable_names_minilm(tmp_path, evaluate, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     run = make_run(tmp_path)
     before = (run / "summary.json").read_bytes()
-    code = main([str(run), "--device", "cpu"])
-    err = capsys.readouterr().err.strip()
+    code, _, err = evaluate("device=cpu")
     if code == 0:
         pytest.skip("the SimCSE checkpoint is cached on this machine")
-    assert code == 1 and "--encoder minilm" in err and len(err.splitlines()) == 1
+    assert code == 1 and "encoder=minilm" in err and len(err.strip().splitlines()) == 1
     assert (run / "summary.json").read_bytes() == before  # never a silent substitute
 
 
 @pytest.mark.slow
-def test_cli_with_minilm_stand_in(tmp_path, capsys):
+def test_cli_with_minilm_stand_in(tmp_path, evaluate):
     run = make_run(tmp_path)
-    assert main([str(run), "--encoder", "minilm", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
+    code, out, _ = evaluate("encoder=minilm", "device=cpu")
+    assert code == 0
     m = read_json(run / "summary.json")["metrics"]
     assert m["coherence_encoder"] == MINILM_LABEL and MINILM_LABEL in out
     assert -1.0 <= m["coherence"] <= 1.0 and m["num_records"] == 3
-    assert main([str(run), "--encoder", "minilm"]) == 0
-    assert "1 up to date" in capsys.readouterr().out
+    assert "1 up to date" in evaluate("encoder=minilm")[1]
 
 
-# -- --reward: an evaluation reward model (Table 1's "rewards by UltraRM") ----------------
-from aisp_bench.evaluate import eval_rewards_path, load_reward_model  # noqa: E402
+# -- reward=NAME: an evaluation reward model (Table 1's "rewards by UltraRM") ----------------
+from aisp_bench.evaluate import eval_rewards_path  # noqa: E402
 from aisp_bench.rewards import RewardModel  # noqa: E402
 
-METRICS_NO_COH = "--metrics=reward_mean,diversity,response_tokens_mean,response_words_mean,num_records"
-NAMES_NO_COH = METRICS_NO_COH.split("=", 1)[1].split(",")
+NAMES_NO_COH = NO_COH.split("=", 1)[1].strip("[]").split(",")
 # words of the cleaned responses: 5, 6 (cut at "User:"), 0 (empty -> " ")
 WORDS_MEAN = (5 + 6 + 0) / 3
 
@@ -199,12 +208,14 @@ class WordReward(RewardModel):
         return torch.tensor([len(r.split()) + 100.0 * (len(p.messages) - 1) for p, r in zip(prompts, responses)])
 
 
-def reward_yaml(tmp_path: Path, **extra) -> Path:
-    path = tmp_path / "words.yaml"
+def reward_option(tmp_path: Path, name: str = "words", **extra) -> list[str]:
+    """Overrides that add ``reward/<name>.yaml`` (a WordReward) to the config search path and pick it."""
+    folder = tmp_path / "conf" / "reward"
+    folder.mkdir(parents=True, exist_ok=True)
     lines = [f"_target_: {WordReward.__module__}.WordReward", "name: words", "device: auto"]
     lines += [f"{k}: {json.dumps(v)}" for k, v in extra.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    (folder / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+    return [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"reward={name}"]
 
 
 def test_eval_reward_replaces_reward_mean_and_names_both(tmp_path):
@@ -219,7 +230,7 @@ def test_eval_reward_replaces_reward_mean_and_names_both(tmp_path):
     # what was scored: each record's messages and its *cleaned* response
     assert sorted(rm.scored) == sorted([(1, "a b c d e"), (1, "the cat the cat the cat"), (1, " ")])
     assert read_json(run / "summary.json")["metrics"] == m
-    cache = [json.loads(x) for x in eval_rewards_path(run, "words").read_text().splitlines()]
+    cache = read_json(eval_rewards_path(run, "words"))["scores"].values()
     assert [(c["prompt_id"], c["reward"]) for c in cache] == [("0", 5.0), ("1", 6.0), ("2", 0.0)]
 
     # idempotent: same reward, nothing scored, file unchanged
@@ -266,37 +277,32 @@ def test_eval_reward_reads_messages_and_scores_only_new_records(tmp_path):
     assert m["reward_mean"] == pytest.approx((5 + 206 + 0 + 4) / 4) and m["num_records"] == 4
 
 
-def test_cli_reward_from_yaml_and_errors(tmp_path, capsys):
+def test_cli_reward_from_the_reward_group_and_errors(tmp_path, evaluate):
     run = make_run(tmp_path)
-    yaml_path = reward_yaml(tmp_path)
-    assert main([str(run), METRICS_NO_COH, "--reward", str(yaml_path), "--reward-device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "[words]" in out and "1 updated" in out
+    code, out, _ = evaluate(NO_COH, *reward_option(tmp_path), "reward.device=cpu")
+    assert code == 0 and "[words]" in out and "1 updated" in out
     m = read_json(run / "summary.json")["metrics"]
     assert m["reward_mean"] == pytest.approx(WORDS_MEAN) and m["reward_source"] == "evaluated"
-    assert main([str(run), METRICS_NO_COH, "--reward", str(yaml_path)]) == 0
-    assert "1 up to date" in capsys.readouterr().out
+    assert "1 up to date" in evaluate(NO_COH, *reward_option(tmp_path))[1]
 
     before = (run / "summary.json").read_bytes()
     for args, needle in (
-        ([METRICS_NO_COH, "--reward", "nosuch_rm"], "known: "),
-        ([METRICS_NO_COH, "--reward", str(tmp_path / "missing.yaml")], "missing.yaml"),
-        ([METRICS_NO_COH, "--reward-device", "cpu"], "--reward-device needs --reward"),
-        (["--reward", str(yaml_path), "--metrics", "diversity"], "reward_mean"),
-        ([METRICS_NO_COH, "--reward", str(reward_yaml(tmp_path, bogus=1))], "bogus"),
+        ([*reward_option(tmp_path), "metrics=[diversity]"], "needs the reward_mean metric"),
+        ([NO_COH, *reward_option(tmp_path, "bogus", bogus=1)], "bogus"),
     ):
-        assert main([str(run), *args]) == 2, args
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and needle in err and "\n" not in err, err
+        code, _, err = evaluate(*args)
+        assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
     # a reward that cannot load: one line, exit 1, nothing written
-    assert main([str(run), METRICS_NO_COH, "--reward", str(reward_yaml(tmp_path, fail_load=True)), "--force"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err == "error: cannot load evaluation reward 'words': cannot load reward model 'words' from 'nowhere': " \
-        "no such weights"
+    code, _, err = evaluate(NO_COH, *reward_option(tmp_path, "broken", fail_load=True), "force=true")
+    assert code == 1
+    assert err.strip() == "error: cannot load evaluation reward 'words': cannot load reward model 'words' from " \
+        "'nowhere': no such weights"
     assert (run / "summary.json").read_bytes() == before
 
 
-def test_load_reward_model_by_name_builds_without_loading():
-    reward, name = load_reward_model("ultrarm", device="cuda:1")
-    assert name == "ultrarm" and reward.name == "ultrarm" and reward.device == "cuda:1"
+def test_paper_reward_builds_without_loading(compose):
+    from hydra.utils import instantiate
+
+    reward = instantiate(compose(["reward=ultrarm", "reward.device=cuda:1"], config_name="evaluate").reward)
+    assert reward.name == "ultrarm" and reward.device == "cuda:1"
     assert reward.model is None  # nothing loaded or downloaded

@@ -19,23 +19,20 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
+from hydra.utils import instantiate
 
-from aisp_bench.judge import (
-    BudgetExceededError,
-    JudgeError,
-    JudgeRequest,
-    PairwiseJudge,
-    parse_scores,
-    run_comparison,
-    winrate_dataframe,
-)
-from aisp_bench.judge.__main__ import build_judge, load_judge_config
+from aisp_bench.cli import run_app
 from aisp_bench.judge.__main__ import main as judge_main
-from aisp_bench.judge.prompts import Scores
-from aisp_bench.judge.winrate import a_shown_first, outcome, preference, sample_prompt_ids
+from aisp_bench.judge.base import BudgetExceededError, JudgeError, JudgeRequest
+from aisp_bench.judge.client import PairwiseJudge
+from aisp_bench.judge.prompts import Scores, parse_scores
+from aisp_bench.judge.winrate import (
+    Protocol, a_shown_first, build_comparison, outcome, preference, run_comparisons, sample_prompt_ids,
+)  # fmt: skip
+from aisp_bench.rundir import Run
+from aisp_bench.types import Prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER_RE = re.compile(r"\[The Start of Assistant (\d)'s Answer\]\n(.*?)\n\[The End of Assistant \1's Answer\]", re.S)
@@ -152,16 +149,24 @@ def make_judge(server: FakeChatServer, tmp_path: Path, **kw) -> PairwiseJudge:
         max_tokens=64,
         max_requests=1000,
         concurrency=4,
-        mode="both_orders",
-        num_prompts=10,
-        trials=3,
-        sample_seed=0,
         cache_dir=str(tmp_path / "cache"),
         timeout=5.0,
         max_retries=3,
     )
     args.update(kw)
     return PairwiseJudge(**args)
+
+
+def req(question: str, a1: str, a2: str) -> JudgeRequest:
+    return JudgeRequest(Prompt.single("q", question), a1, a2)
+
+
+def run_comparison(judge, runs_a, runs_b, results_dir: Path, progress=None, **protocol):
+    """(plan, win-rate dict or None, its path) of A's runs against B's, as the command judges them."""
+    p = Protocol(**{"num_prompts": 10, "trials": 3, **protocol})
+    comp = build_comparison(p, [Run.at(r) for r in runs_a], [Run.at(r) for r in runs_b], results_dir)
+    plan, results = run_comparisons(judge, p, [comp], progress=progress)
+    return plan, (results[0] if results else None), comp.out
 
 
 # -- synthetic runs ---------------------------------------------------------------------
@@ -254,27 +259,29 @@ def test_seeded_sampling_is_reproducible_and_trial_dependent():
 
 
 # -- config -------------------------------------------------------------------------------
-def test_yaml_keys_match_constructor_and_instantiate():
+def test_yaml_keys_match_constructor_and_instantiate(compose):
     cfg = yaml.safe_load((ROOT / "aisp_bench" / "conf" / "judge" / "gpt4.yaml").read_text())
     params = list(inspect.signature(PairwiseJudge.__init__).parameters)[1:]
     assert cfg["_target_"] == "aisp_bench.judge.client.PairwiseJudge"
     assert sorted(k for k in cfg if k != "_target_") == sorted(params)
-    assert cfg["model"] == "gpt-4" and cfg["base_url"] is None and cfg["num_prompts"] == 100 and cfg["trials"] == 3
-    judge = build_judge(load_judge_config("gpt4", ["model=my-model", "judge.base_url=http://127.0.0.1:1/v1"]))
+    assert cfg["model"] == "gpt-4" and cfg["base_url"] is None
+    app = compose(["judge.model=my-model", "judge.base_url=http://127.0.0.1:1/v1"], config_name="judge")
+    assert (app.num_prompts, app.trials, app.mode) == (100, 3, "both_orders")  # the paper's protocol
+    judge = instantiate(app.judge)
     assert isinstance(judge, PairwiseJudge)
-    assert (judge.model, judge.base_url_host, judge.mode) == ("my-model", "127.0.0.1", "both_orders")
-    assert build_judge(load_judge_config("gpt4")).base_url_host == "api.openai.com"
+    assert (judge.model, judge.base_url_host) == ("my-model", "127.0.0.1")
+    assert judge.cache_dir == Path(app.results_dir) / "judge_cache"
+    assert instantiate(compose([], config_name="judge").judge).base_url_host == "api.openai.com"
     with pytest.raises(Exception, match="nosuch"):
-        load_judge_config("gpt4", ["nosuch=1"])
+        compose(["judge.nosuch=1"], config_name="judge")
 
 
 # -- end to end ---------------------------------------------------------------------------
 def test_both_orders_end_to_end_cache_and_key(server, api_key, runs, tmp_path):
     runs_a, runs_b = runs
     judge = make_judge(server, tmp_path)
-    out = tmp_path / "out" / "aisp_vs_bon_topp.json"
-    plan, result, path = run_comparison(judge, runs_a, runs_b, out=out)
-    assert path == out and out.is_file()
+    plan, result, out = run_comparison(judge, runs_a, runs_b, tmp_path)
+    assert out == tmp_path / "judge" / "shp" / "tiny__rm" / "aisp_vs_bon_topp.json" and out.is_file()
     assert plan.num_to_send == 3 * 10 * 2 and server.count == 60  # 3 trials x 10 prompts x 2 orders
     assert all(h.get("authorization") == f"Bearer {api_key}" for h in server.headers)
     assert {r["model"] for r in server.requests} == {"fake-gpt-4"}
@@ -311,7 +318,7 @@ def test_both_orders_end_to_end_cache_and_key(server, api_key, runs, tmp_path):
     # the cache: one file per request, and a second run sends nothing and gives the same file
     assert len(list((tmp_path / "cache").rglob("*.json"))) == 60
     first = out.read_text()
-    plan2, result2, _ = run_comparison(make_judge(server, tmp_path), runs_a, runs_b, out=out)
+    plan2, result2, _ = run_comparison(make_judge(server, tmp_path), runs_a, runs_b, tmp_path)
     assert server.count == 60 and plan2.num_to_send == 0 and plan2.num_cached == 60
     assert out.read_text() == first
 
@@ -322,8 +329,8 @@ def test_both_orders_end_to_end_cache_and_key(server, api_key, runs, tmp_path):
 
 def test_random_order_mode_one_request_per_prompt(server, api_key, runs, tmp_path):
     runs_a, runs_b = runs
-    judge = make_judge(server, tmp_path, mode="random_order", trials=1, num_prompts=20)
-    _, result, _ = run_comparison(judge, runs_a, runs_b, out=tmp_path / "r.json")
+    judge = make_judge(server, tmp_path)
+    _, result, _ = run_comparison(judge, runs_a, runs_b, tmp_path, mode="random_order", trials=1, num_prompts=20)
     assert server.count == 20 and result["mode"] == "random_order"
     t = result["trials"][0]
     orders = {j["prompt_id"]: j["orders"] for j in t["judgements"]}
@@ -346,10 +353,10 @@ def test_retries_on_429_500_and_timeouts(server, api_key, tmp_path):
     judge = make_judge(server, tmp_path, concurrency=1, max_retries=3, timeout=0.3)
     server.queue.extend(["429", "500", "503"])
     t0 = time.monotonic()
-    [reply] = judge.judge([JudgeRequest("q?", "GOOD a", "BAD b")])
+    [reply] = judge.judge([req("q?", "GOOD a", "BAD b")])
     assert reply.ok and reply.scores == Scores(8, 3) and server.count == 4
     server.queue.extend(["delay"])  # slower than the 0.3 s timeout: retried
-    [reply] = judge.judge([JudgeRequest("q2?", "BAD a", "GOOD b")])
+    [reply] = judge.judge([req("q2?", "BAD a", "GOOD b")])
     assert reply.ok and reply.scores == Scores(3, 8) and server.count == 6
     assert time.monotonic() - t0 < 10
     assert judge.requests_sent == 2  # the budget counts requests, not the client's retries
@@ -357,25 +364,25 @@ def test_retries_on_429_500_and_timeouts(server, api_key, tmp_path):
 
 def test_exhausted_retries_are_reported_not_cached_and_rerun_fills_in(server, api_key, runs, tmp_path):
     runs_a, runs_b = runs
-    judge = make_judge(server, tmp_path, max_retries=1, trials=1)
+    judge = make_judge(server, tmp_path, max_retries=1)
     server.fail_marker = "(p00,"  # every request about p00 gets a 500
     sample = sample_prompt_ids(KINDS, 10, 0, 0)
     assert "p00" in sample
-    out = tmp_path / "x.json"
+    out = tmp_path / "judge" / "shp" / "tiny__rm" / "aisp_vs_bon_topp.json"
     with pytest.raises(JudgeError, match="2 of 20 judge requests failed"):
-        run_comparison(judge, runs_a, runs_b, out=out)
+        run_comparison(judge, runs_a, runs_b, tmp_path, trials=1)
     assert not out.exists()
     assert len(list((tmp_path / "cache").rglob("*.json"))) == 18  # the successes were kept
     sent = server.count
     server.fail_marker = None
-    _, result, _ = run_comparison(make_judge(server, tmp_path, trials=1), runs_a, runs_b, out=out)
+    _, result, _ = run_comparison(make_judge(server, tmp_path), runs_a, runs_b, tmp_path, trials=1)
     assert server.count == sent + 2 and result["trials"][0]["n"] == 10
 
 
 def test_garbage_is_invalid_and_broken_body_is_a_failure(server, api_key, tmp_path):
     judge = make_judge(server, tmp_path, concurrency=1, max_retries=0)
     server.queue.extend(["garbage", "badbody"])
-    r1, r2 = judge.judge([JudgeRequest("q?", "GOOD", "BAD"), JudgeRequest("q?", "BAD", "GOOD")])
+    r1, r2 = judge.judge([req("q?", "GOOD", "BAD"), req("q?", "BAD", "GOOD")])
     assert r1.ok and r1.content == "no scores here" and r1.scores is None  # invalid, cached
     assert not r2.ok and "JSONDecodeError" in r2.error  # no verdict at all: not cached
     assert len(list((tmp_path / "cache").rglob("*.json"))) == 1
@@ -385,108 +392,93 @@ def test_budget_refuses_before_sending(server, api_key, runs, tmp_path):
     runs_a, runs_b = runs
     judge = make_judge(server, tmp_path, max_requests=59)
     with pytest.raises(BudgetExceededError, match="60 requests to send"):
-        run_comparison(judge, runs_a, runs_b, out=tmp_path / "b.json")
+        run_comparison(judge, runs_a, runs_b, tmp_path)
     assert server.count == 0 and not (tmp_path / "cache").exists()
     # the budget is for the judge object's life: 4 requests allowed, 2 + 2 fit, then no more
     judge = make_judge(server, tmp_path, max_requests=4)
-    judge.judge([JudgeRequest("q1", "a", "b"), JudgeRequest("q1", "b", "a")])
-    judge.judge([JudgeRequest("q2", "a", "b"), JudgeRequest("q2", "b", "a")])
+    judge.judge([req("q1", "a", "b"), req("q1", "b", "a")])
+    judge.judge([req("q2", "a", "b"), req("q2", "b", "a")])
     with pytest.raises(BudgetExceededError):
-        judge.judge([JudgeRequest("q3", "a", "b")])
+        judge.judge([req("q3", "a", "b")])
     assert server.count == 4
-    judge.judge([JudgeRequest("q1", "a", "b")])  # cached: free
+    judge.judge([req("q1", "a", "b")])  # cached: free
     assert server.count == 4
 
 
 def test_interrupt_keeps_replies_received(server, api_key, runs, tmp_path):
     runs_a, runs_b = runs
-    judge = make_judge(server, tmp_path, concurrency=2, trials=1)
+    judge = make_judge(server, tmp_path, concurrency=2)
 
     def interrupt(done, total):
         if done == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_comparison(judge, runs_a, runs_b, out=tmp_path / "i.json", progress=interrupt)
+        run_comparison(judge, runs_a, runs_b, tmp_path, progress=interrupt, trials=1)
     cached = len(list((tmp_path / "cache").rglob("*.json")))
     # stopped early: the 5 seen, plus replies that workers finished before the main thread
     # saw the interrupt (how many depends on scheduling), but never all 20
     assert 5 <= cached < 20
     assert server.count == cached  # every reply received is on disk
-    _, result, _ = run_comparison(make_judge(server, tmp_path, trials=1), runs_a, runs_b, out=tmp_path / "i.json")
+    _, result, _ = run_comparison(make_judge(server, tmp_path), runs_a, runs_b, tmp_path, trials=1)
     assert server.count == 20 and result["trials"][0]["n"] == 10  # only the rest was asked
 
 
 def test_missing_key_and_fatal_errors(server, monkeypatch, tmp_path):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
-        make_judge(server, tmp_path).judge([JudgeRequest("q", "a", "b")])
+        make_judge(server, tmp_path).judge([req("q", "a", "b")])
     assert server.count == 0
     monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
     server.queue.extend(["401"] * 5)
     with pytest.raises(JudgeError, match="AuthenticationError"):
-        make_judge(server, tmp_path, concurrency=1).judge([JudgeRequest("q", "a", "b"), JudgeRequest("r", "a", "b")])
+        make_judge(server, tmp_path, concurrency=1).judge([req("q", "a", "b"), req("r", "a", "b")])
     assert server.count == 1  # not retried, and the batch stopped
 
 
-def test_dry_run_sends_and_writes_nothing(server, monkeypatch, runs, tmp_path, capsys):
+@pytest.fixture
+def judge_cli(compose, tmp_path, capsys):
+    """judge_cli(*overrides) -> (exit code, stdout, stderr) of the command on tmp_path's runs."""
+
+    def _run(*overrides):
+        cfg = compose([f"results_dir={tmp_path}", f"judge.cache_dir={tmp_path / 'cache'}", *overrides],
+                      config_name="judge")
+        try:
+            run_app(judge_main, cfg)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+def test_dry_run_sends_and_writes_nothing(server, monkeypatch, runs, tmp_path, judge_cli):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # not needed for a dry run
-    runs_a, runs_b = runs
     before = {p for p, _ in all_bytes(tmp_path)}
-    code = judge_main(
-        [
-            "--runs-a", str(runs_a[0].parent / "seed*"),
-            "--runs-b", str(runs_b[0].parent),
-            "--results-dir", str(tmp_path / "results"),
-            "--dry-run",
-            f"base_url={server.base_url}", f"cache_dir={tmp_path / 'cache'}", "num_prompts=5",
-        ]
-    )  # fmt: skip
-    out = capsys.readouterr().out
+    code, out, _ = judge_cli("dry_run=true", f"judge.base_url={server.base_url}", "num_prompts=5",
+                             "method_b=[bon_topp,bon_gaussian]")  # no bon_gaussian runs: left out, warned
     assert code == 0 and server.count == 0
     assert "30 distinct requests, 0 cached, 30 to send" in out
     assert re.search(r"~[\d,]+ input tokens, at most 30,720 output tokens", out)  # 30 x max_tokens 1024
-    assert "results/judge/shp/tiny__rm/aisp_vs_bon_topp.json" in out
+    assert f"would write {tmp_path}/judge/shp/tiny__rm/aisp_vs_bon_topp.json" in out
     assert {p for p, _ in all_bytes(tmp_path)} == before
 
 
-def test_cli_judges_and_reports(server, api_key, runs, tmp_path, capsys):
-    runs_a, runs_b = runs
-    args = [
-        "--runs-a", str(runs_a[0].parent / "seed*"),
-        "--runs-b", str(runs_b[0].parent / "seed*"),
-        "--results-dir", str(tmp_path / "results"),
-        f"base_url={server.base_url}", f"cache_dir={tmp_path / 'cache'}", "num_prompts=4", "max_tokens=32",
-    ]  # fmt: skip
-    assert judge_main(args) == 0
-    out = capsys.readouterr().out
-    path = tmp_path / "results" / "judge" / "shp" / "tiny__rm" / "aisp_vs_bon_topp.json"
-    assert path.is_file() and str(path) in out and server.count == 24
-    assert judge_main([*args, "max_requests=1"]) == 0  # everything cached: within any budget
+def test_cli_judges_and_reports(server, api_key, runs, tmp_path, judge_cli):
+    args = [f"judge.base_url={server.base_url}", "num_prompts=4", "judge.max_tokens=32", "method_b=bon_topp"]
+    code, out, _ = judge_cli(*args)
+    path = tmp_path / "judge" / "shp" / "tiny__rm" / "aisp_vs_bon_topp.json"
+    assert code == 0 and path.is_file() and str(path) in out and server.count == 24
+    assert "shp: aisp vs bon_topp (both_orders, 3 trial(s)): win " in out
+    assert judge_cli(*args, "judge.max_requests=1")[0] == 0  # everything cached: within any budget
     assert server.count == 24
-    assert judge_main([*args, "num_prompts=5", "max_requests=1"]) == 1  # new prompts: over budget
-    assert "max_requests" in capsys.readouterr().err and server.count == 24
-    assert judge_main(["--runs-a", str(tmp_path / "nope*"), "--runs-b", "x"]) == 2
+    code, _, err = judge_cli(*args, "num_prompts=5", "judge.max_requests=1")  # new prompts: over budget
+    assert code == 1 and "max_requests" in err and server.count == 24
+    for bad, needle in ((["select.dataset=nope"], "no run folders under"), (["method_b=nope"], "no runs of both"),
+                        (["mode=sideways"], "unknown judge mode"), (["trials=0"], "trials must be")):
+        code, _, err = judge_cli(*args, *bad)
+        assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
     for p, data in all_bytes(tmp_path):
         assert api_key.encode() not in data, p
-
-
-def test_winrate_dataframe_from_files_and_dicts(tmp_path):
-    def rec(method_b, trials):
-        return {
-            "dataset": "shp", "model": "m", "reward": "r", "method_a": "aisp", "method_b": method_b,
-            "judge_model": "gpt-4", "mode": "both_orders",
-            "trials": [dict(zip(("win", "draw", "loss", "invalid", "n"), t, strict=True)) for t in trials],
-        }  # fmt: skip
-
-    path = tmp_path / "w.json"
-    path.write_text(json.dumps(rec("bon_topp", [(5, 3, 2, 0, 10), (4, 2, 2, 2, 10), (1, 0, 0, 0, 2)])))
-    df = winrate_dataframe([path, rec("bon_gaussian", [(1, 1, 1, 1, 4)])])
-    assert list(df["method_b"]) == ["bon_topp", "bon_gaussian"]
-    row = df.iloc[0]
-    assert row["win"] == pytest.approx((50 + 40 + 50) / 3)
-    assert row["draw"] == pytest.approx((30 + 20 + 0) / 3)
-    assert row["invalid"] == pytest.approx((0 + 20 + 0) / 3)
-    assert (row["trials"], row["n"], row["win_count"], row["invalid_count"]) == (3, 22, 10, 2)
-    assert row["path"] == str(path) and pd.isna(df.iloc[1]["path"])
-    assert df.iloc[1][["win", "draw", "loss", "invalid"]].tolist() == [25.0] * 4

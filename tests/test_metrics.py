@@ -1,11 +1,9 @@
-"""Metrics: cleaning, diversity (hand-counted n-grams), coherence, records, the registry."""
+"""Metrics: cleaning, diversity (hand-counted n-grams), coherence, the registry."""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -26,14 +24,6 @@ from aisp_bench.metrics.coherence import (
     load_encoder,
 )
 from aisp_bench.metrics.diversity import diversity, diversity_of_tokens, mean_diversity, rep_n, word_tokenize
-from aisp_bench.metrics.records import (
-    RecordsError,
-    RunNotFoundError,
-    find_run_dirs,
-    read_json,
-    read_records,
-    write_json_atomic,
-)
 from aisp_bench.registry import UnknownNameError
 
 
@@ -231,7 +221,7 @@ def test_simcse_unavailable_is_one_line_error_naming_minilm(monkeypatch):
         msg = str(e)
     else:
         pytest.skip("the SimCSE checkpoint is cached on this machine")
-    assert "\n" not in msg and "--encoder minilm" in msg and SIMCSE_MODEL in msg
+    assert "\n" not in msg and "encoder=minilm" in msg and SIMCSE_MODEL in msg
 
 
 @pytest.mark.slow
@@ -289,47 +279,3 @@ def test_compute_metrics_on_synthetic_records():
     assert empty["num_records"] == 0 and empty["reward_mean"] is None and empty["coherence"] is None
     no_cos = compute_metrics(records, names=["reward_mean", "num_records"])
     assert no_cos == {"reward_mean": pytest.approx(1.0), "num_records": 3}
-
-
-# -- records ---------------------------------------------------------------------------------
-def test_read_records_drops_only_a_torn_last_line(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    good = [json.dumps({"prompt_id": str(i)}) for i in range(3)]
-    (run / "records.jsonl").write_text("\n".join(good) + "\n\n" + '{"prompt_id": "3", "resp')
-    with pytest.warns(UserWarning, match="torn last line"):
-        assert [r["prompt_id"] for r in read_records(run)] == ["0", "1", "2"]
-    (run / "records.jsonl").write_text("\n".join(good) + "\n")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert len(read_records(run / "records.jsonl")) == 3
-    (run / "records.jsonl").write_text(good[0] + "\n{broken\n" + good[1] + "\n")
-    with pytest.raises(RecordsError, match=r"records.jsonl: line 2 is corrupt"):
-        read_records(run)
-    with pytest.raises(FileNotFoundError):
-        read_records(tmp_path / "nope")
-
-
-def test_write_json_atomic_and_find_run_dirs(tmp_path):
-    target = tmp_path / "a" / "b.json"
-    write_json_atomic(target, {"x": 1})
-    write_json_atomic(target, {"x": 2, "y": [1, 2]})
-    assert read_json(target) == {"x": 2, "y": [1, 2]}
-    assert [p.name for p in target.parent.iterdir()] == ["b.json"]  # no temporary left behind
-
-    runs = []
-    for m in ("aisp", "bon"):
-        for s in (0, 1):
-            d = tmp_path / "runs" / "shp" / "m__r" / m / "default" / f"seed{s}"
-            d.mkdir(parents=True)
-            (d / "records.jsonl").write_text("")
-            runs.append(d.resolve())
-    assert find_run_dirs([str(tmp_path / "runs")]) == sorted(runs)
-    assert find_run_dirs([str(tmp_path / "runs/shp/m__r/aisp/default/seed*")]) == sorted(runs[:2])
-    assert find_run_dirs([str(runs[0]), str(runs[0] / "records.jsonl")]) == [runs[0]]
-    with pytest.raises(RunNotFoundError, match="no such file or folder"):
-        find_run_dirs([str(tmp_path / "missing")])
-    with pytest.raises(RunNotFoundError, match="matches nothing"):
-        find_run_dirs([str(tmp_path / "runs" / "*" / "nothing*")])
-    with pytest.raises(RunNotFoundError, match="no run folder"):
-        find_run_dirs([str(tmp_path / "a")])

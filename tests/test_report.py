@@ -10,9 +10,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aisp_bench.report import figures, tables
+from aisp_bench.cli import run_app
+from aisp_bench.report import figures, table1, tables
 from aisp_bench.report.__main__ import main as report_main
-from aisp_bench.report.io import discover_runs, read_jsonl_tolerant, read_records, select_variants
+from aisp_bench.report.common import paper_order, select_variants
+from aisp_bench.rundir import RunFolderError, Selection, discover_runs, read_records
+
+
+def runs_in(root: Path, **select) -> list:
+    """The runs under ``root`` in the paper's order (as the report command sees them)."""
+    return paper_order(discover_runs(root, Selection.from_mapping(select)))
+
+
+def md_cells(md: str) -> list[list[str]]:
+    """The cells of a Markdown table's rows (header first, the alignment row left out)."""
+    rows = [ln for ln in md.splitlines() if ln.startswith("|")]
+    return [[c.strip() for c in r.strip("|").split(" | ")] for r in rows[:1] + rows[2:]]
 
 # --------------------------------------------------------------------------- synthetic runs
 
@@ -79,22 +92,22 @@ def test_torn_last_line_is_skipped_and_only_that_one(tmp_path):
     with pytest.warns(UserWarning, match="torn last line"):
         recs = read_records(d)
     assert [r["prompt_id"] for r in recs] == ["a", "b"]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
-    with pytest.raises(ValueError, match="line 2 is corrupt"):
-        read_jsonl_tolerant(bad)
+    (d / "records.jsonl").write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
+    with pytest.raises(RunFolderError, match="line 2 is corrupt"):
+        read_records(d)
 
 
 def test_discovery_filters_and_variant_choice(tmp_path):
     rec = [bon_record("a", [1.0])]
-    write_run(tmp_path, "shp", "llama3_8b__ultrarm", "aisp", 0, rec, variant="method.lam=0.3")
+    write_run(tmp_path, "shp", "llama3_8b__ultrarm", "aisp", 0, rec, variant="method.lam=0.3",
+              method_cfg={"lam": 0.3})
     write_run(tmp_path, "shp", "llama3_8b__ultrarm", "aisp", 0, rec)
     write_run(tmp_path, "hh_rlhf", "vicuna_7b__eurus", "bon_topp", 1, rec, variant="x=1")
     write_run(tmp_path, "hh_rlhf", "vicuna_7b__eurus", "bon_topp", 2, rec, variant="x=1")
     write_run(tmp_path, "hh_rlhf", "vicuna_7b__eurus", "bon_topp", 1, rec, variant="a=0")
-    runs = discover_runs(tmp_path)
+    runs = runs_in(tmp_path)
     assert len(runs) == 5 and runs[0].dataset == "shp"  # SHP sorts first (paper order)
-    assert {r.pair for r in discover_runs(tmp_path, pairs=["vicuna_7b__eurus"])} == {"vicuna_7b__eurus"}
+    assert {r.pair for r in runs_in(tmp_path, pair="vicuna_7b__eurus")} == {"vicuna_7b__eurus"}
     chosen, notes = select_variants(runs)
     assert chosen[("shp", "llama3_8b", "ultrarm", "aisp")][0].variant == "default"
     assert [r.seed for r in chosen[("hh_rlhf", "vicuna_7b", "eurus", "bon_topp")]] == [1, 2]  # most seeds
@@ -122,7 +135,7 @@ def _table1_tree(root: Path) -> None:
 
 def test_table1_hand_checked_means_stds_and_paper_values(tmp_path):
     _table1_tree(tmp_path)
-    df = tables.table1(tmp_path)
+    df = table1.table1(runs_in(tmp_path))
     assert list(df[["dataset", "method"]].itertuples(index=False, name=None)) == [
         ("shp", "bon_topp"), ("shp", "aisp"), ("demo", "aisp")]
     aisp = df[(df.dataset == "shp") & (df.method == "aisp")].iloc[0]
@@ -146,22 +159,23 @@ def test_table1_hand_checked_means_stds_and_paper_values(tmp_path):
 
 def test_table1_files_rows_and_columns(tmp_path):
     _table1_tree(tmp_path)
-    paths = tables.write_table1(tables.table1(tmp_path), tmp_path / "tables")
+    paths = table1.write_table1(table1.table1(runs_in(tmp_path)), tmp_path / "tables")
     assert sorted(p.name for p in paths) == ["table1.csv", "table1.md", "table1.tex"]
     csv = pd.read_csv(tmp_path / "tables" / "table1.csv")
     assert len(csv) == 3
     for m in ("reward", "diversity", "coherence"):
         assert {f"{m}_mean", f"{m}_std", f"{m}_paper_mean", f"{m}_paper_std"} <= set(csv.columns)
     md = (tmp_path / "tables" / "table1.md").read_text()
-    header = md.splitlines()[2]
-    assert "SHP Reward | SHP Reward (paper)" in header and "demo Reward" in header
+    header, *rows = md_cells(md)
+    assert header[:4] == ["Models", "Methods", "SHP Reward", "SHP Reward (paper)"] and "demo Reward" in header
     assert "demo Reward (paper)" not in header  # no paper column where the paper has no value
-    rows = [line for line in md.splitlines() if line.startswith("| ") and "Models" not in line]
-    assert len(rows) == 3  # one per (pair, method)
-    aisp_row = next(r for r in rows if "| AISP |" in r and "-2.36" in r)
-    assert "-2.50 (0.50)" in aisp_row and "-2.36 (0.07)" in aisp_row and "0.710 (0.010)" in aisp_row
-    bon_row = next(r for r in rows if "BoN (top-p)" in r)
-    assert "3.00 (1.4)†* [n=2]" in bon_row and "-3.44 (0.07)" in bon_row and "—" in bon_row
+    assert len(rows) == 3 and all(len(r) == len(header) for r in rows)  # one per (pair, method)
+    aisp_row = dict(zip(header, next(r for r in rows if r[1] == "AISP" and "-2.36 (0.07)" in r)))
+    assert aisp_row["SHP Reward"] == "-2.50 (0.50)" and aisp_row["SHP Reward (paper)"] == "-2.36 (0.07)"
+    assert aisp_row["SHP Diversity"] == "0.710 (0.010)"
+    bon_row = dict(zip(header, next(r for r in rows if r[1] == "BoN (top-p)")))
+    assert bon_row["SHP Reward"] == "3.00 (1.4)†* [n=2]" and bon_row["SHP Reward (paper)"] == "-3.44 (0.07)"
+    assert bon_row["SHP Diversity"] == "—"
     assert "ddof=1" in md and "Kanai" in md and "evaluation step" in md
     tex = (tmp_path / "tables" / "table1.tex").read_text()
     assert r"\multicolumn" in tex and r"Llama3\_8B \& UltraRM" in tex and r"\mathcal{N}" not in tex
@@ -211,7 +225,7 @@ def _figure_tree(root: Path) -> None:
 
 def test_figure2_curves_equal_hand_computed(tmp_path):
     _figure_tree(tmp_path)
-    df = figures.figure2_data(discover_runs(tmp_path), "shp", band="seeds")
+    df = figures.figure2_data(runs_in(tmp_path), "shp", band="seeds")
     get = lambda name: df[df.curve == name].sort_values("k")  # noqa: E731
     # AISP best so far: seed0 p [3,3,5] q [0,1,3] -> [1.5,2,4]; seed1 p [2,4,4] q [1,1,1] -> [1.5,2.5,2.5]
     bsf = get("aisp_best_so_far")
@@ -228,7 +242,7 @@ def test_figure2_curves_equal_hand_computed(tmp_path):
     s1 = np.mean([[3, 4, 4], [0, 0, 0]], axis=0)
     np.testing.assert_allclose(bon["mean"], (s0 + s1) / 2)
     # prompts band: per prompt mean over seeds, then mean ± s.e. over prompts
-    dfp = figures.figure2_data(discover_runs(tmp_path), "shp", band="prompts")
+    dfp = figures.figure2_data(runs_in(tmp_path), "shp", band="prompts")
     b = dfp[dfp.curve == "bon_topp"].sort_values("k")
     p, q = np.array([2, 3, 5.5]), np.array([0.5, 0.5, 0.5])
     np.testing.assert_allclose(b["mean"], (p + q) / 2)
@@ -251,7 +265,7 @@ def test_compute_curve_tokens_and_pro_rata_seconds():
 
 def test_compute_data_and_figure_files(tmp_path):
     _figure_tree(tmp_path)
-    df = figures.compute_data(discover_runs(tmp_path), "shp", band="seeds")
+    df = figures.compute_data(runs_in(tmp_path), "shp", band="seeds")
     a = df[df.method == "aisp"]
     # seed 0's prompt p has a 7th sample (y(U*)), q has not: each run is cut to its shortest prompt
     assert len(a) == 6 and len(df[df.method == "bon_topp"]) == 8
@@ -261,8 +275,8 @@ def test_compute_data_and_figure_files(tmp_path):
     s0 = np.mean([np.maximum.accumulate([0, 1, 2, 0, 0, 7, 9, 9]), np.ones(8)], axis=0)
     s1 = np.mean([np.maximum.accumulate([3, 0, 0, 4, 0, 0, 0, 0]), np.zeros(8)], axis=0)
     np.testing.assert_allclose(b["mean"], (s0 + s1) / 2)
-    paths = figures.write_figure2(tmp_path, tmp_path / "figures") + figures.write_compute(tmp_path,
-                                                                                        tmp_path / "figures")
+    paths = figures.write_figure2(runs_in(tmp_path), tmp_path / "figures") + figures.write_compute(
+        runs_in(tmp_path), tmp_path / "figures")
     assert sorted(p.name for p in paths) == ["compute_shp.csv", "compute_shp.png", "figure2_shp.csv",
                                              "figure2_shp.png"]
     assert all(p.stat().st_size > 1000 for p in paths if p.suffix == ".png")
@@ -289,20 +303,23 @@ def test_table2_table3_from_judge_files(tmp_path):
     _judge(tmp_path, "hh_rlhf", "llama3_8b__ultrarm", "aisp", "bon_topp", [(10, 5, 5, 0)])
     # reversed file for table 3: BoN's view, win/loss swap
     _judge(tmp_path, "shp", "vicuna_7b__eurus", "bon_gaussian", "aisp", [(30, 20, 50, 0)])
-    t2 = tables.table2(tmp_path)
+    t2 = tables.winrate_table(tmp_path, "aisp", "bon_topp")
     assert list(t2.dataset) == ["shp", "hh_rlhf"]
     r = t2.iloc[0]
     assert r.n_trials == 3 and r.win == pytest.approx(50.0) and r.draw == pytest.approx(10.0)
     assert r.loss == pytest.approx(118 / 3) and r.invalid == pytest.approx(2 / 3)
     assert r.win_std == pytest.approx(10.0)
     assert t2.iloc[1].win == pytest.approx(50.0) and t2.iloc[1].draw == pytest.approx(25.0)
-    t3 = tables.table3(tmp_path)
+    t3 = tables.winrate_table(tmp_path, "aisp", "bon_gaussian")
+    assert len(tables.winrate_table(tmp_path, "aisp", "bon_topp", Selection(dataset=("hh*",)))) == 1
     assert len(t3) == 1 and t3.iloc[0].win == pytest.approx(50.0) and t3.iloc[0].loss == pytest.approx(30.0)
     paths = tables.write_winrate(t2, tmp_path / "tables", "table2")
     assert sorted(p.name for p in paths) == ["table2.csv", "table2.md", "table2.tex"]
-    md = (tmp_path / "tables" / "table2.md").read_text()
-    assert "| Datasets | Models | AISP | Draw | BoN (top-p) | Invalid | Trials |" in md
-    assert "| SHP | Llama3_8B & UltraRM | 50.0 | 10.0 | 39.3 | 0.7 | 3 |" in md
+    cells = md_cells((tmp_path / "tables" / "table2.md").read_text())
+    assert cells[0] == ["Datasets", "Models", "AISP", "Draw", "BoN (top-p)", "Invalid", "Trials"]
+    assert cells[1] == ["SHP", "Llama3_8B & UltraRM", "50.0", "10.0", "39.3", "0.7", "3"]
+    tex = (tmp_path / "tables" / "table2.tex").read_text()
+    assert r"\multicolumn{3}{c}{Rate}" in tex and "SHP & Llama3\\_8B \\& UltraRM & 50.0 & 10.0 & 39.3" in tex
     assert len(pd.read_csv(tmp_path / "tables" / "table2.csv")) == 2
 
 
@@ -316,7 +333,7 @@ def test_lambda_sweep(tmp_path):
     for lam in (0.5, 2.0):
         write_run(tmp_path, "shp", pair, "aisp", 0, recs, variant=f"method.lam={lam}",
                   method_cfg={**AISP_CFG, "lam": lam})
-    df = tables.lambda_sweep(tmp_path)
+    df = tables.lambda_sweep(runs_in(tmp_path))
     assert list(df.lam) == [0.5, 2.0]
     first = np.mean([np.std([0.0, 2.0], ddof=1), 0.0])  # per prompt std over the first n, mean over prompts
     all_ = np.mean([np.std([0.0, 2.0, 1.0, 5.0], ddof=1), 0.0])
@@ -331,14 +348,32 @@ def test_lambda_sweep(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_all_writes_every_file(tmp_path, capsys):
+@pytest.fixture
+def report(compose, tmp_path, capsys):
+    """report(*overrides) -> (exit code, stdout, stderr) of the command on tmp_path."""
+
+    def _run(*overrides):
+        cfg = compose([f"results_dir={tmp_path}", *overrides], config_name="report")
+        try:
+            run_app(report_main, cfg)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+def test_cli_all_writes_every_file(tmp_path, report):
     _figure_tree(tmp_path)
     for seed in (0, 1):
         write_run(tmp_path, "shp", "llama3_8b__ultrarm", "bon_gaussian", seed,
                   [bon_record("p", [0.5] * 8), bon_record("q", [0.5] * 8)])
     _judge(tmp_path, "shp", "llama3_8b__ultrarm", "aisp", "bon_topp", [(5, 3, 2, 0)])
     _judge(tmp_path, "shp", "llama3_8b__ultrarm", "aisp", "bon_gaussian", [(4, 3, 3, 0)])
-    assert report_main(["all", "--results", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    code, out, _ = report(f"out={tmp_path / 'out'}")
+    assert code == 0
     names = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.*"))
     assert names == ["figures/compute_shp.csv", "figures/compute_shp.png", "figures/figure2_shp.csv",
                      "figures/figure2_shp.png", "tables/compare.csv", "tables/compare.md",
@@ -346,27 +381,31 @@ def test_cli_all_writes_every_file(tmp_path, capsys):
                      "tables/table1.csv", "tables/table1.md", "tables/table1.tex", "tables/table2.csv",
                      "tables/table2.md", "tables/table2.tex", "tables/table3.csv", "tables/table3.md",
                      "tables/table3.tex"]
+    assert md_cells(out)[0][:3] == ["Dataset", "Pair", "Method"]  # compare prints its table
     t1 = pd.read_csv(tmp_path / "out" / "tables" / "table1.csv")
     assert list(t1.method) == ["bon_topp", "bon_gaussian", "aisp"]
     f2 = pd.read_csv(tmp_path / "out" / "figures" / "figure2_shp.csv")
     assert set(f2.curve) == {"aisp_mean_at_k", "aisp_best_at_k", "aisp_best_so_far", "bon_topp", "bon_gaussian"}
-    capsys.readouterr()
-    assert report_main(["table1", "--results", str(tmp_path), "--pair", "nope__none"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: no run folders found") and "--pair nope__none" in err[0]
+    code, _, err = report("target=[table1,figure2]", "select.method=aisp", f"out={tmp_path / 'only'}")
+    assert code == 0 and list(pd.read_csv(tmp_path / "only" / "tables" / "table1.csv").method) == ["aisp"]
+    for args, needle in ((["target=table1", "select.pair=nope__none"], "error: no run folders found"),
+                         (["target=tabel1"], "error: unknown target 'tabel1'")):
+        code, _, err = report(*args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(needle), err
+    assert "select.pair=nope__none" in report("target=table1", "select.pair=nope__none")[2]
 
 
-def test_summary_only_run_and_no_judge_error(tmp_path, capsys):
+def test_summary_only_run_and_no_judge_error(tmp_path, report):
     d = tmp_path / "runs" / "shp" / "llama3_8b__ultrarm" / "aisp" / "default" / "seed0"
     d.mkdir(parents=True)  # crashed before any record was written; only the summary says something
     (d / "summary.json").write_text(json.dumps({"num_done": 4, "mean_reward": -1.5, "complete": False}))
-    df = tables.table1(tmp_path)
+    df = table1.table1(runs_in(tmp_path))
     assert len(df) == 1 and df.iloc[0].reward_mean == -1.5 and df.iloc[0].reward_source == "summary"
     assert df.iloc[0].n_prompts == 4 and not df.iloc[0].complete
-    capsys.readouterr()
-    assert report_main(["table2", "--results", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: no judge file aisp_vs_bon_topp.json")
+    code, _, err = report("target=table2")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: no judge file aisp_vs_bon_topp.json")
 
 
 def test_report_package_never_imports_torch():

@@ -1,46 +1,28 @@
-"""The offline reward-model judge (``aisp_bench.judge.rm_server``) behind the real ``openai`` client.
+"""The offline reward-model judge (``judge=reward_model``), in process.
 
-A fake reward (words in the answer; no model is loaded) is served by the real server;
-``PairwiseJudge``, ``run_comparison`` and ``python -m aisp_bench.judge
---local-reward-judge`` run against it unchanged, so verdicts, ties, both orders, the
-cache and the tallies can be checked by hand.
+A fake reward (words in the answer; no model is loaded) judges synthetic runs, so
+verdicts, ties, both orders, the cache and the tallies can be checked by hand.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import openai
 import pytest
 import torch
 from synthetic_runs import write_run
 
-from aisp_bench.judge import PairwiseJudge, build_messages, parse_scores, run_comparison
+from aisp_bench.cli import run_app
 from aisp_bench.judge.__main__ import main as judge_main
-from aisp_bench.judge.prompts import USER_TEMPLATE, Scores
-from aisp_bench.judge.rm_server import (
-    LocalRewardJudge,
-    MalformedRequestError,
-    RewardJudgeServer,
-    parse_user_message,
-    question_prompt,
-    reply_text,
-    rm_model_name,
-    verdict_scores,
-)
+from aisp_bench.judge.base import JudgeError, JudgeRequest
+from aisp_bench.judge.prompts import Scores, parse_scores
+from aisp_bench.judge.reward_judge import RewardModelJudge, reply_text, rm_model_name, verdict_scores
+from aisp_bench.judge.winrate import Protocol, build_comparison, run_comparisons
 from aisp_bench.rewards import RewardModel
+from aisp_bench.rundir import Run
 from aisp_bench.types import Message, Prompt
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class WordCountReward(RewardModel):
@@ -64,52 +46,6 @@ class WordCountReward(RewardModel):
         return torch.tensor([math.nan if "NAN" in r else float(len(r.split())) for r in responses])
 
 
-@pytest.fixture
-def rm():
-    return WordCountReward()
-
-
-@pytest.fixture
-def server(rm):
-    with RewardJudgeServer(rm) as s:
-        yield s
-
-
-def client(server: RewardJudgeServer) -> openai.OpenAI:
-    return openai.OpenAI(api_key="sk-unused", base_url=server.base_url, max_retries=0, timeout=10)
-
-
-def ask(server: RewardJudgeServer, question: str, a1: str, a2: str):
-    return client(server).chat.completions.create(model=server.model, messages=build_messages(question, a1, a2))
-
-
-# -- the message, the mapping ------------------------------------------------------------
-@pytest.mark.parametrize(
-    "q,a1,a2",
-    [
-        ("What is 2+2?", "4", "Four."),
-        ("multi\nline {braces} [Question]", "line 1\n\nline 2\n[The End of it]", ""),
-        ("Human: hi\n\nAssistant: hello\n\nHuman: and?", " ", "x" * 500),
-    ],
-)
-def test_user_message_round_trips(q, a1, a2):
-    assert parse_user_message(USER_TEMPLATE.format(question=q, answer1=a1, answer2=a2)) == (q, a1, a2)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "hello",
-        USER_TEMPLATE.format(question="q", answer1="a", answer2="b") + "\nextra",
-        "preamble " + USER_TEMPLATE.format(question="q", answer1="a", answer2="b"),
-        USER_TEMPLATE.format(question="q", answer1="a", answer2="b").replace("Assistant 2", "Assistant B"),
-    ],
-)
-def test_malformed_user_messages_are_refused(text):
-    with pytest.raises(MalformedRequestError, match="USER_TEMPLATE"):
-        parse_user_message(text)
-
-
 def test_mapping_ties_and_winner_in_both_orders():
     assert verdict_scores(3.0, 1.0) == (7, 3) and verdict_scores(1.0, 3.0) == (3, 7)
     assert verdict_scores(-2.5, -2.5) == (5, 5)
@@ -124,59 +60,33 @@ def test_mapping_ties_and_winner_in_both_orders():
     assert parse_scores(reply_text("x", math.nan, 1.0)) is None  # invalid, never a made-up score
     assert rm_model_name("ultrarm") == "rm:ultrarm" and rm_model_name("ultrarm", 0.25) == "rm:ultrarm@tie=0.25"
     with pytest.raises(ValueError, match="tie_margin"):
-        RewardJudgeServer(WordCountReward(), tie_margin=-1)
+        RewardModelJudge(WordCountReward(), tie_margin=-1)
+    with pytest.raises(ValueError, match="reward=NAME"):
+        RewardModelJudge(None)
 
 
-def test_multi_turn_transcripts_become_conversations():
-    conv = Prompt(
-        "x", (Message("user", "Hi"), Message("assistant", "Hello! How can I help?"), Message("user", "A joke?"))
-    )
-    assert question_prompt(conv.transcript()).messages == conv.messages
-    assert question_prompt(conv.transcript(), split_turns=False).messages == (Message("user", conv.transcript()),)
-    for single in ("What is AI?", "Human: a question that starts oddly", "Human: a\n\nAssistant: b"):
-        assert question_prompt(single).messages == (Message("user", single),)  # not a valid conversation
-
-
-# -- the server behind the real openai client -------------------------------------------------
-def test_openai_client_gets_parseable_replies(server, rm):
-    assert rm.loads == 1 and not rm.seen  # loaded by start(), before any request
-    r = ask(server, "Why?", "because it is so", "no")
-    content = r.choices[0].message.content
-    assert parse_scores(content) == Scores(7, 3)
-    assert content.splitlines()[1].startswith("Reward model words: r1 = 4, r2 = 1;")
-    assert r.model == "rm:words" and r.choices[0].finish_reason == "stop"
-    assert r.usage.prompt_tokens > 50 and r.usage.completion_tokens > 5
-    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    # the other order: the same rewards (memo: nothing re-scored), the scores swapped
-    r2 = ask(server, "Why?", "no", "because it is so")
-    assert parse_scores(r2.choices[0].message.content) == Scores(3, 7)
-    assert server.pairs_scored == 2 and len(rm.seen) == 2
-    assert parse_scores(ask(server, "Why?", "a b", "c d").choices[0].message.content) == Scores(5, 5)
-    assert rm.seen[0][0] == (Message("user", "Why?"),)
-    # a multi-turn question reaches the reward model as its turns
+def test_scores_each_answer_once_reads_the_turns_and_caches(tmp_path):
+    rm = WordCountReward()
+    judge = RewardModelJudge(rm, cache_dir=str(tmp_path / "cache"))
     conv = Prompt("x", (Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Joke?")))
-    ask(server, conv.transcript(), "one", "two words")
-    assert rm.seen[-1][0] == conv.messages
+    q = Prompt.single("q", "Why?")
+    reqs = [JudgeRequest(q, "because it is so", "no"), JudgeRequest(q, "no", "because it is so"),
+            JudgeRequest(q, "a b", "c d"), JudgeRequest(conv, "one", "two words")]
+    replies = judge.judge(reqs)
+    assert [r.scores for r in replies] == [Scores(7, 3), Scores(3, 7), Scores(5, 5), Scores(3, 7)]
+    assert replies[0].content.splitlines()[1].startswith("Reward model words: r1 = 4, r2 = 1;")
+    assert rm.loads >= 1 and len(rm.seen) == 6  # both orders share their two scores
+    assert (conv.messages, "one") in rm.seen  # a multi-turn prompt reaches the reward model as its turns
+    assert judge.model == "rm:words" and judge.plan(reqs).num_cached == 4
+    # a new judge on the same cache: nothing scored, nothing loaded (a reward that cannot load is fine)
+    broken = RewardModelJudge(WordCountReward(fail_load=True), cache_dir=str(tmp_path / "cache"))
+    assert [r.content for r in broken.judge(reqs)] == [r.content for r in replies]
+    with pytest.raises(JudgeError, match="reward model judge words: cannot load reward model 'words'"):
+        broken.judge([JudgeRequest(q, "new", "answer")])
+    # another margin is another judge model and other cache keys
+    assert RewardModelJudge(rm, tie_margin=1.0, cache_dir=str(tmp_path / "cache")).plan(reqs).num_cached == 0
 
 
-def test_bad_requests_get_400_or_404(server):
-    c = client(server)
-    with pytest.raises(openai.BadRequestError, match="not an aisp-bench pairwise judge message") as e:
-        c.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Which is better?"}])
-    assert e.value.status_code == 400
-    with pytest.raises(openai.NotFoundError, match="serves 'rm:words'"):
-        c.chat.completions.create(model="gpt-4", messages=build_messages("q", "a", "b"))
-    with pytest.raises(openai.BadRequestError, match="last message must be the user's"):
-        c.chat.completions.create(model=server.model, messages=[{"role": "assistant", "content": "x"}])
-    req = urllib.request.Request(server.base_url + "/chat/completions", data=b"{not json", method="POST")
-    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with pytest.raises(urllib.error.HTTPError) as e:
-        no_proxy.open(req, timeout=5)
-    assert e.value.code == 400 and b"not JSON" in e.value.read()
-    assert server.pairs_scored == 0 and server.requests_served == 0
-
-
-# -- run_comparison end to end -----------------------------------------------------------------
 # A's and B's answers per prompt (words count): p0-p2 A longer (win), p3 B longer (loss),
 # p4-p5 as long (draw: tie), p6 NaN reward (invalid); p2 differs by one word only.
 ANSWERS = {
@@ -197,38 +107,23 @@ def write_side(root: Path, method: str, seed: int, side: int) -> Path:
 
 @pytest.fixture
 def runs(tmp_path):
-    a = [write_side(tmp_path, "aisp", s, 0) for s in (0, 1)]
-    b = [write_side(tmp_path, "bon_topp", s, 1) for s in (0, 1)]
+    a = [Run.at(write_side(tmp_path, "aisp", s, 0)) for s in (0, 1)]
+    b = [Run.at(write_side(tmp_path, "bon_topp", s, 1)) for s in (0, 1)]
     return a, b
-
-
-def local_judge(server: RewardJudgeServer, tmp_path: Path, **kw) -> PairwiseJudge:
-    args = dict(
-        model=server.model,
-        base_url=server.base_url,
-        max_tokens=64,
-        num_prompts=len(ANSWERS),
-        trials=2,
-        cache_dir=str(tmp_path / "cache"),
-        timeout=10,
-        max_retries=0,
-    )
-    return LocalRewardJudge(**{**args, **kw})
 
 
 def counts(result: dict) -> list[tuple[int, int, int, int]]:
     return [(t["win"], t["draw"], t["loss"], t["invalid"]) for t in result["trials"]]
 
 
-def test_run_comparison_end_to_end(rm, runs, tmp_path, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-unused")
-    runs_a, runs_b = runs
-    with RewardJudgeServer(rm) as server:
-        plan, result, out = run_comparison(local_judge(server, tmp_path), runs_a, runs_b, out=tmp_path / "w.json")
-        assert server.requests_served == 2 * 7 * 2  # trials x prompts x both orders
-        # each distinct (question, answer) scored once: 2 seeds x 7 prompts x 2 answers
-        assert server.pairs_scored == 28
-    assert plan.num_to_send == 28 and result["judge_model"] == "rm:words" and result["mode"] == "both_orders"
+def test_comparison_end_to_end(runs, tmp_path):
+    rm = WordCountReward()
+    protocol = Protocol(num_prompts=len(ANSWERS), trials=2)
+    comp = build_comparison(protocol, *runs, tmp_path)
+    plan, [result] = run_comparisons(RewardModelJudge(rm, cache_dir=str(tmp_path / "cache")), protocol, [comp])
+    assert plan.num_to_send == 2 * 7 * 2  # trials x prompts x both orders
+    assert len(rm.seen) == 28  # each distinct (prompt, answer) scored once: 2 seeds x 7 prompts x 2 answers
+    assert result["judge_model"] == "rm:words" and result["mode"] == "both_orders"
     assert counts(result) == [(3, 2, 1, 1)] * 2
     outcomes = {j["prompt_id"]: j["outcome"] for j in result["trials"][0]["judgements"]}
     assert outcomes == {
@@ -238,135 +133,66 @@ def test_run_comparison_end_to_end(rm, runs, tmp_path, monkeypatch):
     assert scores["p0"] == [[7, 3], [3, 7]] and scores["p4"] == [[5, 5], [5, 5]] and scores["p6"] == [None, None]
     assert result["trials"][0]["order_agreement"] == 1.0  # deterministic: both orders always agree
     assert result["mean"] == pytest.approx({"win": 300 / 7, "draw": 200 / 7, "loss": 100 / 7, "invalid": 100 / 7})
-    assert json.loads(out.read_text()) == result
-
-    # a new server on another port: the cache keys do not depend on the port, nothing is sent
-    with RewardJudgeServer(rm) as server2:
-        plan2, result2, _ = run_comparison(local_judge(server2, tmp_path), runs_a, runs_b, out=tmp_path / "w.json")
-        assert plan2.num_to_send == 0 and server2.requests_served == 0
-    assert counts(result2) == counts(result)
-
-    # a tie margin of 1 word: p2 (3 vs 2 words) becomes a draw; another model name, other keys
-    with RewardJudgeServer(rm, tie_margin=1.0) as server3:
-        plan3, result3, _ = run_comparison(local_judge(server3, tmp_path), runs_a, runs_b, out=tmp_path / "t.json")
-        assert plan3.num_to_send == 28 and server3.requests_served == 28
-    assert result3["judge_model"] == "rm:words@tie=1"
-    assert counts(result3) == [(2, 3, 1, 1)] * 2
+    assert json.loads(comp.out.read_text()) == result
+    # a tie margin of 1 word: p2 (3 vs 2 words) becomes a draw
+    judge = RewardModelJudge(rm, tie_margin=1.0, cache_dir=str(tmp_path / "cache"))
+    _, [tied] = run_comparisons(judge, protocol, [comp])
+    assert tied["judge_model"] == "rm:words@tie=1" and counts(tied) == [(2, 3, 1, 1)] * 2
 
 
-# -- the command line ------------------------------------------------------------------------------
-def reward_yaml(tmp_path: Path, name: str = "words.yaml", **extra) -> Path:
-    path = tmp_path / name
-    lines = [f"_target_: {WordCountReward.__module__}.WordCountReward", "name: words", "device: auto"]
-    lines += [f"{k}: {json.dumps(v)}" for k, v in extra.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+@pytest.fixture
+def judge_cli(compose, tmp_path, capsys):
+    """judge_cli(reward_options, *overrides) -> (exit code, stdout, stderr) with judge=reward_model."""
 
-
-def test_cli_local_reward_judge(runs, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    runs_a, runs_b = runs
-    base = [
-        "--runs-a", str(runs_a[0].parent / "seed*"),
-        "--runs-b", str(runs_b[0].parent / "seed*"),
-        "--results-dir", str(tmp_path / "results"),
-        f"cache_dir={tmp_path / 'cache'}", "num_prompts=7", "trials=2", "max_retries=0",
-    ]  # fmt: skip
-    yaml_path = reward_yaml(tmp_path)
-    assert judge_main([*base, "--local-reward-judge", str(yaml_path), "--reward-device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    path = tmp_path / "results" / "judge" / "shp" / "tiny__rm" / "aisp_vs_bon_topp.json"
-    result = json.loads(path.read_text())
-    assert result["judge_model"] == "rm:words" and result["base_url_host"] == "127.0.0.1"
-    assert counts(result) == [(3, 2, 1, 1)] * 2
-    assert "judge rm:words at 127.0.0.1: 28 distinct requests, 0 cached, 28 to send" in out
-    assert "local reward judge rm:words: 28 requests, 28 pairs scored" in out
-    assert "win 42.9%, draw 28.6%, loss 14.3%, invalid 14.3%" in out
-    assert "OPENAI_API_KEY" not in os.environ  # the dummy key was only set for the run
-
-    # everything cached: the server is not even started (a reward that cannot load is fine)
-    broken = reward_yaml(tmp_path, "broken.yaml", fail_load=True)
-    assert judge_main([*base, "--local-reward-judge", str(broken)]) == 0
-    out = capsys.readouterr().out
-    assert "28 cached, 0 to send" in out and "0 requests, 0 pairs scored" in out
-    assert json.loads(path.read_text()) == result
-    # ... and a dry run loads nothing either
-    assert judge_main([*base, "num_prompts=3", "--local-reward-judge", str(broken), "--dry-run"]) == 0
-    assert "dry run: judge rm:words at 127.0.0.1" in capsys.readouterr().out
-    # new requests with a reward that cannot load: one line, exit 1
-    assert judge_main([*base, "--local-reward-judge", str(broken), "--tie-margin", "0.5"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err == "error: local reward judge words: cannot load reward model 'words' from 'nowhere': no such weights"
-
-    for args, needle in (
-        (["--tie-margin", "1"], "--tie-margin needs --local-reward-judge"),
-        (["--reward-device", "cpu"], "--reward-device needs --local-reward-judge"),
-        (["--local-reward-judge", str(yaml_path), "model=gpt-4"], "drop the override 'model=gpt-4'"),
-        (["--local-reward-judge", str(yaml_path), "judge.base_url=http://x/v1"], "sets model and base_url"),
-        (["--local-reward-judge", str(yaml_path), "--tie-margin", "-1"], "--tie-margin must be"),
-        (["--local-reward-judge", "nosuch_rm"], "known: "),
-    ):
-        assert judge_main([*base, *args]) == 2, args
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and needle in err and "\n" not in err, err
-    for p in tmp_path.rglob("*"):
-        if p.is_file():
-            assert b"sk-" not in p.read_bytes(), p  # no key of any kind was written
-
-
-def test_standalone_server_process(tmp_path):
-    """``python -m aisp_bench.judge.rm_server``: prints its base_url, serves, stops on Ctrl-C."""
-    yaml_path = reward_yaml(tmp_path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aisp_bench.judge.rm_server", "--reward", str(yaml_path), "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    watchdog = threading.Timer(60, proc.kill)  # never hang the suite on a stuck child
-    watchdog.start()
-    try:
-        line = proc.stdout.readline()
-        assert "as judge model 'rm:words' at http://127.0.0.1:" in line, (line, proc.stderr.read())
-        base_url = line.rsplit(" at ", 1)[1].strip()
-        assert "model=rm:words" in proc.stdout.readline()
-        c = openai.OpenAI(api_key="x", base_url=base_url, max_retries=0, timeout=10)
-        r = c.chat.completions.create(model="rm:words", messages=build_messages("q", "a", "b c"))
-        assert parse_scores(r.choices[0].message.content) == Scores(3, 7)
-    finally:
-        watchdog.cancel()
-        proc.send_signal(signal.SIGINT)
+    def _run(*overrides, reward: dict | None = None, pick: bool = True):
+        folder = tmp_path / "conf" / "reward"
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = [f"_target_: {WordCountReward.__module__}.WordCountReward", "name: words", "device: auto"]
+        lines += [f"{k}: {json.dumps(v)}" for k, v in (reward or {}).items()]
+        (folder / "words.yaml").write_text("\n".join(lines))
+        cfg = compose([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "judge=reward_model",
+                       *(["reward=words"] if pick else []), f"results_dir={tmp_path}", "num_prompts=7", "trials=2",
+                       "method_b=bon_topp", *overrides], config_name="judge")
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0
-    bad = subprocess.run(
-        [sys.executable, "-m", "aisp_bench.judge.rm_server", "--reward", "nosuch_rm"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown reward 'nosuch_rm'")
+            run_app(judge_main, cfg)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+def test_cli_reward_model_judge(runs, tmp_path, judge_cli, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # never needed
+    code, out, _ = judge_cli("reward.device=cpu")
+    path = tmp_path / "judge" / "shp" / "tiny__rm" / "aisp_vs_bon_topp.json"
+    result = json.loads(path.read_text())
+    assert code == 0 and result["judge_model"] == "rm:words" and counts(result) == [(3, 2, 1, 1)] * 2
+    assert "judge rm:words at in-process: 28 distinct requests, 0 cached, 28 to send" in out
+    assert "win 42.9%, draw 28.6%, loss 14.3%, invalid 14.3%" in out
+    # everything cached: the model is not even loaded (a reward that cannot load is fine)
+    code, out, _ = judge_cli(reward={"fail_load": True})
+    assert code == 0 and "28 cached, 0 to send" in out and json.loads(path.read_text()) == result
+    code, out, _ = judge_cli("num_prompts=3", "dry_run=true", reward={"fail_load": True})  # nor for a dry run
+    assert code == 0 and "dry run: judge rm:words" in out
+    code, _, err = judge_cli("judge.tie_margin=0.5", reward={"fail_load": True})  # new verdicts: it must load
+    assert code == 1 and err.strip() == ("error: reward model judge words: cannot load reward model 'words' "
+                                         "from 'nowhere': no such weights")
+    for args, pick, needle in ((["judge.tie_margin=-1"], True, "tie_margin must be"),
+                               ([], False, "needs a reward model: reward=NAME")):
+        code, _, err = judge_cli(*args, pick=pick)
+        assert code == 2 and err.startswith("error: judge: ") and needle in err and err.count("\n") == 1, err
 
 
 @pytest.mark.slow
-def test_cli_with_real_minilm_reward(runs, tmp_path, capsys, monkeypatch):
+def test_real_minilm_reward_judge(runs, tmp_path, compose, capsys):
     """A real (fast) reward model end to end: every verdict valid and consistent in both orders."""
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    runs_a, runs_b = runs
-    args = [
-        "--runs-a", str(runs_a[0].parent / "seed*"), "--runs-b", str(runs_b[0].parent / "seed*"),
-        "--out", str(tmp_path / "m.json"), "--local-reward-judge", "minilm_similarity", "--reward-device", "cpu",
-        f"cache_dir={tmp_path / 'cache'}", "num_prompts=6", "trials=1",
-    ]  # fmt: skip
-    assert judge_main(args) == 0
-    result = json.loads((tmp_path / "m.json").read_text())
+    cfg = compose(["judge=reward_model", "reward=minilm_similarity", "reward.device=cpu", f"results_dir={tmp_path}",
+                   "num_prompts=6", "trials=1", "method_b=bon_topp"], config_name="judge")
+    assert judge_main(cfg) == 0
+    result = json.loads((tmp_path / "judge" / "shp" / "tiny__rm" / "aisp_vs_bon_topp.json").read_text())
     t = result["trials"][0]
     assert result["judge_model"] == "rm:minilm_similarity" and t["n"] == 6 and t["invalid"] == 0
     assert t["order_agreement"] == 1.0 and t["win"] + t["draw"] + t["loss"] == 6

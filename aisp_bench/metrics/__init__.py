@@ -20,12 +20,12 @@ response_words_mean    mean number of whitespace-separated words, cleaned respon
 num_records            records the numbers were computed from
 =====================  ==========================================================
 
-``python -m aisp_bench.evaluate --reward NAME`` then replaces ``reward_mean`` by the mean
+``python -m aisp_bench.evaluate reward=NAME`` then replaces ``reward_mean`` by the mean
 under another reward model (Table 1's UltraRM) and adds ``reward_model``,
 ``reward_source`` and ``run_reward_mean`` (see :mod:`aisp_bench.evaluate`).
 
-Heavy imports (torch, transformers, NLTK) happen inside the metric functions, so the
-reader helpers in :mod:`aisp_bench.metrics.records` import quickly.
+Heavy imports (torch, transformers, NLTK) happen inside the metric functions, so this
+package imports quickly.
 """
 
 from __future__ import annotations

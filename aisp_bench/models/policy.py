@@ -136,8 +136,15 @@ class GGUFPackagePolicy(Policy):
         return str(gguf_safetensors_cache(package_file(self.package, self.gguf_file))), {}
 
 
-def build_engine(policy: Policy, max_new_tokens: int, batch_rows: int, prompt_overflow: str = "truncate_left"):
-    """Load the policy and wrap it in an ``Engine`` with its template and stop rules."""
+def build_engine(policy: Policy, *, max_new_tokens: int, batch_rows: int, prompt_overflow: str = "truncate_left"):
+    """A new ``Engine`` on the loaded policy: the one place that decides generation settings.
+
+    Context length: ``model.max_context``, else the model config's
+    ``max_position_embeddings``; prompts longer than it minus ``max_new_tokens`` are
+    truncated from the left (``prompt_overflow="truncate_left"``) or refused
+    (``"skip"``: the engine raises, the run skips them beforehand). Engines are cheap:
+    build one per job from a policy loaded once.
+    """
     from aisp_bench.engine import Engine
 
     model, tok = policy.load()
@@ -151,7 +158,7 @@ def build_engine(policy: Policy, max_new_tokens: int, batch_rows: int, prompt_ov
         eos_token_ids=policy.eos_token_ids(),
         add_special_tokens=policy.add_special_tokens,
         context_length=policy.context_length(),
-        overflow="error" if prompt_overflow == "skip" else "truncate_left",
+        overflow={"skip": "error", "truncate_left": "truncate_left"}[prompt_overflow],
     )
 
 

@@ -1,24 +1,25 @@
-"""Command line: rebuild tables and figures from the run folders on disk.
+"""``python -m aisp_bench.report [key=value ...]``: tables and figures rebuilt from the files on disk.
 
-    python -m aisp_bench.report all --results results --out results
-    python -m aisp_bench.report table1 --pair llama3_8b__ultrarm --dataset shp
-    python -m aisp_bench.report compare --dataset demo     # prints a method comparison
+    python -m aisp_bench.report                                  # every target
+    python -m aisp_bench.report target=table1 select.pair=llama3_8b__ultrarm select.dataset=shp
+    python -m aisp_bench.report target=compare select.dataset=demo   # prints a method comparison
 
-Tables go to ``<out>/tables/``, figures to ``<out>/figures/``. A single target whose
-inputs are missing exits non-zero with a one-line error; ``all`` needs run folders and
-skips (with a warning line) targets whose other inputs (judge files, AISP runs) are
-missing.
+The config is ``conf/report.yaml`` (``--help`` lists it). Tables go to ``<out>/tables/``,
+figures to ``<out>/figures/``. A target whose inputs are missing is an error (exit 2);
+with ``target=all`` it is skipped with a warning line, as long as some run is selected.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import warnings
 from pathlib import Path
 
-from . import figures, tables
-from .io import discover_runs, runs_root
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from aisp_bench.cli import UserError, run_app
+from aisp_bench.config import CONF_DIR
+from aisp_bench.rundir import Run, Selection, discover_runs, runs_root
 
 TARGETS = ("table1", "table2", "table3", "figure2", "compute", "lambda_sweep", "compare")
 
@@ -27,94 +28,70 @@ class NoInput(RuntimeError):
     """A target's inputs are not on disk."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m aisp_bench.report", description=__doc__.splitlines()[0])
-    p.add_argument("target", choices=TARGETS + ("all",))
-    p.add_argument("--results", default="results", help="results root holding runs/ and judge/ (default: results)")
-    p.add_argument("--out", default=None, help="output root for tables/ and figures/ (default: --results)")
-    p.add_argument("--dataset", action="append", help="keep only this dataset (repeatable)")
-    p.add_argument("--pair", action="append", help="keep only this <model>__<reward> pair (repeatable)")
-    p.add_argument("--method", action="append", help="keep only this method (repeatable)")
-    p.add_argument("--variant", action="append",
-                   help="keep only this override dirname (repeatable; default per cell: 'default', "
-                        "else the variant with most seeds)")
-    p.add_argument("--band", choices=("auto", "seeds", "prompts"), default="auto", help="figure band")
-    return p
+def build(target: str, cfg: DictConfig, runs: list[Run], select: Selection) -> list[Path]:
+    """Write one target from ``runs``; raise :class:`NoInput` when its inputs are missing."""
+    from . import figures, table1, tables
 
-
-def _filters(a: argparse.Namespace) -> str:
-    parts = [f"--{k} {','.join(v)}" for k, v in (("dataset", a.dataset), ("pair", a.pair), ("method", a.method),
-                                                  ("variant", a.variant)) if v]
-    return f" (filters: {' '.join(parts)})" if parts else ""
-
-
-def run_target(target: str, a: argparse.Namespace, runs: list | None = None) -> list[Path]:
-    """Build one target from ``runs`` (discovered with the filters when None); raise
-    :class:`NoInput` when its inputs are missing."""
-    if runs is None:
-        runs = discover_runs(a.results, datasets=a.dataset, pairs=a.pair, methods=a.method, variants=a.variant)
-    out = Path(a.out or a.results)
-    tdir, fdir = out / "tables", out / "figures"
+    out = Path(cfg.out)
+    what = f"under {runs_root(cfg.results_dir)}" + (f" for {select.describe()}" if select.describe() else "")
     if target == "table1":
-        df = tables.table1(a.results, runs=runs)
-        if df.empty:
-            raise NoInput(f"no run folders found under {runs_root(a.results)}{_filters(a)}")
-        return tables.write_table1(df, tdir)
-    if target in ("table2", "table3"):
-        df = (tables.table2 if target == "table2" else tables.table3)(a.results, datasets=a.dataset, pairs=a.pair)
-        if df.empty:
-            b = "bon_topp" if target == "table2" else "bon_gaussian"
-            raise NoInput(f"no judge file aisp_vs_{b}.json under {Path(a.results) / 'judge'}{_filters(a)}")
-        return tables.write_winrate(df, tdir, target)
+        return table1.write_table1(_nonempty(table1.table1(runs), f"no run folders {what}"), out / "tables")
+    if target in tables.TABLE_BASELINES:
+        b = tables.TABLE_BASELINES[target]
+        df = tables.winrate_table(cfg.results_dir, "aisp", b, select)
+        return tables.write_winrate(_nonempty(df, f"no judge file aisp_vs_{b}.json {what}"), out / "tables", target)
     if target == "lambda_sweep":
-        df = tables.lambda_sweep(a.results, runs=runs)
-        if df.empty:
-            raise NoInput(f"no AISP run folders found under {runs_root(a.results)}{_filters(a)}")
-        return tables.write_lambda_sweep(df, tdir)
+        df = tables.lambda_sweep(runs)
+        return tables.write_lambda_sweep(_nonempty(df, f"no AISP run folders {what}"), out / "tables")
     if target == "compare":
-        df = tables.compare(a.results, runs=runs)
-        if df.empty:
-            raise NoInput(f"no run folders with records under {runs_root(a.results)}{_filters(a)}")
+        df = _nonempty(tables.compare(runs), f"no run folders with records {what}")
         print(tables.render_compare(df))
-        return tables.write_compare(df, tdir)
-    if target == "figure2":
-        paths = figures.write_figure2(a.results, fdir, datasets=a.dataset, band=a.band, runs=runs)
-        if not paths:
-            raise NoInput(f"no AISP run folders found under {runs_root(a.results)}{_filters(a)}")
-        return paths
-    if target == "compute":
-        paths = figures.write_compute(a.results, fdir, datasets=a.dataset, band=a.band, runs=runs)
-        if not paths:
-            raise NoInput(f"no run folders found under {runs_root(a.results)}{_filters(a)}")
-        return paths
-    raise ValueError(target)
+        return tables.write_compare(df, out / "tables")
+    write = figures.write_figure2 if target == "figure2" else figures.write_compute
+    paths = write(runs, out / "figures", band=str(cfg.band))
+    if not paths:
+        raise NoInput(f"no {'AISP ' if target == 'figure2' else ''}run folders {what}")
+    return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
-    warnings.simplefilter("default")
-    warnings.formatwarning = lambda msg, cat, *args, **kw: f"warning: {msg}\n"
-    runs = discover_runs(a.results, datasets=a.dataset, pairs=a.pair, methods=a.method, variants=a.variant)
-    if not runs and a.target not in ("table2", "table3"):
-        print(f"error: no run folders found under {runs_root(a.results)}{_filters(a)}", file=sys.stderr)
-        return 2
-    targets = TARGETS if a.target == "all" else (a.target,)
+def _nonempty(df, message: str):
+    if df.empty:
+        raise NoInput(message)
+    return df
+
+
+def main(cfg: DictConfig) -> int:
+    from .common import paper_order
+
+    targets = list(cfg.target) if OmegaConf.is_list(cfg.target) else [str(cfg.target)]
+    for t in targets:
+        if t not in (*TARGETS, "all"):
+            raise UserError(f"unknown target {t!r}; known: {', '.join((*TARGETS, 'all'))}")
+    if "all" in targets:
+        targets = list(TARGETS)
+    select = Selection.from_mapping(OmegaConf.to_container(cfg.select, resolve=True))
+    runs = paper_order(discover_runs(cfg.results_dir, select))
+    if not runs and (len(targets) > 1 or targets[0] not in ("table2", "table3")):
+        where = f" for {select.describe()}" if select.describe() else ""
+        raise UserError(f"no run folders found under {runs_root(cfg.results_dir)}{where}")
     status = 0
     for t in targets:
         try:
-            for p in run_target(t, a, runs):
+            for p in build(t, cfg, runs, select):
                 print(p)
         except NoInput as exc:
-            if a.target == "all":
-                print(f"warning: skipped {t}: {exc}", file=sys.stderr)
-            else:
-                print(f"error: {exc}", file=sys.stderr)
-                status = 2
+            print(f"{'warning: skipped ' + t if len(targets) > 1 else 'error'}: {exc}", file=sys.stderr)
+            status = status if len(targets) > 1 else 2
         except (ValueError, OSError) as exc:
             print(f"error: {t}: {exc}", file=sys.stderr)
             status = 1
     return status
 
 
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
+def app(cfg: DictConfig) -> None:
+    run_app(main, cfg)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    app()

@@ -4,24 +4,14 @@ Pure functions of run folders: the per-prompt curves are computed from
 ``records.jsonl``, averaged, returned as tidy DataFrames (also written as CSV next to
 each PNG) and plotted with matplotlib's Agg backend.
 
-Averaging (both figures)
-------------------------
-Per run (one seed), a curve is averaged over prompts (prompts whose curve is shorter
-are left out beyond their length); the plotted line is the mean over seeds of those
-per-seed means. The band is
-
-* ``"seeds"``: ± one sample standard deviation (ddof=1) over seeds of the per-seed
-  means (the spread behind Table 1's std); needs two or more seeds;
-* ``"prompts"``: ± one standard error over prompts of the per-prompt curves (each first
-  averaged over the seeds that have that prompt id);
-* ``"auto"`` (default): ``"seeds"`` when every curve has ≥ 2 seeds, else ``"prompts"``.
+The curves and their averaging (the bands): :mod:`aisp_bench.report.curves`.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -31,19 +21,14 @@ import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .io import (  # noqa: E402
-    Run,
-    as_float_array,
-    dataset_key,
-    discover_runs,
-    display_dataset,
-    display_method,
-    display_pair,
-    finite_or_nan,
-    method_key,
-    pair_key,
-    select_variants,
-)
+from aisp_bench.rundir import Run  # noqa: E402
+
+from .common import (  # noqa: E402
+    dataset_key, display_dataset, display_method, display_pair, method_key, pair_key, select_variants,
+)  # fmt: skip
+from .curves import (  # noqa: E402
+    aisp_curves, average_curves, bon_prefix_curve, compute_curve, nanmean_columns, resolve_band, stack,
+)  # fmt: skip
 
 DEFAULT_N = 32  # the paper's n, used for BoN prefixes only when no AISP run gives n
 BAND_NAMES = {"seeds": "±1 std over seeds (ddof=1)", "prompts": "±1 s.e. over prompts"}
@@ -55,179 +40,6 @@ CURVE_STYLE = {
     "bon_topp": dict(color="C1", ls="-", label="BoN (top-p), N = n·k"),
     "bon_gaussian": dict(color="C2", ls="-", label="BoN (N(0,σ²I)), N = n·k"),
 }
-
-
-# --------------------------------------------------------------------------- per-prompt curves
-
-
-def aisp_curves(record: dict[str, Any], n: int | None = None) -> dict[str, np.ndarray]:
-    """AISP's per-iteration curves for one prompt, k = 1..K.
-
-    From ``iterations`` when present: ``mean`` (Mean at k = 1/n Σ_i r(x, y(V^i))),
-    ``max`` (Best at k = max_i r(x, y(V^i))) and ``best_so_far`` (y_best of Algorithm 1
-    at k). Without ``iterations``, computed from ``sample_rewards`` in chunks of ``n``
-    (the final y(U*) candidate, a trailing partial chunk, is ignored).
-    """
-    iters = record.get("iterations") or []
-    if iters:
-        its = sorted(iters, key=lambda it: it.get("k", 0))
-        mean = np.array([finite_or_nan(it.get("mean")) for it in its])
-        best = np.array([finite_or_nan(it.get("max")) for it in its])
-        bsf = np.array([finite_or_nan(it.get("best_so_far")) for it in its])
-        if not np.isfinite(bsf).any():  # not recorded: the running max of Best at k
-            bsf = np.fmax.accumulate(best) if len(best) else bsf
-        return {"aisp_mean_at_k": mean, "aisp_best_at_k": best, "aisp_best_so_far": bsf}
-    if not n:
-        raise ValueError("no iterations in the record and no n to chunk sample_rewards")
-    r = as_float_array(record.get("sample_rewards"))
-    K = len(r) // n
-    chunks = r[: n * K].reshape(K, n) if K else np.zeros((0, n))
-    with np.errstate(all="ignore"):
-        mean = np.array([np.nanmean(c) if np.isfinite(c).any() else math.nan for c in chunks])
-        best = np.array([np.nanmax(c) if np.isfinite(c).any() else math.nan for c in chunks])
-    return {"aisp_mean_at_k": mean, "aisp_best_at_k": best, "aisp_best_so_far": np.fmax.accumulate(best)}
-
-
-def bon_prefix_curve(sample_rewards: Sequence[float], n: int, K: int | None = None) -> np.ndarray:
-    """BoN at N = n·k from one run's i.i.d. samples: entry k-1 is the max over the first
-    n·k sample rewards (NaN rewards ignored), for k = 1..K (K defaults to len // n;
-    k with n·k beyond the samples on disk are NaN)."""
-    r = as_float_array(list(sample_rewards))
-    K = len(r) // n if K is None else K
-    out = np.full(K, math.nan)
-    if len(r) == 0 or n <= 0:
-        return out
-    run_max = np.fmax.accumulate(r)  # fmax: a NaN reward never hides the best so far
-    for k in range(1, K + 1):
-        if n * k <= len(r):
-            out[k - 1] = run_max[n * k - 1]
-    return out
-
-
-def _sample_tokens(record: dict[str, Any], num: int) -> np.ndarray:
-    """Generated tokens per sample; without ``sample_tokens``, ``num_tokens`` split evenly."""
-    st = as_float_array(record.get("sample_tokens"))
-    if len(st) >= num:
-        return np.nan_to_num(st[:num])
-    total = finite_or_nan(record.get("num_tokens"))
-    per = total / num if np.isfinite(total) and num else math.nan
-    return np.full(num, per)
-
-
-def _pro_rata(seconds: float, tokens: np.ndarray) -> np.ndarray:
-    """Split ``seconds`` over samples in proportion to their tokens (equally if none)."""
-    if len(tokens) == 0:
-        return np.zeros(0)
-    tot = float(np.nansum(tokens))
-    if tot > 0:
-        return seconds * np.nan_to_num(tokens) / tot
-    return np.full(len(tokens), seconds / len(tokens))
-
-
-def compute_curve(record: dict[str, Any], n: int | None = None) -> dict[str, np.ndarray]:
-    """Best reward so far against cumulative compute for one prompt, sample by sample in
-    generation order: ``best`` = running max of ``sample_rewards``, ``tokens`` =
-    cumulative ``sample_tokens``, ``seconds`` = cumulative wall seconds.
-
-    Seconds per sample: with AISP ``iterations[].seconds``, iteration k's seconds are
-    split over its n samples pro rata by tokens, and what remains of the prompt's
-    ``seconds`` (the final y(U*) candidate, overheads) over the remaining samples; else
-    the prompt's ``seconds`` are split over all samples pro rata by tokens.
-    """
-    r = as_float_array(record.get("sample_rewards"))
-    L = len(r)
-    tokens = _sample_tokens(record, L)
-    total_sec = finite_or_nan(record.get("seconds"))
-    iters = sorted(record.get("iterations") or [], key=lambda it: it.get("k", 0))
-    secs = None
-    if iters and n and all(np.isfinite(finite_or_nan(it.get("seconds"))) for it in iters):
-        secs = np.zeros(L)
-        used = 0.0
-        for i, it in enumerate(iters):
-            lo, hi = i * n, min((i + 1) * n, L)
-            if lo >= L:
-                break
-            s = finite_or_nan(it.get("seconds"))
-            secs[lo:hi] = _pro_rata(s, tokens[lo:hi])
-            used += s
-        rest = n * len(iters)
-        if rest < L:
-            remaining = max(0.0, total_sec - used) if np.isfinite(total_sec) else 0.0
-            secs[rest:] = _pro_rata(remaining, tokens[rest:])
-    elif np.isfinite(total_sec):
-        secs = _pro_rata(total_sec, tokens)
-    return {
-        "best": np.fmax.accumulate(r) if L else r,
-        "tokens": np.cumsum(tokens),
-        "seconds": np.cumsum(secs) if secs is not None else np.full(L, math.nan),
-    }
-
-
-# --------------------------------------------------------------------------- averaging
-
-
-def _stack(curves: Sequence[np.ndarray]) -> np.ndarray:
-    """Rows = curves, NaN-padded to the longest."""
-    L = max((len(c) for c in curves), default=0)
-    out = np.full((len(curves), L), math.nan)
-    for i, c in enumerate(curves):
-        out[i, : len(c)] = c
-    return out
-
-
-def _nanmean0(a: np.ndarray) -> np.ndarray:
-    """Column means over finite entries; NaN where a column has none (no warning)."""
-    finite = np.isfinite(a)
-    cnt = finite.sum(axis=0)
-    s = np.where(finite, a, 0.0).sum(axis=0)
-    with np.errstate(all="ignore"):
-        return np.where(cnt > 0, s / np.maximum(cnt, 1), math.nan)
-
-
-def _nanstd0(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column sample std (ddof=1) over finite entries and the counts; NaN below two."""
-    finite = np.isfinite(a)
-    cnt = finite.sum(axis=0)
-    m = _nanmean0(a)
-    dev = np.where(finite, a - m, 0.0)
-    with np.errstate(all="ignore"):
-        sd = np.sqrt((dev**2).sum(axis=0) / (cnt - 1))
-    return np.where(cnt > 1, sd, math.nan), cnt
-
-
-def average_curves(by_seed: Sequence[dict[str, np.ndarray]], band: str = "seeds") -> dict[str, np.ndarray]:
-    """Average per-prompt curves over prompts and seeds.
-
-    ``by_seed``: one ``{prompt_id: curve}`` per seed. Returns ``mean`` (mean over seeds
-    of the per-seed mean over prompts when ``band="seeds"``; mean over prompts of the
-    per-prompt mean over seeds when ``band="prompts"``; equal when every seed has every
-    prompt and full-length curves), ``lo``/``hi`` (mean ∓ the band; NaN where it is
-    undefined) and ``count`` (seeds or prompts contributing at each point).
-    """
-    if band == "seeds":
-        per_seed = _stack([_nanmean0(_stack(list(d.values()))) for d in by_seed if d])
-        mean = _nanmean0(per_seed)
-        sd, cnt = _nanstd0(per_seed)
-        return {"mean": mean, "lo": mean - sd, "hi": mean + sd, "count": cnt}
-    if band == "prompts":
-        ids: dict[Any, list[np.ndarray]] = {}
-        for d in by_seed:
-            for pid, c in d.items():
-                ids.setdefault(pid, []).append(c)
-        per_prompt = _stack([_nanmean0(_stack(cs)) for cs in ids.values()])
-        mean = _nanmean0(per_prompt)
-        sd, cnt = _nanstd0(per_prompt)
-        with np.errstate(all="ignore"):
-            se = sd / np.sqrt(cnt)
-        return {"mean": mean, "lo": mean - se, "hi": mean + se, "count": cnt}
-    raise ValueError(f"band must be 'seeds' or 'prompts', got {band!r}")
-
-
-def _resolve_band(band: str, seed_counts: Iterable[int]) -> str:
-    if band != "auto":
-        return band
-    counts = list(seed_counts)
-    return "seeds" if counts and min(counts) >= 2 else "prompts"
 
 
 def _run_n(run: Run) -> int | None:
@@ -253,7 +65,7 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto") -> pd.Da
     chosen, _ = select_variants([r for r in runs if r.dataset == dataset])
     pairs = sorted({(c[1], c[2]) for c in chosen}, key=pair_key)
     seed_counts = [len(rs) for c, rs in chosen.items() if c[3] == "aisp" or c[3].startswith("bon")]
-    band = _resolve_band(band, seed_counts)
+    band = resolve_band(band, seed_counts)
     frames = []
     for model, reward in pairs:
         aisp = chosen.get((dataset, model, reward, "aisp"), [])
@@ -400,7 +212,7 @@ def compute_data(runs: Sequence[Run], dataset: str, band: str = "auto") -> pd.Da
     seconds, mean, lo, hi, count, n_seeds, band.
     """
     chosen, _ = select_variants([r for r in runs if r.dataset == dataset])
-    band = _resolve_band(band, [len(rs) for rs in chosen.values()])
+    band = resolve_band(band, [len(rs) for rs in chosen.values()])
     frames = []
     for (ds, model, reward, method) in sorted(chosen, key=lambda c: (pair_key((c[1], c[2])), method_key(c[3]))):
         rs = chosen[(ds, model, reward, method)]
@@ -412,15 +224,15 @@ def compute_data(runs: Sequence[Run], dataset: str, band: str = "auto") -> pd.Da
                 continue
             L = min(len(c["best"]) for c in cs.values())
             best_bs.append({pid: c["best"][:L] for pid, c in cs.items()})
-            tok_rows.append(_nanmean0(_stack([c["tokens"][:L] for c in cs.values()])))
-            sec_rows.append(_nanmean0(_stack([c["seconds"][:L] for c in cs.values()])))
+            tok_rows.append(nanmean_columns(stack([c["tokens"][:L] for c in cs.values()])))
+            sec_rows.append(nanmean_columns(stack([c["seconds"][:L] for c in cs.values()])))
         if not best_bs:
             continue
         L = min(len(t) for t in tok_rows)
         best_bs = [{pid: c[:L] for pid, c in d.items()} for d in best_bs]
         avg = average_curves(best_bs, band)
-        tokens = _nanmean0(_stack([t[:L] for t in tok_rows]))
-        seconds = _nanmean0(_stack([s[:L] for s in sec_rows]))
+        tokens = nanmean_columns(stack([t[:L] for t in tok_rows]))
+        seconds = nanmean_columns(stack([s[:L] for s in sec_rows]))
         frames.append(pd.DataFrame(dict(dataset=ds, model=model, reward=reward, method=method, variant=rs[0].variant,
                                         sample=np.arange(1, L + 1), tokens=tokens, seconds=seconds,
                                         mean=avg["mean"], lo=avg["lo"], hi=avg["hi"], count=avg["count"],
@@ -474,45 +286,27 @@ def plot_compute(df: pd.DataFrame, path: Path | str) -> Path:
 # --------------------------------------------------------------------------- entry points
 
 
-def _datasets(runs: Sequence[Run], datasets: Iterable[str] | None) -> list[str]:
-    found = sorted({r.dataset for r in runs}, key=dataset_key)
-    return [d for d in found if not datasets or d in set(datasets)]
-
-
-def write_figure2(results: Path | str, out_dir: Path | str, *, datasets: Iterable[str] | None = None,
-                  pairs: Iterable[str] | None = None, variants: Iterable[str] | None = None,
-                  band: str = "auto", runs: Sequence[Run] | None = None) -> list[Path]:
+def write_figure2(runs: Sequence[Run], out_dir: Path | str, band: str = "auto") -> list[Path]:
     """``figure2_<dataset>.png`` (+ ``.csv`` with the plotted numbers) for every dataset
     with an AISP run; returns the written paths."""
-    runs = discover_runs(results, datasets=datasets, pairs=pairs, variants=variants) if runs is None else runs
-    paths = []
-    for ds in _datasets(runs, datasets):
-        if not any(r.method == "aisp" and r.dataset == ds for r in runs):
-            continue
-        df = figure2_data(runs, ds, band)
-        if df.empty:
-            continue
-        out = Path(out_dir) / f"figure2_{ds}.png"
-        paths.append(plot_figure2(df, out))
-        df.to_csv(out.with_suffix(".csv"), index=False)
-        paths.append(out.with_suffix(".csv"))
-    return paths
+    return _write_per_dataset(runs, out_dir, "figure2", figure2_data, plot_figure2, band, needs="aisp")
 
 
-def write_compute(results: Path | str, out_dir: Path | str, *, datasets: Iterable[str] | None = None,
-                  pairs: Iterable[str] | None = None, methods: Iterable[str] | None = None,
-                  variants: Iterable[str] | None = None, band: str = "auto",
-                  runs: Sequence[Run] | None = None) -> list[Path]:
+def write_compute(runs: Sequence[Run], out_dir: Path | str, band: str = "auto") -> list[Path]:
     """``compute_<dataset>.png`` (+ ``.csv``) for every dataset with runs."""
-    runs = (discover_runs(results, datasets=datasets, pairs=pairs, methods=methods, variants=variants)
-            if runs is None else runs)
+    return _write_per_dataset(runs, out_dir, "compute", compute_data, plot_compute, band)
+
+
+def _write_per_dataset(runs, out_dir, name, data, plot, band, needs: str | None = None) -> list[Path]:
     paths = []
-    for ds in _datasets(runs, datasets):
-        df = compute_data(runs, ds, band)
+    for ds in sorted({r.dataset for r in runs}, key=dataset_key):
+        if needs is not None and not any(r.method == needs and r.dataset == ds for r in runs):
+            continue
+        df = data(runs, ds, band)
         if df.empty:
             continue
-        out = Path(out_dir) / f"compute_{ds}.png"
-        paths.append(plot_compute(df, out))
+        out = Path(out_dir) / f"{name}_{ds}.png"
+        paths.append(plot(df, out))
         df.to_csv(out.with_suffix(".csv"), index=False)
         paths.append(out.with_suffix(".csv"))
     return paths

@@ -34,6 +34,12 @@ from aisp_bench.types import Prompt
 log = logging.getLogger(__name__)
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the hidden states over the attention mask, as sentence-transformers pools: (N, d)."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
 @REWARDS.register("embedding_similarity")
 class EmbeddingSimilarityReward(RewardModel):
     """Cosine similarity between the embedded prompt and the embedded response.
@@ -123,9 +129,7 @@ class EmbeddingSimilarityReward(RewardModel):
         """L2-normalised mean-pooled embeddings (N, d), float32."""
         ids, mask, _ = pad_batch([self._encode_text(t) for t in texts], self._pad_id, "right", model_device(self.model))
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+        return torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
 
     def _score_batch(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
         contexts = [self.context_text(p) for p in prompts]
@@ -139,4 +143,4 @@ class EmbeddingSimilarityReward(RewardModel):
         return out
 
 
-__all__ = ["EmbeddingSimilarityReward"]
+__all__ = ["EmbeddingSimilarityReward", "mean_pool"]

@@ -1,0 +1,212 @@
+"""The pairwise judge interface: requests, replies, the disk cache, the budget and the dry run.
+
+A judge answers ``JudgeRequest``s (a run record's prompt and two answers, ``answer1``
+shown first) with ``JudgeReply``s whose first line holds the two 1-10 scores
+(:func:`aisp_bench.judge.prompts.parse_scores`). Both judges derive from ``CachedJudge``:
+
+* :class:`aisp_bench.judge.client.PairwiseJudge`: an OpenAI-compatible chat model (GPT-4);
+* :class:`aisp_bench.judge.reward_judge.RewardModelJudge`: a reward model, in process.
+
+What ``CachedJudge`` guarantees for both:
+
+* **Cache**: one JSON file per request under ``cache_dir/<2 hex>/<sha256>.json``, keyed by
+  a hash of ``settings()`` (what shapes a reply: the judge's version and model, ...) and
+  the request's chat messages (the question, both answers and their order). Each file
+  is written the moment its reply exists, so an interrupted run loses nothing and a
+  re-run asks only what is missing. Delete a file to ask again.
+* **Budget** (``max_requests``; None: no cap): the requests this judge object sends over
+  its whole life. A batch that needs more than what is left is refused before anything
+  is sent (``BudgetExceededError``); cached replies are free.
+* **Dry run**: :meth:`CachedJudge.plan` counts distinct requests, cached ones, ones to
+  send and an estimated token count, and sends nothing.
+
+A subclass sets ``model`` (the win-rate files' ``judge_model``), ``version`` and
+``base_url_host``, and implements ``settings()`` and ``_answer()`` for the requests
+that are not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aisp_bench.judge.prompts import Scores, build_messages, parse_scores
+from aisp_bench.rundir import read_json, write_json_atomic
+from aisp_bench.types import Prompt
+
+CHARS_PER_TOKEN = 4.0  # rough English average, for the dry-run estimate only
+Progress = Callable[[int, int], None]
+
+
+class JudgeError(RuntimeError):
+    """A judge run that cannot go on (no key, a fatal API error, a judge model that cannot load)."""
+
+
+class BudgetExceededError(JudgeError):
+    """More requests would be sent than ``max_requests`` allows; nothing was sent."""
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    """One judgement: a prompt and two answers, ``answer1`` shown first."""
+
+    prompt: Prompt
+    answer1: str
+    answer2: str
+
+    @property
+    def question(self) -> str:
+        """The prompt as the judge reads it (``Prompt.transcript``, the records' ``prompt``)."""
+        return self.prompt.transcript()
+
+    def messages(self) -> list[dict[str, str]]:
+        return build_messages(self.question, self.answer1, self.answer2)
+
+
+@dataclass
+class JudgeReply:
+    key: str
+    content: str | None = None  # the judge's text (None if the request failed)
+    cached: bool = False  # served from the cache (no request sent this time)
+    error: str | None = None  # why the request failed after retries (never cached)
+
+    @property
+    def scores(self) -> Scores | None:
+        """Parsed (first, second) scores, or None when the reply does not parse."""
+        return parse_scores(self.content)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Plan:
+    """What a batch would cost (see :meth:`CachedJudge.plan`)."""
+
+    num_requests: int  # distinct requests in the batch
+    num_cached: int
+    num_to_send: int
+    est_input_tokens: int  # of the requests to send, ~4 characters a token
+    max_output_tokens: int | None  # num_to_send * max_tokens (an upper bound)
+    budget_left: int | None  # None: no budget
+    model: str = ""
+    base_url_host: str = ""
+    keys_to_send: list[str] = field(default_factory=list, repr=False)
+
+    def describe(self) -> str:
+        budget = "" if self.budget_left is None else f" (budget left {self.budget_left})"
+        out = "" if self.max_output_tokens is None else f", at most {self.max_output_tokens:,} output tokens"
+        return (
+            f"judge {self.model} at {self.base_url_host}: {self.num_requests} distinct requests, "
+            f"{self.num_cached} cached, {self.num_to_send} to send{budget}; "
+            f"estimated ~{self.est_input_tokens:,} input tokens{out}"
+        )
+
+
+class CachedJudge:
+    """The cache, budget and plan of a judge (see the module docstring)."""
+
+    model: str = ""
+    version: str = ""  # the prompt or verdict-rule version, part of every cache key
+    base_url_host: str = ""
+    max_tokens: int | None = None
+
+    def __init__(self, cache_dir: str, max_requests: int | None = None) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.max_requests = None if max_requests is None else int(max_requests)
+        self.requests_sent = 0  # requests sent by this object (the budget counter)
+
+    def settings(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        """Everything besides the messages that shapes a reply (part of the cache key)."""
+        raise NotImplementedError
+
+    def _answer(self, todo: dict[str, JudgeRequest], progress: Progress | None) -> dict[str, JudgeReply]:
+        """Replies to the requests that are not cached (keyed like ``todo``); each stored with ``_store``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def cache_key(self, request: JudgeRequest) -> str:
+        payload = {**self.settings(), "messages": request.messages()}
+        blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def cache_path(self, key: str) -> Path:
+        return self.cache_dir / key[:2] / f"{key}.json"
+
+    def cached(self, key: str) -> dict[str, Any] | None:
+        """The cache entry for ``key``, or None (an unreadable entry counts as missing)."""
+        path = self.cache_path(key)
+        if not path.is_file():
+            return None
+        try:
+            entry = read_json(path)
+        except (OSError, json.JSONDecodeError) as e:
+            warnings.warn(f"ignoring unreadable judge cache entry {path}: {e}", stacklevel=2)
+            return None
+        return entry if isinstance(entry, dict) and entry.get("key") == key else None
+
+    def _store(self, key: str, request: JudgeRequest, content: str | None, **extra: Any) -> JudgeReply:
+        """Write one reply to the cache and return it."""
+        entry = {
+            "key": key,
+            **{k: v for k, v in self.settings().items() if k != "base_url"},
+            "base_url_host": self.base_url_host,
+            "messages": request.messages(),
+            "reply": content,
+            **extra,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json_atomic(self.cache_path(key), entry)
+        return JudgeReply(key=key, content=content)
+
+    def plan(self, requests: Sequence[JudgeRequest]) -> Plan:
+        """Count what a batch would send, without sending anything or writing any file."""
+        distinct: dict[str, JudgeRequest] = {}
+        for r in requests:
+            distinct.setdefault(self.cache_key(r), r)
+        to_send = [k for k in distinct if self.cached(k) is None]
+        chars = sum(len(m["content"]) for k in to_send for m in distinct[k].messages())
+        return Plan(
+            num_requests=len(distinct),
+            num_cached=len(distinct) - len(to_send),
+            num_to_send=len(to_send),
+            est_input_tokens=int(chars / CHARS_PER_TOKEN) + 8 * len(to_send),
+            max_output_tokens=None if self.max_tokens is None else self.max_tokens * len(to_send),
+            budget_left=None if self.max_requests is None else self.max_requests - self.requests_sent,
+            model=self.model,
+            base_url_host=self.base_url_host,
+            keys_to_send=to_send,
+        )
+
+    def judge(self, requests: Sequence[JudgeRequest], *, progress: Progress | None = None) -> list[JudgeReply]:
+        """Replies for ``requests`` (same order), from the cache or the judge.
+
+        Raises ``BudgetExceededError`` (before sending anything) when the uncached
+        requests exceed the budget left, and ``JudgeError`` when the judge cannot answer
+        at all. A request that failed comes back with ``error`` set (and is not cached).
+        """
+        plan = self.plan(requests)
+        if plan.budget_left is not None and plan.num_to_send > plan.budget_left:
+            raise BudgetExceededError(
+                f"{plan.num_to_send} requests to send but max_requests leaves {plan.budget_left} "
+                f"(max_requests={self.max_requests}); nothing was sent. Raise judge.max_requests "
+                "or lower num_prompts/trials"
+            )
+        keys = [self.cache_key(r) for r in requests]
+        by_key = dict(zip(keys, requests, strict=True))
+        done: dict[str, JudgeReply] = {}
+        to_send = set(plan.keys_to_send)
+        for k in by_key:
+            entry = None if k in to_send else self.cached(k)
+            if entry is not None:
+                done[k] = JudgeReply(key=k, content=entry.get("reply"), cached=True)
+        todo = {k: r for k, r in by_key.items() if k not in done}
+        if todo:
+            done.update(self._answer(todo, progress))
+        return [done[k] for k in keys]

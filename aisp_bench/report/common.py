@@ -1,0 +1,236 @@
+"""What the tables and figures share: display names, the paper's orders, which variant of
+a cell a table uses, number formats, and Markdown/LaTeX rendering through pandas
+(``DataFrame.to_markdown``, ``Styler.to_latex``). Pure functions: no model, no torch.
+
+Conventions: "mean (std) over seeds" is the mean over seeds of a per-seed value and the
+*sample* standard deviation over seeds (``ddof=1``); undefined (NaN, shown "—") with one
+seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from aisp_bench.rundir import Run, group_runs
+
+# --------------------------------------------------------------------------- names
+
+METHOD_ORDER = ("bon_topp", "bon_gaussian", "aisp")  # the paper's row order
+PAIR_ORDER = (
+    ("llama3_8b", "ultrarm"),
+    ("vicuna_7b", "ultrarm"),
+    ("llama3_8b", "eurus"),
+    ("vicuna_7b", "eurus"),
+)
+DATASET_ORDER = ("shp", "hh_rlhf")
+
+METHOD_NAMES = {"aisp": "AISP", "bon_topp": "BoN (top-p)", "bon_gaussian": "BoN (N(0,σ²I))"}
+METHOD_NAMES_TEX = {
+    "aisp": "AISP",
+    "bon_topp": "BoN (top-$p$)",
+    "bon_gaussian": r"BoN ($\mathcal{N}(\mathbf{0},\sigma^2\mathbf{I})$)",
+}
+MODEL_NAMES = {"llama3_8b": "Llama3_8B", "vicuna_7b": "Vicuna_7B", "smollm2_135m": "SmolLM2-135M"}
+REWARD_NAMES = {"ultrarm": "UltraRM", "eurus": "Eurus"}
+DATASET_NAMES = {"shp": "SHP", "hh_rlhf": "HH-RLHF"}
+
+_TEX_SPECIAL = str.maketrans({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                              "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"})
+
+
+def tex_escape(text: str) -> str:
+    """Escape LaTeX special characters in plain text (names such as ``Llama3_8B``)."""
+    return str(text).translate(_TEX_SPECIAL)
+
+
+def display_method(name: str, latex: bool = False) -> str:
+    """Display name of a method (``aisp`` -> ``AISP``); unknown names as-is (escaped for LaTeX)."""
+    if latex:
+        return METHOD_NAMES_TEX.get(name, tex_escape(name))
+    return METHOD_NAMES.get(name, name)
+
+
+def display_dataset(name: str) -> str:
+    return DATASET_NAMES.get(name, name)
+
+
+def display_pair(model: str, reward: str) -> str:
+    """The paper's row label: ``Llama3_8B & UltraRM``."""
+    return f"{MODEL_NAMES.get(model, model)} & {REWARD_NAMES.get(reward, reward)}"
+
+
+def _rank(value: str, order: Iterable) -> tuple[int, str]:
+    order = list(order)
+    return (order.index(value), "") if value in order else (len(order), str(value))
+
+
+def method_key(name: str) -> tuple[int, str]:
+    """Sort key: the paper's method order, then unknown names alphabetically."""
+    return _rank(name, METHOD_ORDER)
+
+
+def pair_key(pair: tuple[str, str]) -> tuple[int, str]:
+    """Sort key: the paper's pair order, then unknown pairs alphabetically."""
+    return _rank(tuple(pair), PAIR_ORDER)
+
+
+def dataset_key(name: str) -> tuple[int, str]:
+    """Sort key: SHP, HH-RLHF, then unknown datasets alphabetically."""
+    return _rank(name, DATASET_ORDER)
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def as_float_array(values: Any) -> np.ndarray:
+    """A list of numbers (``None`` -> NaN) as a float array; anything else -> empty array."""
+    if not isinstance(values, (list, tuple)):
+        return np.zeros(0)
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+
+
+def finite_or_nan(value: Any) -> float:
+    """``value`` as a float, NaN when it is missing or not a number."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return x
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def paper_order(runs: Iterable[Run]) -> list[Run]:
+    """Runs sorted by dataset, pair, method (the paper's order first), variant, seed."""
+    return sorted(runs, key=lambda r: (dataset_key(r.dataset), pair_key((r.model, r.reward)), method_key(r.method),
+                                       r.variant, r.seed))
+
+
+def select_variants(runs: Iterable[Run]) -> tuple[dict[tuple[str, str, str, str], list[Run]], list[str]]:
+    """One variant per (dataset, model, reward, method): the runs a table cell averages.
+
+    Rule: ``default`` when present; otherwise the variant with the most seeds (ties:
+    alphabetically first). Returns the chosen runs per cell and human-readable notes
+    for every cell where a choice among several variants was made.
+    """
+    by_cell: dict[tuple[str, str, str, str], dict[str, list[Run]]] = defaultdict(dict)
+    for key, rs in group_runs(runs).items():
+        by_cell[key[:4]][key[4]] = rs
+    chosen: dict[tuple[str, str, str, str], list[Run]] = {}
+    notes: list[str] = []
+    for cell, variants in by_cell.items():
+        if "default" in variants:
+            name = "default"
+        else:
+            name = sorted(variants, key=lambda v: (-len(variants[v]), v))[0]
+        chosen[cell] = variants[name]
+        if len(variants) > 1:
+            others = ", ".join(sorted(v for v in variants if v != name))
+            notes.append(f"{cell[0]}/{cell[1]}__{cell[2]}/{cell[3]}: used variant '{name}' (also on disk: {others})")
+    return chosen, notes
+
+
+# --------------------------------------------------------------------------- formats and rendering
+
+DASH = "—"
+
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample std (``ddof=1``) of the finite values; NaN where undefined."""
+    x = np.array([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan
+    return float(x.mean()), (float(x.std(ddof=1)) if x.size > 1 else math.nan)
+
+
+def nanmean(x: np.ndarray) -> float:
+    """Mean of the finite entries; NaN when there are none (no warning)."""
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else math.nan
+
+
+def fmt_num(x: float, decimals: int) -> str:
+    """Fixed decimals, "—" for NaN."""
+    return DASH if x is None or not np.isfinite(x) else f"{x:.{decimals}f}"
+
+
+def fmt_std(x: float) -> str:
+    """A std with two significant digits, no exponent ("0.07", "0.0004", "2.1")."""
+    if x is None or not np.isfinite(x):
+        return DASH
+    if x == 0:
+        return "0"
+    digits = max(0, 1 - int(math.floor(math.log10(abs(x)))))
+    return f"{x:.{digits}f}"
+
+
+def fmt_mean_std(mean: float, std: float, decimals: int) -> str:
+    """``mean (std)``; only ``mean`` when the std is undefined; "—" when the mean is."""
+    if mean is None or not np.isfinite(mean):
+        return DASH
+    return fmt_num(mean, decimals) if not np.isfinite(std) else f"{fmt_num(mean, decimals)} ({fmt_std(std)})"
+
+
+def render_markdown(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None,
+                    notes: Sequence[str] = (), align: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured Markdown table (``align``: "l"/"r" per column), title and notes."""
+    cells = pd.DataFrame([[str(c).replace("|", "\\|").replace("\n", " ") for c in row] for row in rows],
+                         columns=list(header))
+    colalign = ["left" if a == "l" else "right" for a in (align or ["l"] * len(header))]
+    table = cells.to_markdown(index=False, tablefmt="pipe", colalign=colalign, disable_numparse=True)
+    lines = ([f"**{title}**", ""] if title else []) + [table]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+_TEX_UNICODE = (("σ²", r"$\sigma^2$"), ("σ", r"$\sigma$"), ("λ", r"$\lambda$"), ("†", r"$^\dagger$"),
+                ("≤", r"$\le$"), ("·", r"$\cdot$"), ("±", r"$\pm$"), ("—", "---"))
+
+
+def tex_text(text: str) -> str:
+    """Plain text (a note, a caption) as LaTeX: special characters escaped, the few
+    Unicode symbols used in notes (σ², λ, †, ≤, ·, ±, —) as math or dashes."""
+    out = tex_escape(text)
+    for u, t in _TEX_UNICODE:
+        out = out.replace(u, t)
+    return out
+
+
+def render_latex(header_levels: Sequence[Sequence[str]], rows: Sequence[Sequence[str]], *, caption: str = "",
+                 label: str = "", notes: Sequence[str] = (), align: str | None = None) -> str:
+    """A booktabs ``table`` with a multi-level header (equal neighbouring labels merged).
+
+    ``header_levels`` lists header rows top to bottom. Cells must already be LaTeX
+    (escaped); "—" becomes "---". Needs ``booktabs``.
+    """
+    cells = pd.DataFrame([[str(c).replace("—", "---") for c in row] for row in rows],
+                         columns=pd.MultiIndex.from_arrays(header_levels))
+    tex = cells.style.hide(axis="index").to_latex(
+        hrules=True, multicol_align="c", caption=caption or None, label=label or None, position="t",
+        position_float="centering", column_format=align or "l" * len(header_levels[-1]))
+    if notes:
+        foot = "\\par\\smallskip\\footnotesize\n" + "".join(tex_text(n) + "\\\\\n" for n in notes)
+        tex = tex.replace("\\end{table}", foot + "\\end{table}")
+    return tex
+
+
+def write_texts(out_dir: Path | str, name: str, contents: dict[str, str]) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext, text in contents.items():
+        p = out_dir / f"{name}.{ext}"
+        p.write_text(text, encoding="utf-8")
+        paths.append(p)
+    return paths

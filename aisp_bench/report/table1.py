@@ -1,0 +1,232 @@
+"""Table 1 of the paper: mean (std) over seeds of reward, diversity and coherence, the
+paper's values beside ours. A pure function of run folders.
+
+Per-seed values come from ``summary.json``'s ``metrics`` (the evaluation step). Reward
+falls back to the mean over prompts of the chosen response's reward in
+``records.jsonl`` (the run's own reward model) when ``metrics.reward_mean`` is absent.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from io import StringIO
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from aisp_bench.rundir import Run
+
+from .common import (
+    DASH, as_float_array, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_mean_std,
+    mean_std, method_key, pair_key, render_latex, render_markdown, select_variants, tex_escape, write_texts,
+)  # fmt: skip
+
+METRICS = ("reward", "diversity", "coherence")
+METRIC_NAMES = {"reward": "Reward", "diversity": "Diversity", "coherence": "Coherence"}
+METRIC_DECIMALS = {"reward": 2, "diversity": 3, "coherence": 3}
+PAPER_SOURCE = ('Kanai, Yoshida, Hashimoto, "Inference-time alignment of language models by importance '
+                'sampling on pre-logit space", Table 1')
+
+
+# --------------------------------------------------------------------------- paper data
+
+
+def load_paper_table1(path: Path | str | None = None) -> pd.DataFrame:
+    """The paper's Table 1 as data: columns dataset, model, reward, method, metric, mean,
+    std (floats), mean_text, std_text (as printed in the paper) and source."""
+    if path is None:
+        text = resources.files("aisp_bench.report").joinpath("paper_table1.csv").read_text(encoding="utf-8")
+        raw = pd.read_csv(StringIO(text), dtype=str, keep_default_na=False)
+    else:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = raw.rename(columns={"mean": "mean_text", "std": "std_text"})
+    df["mean"] = df["mean_text"].astype(float)
+    df["std"] = df["std_text"].astype(float)
+    return df
+
+
+# --------------------------------------------------------------------------- table 1
+
+
+def seed_values(run: Run) -> dict[str, Any]:
+    """Per-seed Table 1 values of one run.
+
+    reward: ``summary.metrics.reward_mean`` when present (``reward_source`` =
+    "metrics"), else the mean over prompts of ``records[].reward`` ("records"), else
+    ``summary.mean_reward`` ("summary"). diversity / coherence: ``summary.metrics``
+    only (NaN when evaluation has not run).
+    """
+    metrics = run.metrics
+    out: dict[str, Any] = {}
+    reward = finite_or_nan(metrics.get("reward_mean"))
+    source = "metrics"
+    n_prompts = len(run.records)
+    if not np.isfinite(reward):
+        rewards = as_float_array([r.get("reward") for r in run.records])
+        rewards = rewards[np.isfinite(rewards)]
+        if rewards.size:
+            reward, source = float(rewards.mean()), "records"
+        else:
+            reward, source = finite_or_nan((run.summary or {}).get("mean_reward")), "summary"
+            n_prompts = int((run.summary or {}).get("num_done") or 0)
+    out["reward"], out["reward_source"] = reward, source
+    out["reward_model"] = str(metrics.get("reward_model") or run.reward) if source == "metrics" else run.reward
+    out["coherence_encoder"] = metrics.get("coherence_encoder")
+    out["diversity"] = finite_or_nan(metrics.get("diversity"))
+    out["coherence"] = finite_or_nan(metrics.get("coherence"))
+    out["n_prompts"] = n_prompts
+    out["complete"] = run.complete
+    return out
+
+
+def table1(runs: Sequence[Run], *, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Table 1: mean (std) over seeds of reward, diversity and coherence per
+    dataset × (model, reward) pair × method, with the paper's value beside ours.
+
+    One row per (dataset, model, reward, method); the variant used per cell follows
+    :func:`aisp_bench.report.common.select_variants`. Columns: dataset, model, reward,
+    method, variant, seeds, n_seeds, n_prompts (min over seeds), complete (every seed's
+    summary says complete), reward_source ("metrics" / "records" / "summary" /
+    "mixed" for the last two), and for m in reward/diversity/coherence: ``m_mean``,
+    ``m_std`` (ddof=1), ``m_n`` (seeds with a value), ``m_paper_mean``,
+    ``m_paper_std`` (NaN where the paper has no such cell).
+
+    Reward never mixes scales: when at least one seed has ``metrics.reward_mean``
+    only those seeds are averaged; the own-reward fallback is used only when no seed
+    of the cell has been evaluated.
+    """
+    paper = load_paper_table1() if paper is None else paper
+    paper_idx = {(r.dataset, r.model, r.reward, r.method, r.metric): (r.mean, r.std) for r in paper.itertuples()}
+    chosen, notes = select_variants(runs)
+    rows = []
+    for (dataset, model, reward, method), rs in chosen.items():
+        vals = [seed_values(r) for r in rs]
+        # Never mix reward scales: when any seed has the evaluation reward, only those seeds count.
+        evaluated = [v for v in vals if v["reward_source"] == "metrics"]
+        reward_vals = evaluated or vals
+        sources = sorted({v["reward_source"] for v in reward_vals})
+        row: dict[str, Any] = dict(
+            dataset=dataset, model=model, reward=reward, method=method, variant=rs[0].variant,
+            seeds=",".join(str(r.seed) for r in rs), n_seeds=len(rs),
+            n_prompts=min(v["n_prompts"] for v in vals), complete=all(v["complete"] for v in vals),
+            reward_source=sources[0] if len(sources) == 1 else "mixed",
+            reward_model=",".join(sorted({str(v["reward_model"]) for v in reward_vals})),
+            coherence_encoder=",".join(sorted({str(v["coherence_encoder"]) for v in vals if v["coherence_encoder"]})),
+        )
+        for m in METRICS:
+            src = reward_vals if m == "reward" else vals
+            row[f"{m}_mean"], row[f"{m}_std"] = mean_std(v[m] for v in src)
+            row[f"{m}_n"] = sum(1 for v in src if np.isfinite(v[m]))
+            row[f"{m}_paper_mean"], row[f"{m}_paper_std"] = paper_idx.get((dataset, model, reward, method, m),
+                                                                         (math.nan, math.nan))
+        rows.append(row)
+    columns = ["dataset", "model", "reward", "method", "variant", "seeds", "n_seeds", "n_prompts", "complete",
+               "reward_source", "reward_model", "coherence_encoder"] + [f"{m}_{k}" for m in METRICS for k in ("mean", "std", "n", "paper_mean", "paper_std")]
+    df = pd.DataFrame(rows, columns=columns)
+    if len(df):
+        order = sorted(range(len(df)), key=lambda i: (dataset_key(df.iloc[i]["dataset"]),
+                                                      pair_key((df.iloc[i]["model"], df.iloc[i]["reward"])),
+                                                      method_key(df.iloc[i]["method"])))
+        df = df.iloc[order].reset_index(drop=True)
+    df.attrs["notes"] = notes
+    return df
+
+
+def _table1_cell(c: Any, m: str, flags: set[str]) -> str:
+    """One of our Table 1 cells, with its marks (flags collects the marks used)."""
+    text = fmt_mean_std(c[f"{m}_mean"], c[f"{m}_std"], METRIC_DECIMALS[m])
+    if m != "reward" and not np.isfinite(c[f"{m}_mean"]):
+        flags.add("missing_metric")
+    if m == "reward" and c["reward_source"] != "metrics" and np.isfinite(c["reward_mean"]):
+        text += "†"
+        flags.add("dagger")
+    if m == "reward" and not c["complete"]:
+        text += "*"
+        flags.add("star")
+    if np.isfinite(c[f"{m}_mean"]) and c[f"{m}_n"] != 3:
+        text += f" [n={c[f'{m}_n']}]"
+        flags.add("nseeds")
+    return text
+
+
+TABLE1_MARKS = {
+    "dagger": "†: no seed of this cell has evaluation metrics yet; reward is the mean over prompts of the "
+              "chosen response's reward under the run's own reward model (records.jsonl).",
+    "missing_metric": "—: not available; diversity/coherence need the evaluation step "
+                      "(summary.json has no metrics for these runs yet).",
+    "star": "*: at least one seed is not complete (summary.json missing or complete=false); "
+            "its value covers the prompts done so far.",
+    "nseeds": "[n=k]: the value averages k seeds, not three (seeds without that value are left out).",
+}
+
+
+def _table1_notes(df: pd.DataFrame, has_paper: bool, flags: set[str]) -> list[str]:
+    notes = ["Values: mean (std) over seeds; std = sample standard deviation over seeds (ddof=1); "
+             "a value without std comes from one seed."]
+    if has_paper:
+        notes.append(f"'paper' columns: {PAPER_SOURCE} (stored in aisp_bench/report/paper_table1.csv). The paper "
+                     "(Sec. 3.1) evaluates reward with UltraRM, presumably also for the '& Eurus' pairs.")
+    notes.append("Reward: summary.metrics.reward_mean (evaluation step) where present. Scored by: "
+                 + "; ".join(f"{display_pair(r.model, r.reward)}: {r.reward_model}"
+                             for r in df.drop_duplicates(["model", "reward", "reward_model"]).itertuples()) + ".")
+    encoders = sorted({e for e in df["coherence_encoder"] if e})
+    if encoders:
+        notes.append("Coherence encoder: " + "; ".join(encoders) + ".")
+    notes += [text for flag, text in TABLE1_MARKS.items() if flag in flags]
+    return notes + list(df.attrs.get("notes", []))
+
+
+def _table1_layout(df: pd.DataFrame, latex: bool) -> tuple[list[tuple[str, str, str]], list[list[str]], list[str]]:
+    """Header tuples (dataset, metric, ours|paper), body rows and notes for Table 1."""
+    pt = load_paper_table1()
+    paper_text = {(r.dataset, r.model, r.reward, r.method, r.metric): f"{r.mean_text} ({r.std_text})"
+                  for r in pt.itertuples()}
+    columns: list[tuple[str, str, str]] = []
+    for ds in sorted(df["dataset"].unique(), key=dataset_key):
+        sub = df[df["dataset"] == ds]
+        for m in METRICS:
+            columns += [(ds, m, "ours")] + ([(ds, m, "paper")] if sub[f"{m}_paper_mean"].notna().any() else [])
+    body: list[list[str]] = []
+    flags: set[str] = set()
+    for model, reward in sorted({(m, r) for m, r in zip(df["model"], df["reward"])}, key=pair_key):
+        sub = df[(df["model"] == model) & (df["reward"] == reward)]
+        for i, method in enumerate(sorted(sub["method"].unique(), key=method_key)):
+            label = display_pair(model, reward)
+            row = [(tex_escape(label) if latex else label) if i == 0 else "", display_method(method, latex=latex)]
+            for ds, m, kind in columns:
+                cell = sub[(sub["method"] == method) & (sub["dataset"] == ds)]
+                if kind == "paper":
+                    text = paper_text.get((ds, model, reward, method, m), DASH)
+                else:
+                    text = DASH if cell.empty else _table1_cell(cell.iloc[0], m, flags)
+                row.append(text.replace("†", r"$^\dagger$").replace("*", r"$^*$") if latex else text)
+            body.append(row)
+    return columns, body, _table1_notes(df, any(k == "paper" for _, _, k in columns), flags)
+
+
+def write_table1(df: pd.DataFrame, out_dir: Path | str, name: str = "table1") -> list[Path]:
+    """Write ``<name>.csv`` (the tidy frame), ``<name>.md`` and ``<name>.tex`` (paper layout)."""
+    if df.empty:
+        raise ValueError("table 1 has no rows")
+    contents: dict[str, str] = {"csv": df.to_csv(index=False)}
+    columns, body, notes = _table1_layout(df, latex=False)
+    header = ["Models", "Methods"] + [
+        f"{display_dataset(ds)} {METRIC_NAMES[m]}" + (" (paper)" if k == "paper" else "") for ds, m, k in columns
+    ]
+    contents["md"] = render_markdown(header, body, title="Table 1: Average reward, diversity and coherence",
+                                     notes=notes, align=["l", "l"] + ["r"] * len(columns))
+    columns, body, notes = _table1_layout(df, latex=True)
+    has_paper = any(k == "paper" for _, _, k in columns)
+    levels = [["", ""] + [tex_escape(display_dataset(ds)) for ds, _, _ in columns],
+              ["Models", "Methods"] + [METRIC_NAMES[m] for _, m, _ in columns]]
+    if has_paper:
+        levels[1] = ["", ""] + [METRIC_NAMES[m] for _, m, _ in columns]
+        levels.append(["Models", "Methods"] + [k for _, _, k in columns])
+    contents["tex"] = render_latex(levels, body, caption="Average rewards, diversity, and coherence of BoN and AISP.",
+                                   label="tab:table1", notes=notes, align="ll" + "r" * len(columns))
+    return write_texts(out_dir, name, contents)
+
+
