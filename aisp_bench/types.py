@@ -98,6 +98,3 @@ class Result:
     sample_tokens: list[int]
     iterations: list[dict[str, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_record(self) -> dict[str, Any]:
-        return asdict(self)

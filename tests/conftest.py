@@ -89,3 +89,22 @@ def compose(monkeypatch, tmp_path):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def command(compose, capsys):
+    """command(main, config_name, *overrides) -> (exit code, stdout, stderr) of a command run in
+    process on its composed config, as ``python -m`` would run it (``cli.run_app``)."""
+    from aisp_bench.cli import run_app
+
+    def _run(main, config_name, *overrides):
+        cfg = compose(list(overrides), config_name=config_name)
+        try:
+            run_app(main, cfg)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run

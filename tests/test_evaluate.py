@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from aisp_bench.cli import UserError, run_app
 from aisp_bench.evaluate import evaluate_run, main
 from aisp_bench.metrics.coherence import MINILM_LABEL, Encoder
 from aisp_bench.rundir import read_json
@@ -118,20 +117,9 @@ NO_COH = "metrics=[reward_mean,diversity,response_tokens_mean,response_words_mea
 
 
 @pytest.fixture
-def evaluate(compose, tmp_path, capsys):
+def evaluate(command, tmp_path):
     """evaluate(*overrides) -> (exit code, stdout, stderr) of the command on tmp_path's runs."""
-
-    def _evaluate(*overrides):
-        cfg = compose([f"results_dir={tmp_path}", *overrides], config_name="evaluate")
-        try:
-            run_app(main, cfg)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _evaluate
+    return lambda *overrides: command(main, "evaluate", f"results_dir={tmp_path}", *overrides)
 
 
 def test_cli_without_coherence_and_errors(tmp_path, evaluate):

@@ -23,7 +23,6 @@ import pytest
 import yaml
 from hydra.utils import instantiate
 
-from aisp_bench.cli import run_app
 from aisp_bench.judge.__main__ import main as judge_main
 from aisp_bench.judge.base import BudgetExceededError, JudgeError, JudgeRequest
 from aisp_bench.judge.client import PairwiseJudge
@@ -437,21 +436,10 @@ def test_missing_key_and_fatal_errors(server, monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def judge_cli(compose, tmp_path, capsys):
+def judge_cli(command, tmp_path):
     """judge_cli(*overrides) -> (exit code, stdout, stderr) of the command on tmp_path's runs."""
-
-    def _run(*overrides):
-        cfg = compose([f"results_dir={tmp_path}", f"judge.cache_dir={tmp_path / 'cache'}", *overrides],
-                      config_name="judge")
-        try:
-            run_app(judge_main, cfg)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
+    return lambda *overrides: command(judge_main, "judge", f"results_dir={tmp_path}",
+                                      f"judge.cache_dir={tmp_path / 'cache'}", *overrides)
 
 
 def test_dry_run_sends_and_writes_nothing(server, monkeypatch, runs, tmp_path, judge_cli):

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aisp_bench.cli import run_app
 from aisp_bench.report import figures, table1, tables
 from aisp_bench.report.__main__ import main as report_main
 from aisp_bench.report.common import paper_order, select_variants
@@ -349,20 +348,9 @@ def test_lambda_sweep(tmp_path):
 
 
 @pytest.fixture
-def report(compose, tmp_path, capsys):
+def report(command, tmp_path):
     """report(*overrides) -> (exit code, stdout, stderr) of the command on tmp_path."""
-
-    def _run(*overrides):
-        cfg = compose([f"results_dir={tmp_path}", *overrides], config_name="report")
-        try:
-            run_app(report_main, cfg)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
+    return lambda *overrides: command(report_main, "report", f"results_dir={tmp_path}", *overrides)
 
 
 def test_cli_all_writes_every_file(tmp_path, report):

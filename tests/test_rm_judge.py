@@ -14,7 +14,6 @@ import pytest
 import torch
 from synthetic_runs import write_run
 
-from aisp_bench.cli import run_app
 from aisp_bench.judge.__main__ import main as judge_main
 from aisp_bench.judge.base import JudgeError, JudgeRequest
 from aisp_bench.judge.prompts import Scores, parse_scores
@@ -141,8 +140,9 @@ def test_comparison_end_to_end(runs, tmp_path):
 
 
 @pytest.fixture
-def judge_cli(compose, tmp_path, capsys):
-    """judge_cli(reward_options, *overrides) -> (exit code, stdout, stderr) with judge=reward_model."""
+def judge_cli(command, tmp_path):
+    """judge_cli(*overrides, reward={...}, pick=True) -> (exit code, stdout, stderr) with
+    judge=reward_model and (``pick``) a WordCountReward added to the reward group as ``words``."""
 
     def _run(*overrides, reward: dict | None = None, pick: bool = True):
         folder = tmp_path / "conf" / "reward"
@@ -150,16 +150,9 @@ def judge_cli(compose, tmp_path, capsys):
         lines = [f"_target_: {WordCountReward.__module__}.WordCountReward", "name: words", "device: auto"]
         lines += [f"{k}: {json.dumps(v)}" for k, v in (reward or {}).items()]
         (folder / "words.yaml").write_text("\n".join(lines))
-        cfg = compose([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "judge=reward_model",
+        return command(judge_main, "judge", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "judge=reward_model",
                        *(["reward=words"] if pick else []), f"results_dir={tmp_path}", "num_prompts=7", "trials=2",
-                       "method_b=bon_topp", *overrides], config_name="judge")
-        try:
-            run_app(judge_main, cfg)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
+                       "method_b=bon_topp", *overrides)
 
     return _run
 

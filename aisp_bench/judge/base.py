@@ -1,28 +1,22 @@
-"""The pairwise judge interface: requests, replies, the disk cache, the budget and the dry run.
+"""The pairwise judge interface: requests, replies, and the disk cache, budget and dry run
+that both judges share (``CachedJudge``).
 
-A judge answers ``JudgeRequest``s (a run record's prompt and two answers, ``answer1``
-shown first) with ``JudgeReply``s whose first line holds the two 1-10 scores
-(:func:`aisp_bench.judge.prompts.parse_scores`). Both judges derive from ``CachedJudge``:
+A judge answers ``JudgeRequest`` (a record's prompt and two answers, ``answer1`` shown
+first) with a ``JudgeReply`` whose first line holds two 1-10 scores (``parse_scores``).
+Judges: :class:`~aisp_bench.judge.client.PairwiseJudge` (an OpenAI-compatible chat
+model, GPT-4) and :class:`~aisp_bench.judge.reward_judge.RewardModelJudge` (a reward
+model, in process). ``CachedJudge`` gives both:
 
-* :class:`aisp_bench.judge.client.PairwiseJudge`: an OpenAI-compatible chat model (GPT-4);
-* :class:`aisp_bench.judge.reward_judge.RewardModelJudge`: a reward model, in process.
-
-What ``CachedJudge`` guarantees for both:
-
-* **Cache**: one JSON file per request under ``cache_dir/<2 hex>/<sha256>.json``, keyed by
-  a hash of ``settings()`` (what shapes a reply: the judge's version and model, ...) and
-  the request's chat messages (the question, both answers and their order). Each file
-  is written the moment its reply exists, so an interrupted run loses nothing and a
-  re-run asks only what is missing. Delete a file to ask again.
-* **Budget** (``max_requests``; None: no cap): the requests this judge object sends over
-  its whole life. A batch that needs more than what is left is refused before anything
-  is sent (``BudgetExceededError``); cached replies are free.
-* **Dry run**: :meth:`CachedJudge.plan` counts distinct requests, cached ones, ones to
-  send and an estimated token count, and sends nothing.
+* a **cache**: one JSON file per request, ``cache_dir/<2 hex>/<sha256>.json``, keyed by
+  ``settings()`` (the judge's version, model, ...) and the request's chat messages
+  (question, both answers, their order), written as each reply arrives, so a re-run
+  asks only what is missing;
+* a **budget** (``max_requests``; None: none) over the object's life: a batch that needs
+  more than what is left is refused before anything is sent;
+* a **dry run**: :meth:`CachedJudge.plan` counts requests, cached ones and tokens.
 
 A subclass sets ``model`` (the win-rate files' ``judge_model``), ``version`` and
-``base_url_host``, and implements ``settings()`` and ``_answer()`` for the requests
-that are not cached.
+``base_url_host`` and implements ``settings()`` and ``_answer()`` (the uncached requests).
 """
 
 from __future__ import annotations

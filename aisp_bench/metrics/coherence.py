@@ -200,32 +200,16 @@ def load_encoder(name: str, **kwargs: Any) -> Encoder:
     return ENCODERS.get(name)(**kwargs).load()
 
 
-_DEFAULT_ENCODERS: dict[str, Encoder] = {}
-
-
-def _as_encoder(encoder: Encoder | str) -> Encoder:
-    if isinstance(encoder, Encoder):
-        return encoder
-    if encoder not in _DEFAULT_ENCODERS:
-        _DEFAULT_ENCODERS[encoder] = load_encoder(encoder)
-    return _DEFAULT_ENCODERS[encoder]
-
-
-def coherence_scores(
-    prompts: Sequence[str], responses: Sequence[str], encoder: Encoder | str = "simcse"
-) -> list[float]:
+def coherence_scores(prompts: Sequence[str], responses: Sequence[str], encoder: Encoder) -> list[float]:
     """Cosine similarity of each (prompt, response) pair's embeddings."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
         return []
-    enc = _as_encoder(encoder)
-    p = enc.encode(prompts)
-    r = enc.encode(responses)
-    return (p * r).sum(dim=1).double().tolist()
+    return (encoder.encode(prompts) * encoder.encode(responses)).sum(dim=1).double().tolist()
 
 
-def coherence(prompts: Sequence[str], responses: Sequence[str], encoder: Encoder | str = "simcse") -> float:
+def coherence(prompts: Sequence[str], responses: Sequence[str], encoder: Encoder) -> float:
     """Mean of :func:`coherence_scores` (the trace of the lineage's matrix over N); NaN if empty."""
     scores = coherence_scores(prompts, responses, encoder)
     return math.fsum(scores) / len(scores) if scores else math.nan
