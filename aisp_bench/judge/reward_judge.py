@@ -1,24 +1,17 @@
 """An offline pairwise judge: a reward model, in process (``judge=reward_model reward=NAME``).
 
 GPT-4 (the paper's judge for Tables 2-3) cannot be reached offline, and the small
-offline LMs do not follow the "score1 score2" verdict format. ``RewardModelJudge`` runs
-the whole judge chain (cache, both orders, tallies, win-rate files) with a reward model
-instead, which gives a useful proxy: *the win rate under a held-out reward model*. It
-is not GPT-4 and says so: its ``judge_model`` is ``rm:<reward name>``.
+offline LMs do not follow the verdict format. ``RewardModelJudge`` runs the same chain
+(cache, both orders, tallies, win-rate files) with a reward model: *the win rate under
+a held-out reward model*, named ``rm:<reward name>`` in every file, never ``gpt-4``.
 
-For each request it scores (prompt, answer 1) and (prompt, answer 2) with the reward
-model, the prompt being the run record's own messages (a multi-turn conversation stays
-one), and maps the two rewards r1, r2 to two 1-10 scores (:func:`verdict_scores`):
-``|r1 - r2| <= tie_margin``: a tie, ``5 5``; else the better answer ``7``, the worse
-``3``. A pure ranking, on purpose: reward scales differ between models (UltraRM about
--10..5, Eurus-RM hundreds, the SmolLM2 judge -3..3) and the win-rate tally reads only
-which score is higher. The reply is ``"<s1> <s2>\\nReward model <name>: r1 = ..., r2 =
-...; ..."`` (its first line is what ``parse_scores`` reads); non-finite rewards give a
-reply without a score line, an *invalid* verdict, never a made-up score.
-
-Deterministic: each distinct (prompt, answer) is scored once per batch, so the two
-orders of a comparison read the same two numbers. The model loads only when some
-verdict is not cached.
+Each request's two answers are scored with the record's own prompt (its messages, so a
+conversation stays one); rewards r1, r2 become the scores ``5 5`` when
+``|r1 - r2| <= tie_margin``, else ``7 3`` or ``3 7`` (a pure ranking: reward scales
+differ between models, and the tally reads only which score is higher). Non-finite
+rewards give a reply without scores: an *invalid* verdict, never a made-up one. Each
+distinct (prompt, answer) is scored once per batch, so both orders read the same two
+numbers; the model loads only when some verdict is not cached.
 """
 
 from __future__ import annotations

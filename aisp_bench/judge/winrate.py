@@ -1,25 +1,18 @@
 """Win rates of method A against method B judged pairwise (Tables 2 and 3).
 
-Protocol (Appendix C.2 of the paper: 100 prompts drawn at random, GPT-4 picks the better
-response, three trials averaged), with the lineage's flaws fixed:
+Protocol (Appendix C.2: 100 random prompts, the judge picks the better response, three
+trials averaged), with the lineage's flaws fixed:
 
 * **Comparisons**: one per dataset and model/reward pair of the selected runs, between
-  the runs of ``method_a`` and of ``method_b`` in the one variant (experiment folder)
-  both have.
-* **Trials**: trial k pairs the k-th seed run of A with the same seed's run of B;
-  prompts are joined on ``prompt_id``.
-* **Seeded sampling**: per trial, ``num_prompts`` ids drawn from the sorted common ids
-  with a RNG seeded by (``sample_seed``, trial) through ``aisp_bench.seeding``; the
-  lineage's ``random.sample`` was unseeded.
-* **Position bias**: ``mode=both_orders`` (default) asks twice, A first then B first; A
-  wins only if it wins both, B likewise, anything else is a draw. ``mode=random_order``
-  is the lineage's single order per prompt, drawn from (``sample_seed``, trial, prompt
-  id). The output names the mode.
-* **Invalid replies**: a reply whose first line is not two scores 1-10 makes the
-  prompt *invalid* (in ``both_orders``, if either reply is), counted and reported apart;
-  the lineage scored such replies 0-0, i.e. a draw.
-* **Failures**: a request that still fails after the client's retries is not a verdict:
-  nothing is written, and a re-run (which reuses every cached reply) retries just those.
+  ``method_a``'s and ``method_b``'s runs in the one variant both have.
+* **Trials**: trial k pairs the k-th seed of A with the same seed of B; prompts are
+  joined on ``prompt_id``.
+* **Seeded sampling**: per trial, ``num_prompts`` ids drawn from the sorted common ids,
+  seeded by (``sample_seed``, trial) through :func:`aisp_bench.seeding.derive_seed`.
+* **Position bias**: ``mode=both_orders`` (default) asks twice, A first and B first; a
+  win needs both, anything else is a draw. ``random_order``: one seeded order per prompt.
+* **Invalid replies** (no two 1-10 scores on the first line) are counted apart, never
+  as draws; a request that still fails after retries writes nothing (re-run to retry).
 
 All requests of all comparisons go to the judge as one batch (one budget check, one
 model load). Each comparison is written to ``rundir.judge_file``::
@@ -29,8 +22,6 @@ model load). Each comparison is written to ``rundir.judge_file``::
      "trials": [{"trial", "run_a", "run_b", "seed", "win", "draw", "loss", "invalid", "n",
                  "num_common", "order_agreement", "judgements": [...]}, ...],
      "mean": {"win", "draw", "loss", "invalid"}}          # % of n, averaged over trials
-
-"win" is method A winning.
 """
 
 from __future__ import annotations

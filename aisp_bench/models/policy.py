@@ -108,11 +108,6 @@ class Policy:
             ids.append(int(i))
         return ids
 
-    def context_length(self) -> int | None:
-        if self.max_context:
-            return int(self.max_context)
-        return getattr(self.model.config, "max_position_embeddings", None) if self.model is not None else None
-
 
 @POLICIES.register("gguf_package")
 class GGUFPackagePolicy(Policy):
@@ -157,7 +152,7 @@ def build_engine(policy: Policy, *, max_new_tokens: int, batch_rows: int, prompt
         stop_strings=policy.stop_strings,
         eos_token_ids=policy.eos_token_ids(),
         add_special_tokens=policy.add_special_tokens,
-        context_length=policy.context_length(),
+        context_length=int(policy.max_context or getattr(model.config, "max_position_embeddings", 0)) or None,
         overflow={"skip": "error", "truncate_left": "truncate_left"}[prompt_overflow],
     )
 
