@@ -46,7 +46,7 @@ ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz),)
 endif
 
 .PHONY: help setup demo test test-fast bench bench-gpu runs table1 table2 table3 figure2 compute \
-        lambda_sweep evaluate paper smoke clean-smoke
+        judge lambda_runs lambda_sweep evaluate report paper smoke clean-smoke
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -85,8 +85,9 @@ figure2: runs  ## results/figures/figure2_<dataset>.png: reward against iteratio
 compute: runs  ## best reward against generated tokens and seconds (equal-compute view)
 	$(REPORT) target=compute
 
-# AISP's seeds vs the baseline's seeds (trial k = seed k), on every dataset of the Table 1 runs.
-JUDGE = $(PY) -m aisp_bench.judge $(TABLE1_RUNS) method_a=aisp method_b=$(1) $(JUDGE_ARGS)
+# AISP's seeds vs the baselines' seeds (trial k = seed k), on every dataset of the Table 1
+# runs; one call judges every baseline it is given (one model load, one request budget).
+JUDGE = $(PY) -m aisp_bench.judge $(TABLE1_RUNS) method_a=aisp 'method_b=$(1)' $(JUDGE_ARGS)
 
 table2: runs  ## win rate AISP vs BoN (top-p) by the judge (aisp_bench/conf/judge/gpt4.yaml; OPENAI_API_KEY)
 	$(call JUDGE,bon_topp)
@@ -96,14 +97,25 @@ table3: runs  ## win rate AISP vs BoN (N(0,σ²I)) by the judge
 	$(call JUDGE,bon_gaussian)
 	$(REPORT) target=table3
 
-lambda_sweep: setup  ## AISP over a λ grid with the std(r/λ) tuning signal (DATASET=shp)
+BASELINES := [bon_topp,bon_gaussian]
+judge: runs  ## the win rates of Tables 2 and 3 in one judge call
+	$(call JUDGE,$(BASELINES))
+
+lambda_runs: setup  ## the λ-sweep runs of AISP (DATASET=shp)
 	$(SWEEP) experiment=lambda_sweep dataset=$(or $(DATASET),shp)
+
+lambda_sweep: lambda_runs  ## AISP over a λ grid with the std(r/λ) tuning signal (DATASET=shp)
 	$(REPORT) target=lambda_sweep
 
-paper: table1 figure2 compute table2 table3  ## every artefact for PAIR
+report:  ## every table and figure from the files on disk (loads no model; skips what has no input)
+	$(REPORT) 'target=[table1,figure2,compute,table2,table3,lambda_sweep]'
+
+paper: evaluate judge  ## every artefact for PAIR
+	$(MAKE) report
 
 smoke: setup  ## the whole chain offline on CPU in minutes (tables, figures, win rates, λ sweep)
-	$(MAKE) table1 figure2 compute table2 table3 lambda_sweep SCALE=smoke
+	$(MAKE) evaluate judge lambda_runs SCALE=smoke
+	$(MAKE) report SCALE=smoke
 
 clean-smoke:  ## delete results/smoke
 	rm -rf results/smoke
