@@ -156,6 +156,26 @@ def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def auto_attention(*, device_type: str, decode_step: str, supported: bool, prompt_tokens: Sequence[int], rows: int,
+                   max_new_tokens: int, kv_bytes_per_token: int, weight_bytes: int) -> str:
+    """``attention="auto"``: ``copy`` where shared-prefix attention does not support the
+    model; shared-prefix with a static step (its only path) and on the CPU (measured
+    faster there: BENCHMARKS.md); on a GPU with the eager step, ``copy`` when the prompts
+    have one length (no padding mask, which sends the model's attention to slower
+    kernels) and the copied KV, rows x (prompt + new tokens), is at most the weights'
+    bytes: eager decoding there is bound by kernel launches, and the copy path launches
+    fewer. Provisional: it fits the two H200 measurements of BENCHMARKS.md, made before
+    shared-prefix attention lost two thirds of its kernels; ``scripts/bench_methods.py``
+    measures both paths."""
+    if not supported:
+        return "copy"
+    if decode_step != "eager" or device_type != "cuda":
+        return "shared_prefix"
+    width = max(prompt_tokens)
+    copies = rows * (width + max_new_tokens) * kv_bytes_per_token
+    return "copy" if all(n == width for n in prompt_tokens) and copies <= weight_bytes else "shared_prefix"
+
+
 class Engine:
     """Batched decoding with a shared prompt KV cache and pre-logit noise.
 
@@ -349,7 +369,9 @@ class Engine:
     @torch.inference_mode()
     def _check_prelogit(self) -> None:
         """Refuse models whose logits are not lm_head(final hidden state)."""
-        ids = torch.tensor([[self.pad_token_id, self.eos_token_ids[0], self.pad_token_id]], device=self.device)
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        ids = torch.tensor([[self.pad_token_id, self.eos_token_ids[0], self.pad_token_id]]).clamp(max=vocab - 1)
+        ids = ids.to(self.device)
         logits = self.model(input_ids=ids).logits[0, -1].float()
         mine = self.lm_head(self.backbone(input_ids=ids).last_hidden_state[0, -1]).float()
         if not torch.allclose(logits, mine, rtol=1e-3, atol=1e-3 * float(logits.abs().max())):
@@ -436,14 +458,9 @@ class Engine:
         """The attention path a decode of ``rows`` rows of ``prefix`` takes (see ``attention``)."""
         if self.attention != "auto":
             return self.attention
-        if not self._shared_ok:
-            return "copy"
-        if self.decode_step != "eager" or self.device.type != "cuda":
-            return "shared_prefix"
-        width = int(prefix.mask.shape[1])
-        unpadded = all(n == width for n in prefix.prompt_tokens)
-        copies = rows * (width + self.max_new_tokens) * self.kv_bytes_per_token
-        return "copy" if unpadded and copies <= self.weight_bytes else "shared_prefix"
+        return auto_attention(device_type=self.device.type, decode_step=self.decode_step, supported=self._shared_ok,
+                              prompt_tokens=prefix.prompt_tokens, rows=rows, max_new_tokens=self.max_new_tokens,
+                              kv_bytes_per_token=self.kv_bytes_per_token, weight_bytes=self.weight_bytes)
 
     def _rows(self, prefix: Prefix, slots: torch.Tensor):
         """The decode state of one chunk (see ``_CopyRows``, ``_SharedRows``, ``_StaticRows``)."""

@@ -31,6 +31,7 @@ log = logging.getLogger("aisp_bench")
 # Config keys that do not change what a run computes: a resumed run may differ in them.
 NON_SEMANTIC = (
     "overwrite", "results_dir", "run_dir", "generation.batch_rows", "batch_prompts", "progress",
+    "generation.decode_step", "generation.attention", "generation.sync_every",
     "model.device", "model.device_map", "model.attn_implementation", "reward.device", "reward.batch_size",
     "judge", "experiment_name", "report",
 )
@@ -135,10 +136,10 @@ def _instantiate(node: DictConfig, what: str):
         raise UserError(f"{what}: {cause}") from None
 
 
-def _choose_batch_prompts(cfg: DictConfig, method) -> int:
+def _choose_batch_prompts(cfg: DictConfig, method, batch_rows: int) -> int:
     bp = cfg.get("batch_prompts", "auto")
     if bp in (None, "auto"):
-        return max(1, int(cfg.generation.batch_rows) // max(1, method.rows_per_prompt))
+        return max(1, batch_rows // max(1, method.rows_per_prompt))
     if isinstance(bp, bool) or not isinstance(bp, int) or bp < 1:
         raise UserError(f"batch_prompts must be 'auto' or an integer >= 1, got {bp!r}")
     return bp
@@ -146,10 +147,16 @@ def _choose_batch_prompts(cfg: DictConfig, method) -> int:
 
 def _check_generation(cfg: DictConfig) -> None:
     g = cfg.generation
-    for key in ("max_new_tokens", "batch_rows"):
-        v = g.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"generation.{key} must be an integer >= 1, got {v!r}")
+    for key in ("max_new_tokens", "batch_rows", "sync_every"):
+        v = g.get(key, "auto")
+        if (key == "max_new_tokens" or v != "auto") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UserError(f"generation.{key} must be {'' if key == 'max_new_tokens' else 'auto or '}an integer >= 1, got {v!r}")
+    from aisp_bench.engine import DECODE_STEPS
+
+    if g.get("decode_step", "eager") not in DECODE_STEPS:
+        raise UserError(f"generation.decode_step must be one of {', '.join(DECODE_STEPS)}, got {g.get('decode_step')!r}")
+    if g.get("attention", "auto") not in ("auto", "shared_prefix", "copy"):
+        raise UserError(f"generation.attention must be auto, shared_prefix or copy, got {g.get('attention')!r}")
     if g.get("prompt_overflow") not in ("truncate_left", "skip"):
         raise UserError(f"generation.prompt_overflow must be 'truncate_left' or 'skip', got {g.get('prompt_overflow')!r}")
     seed = cfg.get("seed")
@@ -199,15 +206,19 @@ def run(cfg: DictConfig) -> Path:
 
     # Load models (errors here still leave the folder untouched).
     gen = cfg.generation
+    # how the engine decodes (it keeps these; jobs that change them get their own engine)
+    engine_options = {k: gen.get(k, "auto" if k != "decode_step" else "eager")
+                      for k in ("decode_step", "attention", "sync_every")}
     try:
-        engine = _cached("model", cfg.model, lambda: build_engine(
-            policy, int(gen.max_new_tokens), int(gen.batch_rows), str(gen.prompt_overflow)))
+        engine = _cached("model", OmegaConf.create({"model": cfg.model, "engine": engine_options}),
+                         lambda: build_engine(policy, int(gen.max_new_tokens), gen.batch_rows, str(gen.prompt_overflow),
+                                              **engine_options))
         reward = _cached("reward", cfg.reward, lambda: reward.load())
     except (OSError, RuntimeError, ValueError) as e:
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     # an engine reused from an earlier job of a multirun takes this job's settings
     engine.max_new_tokens = int(gen.max_new_tokens)
-    engine.max_batch_rows = int(gen.batch_rows)
+    engine.max_batch_rows = gen.batch_rows
     engine.context_length = cfg.model.get("max_context") or getattr(engine.model.config, "max_position_embeddings", None)
     engine.overflow = "error" if gen.prompt_overflow == "skip" else "truncate_left"
 
@@ -250,7 +261,7 @@ def run(cfg: DictConfig) -> Path:
         rewards = [float(r["reward"]) for r in writer.existing]
         log.info("%s: %d prompts, %d done, %d to run, %d skipped, %d truncated", run_dir, len(prompts),
                  len(done), len(todo), len(skipped), len(truncated))
-        batch = _choose_batch_prompts(cfg, method)
+        batch = _choose_batch_prompts(cfg, method, engine.max_batch_rows)
         _run_batches(method, engine, reward, todo, batch, seed, writer, rewards, cfg.get("progress", True))
     records = read_records(run_dir)
     summary_path = run_dir / SUMMARY

@@ -136,8 +136,10 @@ class GGUFPackagePolicy(Policy):
         return str(gguf_safetensors_cache(package_file(self.package, self.gguf_file))), {}
 
 
-def build_engine(policy: Policy, max_new_tokens: int, batch_rows: int, prompt_overflow: str = "truncate_left"):
-    """Load the policy and wrap it in an ``Engine`` with its template and stop rules."""
+def build_engine(policy: Policy, max_new_tokens: int, batch_rows: int | str, prompt_overflow: str = "truncate_left",
+                 **engine_options):
+    """Load the policy and wrap it in an ``Engine`` with its template and stop rules
+    (``engine_options``: the ``Engine``'s ``decode_step``, ``attention``, ``sync_every``)."""
     from aisp_bench.engine import Engine
 
     model, tok = policy.load()
@@ -152,6 +154,7 @@ def build_engine(policy: Policy, max_new_tokens: int, batch_rows: int, prompt_ov
         add_special_tokens=policy.add_special_tokens,
         context_length=policy.context_length(),
         overflow="error" if prompt_overflow == "skip" else "truncate_left",
+        **engine_options,
     )
 
 
