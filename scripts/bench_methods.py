@@ -302,27 +302,41 @@ def make_engine(ctx, **kw) -> Engine:
     return Engine(ctx.policy, ctx.ptok, ctx.fmt_render, **opts)
 
 
+def guarded(ctx, label: str, fn):
+    """Run one workload; a failure (say, a CUDA graph that does not capture) is recorded
+    and the benchmark goes on with the next one."""
+    if ctx.over_budget():
+        return {"skipped": "time budget"}
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001  (reported in the JSON and on stdout)
+        import traceback
+
+        ctx.log(f"{label}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+    finally:
+        if ctx.dev == "cuda":
+            torch.cuda.empty_cache()
+
+
 def decode_variants(ctx) -> dict:
     """One AISP iteration's decode (P prompts x n rows, noise on τ steps) per decode path."""
     a, dev = ctx.args, ctx.dev
-    base = make_engine(ctx)
-    rows = base.max_batch_rows
-    P = max(1, rows // a.n)
+    P = max(1, a.decode_rows // a.n)
     prompts = random_prompts(P, a.prompt_len, ctx.vocab, seed=11)
     g = torch.Generator(dev).manual_seed(0)
     noise = a.sigma * torch.randn(P * a.n, a.tau, ctx.policy.config.hidden_size, device=dev, generator=g)
     slots = torch.arange(P).repeat_interleave(a.n)
-    variants = {"eager_copy": dict(attention="copy"), "eager_shared": dict(attention="shared_prefix"),
-                "eager_shared_sync1": dict(attention="shared_prefix", sync_every=1)}
-    for step in ctx.steps:
-        if step != "eager":
-            variants[step] = dict(decode_step=step)
-    out, ref = {"prompts": P, "rows": P * a.n, "auto_attention": base.attention_for(base.prefill(prompts), P * a.n)}, None
-    for name, kw in variants.items():
-        if ctx.over_budget():
-            out[name] = {"skipped": "time budget"}
-            continue
-        eng = make_engine(ctx, **kw)
+    variants = {"eager_copy": dict(attention="copy"), "eager_shared": dict(attention="shared_prefix")}
+    variants.update({step: dict(decode_step=step) for step in ctx.steps if step == "cuda_graph"})
+    variants["eager_shared_sync1"] = dict(attention="shared_prefix", sync_every=1)
+    variants.update({step: dict(decode_step=step) for step in ctx.steps if step == "static"})
+    base = make_engine(ctx, max_batch_rows=P * a.n)
+    out = {"prompts": P, "rows": P * a.n, "auto_attention": base.attention_for(base.prefill(prompts), P * a.n)}
+    ref: list = []
+
+    def one(name, kw):
+        eng = make_engine(ctx, max_batch_rows=P * a.n, **kw)
         prefix = eng.prefill(prompts)
         t0 = now(dev)
         eng.decode(prefix, slots, noise=noise)  # warm-up: kernels chosen, allocator grown, graphs captured
@@ -333,14 +347,44 @@ def decode_variants(ctx) -> dict:
         sec = now(dev) - t0
         toks = sum(s.num_tokens for s in samples)
         fl = ctx.floor.decode(P, P * a.n, max(s.num_tokens for s in samples))
-        rows_ = [s.token_ids for s in samples]
-        ref = ref or rows_
-        out[name] = {"seconds": sec, "warmup_seconds": warm, "tokens": toks, "tokens_per_s": toks / sec,
-                     "peak_gb": peak_gb(dev), "floor_s": fl, "floor_fraction": fl / sec,
-                     "agreement_with_eager_copy": bench_gpu.agreement(rows_, ref),
-                     "graph_captures": eng.stats["graph_captures"]}
+        rows = [s.token_ids for s in samples]
+        ref[:] = ref or rows
         ctx.log(f"decode {name:>20}: {sec:6.2f} s  {toks / sec:8.0f} tok/s  {100 * fl / sec:5.1f}% of floor  "
                 f"(warm-up {warm:.2f} s)")
+        return {"seconds": sec, "warmup_seconds": warm, "tokens": toks, "tokens_per_s": toks / sec,
+                "peak_gb": peak_gb(dev), "floor_s": fl, "floor_fraction": fl / sec,
+                "agreement_with_eager_copy": bench_gpu.agreement(rows, ref),
+                "graph_captures": eng.stats["graph_captures"]}
+
+    for name, kw in variants.items():
+        out[name] = guarded(ctx, f"decode {name}", lambda: one(name, kw))
+        ctx.save()
+    return out
+
+
+def profile_steps(ctx) -> dict:
+    """The PyTorch profiler over a short AISP-shaped decode (8 steps) per decode step:
+    the operators that take the device's time, for the next round of work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a, dev = ctx.args, ctx.dev
+    P = max(1, a.decode_rows // a.n)
+    prompts = random_prompts(P, a.prompt_len, ctx.vocab, seed=12)
+    noise = a.sigma * torch.randn(P * a.n, 8, ctx.policy.config.hidden_size, device=dev)
+    slots = torch.arange(P).repeat_interleave(a.n)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    out = {}
+    for step in ["eager"] + [s for s in ctx.steps if s == "cuda_graph"]:
+        def one(step=step):
+            eng = make_engine(ctx, max_batch_rows=P * a.n, max_new_tokens=8, decode_step=step)
+            prefix = eng.prefill(prompts)
+            eng.decode(prefix, slots, noise=noise)
+            with profile(activities=acts) as prof:
+                eng.decode(prefix, slots, noise=noise)
+                sync(dev)
+            key = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
+            return {"table": prof.key_averages().table(sort_by=key, row_limit=30)}
+        out[step] = guarded(ctx, f"profile {step}", one)
     return out
 
 
@@ -399,24 +443,22 @@ def aisp_iterations(events, kappa: int, P: int) -> list[dict]:
 
 
 def methods(ctx) -> dict:
+    """Each method as ``python -m aisp_bench`` runs a batch: as many prompts as fill
+    ``batch_rows`` (AISP: rows // n; BoN: rows // N, at least one)."""
     a = ctx.args
     out = {}
     variants = [("default", {})] + [(s, {"decode_step": s}) for s in ctx.steps if s not in ("eager", "static")]
-    jobs = []
-    for vname, kw in variants:
-        P = max(1, make_engine(ctx, **kw).max_batch_rows // a.n)
-        jobs.append((f"aisp/{vname}", lambda: AISP(n=a.n, kappa=a.kappa, tau=a.tau, lam=0.7, sigma=a.sigma),
-                     P, kw))
+    rows = {v: make_engine(ctx, **kw).max_batch_rows for v, kw in variants}
+    jobs = [(f"aisp/{v}", lambda: AISP(n=a.n, kappa=a.kappa, tau=a.tau, lam=0.7, sigma=a.sigma),
+             max(1, rows[v] // a.n), kw) for v, kw in variants]
     for N in a.bon_n:
-        for vname, kw in variants[::-1]:  # the fast path first: the slow one is what a budget cuts
-            jobs.append((f"bon_gaussian/N{N}/{vname}", lambda N=N: BoNGaussian(num_samples=N, tau=a.tau), 1, kw))
-            jobs.append((f"bon_topp/N{N}/{vname}", lambda N=N: BoNTopP(num_samples=N), 1, kw))
+        for v, kw in variants[::-1]:  # the fast path first: the slow one is what a budget cuts
+            P = max(1, rows[v] // N)
+            jobs.append((f"bon_gaussian/N{N}/{v}", lambda N=N: BoNGaussian(num_samples=N, tau=a.tau), P, kw))
+            jobs.append((f"bon_topp/N{N}/{v}", lambda N=N: BoNTopP(num_samples=N), P, kw))
     for i, (label, make, P, kw) in enumerate(jobs):
-        if ctx.over_budget():
-            out[label] = {"skipped": "time budget"}
-            continue
         prompts = random_prompts(P, a.prompt_len, ctx.vocab, seed=100 + i)
-        out[label] = run_method(ctx, label, make(), prompts, kw)
+        out[label] = guarded(ctx, label, lambda: run_method(ctx, label, make(), prompts, kw))
         ctx.save()
     return out
 
@@ -491,6 +533,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens per row (default 128; cpu 8)")
     ap.add_argument("--bon-n", type=int, nargs="+", default=None, help="BoN sample counts (default 256 1024; cpu 8 16)")
     ap.add_argument("--batch-rows", default="auto", help="generation.batch_rows (default auto)")
+    ap.add_argument("--decode-rows", type=int, default=None, help="rows of the decode comparison (default 256; cpu 16)")
+    ap.add_argument("--parts", nargs="+", default=["decode", "methods", "profile"], choices=["decode", "methods", "profile"])
     ap.add_argument("--reward-batch-size", type=int, default=None, help="default: conf/reward/ultrarm.yaml")
     ap.add_argument("--steps", nargs="+", default=None, help="decode steps to compare (default: all the device has)")
     ap.add_argument("--sigma", type=float, default=0.5)
@@ -498,7 +542,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
     for key, gpu_default, cpu_default in (("prompt_len", 256, 12), ("n", 32, 4), ("tau", 128, 8),
-                                          ("new_tokens", 128, 8), ("bon_n", [256, 1024], [8, 16])):
+                                          ("new_tokens", 128, 8), ("bon_n", [256, 1024], [8, 16]),
+                                          ("decode_rows", 256, 16)):
         if getattr(args, key) is None:
             setattr(args, key, cpu_default if cpu else gpu_default)
     if args.batch_rows != "auto":
@@ -548,9 +593,14 @@ def main(argv: list[str] | None = None) -> dict:
     ctx.log(f"models: {json.dumps(ctx.report['models'])}")
     del probe_eng
     ctx.save()
-    ctx.report["decode"] = decode_variants(ctx)
-    ctx.save()
-    ctx.report["methods"] = methods(ctx)
+    if "decode" in args.parts:
+        ctx.report["decode"] = decode_variants(ctx)
+        ctx.save()
+    if "methods" in args.parts:
+        ctx.report["methods"] = methods(ctx)
+        ctx.save()
+    if "profile" in args.parts:
+        ctx.report["profile"] = profile_steps(ctx)
     ctx.report["table"] = table(ctx.report)
     ctx.save()
     print("\n".join(ctx.report["table"]))
@@ -565,13 +615,15 @@ def table(report: dict) -> list[str]:
     lines = ["| workload | s/prompt | s/iteration | decode | reward | other | tok/s | peak GB | % floor | % decode floor |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in report.get("decode", {}).items():
-        if isinstance(r, dict) and "seconds" in r:
+        if isinstance(r, dict) and not isinstance(r.get("seconds"), float):
+            lines.append(f"| decode {name} | {r.get('skipped') or 'FAILED: ' + r.get('error', '')[:60]} | | | | | | | | |")
+        elif isinstance(r, dict):
             lines.append(f"| decode {report['decode']['prompts']}x{report['decode']['rows'] // report['decode']['prompts']}"
                          f" {name} | | | {r['seconds']:.2f} | | | {r['tokens_per_s']:.0f} | {r['peak_gb']:.1f} | "
                          f"{100 * r['floor_fraction']:.1f} | {100 * r['floor_fraction']:.1f} |")
     for name, r in report.get("methods", {}).items():
         if "seconds" not in r:
-            lines.append(f"| {name} | skipped ({r.get('skipped')}) | | | | | | | | |")
+            lines.append(f"| {name} | {r.get('skipped') or 'FAILED: ' + r.get('error', '')[:60]} | | | | | | | | |")
             continue
         it = r.get("per_prompt_iteration")
         parts = it or r["per_prompt"]
@@ -590,8 +642,9 @@ def sanity_failures(report: dict) -> list[str]:
     if not (s["logits_finite"] and s["logits_std"] > 0.05 and s["rewards_differ"]):
         bad.append("models.sanity")
     for name, r in report.get("methods", {}).items():
-        if "seconds" in r and not (r["all_rows_full_length"] and r["rewards_finite"]):
+        if "error" in r or ("seconds" in r and not (r["all_rows_full_length"] and r["rewards_finite"])):
             bad.append(f"methods.{name}")
+    bad += [f"decode.{k}" for k, r in report.get("decode", {}).items() if isinstance(r, dict) and "error" in r]
     return bad
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,5 +40,7 @@ def test_bench_methods_dry_run(tmp_path):
     assert aisp["prompts"] == 64 // 4 and len(aisp["iterations"]) == 3
     for it in aisp["iterations"]:
         assert math.isclose(it["decode"] + it["reward"] + it["other"], it["seconds"], rel_tol=1e-6)
-    assert m["bon_topp/N16/default"]["tokens"] == 16 * 8
+    bon = m["bon_topp/N16/default"]  # as run.py batches: 64 rows // N prompts
+    assert bon["prompts"] == 64 // 16 and bon["tokens"] == bon["prompts"] * 16 * 8
+    assert "aten::" in report["profile"]["eager"]["table"]
     assert len(report["table"]) == 2 + 4 + 5 and "bon_topp/N16/default" in report["table"][-1]
