@@ -26,12 +26,26 @@ def engine(smollm2, request):
     return eng
 
 
-def hf_generate(smollm2, prompts, n=1, hook=None, max_new_tokens=T):
+_HF_ROWS: dict = {}
+
+
+def hf_generate(smollm2, prompts, n=1, hook=None, max_new_tokens=T, hook_key=None):
     """transformers' generate on the left-padded batch, each prompt repeated n times.
 
     (generate refuses num_return_sequences > 1 for greedy decoding, so the rows are
-    repeated in the input, as num_return_sequences would do internally.)
+    repeated in the input, as num_return_sequences would do internally.) Results are
+    kept for the module (the reference does not depend on the engine's attention path);
+    a call with a hook is kept only under a ``hook_key`` naming what the hook adds.
     """
+    key = (tuple(p.id for p in prompts), n, max_new_tokens, hook_key)
+    if hook is not None and hook_key is None:
+        return _generate(smollm2, prompts, n, hook, max_new_tokens)
+    if key not in _HF_ROWS:
+        _HF_ROWS[key] = _generate(smollm2, prompts, n, hook, max_new_tokens)
+    return [list(r) for r in _HF_ROWS[key]]
+
+
+def _generate(smollm2, prompts, n, hook, max_new_tokens):
     tok, model = smollm2.tokenizer, smollm2.model
     tok.padding_side = "left"
     if tok.pad_token is None:  # some transformers versions give the GGUF tokenizer none
@@ -91,7 +105,7 @@ def test_noise_equals_hf_with_lm_head_hook(engine, smollm2):
             return None
         return (h + noise[:, t].unsqueeze(1).to(h.dtype),)
 
-    ref = hf_generate(smollm2, PROMPTS, n=n, hook=hook)
+    ref = hf_generate(smollm2, PROMPTS, n=n, hook=hook, hook_key="0.5 randn seed 0")
     prefix = engine.prefill(PROMPTS)
     ours = engine.decode(prefix, torch.arange(len(PROMPTS)).repeat_interleave(n), noise=noise)
     assert [s.token_ids for s in ours] == ref
