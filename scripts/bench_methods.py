@@ -363,28 +363,34 @@ def decode_variants(ctx) -> dict:
 
 
 def profile_steps(ctx) -> dict:
-    """The PyTorch profiler over a short AISP-shaped decode (8 steps) per decode step:
-    the operators that take the device's time, for the next round of work."""
+    """The PyTorch profiler over a short AISP-shaped decode (8 steps): noise (eager and,
+    on CUDA, cuda_graph) and top-p sampling (eager): the operators that take the time,
+    for the next round of work."""
     from torch.profiler import ProfilerActivity, profile
 
     a, dev = ctx.args, ctx.dev
     P = max(1, a.decode_rows // a.n)
     prompts = random_prompts(P, a.prompt_len, ctx.vocab, seed=12)
     noise = a.sigma * torch.randn(P * a.n, 8, ctx.policy.config.hidden_size, device=dev)
+    uniforms = torch.rand(P * a.n, 8, dtype=torch.float64)
     slots = torch.arange(P).repeat_interleave(a.n)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    variants = {"eager_noise": ("eager", dict(noise=noise)),
+                "eager_topp": ("eager", dict(uniforms=uniforms, temperature=0.6, top_p=0.9))}
+    if "cuda_graph" in ctx.steps:
+        variants["cuda_graph_noise"] = ("cuda_graph", dict(noise=noise))
     out = {}
-    for step in ["eager"] + [s for s in ctx.steps if s == "cuda_graph"]:
-        def one(step=step):
+    for name, (step, kw) in variants.items():
+        def one(step=step, kw=kw):
             eng = make_engine(ctx, max_batch_rows=P * a.n, max_new_tokens=8, decode_step=step)
             prefix = eng.prefill(prompts)
-            eng.decode(prefix, slots, noise=noise)
+            eng.decode(prefix, slots, **kw)
             with profile(activities=acts) as prof:
-                eng.decode(prefix, slots, noise=noise)
+                eng.decode(prefix, slots, **kw)
                 sync(dev)
             key = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
             return {"table": prof.key_averages().table(sort_by=key, row_limit=30)}
-        out[step] = guarded(ctx, f"profile {step}", one)
+        out[name] = guarded(ctx, f"profile {name}", one)
     return out
 
 

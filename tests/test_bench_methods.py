@@ -42,5 +42,6 @@ def test_bench_methods_dry_run(tmp_path):
         assert math.isclose(it["decode"] + it["reward"] + it["other"], it["seconds"], rel_tol=1e-6)
     bon = m["bon_topp/N16/default"]  # as run.py batches: 64 rows // N prompts
     assert bon["prompts"] == 64 // 16 and bon["tokens"] == bon["prompts"] * 16 * 8
-    assert "aten::" in report["profile"]["eager"]["table"]
+    profile = report["profile"]
+    assert "aten::sort" in profile["eager_topp"]["table"] and "aten::mm" in profile["eager_noise"]["table"]
     assert len(report["table"]) == 2 + 4 + 5 and "bon_topp/N16/default" in report["table"][-1]
