@@ -51,6 +51,7 @@ from aisp_bench.types import Prompt, Sample
 DECODE_STEPS = ("eager", "static", "cuda_graph")
 # batch sizes of the static decode step: finished rows leave when the live ones fit a smaller one
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+SPAN = 32  # and it attends to the generated positions in spans of this many
 AUTO_ROWS_CPU = 64  # max_batch_rows="auto" on the CPU
 AUTO_ROWS_MAX = 512  # and the most it gives on a GPU
 
@@ -646,9 +647,10 @@ class _StaticRows:
     positions, the step index, the row layout, the per-row KV for all T steps). The
     batch has a bucket size n: the chunk's row count at first, then, once enough rows
     finished, the next smaller size of ``BUCKETS`` that holds the live rows (moved to
-    the front; the slots behind them are padding that decodes garbage, never read). One
-    step per bucket is what a CUDA graph captures (``graphs``); replays only need the
-    buffers refilled. The object is kept on the prefix, so later decode calls of the
+    the front; the slots behind them are padding that decodes garbage, never read). The
+    generated keys are read in spans of ``SPAN`` positions (the unwritten ones masked).
+    One step per (bucket, span) is what a CUDA graph captures (``graphs``); replays only
+    need the buffers refilled. The object is kept on the prefix, so later decode calls of the
     same rows (AISP's iterations, BoN's chunks) reuse buffers and graphs.
     """
 
@@ -671,7 +673,7 @@ class _StaticRows:
         self.suffix_zeros = torch.zeros(T, dtype=engine.dtype, device=dev)
         self.cache = shared_prefix.RowKV(len(k), T, step=self.step)
         self.k, self.v = k, v
-        self.captured: dict[int, tuple] = {}
+        self.captured: dict[tuple[int, int], tuple] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -688,37 +690,39 @@ class _StaticRows:
         self.bias_rows[:m] = self.bias.index_select(0, local.to(self.bias.device))
         self.local = local
 
-    def _step(self, n: int) -> torch.Tensor:
-        """One decode step of the first n slots from the buffers: z (n, d)."""
-        suffix = self.suffix_zeros.masked_fill(self.steps > self.step, float("-inf"))
+    def _step(self, n: int, span: int) -> torch.Tensor:
+        """One decode step of the first n slots from the buffers, attending to the first
+        ``span`` generated positions (those after ``step`` masked): z (n, d)."""
+        suffix = self.suffix_zeros[:span].masked_fill(self.steps[:span] > self.step, float("-inf"))
         state = shared_prefix.RowState(self.k, self.v, self.row_of_slot, self.slot_of_row[:n], self.R)
         state.row_bias = torch.cat([self.bias_rows[:n], suffix.expand(n, 1, 1, -1)], dim=-1)
+        self.cache.span = span
         with shared_prefix.active(self.engine.model.config, state, shared_prefix.ROWS_ATTN_NAME):
             return self.engine._forward(self.tok[:n, None], None, self.pos[:n, None], self.cache)[:, -1]
 
-    def _capture(self, n: int) -> tuple:
+    def _capture(self, n: int, span: int) -> tuple:
         dev = self.engine.device
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up: the KV buffers and library handles exist before capture
             for _ in range(2):
-                self._step(n)
+                self._step(n, span)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self._step(n)
+            out = self._step(n, span)
         self.engine.stats["graph_captures"] += 1
-        self.captured[n] = (graph, out)
-        return self.captured[n]
+        self.captured[n, span] = (graph, out)
+        return self.captured[n, span]
 
     def forward(self, tok: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
-        n = self.n
+        n, span = self.n, min(self.engine.max_new_tokens, (t // SPAN + 1) * SPAN)
         self.tok[:n].copy_(tok)
         self.pos[:n].copy_(pos)
         self.step.fill_(t)
         if not self.graphs:
-            return self._step(n)
-        graph, out = self.captured.get(n) or self._capture(n)
+            return self._step(n, span)
+        graph, out = self.captured.get((n, span)) or self._capture(n, span)
         graph.replay()
         self.engine.stats["forward_calls"] += 1
         return out

@@ -174,29 +174,32 @@ class RowKV:
 
     Eager (``step`` is None): ``update`` writes at the count of tokens so far and returns
     views of the filled part. Static (``step`` a (1,) long tensor on the device):
-    ``update`` writes at ``step`` and returns the whole buffers of the first rows (as many
-    as the keys it is given); the attention masks the part not written yet. The static
-    form reads no device value on the host, so its forward can be captured in a CUDA graph.
+    ``update`` writes at ``step`` and returns the first ``span`` positions of the first
+    rows (as many as the keys it is given); the attention masks the part not written
+    yet. The static form reads no device value on the host, so its forward can be
+    captured in a CUDA graph.
     """
 
     def __init__(self, num_layers: int, capacity: int, step: torch.Tensor | None = None) -> None:
         self.capacity = capacity
         self.step = step
+        self.span = capacity
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         b, q = key_states.shape[0], key_states.shape[-2]
-        if self.k[layer_idx] is None:
+        if self.k[layer_idx] is None:  # static: zeros, as masked positions are still read
             h, d = key_states.shape[1], key_states.shape[-1]
-            self.k[layer_idx] = key_states.new_zeros((b, h, self.capacity, d))
-            self.v[layer_idx] = value_states.new_zeros((b, h, self.capacity, value_states.shape[-1]))
+            new = key_states.new_empty if self.step is None else key_states.new_zeros
+            self.k[layer_idx] = new((b, h, self.capacity, d))
+            self.v[layer_idx] = new((b, h, self.capacity, value_states.shape[-1]))
         k, v = self.k[layer_idx][:b], self.v[layer_idx][:b]
         if self.step is not None:
             k.index_copy_(2, self.step, key_states)
             v.index_copy_(2, self.step, value_states)
-            return k, v
+            return k[:, :, : self.span], v[:, :, : self.span]
         n = self.lengths[layer_idx]
         if n + q > self.capacity:
             raise RuntimeError(f"RowKV full: {n} + {q} > {self.capacity}")

@@ -159,13 +159,16 @@ def test_finished_rows_leave_the_batch(smollm2, attention):
     assert [s.token_ids for s in out] == [ref[i] for i in slots]
 
 
-def test_shared_prefix_attention_matches_sdpa():
+@pytest.mark.parametrize("form", ["decode_state", "rows_eager", "rows_static"])
+def test_shared_prefix_attention_matches_sdpa(form):
     """The two-part attention (prompt once per prompt + own generated tokens) equals SDPA
-    over each row's full sequence, with left padding, GQA and uneven rows per prompt."""
+    over each row's full sequence, with left padding, GQA and uneven rows per prompt:
+    ``attention`` (``DecodeState``) and the engine's ``rows_attention`` with the generated
+    part exact-length (eager) or at full capacity with the rest masked (static)."""
     from aisp_bench import shared_prefix as sp
 
     g = torch.Generator().manual_seed(0)
-    P, Hkv, gq, D, L, t = 3, 2, 3, 8, 7, 4
+    P, Hkv, gq, D, L, t, cap = 3, 2, 3, 8, 7, 4, 9
     H = Hkv * gq
     mask = torch.ones(P, L, dtype=torch.long)
     mask[0, :3] = 0
@@ -174,21 +177,26 @@ def test_shared_prefix_attention_matches_sdpa():
     slots = torch.tensor([2, 0, 0, 1, 2, 2, 0])
     B = len(slots)
     q = torch.randn(B, H, 1, D, generator=g)
-    ks, vs = torch.randn(B, Hkv, t, D, generator=g), torch.randn(B, Hkv, t, D, generator=g)
-
-    class Layer:
-        layers = [type("L", (), {"keys": kp, "values": vp})()]
-
-    state = sp.DecodeState.build(Layer(), mask, slots)
+    ks, vs = torch.randn(B, Hkv, cap, D, generator=g), torch.randn(B, Hkv, cap, D, generator=g)
+    cache = type("Cache", (), {"layers": [type("L", (), {"keys": kp, "values": vp})()]})()
     module = type("M", (), {"layer_idx": 0})()
+    n = cap if form == "rows_static" else t  # generated keys the attention is given
+    if form == "decode_state":
+        state, fn = sp.DecodeState.build(cache, mask, slots), sp.attention
+    else:
+        row_of_slot, slot_of_row, R = sp.group_rows(slots, P)
+        suffix = torch.zeros(n).masked_fill(torch.arange(n) >= t, float("-inf"))
+        bias = torch.cat([sp.padding_bias(mask, torch.float32)[slots], suffix.expand(B, 1, 1, -1)], dim=-1)
+        state, fn = sp.RowState(*sp.prompt_kv(cache, torch.arange(P)), row_of_slot, slot_of_row, R, bias), \
+            sp.rows_attention
     sp._ACTIVE.append(state)
     try:
-        out, _ = sp.attention(module, q, ks, vs, scaling=D**-0.5)
+        out, _ = fn(module, q, ks[:, :, :n], vs[:, :, :n], scaling=D**-0.5)
     finally:
         sp._ACTIVE.pop()
     for b, p in enumerate(slots.tolist()):
-        k = torch.cat([kp[p], ks[b]], dim=1).repeat_interleave(gq, dim=0)  # (H, L+t, D)
-        v = torch.cat([vp[p], vs[b]], dim=1).repeat_interleave(gq, dim=0)
+        k = torch.cat([kp[p], ks[b, :, :t]], dim=1).repeat_interleave(gq, dim=0)  # (H, L+t, D)
+        v = torch.cat([vp[p], vs[b, :, :t]], dim=1).repeat_interleave(gq, dim=0)
         m = torch.cat([mask[p].bool(), torch.ones(t, dtype=torch.bool)])
         ref = torch.nn.functional.scaled_dot_product_attention(q[b], k, v, attn_mask=m[None, None, :])
         torch.testing.assert_close(out[b, 0], ref[:, 0], rtol=1e-5, atol=1e-6)
