@@ -248,8 +248,8 @@ class Engine:
         if attention == "shared_prefix" and not self._shared_ok:
             raise ValueError(f"shared-prefix attention does not support model type {model.config.model_type!r}")
         if decode_step != "eager" and (attention == "copy" or not self._shared_ok):
-            raise ValueError(f"decode_step={decode_step!r} needs shared-prefix attention "
-                             f"(model type {model.config.model_type!r}, attention={attention!r}); use decode_step='eager'")
+            raise ValueError(f"decode_step={decode_step!r} needs shared-prefix attention (model type "
+                             f"{model.config.model_type!r}, attention={attention!r}); use decode_step='eager'")
         self.attention = attention
         self.decode_step = decode_step
         self.tokenizer = tokenizer

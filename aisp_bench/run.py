@@ -148,13 +148,15 @@ def _choose_batch_prompts(cfg: DictConfig, method, batch_rows: int) -> int:
 def _check_generation(cfg: DictConfig) -> None:
     g = cfg.generation
     for key in ("max_new_tokens", "batch_rows", "sync_every"):
-        v = g.get(key, "auto")
-        if (key == "max_new_tokens" or v != "auto") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise UserError(f"generation.{key} must be {'' if key == 'max_new_tokens' else 'auto or '}an integer >= 1, got {v!r}")
+        v, auto_ok = g.get(key, "auto"), key != "max_new_tokens"
+        if not (auto_ok and v == "auto") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            what = "auto or an integer >= 1" if auto_ok else "an integer >= 1"
+            raise UserError(f"generation.{key} must be {what}, got {v!r}")
     from aisp_bench.engine import DECODE_STEPS
 
     if g.get("decode_step", "eager") not in DECODE_STEPS:
-        raise UserError(f"generation.decode_step must be one of {', '.join(DECODE_STEPS)}, got {g.get('decode_step')!r}")
+        raise UserError(f"generation.decode_step must be one of {', '.join(DECODE_STEPS)}, "
+                        f"got {g.get('decode_step')!r}")
     if g.get("attention", "auto") not in ("auto", "shared_prefix", "copy"):
         raise UserError(f"generation.attention must be auto, shared_prefix or copy, got {g.get('attention')!r}")
     if g.get("prompt_overflow") not in ("truncate_left", "skip"):

@@ -94,7 +94,8 @@ class WordTokenizer:
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
         ids = [self._id(w) for w in text.split()]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens and self.bos_token_id is not None else []) + ids}
+        bos = [self.bos_token_id] if add_special_tokens and self.bos_token_id is not None else []
+        return {"input_ids": bos + ids}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return " ".join(str(i) for i in ids if not (skip_special_tokens and i in self.all_special_ids))
@@ -200,8 +201,8 @@ def build_reward(dev: str, tiny: bool, dtype, batch_size: int | None):
 
 def random_prompts(k: int, length: int, vocab: int, seed: int) -> list[Prompt]:
     g = torch.Generator().manual_seed(seed)
-    return [Prompt.single(f"bench{seed}_{i}", " ".join(map(str, torch.randint(10, vocab - 10, (length,), generator=g).tolist())))
-            for i in range(k)]
+    ids = torch.randint(10, vocab - 10, (k, length), generator=g).tolist()
+    return [Prompt.single(f"bench{seed}_{i}", " ".join(map(str, row))) for i, row in enumerate(ids)]
 
 
 # ---------------------------------------------------------------------------- timing
@@ -211,7 +212,8 @@ class Timed:
 
     def __init__(self, dev: str, engine, reward) -> None:
         self.dev, self.events = dev, []
-        for obj, name, phase in ((engine, "prefill", "prefill"), (engine, "decode", "decode"), (reward, "score", "reward")):
+        for obj, name, phase in ((engine, "prefill", "prefill"), (engine, "decode", "decode"),
+                                 (reward, "score", "reward")):
             setattr(obj, name, self._wrap(getattr(obj, name), phase, reward))
 
     def _wrap(self, fn, phase, reward):
@@ -243,7 +245,8 @@ class Floor:
         self.p_flop_params = matmul_params(policy)  # lm_head included (decode computes logits)
         self.p_prefill_params = self.p_flop_params - policy.get_output_embeddings().weight.numel()
         self.p_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
-        self.p_bytes -= policy.get_input_embeddings().weight.numel() * policy.get_input_embeddings().weight.element_size()
+        emb = policy.get_input_embeddings().weight
+        self.p_bytes -= emb.numel() * emb.element_size()
         self.p_attn = 4 * pc.num_hidden_layers * pc.num_attention_heads * (pc.hidden_size // pc.num_attention_heads)
         self.vocab = pc.vocab_size
         self.r_flop_params = matmul_params(reward_model)
@@ -425,7 +428,8 @@ def run_method(ctx, label: str, method, prompts: list[Prompt], engine_kw: dict) 
         out["iterations"] = aisp_iterations(timed_events, method.kappa, P)
         steady = out["iterations"][1:] or out["iterations"]
         out["seconds_per_prompt_iteration"] = sum(it["seconds"] for it in steady) / len(steady)
-        out["per_prompt_iteration"] = {k: sum(it[k] for it in steady) / len(steady) for k in ("decode", "reward", "other")}
+        out["per_prompt_iteration"] = {k: sum(it[k] for it in steady) / len(steady)
+                                       for k in ("decode", "reward", "other")}
     ctx.log(f"{label:>28}: {total / P:7.2f} s/prompt  decode {parts['decode'] / P:6.2f}  reward "
             f"{parts['reward'] / P:6.2f}  other {parts['other'] / P:5.2f}  {toks / total:7.0f} tok/s  "
             f"{100 * out['floor_fraction']:5.1f}% of floor"
@@ -540,7 +544,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bon-n", type=int, nargs="+", default=None, help="BoN sample counts (default 256 1024; cpu 8 16)")
     ap.add_argument("--batch-rows", default="auto", help="generation.batch_rows (default auto)")
     ap.add_argument("--decode-rows", type=int, default=None, help="rows of the decode comparison (default 256; cpu 16)")
-    ap.add_argument("--parts", nargs="+", default=["decode", "methods", "profile"], choices=["decode", "methods", "profile"])
+    parts = ["decode", "methods", "profile"]
+    ap.add_argument("--parts", nargs="+", default=parts, choices=parts, help="what to run after the checks")
     ap.add_argument("--reward-batch-size", type=int, default=None, help="default: conf/reward/ultrarm.yaml")
     ap.add_argument("--steps", nargs="+", default=None, help="decode steps to compare (default: all the device has)")
     ap.add_argument("--sigma", type=float, default=0.5)
@@ -586,7 +591,8 @@ def main(argv: list[str] | None = None) -> dict:
     rw = ctx.reward.score(pr, ["1 2 3 4 5", "6 7 8 9 10 11 12"])
     ctx.floor = Floor(c, ctx.policy, ctx.reward.model, probe_eng.kv_bytes_per_token, args.prompt_len + 4)
     ctx.report["models"] = {
-        "policy": "Llama-3-8B shape" + (" (tiny)" if cpu else ""), "reward": "UltraRM-13B shape" + (" (tiny)" if cpu else ""),
+        "policy": "Llama-3-8B shape" + (" (tiny)" if cpu else ""),
+        "reward": "UltraRM-13B shape" + (" (tiny)" if cpu else ""),
         "dtype": str(dtype), "init_seconds": time.perf_counter() - t0,
         "policy_gb": probe_eng.weight_bytes / 1e9,
         "reward_gb": sum(p.numel() * p.element_size() for p in ctx.reward.model.parameters()) / 1e9,
@@ -617,19 +623,24 @@ def main(argv: list[str] | None = None) -> dict:
     return ctx.report
 
 
+def not_run(r: dict) -> str:
+    return r.get("skipped") or "FAILED: " + r.get("error", "")[:60]
+
+
 def table(report: dict) -> list[str]:
-    lines = ["| workload | s/prompt | s/iteration | decode | reward | other | tok/s | peak GB | % floor | % decode floor |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| workload | s/prompt | s/iteration | decode | reward | other | tok/s | peak GB | % floor "
+             "| % decode floor |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in report.get("decode", {}).items():
         if isinstance(r, dict) and not isinstance(r.get("seconds"), float):
-            lines.append(f"| decode {name} | {r.get('skipped') or 'FAILED: ' + r.get('error', '')[:60]} | | | | | | | | |")
+            lines.append(f"| decode {name} | {not_run(r)} | | | | | | | | |")
         elif isinstance(r, dict):
-            lines.append(f"| decode {report['decode']['prompts']}x{report['decode']['rows'] // report['decode']['prompts']}"
+            shape = f"{report['decode']['prompts']}x{report['decode']['rows'] // report['decode']['prompts']}"
+            lines.append(f"| decode {shape}"
                          f" {name} | | | {r['seconds']:.2f} | | | {r['tokens_per_s']:.0f} | {r['peak_gb']:.1f} | "
                          f"{100 * r['floor_fraction']:.1f} | {100 * r['floor_fraction']:.1f} |")
     for name, r in report.get("methods", {}).items():
         if "seconds" not in r:
-            lines.append(f"| {name} | {r.get('skipped') or 'FAILED: ' + r.get('error', '')[:60]} | | | | | | | | |")
+            lines.append(f"| {name} | {not_run(r)} | | | | | | | | |")
             continue
         it = r.get("per_prompt_iteration")
         parts = it or r["per_prompt"]

@@ -216,7 +216,8 @@ def test_engine_settings_are_checked(tiny):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["generation.decode_step=graphs"], "generation.decode_step must be one of eager, static, cuda_graph, got 'graphs'"),
+    (["generation.decode_step=graphs"],
+     "generation.decode_step must be one of eager, static, cuda_graph, got 'graphs'"),
     (["generation.attention=flash"], "generation.attention must be auto, shared_prefix or copy, got 'flash'"),
     (["generation.batch_rows=many"], "generation.batch_rows must be auto or an integer >= 1, got 'many'"),
     (["generation.sync_every=0"], "generation.sync_every must be auto or an integer >= 1, got 0"),
