@@ -92,9 +92,20 @@ def test_zero_noise_equals_hf_greedy(engine, smollm2):
 @pytest.mark.slow
 def test_noise_equals_hf_with_lm_head_hook(engine, smollm2):
     """Greedy on lm_head(z_t + v_t) equals generate with a pre-hook adding the same v_t."""
-    n, tau = 3, 12
+    n, noise, ref = noisy_reference(smollm2, engine.hidden_size)
+    prefix = engine.prefill(PROMPTS)
+    ours = engine.decode(prefix, torch.arange(len(PROMPTS)).repeat_interleave(n), noise=noise)
+    assert [s.token_ids for s in ours] == ref
+    # the noise changed something, and rows of one prompt differ
+    plain = hf_generate(smollm2, PROMPTS)
+    assert any(ours[i * n].token_ids != plain[i] for i in range(len(PROMPTS)))
+    assert len({tuple(s.token_ids) for s in ours[:n]}) > 1
+
+
+def noisy_reference(smollm2, d, n=3, tau=12):
+    """(n, noise (3n, τ, d), generate's rows with that noise added by an lm_head pre-hook)."""
     g = torch.Generator().manual_seed(0)
-    noise = 0.5 * torch.randn(len(PROMPTS) * n, tau, engine.hidden_size, generator=g)
+    noise = 0.5 * torch.randn(len(PROMPTS) * n, tau, d, generator=g)
     step = {"t": 0}
 
     def hook(module, args):
@@ -105,14 +116,20 @@ def test_noise_equals_hf_with_lm_head_hook(engine, smollm2):
             return None
         return (h + noise[:, t].unsqueeze(1).to(h.dtype),)
 
-    ref = hf_generate(smollm2, PROMPTS, n=n, hook=hook, hook_key="0.5 randn seed 0")
-    prefix = engine.prefill(PROMPTS)
-    ours = engine.decode(prefix, torch.arange(len(PROMPTS)).repeat_interleave(n), noise=noise)
-    assert [s.token_ids for s in ours] == ref
-    # the noise changed something, and rows of one prompt differ
-    plain = hf_generate(smollm2, PROMPTS)
-    assert any(ours[i * n].token_ids != plain[i] for i in range(len(PROMPTS)))
-    assert len({tuple(s.token_ids) for s in ours[:n]}) > 1
+    return n, noise, hf_generate(smollm2, PROMPTS, n=n, hook=hook, hook_key=f"0.5 randn seed 0, {n} rows, tau {tau}")
+
+
+@pytest.mark.slow
+def test_static_decode_step_equals_hf(smollm2):
+    """The static-shape step (fixed buffers, bucketed batch, spans of generated keys: what
+    CUDA graphs capture) decodes what generate does, on the real model, with noise and
+    left padding; its rows end at EOS at different steps."""
+    eng = Engine(smollm2.model, smollm2.tokenizer, smollm2.render, max_new_tokens=T, add_special_tokens=False,
+                 check_prelogit=False, decode_step="static", sync_every=4)
+    n, noise, ref = noisy_reference(smollm2, eng.hidden_size)
+    out = eng.decode(eng.prefill(PROMPTS), torch.arange(len(PROMPTS)).repeat_interleave(n), noise=noise)
+    assert [s.token_ids for s in out] == ref
+    assert min(map(len, ref)) < T
 
 
 @pytest.mark.slow
