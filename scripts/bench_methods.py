@@ -391,7 +391,7 @@ def profile_steps(ctx) -> dict:
             with profile(activities=acts) as prof:
                 eng.decode(prefix, slots, **kw)
                 sync(dev)
-            key = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
+            key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
             return {"table": prof.key_averages().table(sort_by=key, row_limit=30)}
         out[name] = guarded(ctx, f"profile {name}", one)
     return out
