@@ -160,8 +160,8 @@ def attention(module, query, key, value, attention_mask=None, scaling=None, drop
 
 # ---------------------------------------------------------------------------- row layout
 # The engine's decode path. Same two-part attention as ``attention`` above, in fewer
-# kernels (about 11 per layer instead of 35: eager decoding is bound by kernel launches
-# on a GPU), with the prompt KV laid out (H_kv, P, L, D) so that each prompt's rows are
+# kernels (13 per layer instead of 32 in bf16: eager decoding is bound by kernel
+# launches on a GPU), with the prompt KV laid out (H_kv, P, L, D) so that each prompt's rows are
 # one matrix product without any copy of the cache, and a form with static shapes
 # (``RowKV`` with a device ``step``) that a CUDA graph can capture.
 
@@ -169,8 +169,8 @@ ROWS_ATTN_NAME = "aisp_shared_prefix_rows"
 
 
 class RowKV:
-    """Per layer, each row's generated keys and values: a preallocated zero-filled
-    (rows, H_kv, T, D) buffer written in place.
+    """Per layer, each row's generated keys and values: a preallocated (rows, H_kv, T, D)
+    buffer written in place (zero-filled in the static form).
 
     Eager (``step`` is None): ``update`` writes at the count of tokens so far and returns
     views of the filled part. Static (``step`` a (1,) long tensor on the device):
