@@ -45,7 +45,7 @@ ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz),)
   export AISP_HH_PATH ?= $(abspath $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz)
 endif
 
-.PHONY: help setup demo test test-fast bench bench-gpu runs table1 table2 table3 figure2 compute \
+.PHONY: help setup demo test test-fast bench bench-gpu bench-gpu-engine runs table1 table2 table3 figure2 compute \
         judge lambda_runs lambda_sweep evaluate report paper smoke clean-smoke
 
 help:  ## list the targets
@@ -67,7 +67,10 @@ test-fast: setup  ## the tests that load no model
 bench: setup  ## engine vs transformers generate on the CPU (results/bench/engine_cpu.json)
 	$(PY) scripts/bench_engine.py
 
-bench-gpu: setup  ## the same comparison on CUDA with a Llama-3-8B-shaped model (random weights)
+bench-gpu: setup  ## the three methods end to end on CUDA at paper settings (results/bench/methods_cuda.json)
+	$(PY) scripts/bench_methods.py
+
+bench-gpu-engine: setup  ## the engine against transformers generate on CUDA (results/bench/engine_gpu.json)
 	$(PY) scripts/bench_gpu.py
 
 runs: setup  ## the Table 1 runs for PAIR (3 methods x SHP, HH-RLHF x seeds 0-2; SEEDS=0,1 for fewer)

@@ -15,6 +15,7 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped in the wheel
 # are not part of the run folder name. (``judge``: manifests of older versions hold one.)
 NON_SEMANTIC: tuple[str, ...] = (
     "overwrite", "results_dir", "run_dir", "progress", "batch_prompts", "generation.batch_rows",
+    "generation.decode_step", "generation.attention", "generation.sync_every",
     "model.device", "model.device_map", "model.attn_implementation", "reward.device", "reward.batch_size",
     "experiment_name", "judge",
 )  # fmt: skip

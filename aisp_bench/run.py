@@ -95,10 +95,10 @@ def _cached(kind: str, node: DictConfig, build):
     return _LOADED[key]
 
 
-def _choose_batch_prompts(cfg: DictConfig, method) -> int:
+def _choose_batch_prompts(cfg: DictConfig, method, batch_rows: int) -> int:
     bp = cfg.get("batch_prompts", "auto")
     if bp in (None, "auto"):
-        return max(1, int(cfg.generation.batch_rows) // max(1, method.rows_per_prompt))
+        return max(1, batch_rows // max(1, method.rows_per_prompt))
     if isinstance(bp, bool) or not isinstance(bp, int) or bp < 1:
         raise UserError(f"batch_prompts must be 'auto' or an integer >= 1, got {bp!r}")
     return bp
@@ -106,10 +106,18 @@ def _choose_batch_prompts(cfg: DictConfig, method) -> int:
 
 def _check_generation(cfg: DictConfig) -> None:
     g = cfg.generation
-    for key in ("max_new_tokens", "batch_rows"):
-        v = g.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"generation.{key} must be an integer >= 1, got {v!r}")
+    for key in ("max_new_tokens", "batch_rows", "sync_every"):
+        v, auto_ok = g.get(key, "auto"), key != "max_new_tokens"
+        if not (auto_ok and v == "auto") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            what = "auto or an integer >= 1" if auto_ok else "an integer >= 1"
+            raise UserError(f"generation.{key} must be {what}, got {v!r}")
+    from aisp_bench.engine import DECODE_STEPS
+
+    if g.get("decode_step", "eager") not in DECODE_STEPS:
+        raise UserError(f"generation.decode_step must be one of {', '.join(DECODE_STEPS)}, "
+                        f"got {g.get('decode_step')!r}")
+    if g.get("attention", "auto") not in ("auto", "shared_prefix", "copy"):
+        raise UserError(f"generation.attention must be auto, shared_prefix or copy, got {g.get('attention')!r}")
     if g.get("prompt_overflow") not in ("truncate_left", "skip"):
         raise UserError(f"generation.prompt_overflow must be 'truncate_left' or 'skip', got {g.get('prompt_overflow')!r}")
     seed = cfg.get("seed")
@@ -204,11 +212,15 @@ def load(cfg: DictConfig, job: Job):
     from aisp_bench.models.policy import build_engine
 
     gen = cfg.generation
+    # how the engine decodes (``generation.decode_step``, ``attention``, ``sync_every``)
+    engine_options = {k: gen.get(k, "auto" if k != "decode_step" else "eager")
+                      for k in ("decode_step", "attention", "sync_every")}
     try:
         policy = _cached("model", cfg.model, lambda: _loaded(job.policy))
         reward = _cached("reward", cfg.reward, lambda: job.reward.load())
-        engine = build_engine(policy, max_new_tokens=int(gen.max_new_tokens), batch_rows=int(gen.batch_rows),
-                              prompt_overflow=str(gen.prompt_overflow))
+        # built after the reward model is on its device: batch_rows=auto sizes from the memory left
+        engine = build_engine(policy, max_new_tokens=int(gen.max_new_tokens), batch_rows=gen.batch_rows,
+                              prompt_overflow=str(gen.prompt_overflow), **engine_options)
     except (OSError, RuntimeError, ValueError) as e:  # errors here still leave the folder untouched
         raise UserError(first_line(e)) from None
     return engine, reward
@@ -261,7 +273,7 @@ def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipp
         log.info("%s: %d prompts, %d done, %d to run, %d skipped, %d truncated", job.run_dir, len(job.prompts),
                  len(done), len(todo), skipped, truncated)
         rewards = [float(r["reward"]) for r in writer.existing]
-        batch = _choose_batch_prompts(cfg, job.method)
+        batch = _choose_batch_prompts(cfg, job.method, engine.max_batch_rows)
         _run_batches(job.method, engine, reward, todo, batch, int(cfg.seed), writer, rewards, cfg.get("progress", True))
     return len(done)
 

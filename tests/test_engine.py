@@ -26,12 +26,26 @@ def engine(smollm2, request):
     return eng
 
 
-def hf_generate(smollm2, prompts, n=1, hook=None, max_new_tokens=T):
+_HF_ROWS: dict = {}
+
+
+def hf_generate(smollm2, prompts, n=1, hook=None, max_new_tokens=T, hook_key=None):
     """transformers' generate on the left-padded batch, each prompt repeated n times.
 
     (generate refuses num_return_sequences > 1 for greedy decoding, so the rows are
-    repeated in the input, as num_return_sequences would do internally.)
+    repeated in the input, as num_return_sequences would do internally.) Results are
+    kept for the module (the reference does not depend on the engine's attention path);
+    a call with a hook is kept only under a ``hook_key`` naming what the hook adds.
     """
+    key = (tuple(p.id for p in prompts), n, max_new_tokens, hook_key)
+    if hook is not None and hook_key is None:
+        return _generate(smollm2, prompts, n, hook, max_new_tokens)
+    if key not in _HF_ROWS:
+        _HF_ROWS[key] = _generate(smollm2, prompts, n, hook, max_new_tokens)
+    return [list(r) for r in _HF_ROWS[key]]
+
+
+def _generate(smollm2, prompts, n, hook, max_new_tokens):
     tok, model = smollm2.tokenizer, smollm2.model
     tok.padding_side = "left"
     if tok.pad_token is None:  # some transformers versions give the GGUF tokenizer none
@@ -78,9 +92,20 @@ def test_zero_noise_equals_hf_greedy(engine, smollm2):
 @pytest.mark.slow
 def test_noise_equals_hf_with_lm_head_hook(engine, smollm2):
     """Greedy on lm_head(z_t + v_t) equals generate with a pre-hook adding the same v_t."""
-    n, tau = 3, 12
+    n, noise, ref = noisy_reference(smollm2, engine.hidden_size)
+    prefix = engine.prefill(PROMPTS)
+    ours = engine.decode(prefix, torch.arange(len(PROMPTS)).repeat_interleave(n), noise=noise)
+    assert [s.token_ids for s in ours] == ref
+    # the noise changed something, and rows of one prompt differ
+    plain = hf_generate(smollm2, PROMPTS)
+    assert any(ours[i * n].token_ids != plain[i] for i in range(len(PROMPTS)))
+    assert len({tuple(s.token_ids) for s in ours[:n]}) > 1
+
+
+def noisy_reference(smollm2, d, n=3, tau=12):
+    """(n, noise (3n, τ, d), generate's rows with that noise added by an lm_head pre-hook)."""
     g = torch.Generator().manual_seed(0)
-    noise = 0.5 * torch.randn(len(PROMPTS) * n, tau, engine.hidden_size, generator=g)
+    noise = 0.5 * torch.randn(len(PROMPTS) * n, tau, d, generator=g)
     step = {"t": 0}
 
     def hook(module, args):
@@ -91,14 +116,20 @@ def test_noise_equals_hf_with_lm_head_hook(engine, smollm2):
             return None
         return (h + noise[:, t].unsqueeze(1).to(h.dtype),)
 
-    ref = hf_generate(smollm2, PROMPTS, n=n, hook=hook)
-    prefix = engine.prefill(PROMPTS)
-    ours = engine.decode(prefix, torch.arange(len(PROMPTS)).repeat_interleave(n), noise=noise)
-    assert [s.token_ids for s in ours] == ref
-    # the noise changed something, and rows of one prompt differ
-    plain = hf_generate(smollm2, PROMPTS)
-    assert any(ours[i * n].token_ids != plain[i] for i in range(len(PROMPTS)))
-    assert len({tuple(s.token_ids) for s in ours[:n]}) > 1
+    return n, noise, hf_generate(smollm2, PROMPTS, n=n, hook=hook, hook_key=f"0.5 randn seed 0, {n} rows, tau {tau}")
+
+
+@pytest.mark.slow
+def test_static_decode_step_equals_hf(smollm2):
+    """The static-shape step (fixed buffers, bucketed batch, spans of generated keys: what
+    CUDA graphs capture) decodes what generate does, on the real model, with noise and
+    left padding; its rows end at EOS at different steps."""
+    eng = Engine(smollm2.model, smollm2.tokenizer, smollm2.render, max_new_tokens=T, add_special_tokens=False,
+                 check_prelogit=False, decode_step="static", sync_every=4)
+    n, noise, ref = noisy_reference(smollm2, eng.hidden_size)
+    out = eng.decode(eng.prefill(PROMPTS), torch.arange(len(PROMPTS)).repeat_interleave(n), noise=noise)
+    assert [s.token_ids for s in out] == ref
+    assert min(map(len, ref)) < T
 
 
 @pytest.mark.slow
@@ -145,13 +176,16 @@ def test_finished_rows_leave_the_batch(smollm2, attention):
     assert [s.token_ids for s in out] == [ref[i] for i in slots]
 
 
-def test_shared_prefix_attention_matches_sdpa():
+@pytest.mark.parametrize("form", ["decode_state", "rows_eager", "rows_static"])
+def test_shared_prefix_attention_matches_sdpa(form):
     """The two-part attention (prompt once per prompt + own generated tokens) equals SDPA
-    over each row's full sequence, with left padding, GQA and uneven rows per prompt."""
+    over each row's full sequence, with left padding, GQA and uneven rows per prompt:
+    ``attention`` (``DecodeState``) and the engine's ``rows_attention`` with the generated
+    part exact-length (eager) or at full capacity with the rest masked (static)."""
     from aisp_bench import shared_prefix as sp
 
     g = torch.Generator().manual_seed(0)
-    P, Hkv, gq, D, L, t = 3, 2, 3, 8, 7, 4
+    P, Hkv, gq, D, L, t, cap = 3, 2, 3, 8, 7, 4, 9
     H = Hkv * gq
     mask = torch.ones(P, L, dtype=torch.long)
     mask[0, :3] = 0
@@ -160,21 +194,26 @@ def test_shared_prefix_attention_matches_sdpa():
     slots = torch.tensor([2, 0, 0, 1, 2, 2, 0])
     B = len(slots)
     q = torch.randn(B, H, 1, D, generator=g)
-    ks, vs = torch.randn(B, Hkv, t, D, generator=g), torch.randn(B, Hkv, t, D, generator=g)
-
-    class Layer:
-        layers = [type("L", (), {"keys": kp, "values": vp})()]
-
-    state = sp.DecodeState.build(Layer(), mask, slots)
+    ks, vs = torch.randn(B, Hkv, cap, D, generator=g), torch.randn(B, Hkv, cap, D, generator=g)
+    cache = type("Cache", (), {"layers": [type("L", (), {"keys": kp, "values": vp})()]})()
     module = type("M", (), {"layer_idx": 0})()
+    n = cap if form == "rows_static" else t  # generated keys the attention is given
+    if form == "decode_state":
+        state, fn = sp.DecodeState.build(cache, mask, slots), sp.attention
+    else:
+        row_of_slot, slot_of_row, R = sp.group_rows(slots, P)
+        suffix = torch.zeros(n).masked_fill(torch.arange(n) >= t, float("-inf"))
+        bias = torch.cat([sp.padding_bias(mask, torch.float32)[slots], suffix.expand(B, 1, 1, -1)], dim=-1)
+        state, fn = sp.RowState(*sp.prompt_kv(cache, torch.arange(P)), row_of_slot, slot_of_row, R, bias), \
+            sp.rows_attention
     sp._ACTIVE.append(state)
     try:
-        out, _ = sp.attention(module, q, ks, vs, scaling=D**-0.5)
+        out, _ = fn(module, q, ks[:, :, :n], vs[:, :, :n], scaling=D**-0.5)
     finally:
         sp._ACTIVE.pop()
     for b, p in enumerate(slots.tolist()):
-        k = torch.cat([kp[p], ks[b]], dim=1).repeat_interleave(gq, dim=0)  # (H, L+t, D)
-        v = torch.cat([vp[p], vs[b]], dim=1).repeat_interleave(gq, dim=0)
+        k = torch.cat([kp[p], ks[b, :, :t]], dim=1).repeat_interleave(gq, dim=0)  # (H, L+t, D)
+        v = torch.cat([vp[p], vs[b, :, :t]], dim=1).repeat_interleave(gq, dim=0)
         m = torch.cat([mask[p].bool(), torch.ones(t, dtype=torch.bool)])
         ref = torch.nn.functional.scaled_dot_product_attention(q[b], k, v, attn_mask=m[None, None, :])
         torch.testing.assert_close(out[b, 0], ref[:, 0], rtol=1e-5, atol=1e-6)

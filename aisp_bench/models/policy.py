@@ -131,14 +131,16 @@ class GGUFPackagePolicy(Policy):
         return str(gguf_safetensors_cache(package_file(self.package, self.gguf_file))), {}
 
 
-def build_engine(policy: Policy, *, max_new_tokens: int, batch_rows: int, prompt_overflow: str = "truncate_left"):
+def build_engine(policy: Policy, *, max_new_tokens: int, batch_rows: int | str, prompt_overflow: str = "truncate_left",
+                 **engine_options):
     """A new ``Engine`` on the loaded policy: the one place that decides generation settings.
 
     Context length: ``model.max_context``, else the model config's
     ``max_position_embeddings``; prompts longer than it minus ``max_new_tokens`` are
     truncated from the left (``prompt_overflow="truncate_left"``) or refused
     (``"skip"``: the engine raises, the run skips them beforehand). Engines are cheap:
-    build one per job from a policy loaded once.
+    build one per job from a policy loaded once. ``engine_options``: the ``Engine``'s
+    ``decode_step``, ``attention`` and ``sync_every`` (``generation.*``).
     """
     from aisp_bench.engine import Engine
 
@@ -154,6 +156,7 @@ def build_engine(policy: Policy, *, max_new_tokens: int, batch_rows: int, prompt
         add_special_tokens=policy.add_special_tokens,
         context_length=int(policy.max_context or getattr(model.config, "max_position_embeddings", 0)) or None,
         overflow={"skip": "error", "truncate_left": "truncate_left"}[prompt_overflow],
+        **engine_options,
     )
 
 
