@@ -127,11 +127,11 @@ def test_static_step_replays_like_a_cuda_graph(tiny):
     """The static step at two different steps runs the same ops with the same scalars on
     the same buffers, and never reads a device value on the host: what makes capturing
     it once and replaying it valid. (The capture itself needs CUDA: tests marked gpu.)"""
-    from aisp_bench.engine import _StaticRows
+    from aisp_bench.engine import StaticRows
 
     model, tok, prompts, slots, noise = tiny
     eng = Engine(model, tok, max_new_tokens=T, check_prelogit=False, decode_step="static")
-    rows = _StaticRows(eng, eng.prefill(prompts), slots, graphs=False)
+    rows = StaticRows(eng, eng.prefill(prompts), slots, graphs=False)
     records = []
     for t in (0, 1, 5):
         rows.tok.random_(0, VOCAB)

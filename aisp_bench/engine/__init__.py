@@ -1,0 +1,50 @@
+"""The generation engine: the only code that runs the policy model's forward pass.
+
+It decodes many rows at once on any ``transformers`` causal LM whose logits are
+``lm_head(z_t)``, z_t being the final hidden state after the last norm (the paper's
+pre-logit, Eq. 2). Per row it applies one of three rules:
+
+* greedy on ``lm_head(z_t + v_t)`` with caller-given noise v_t for generated steps
+  t = 1..τ and no noise after τ (Eq. 3; AISP and BoN with Gaussian pre-logit noise);
+* temperature + top-p (nucleus) sampling, with the filter of ``transformers``'
+  ``TopPLogitsWarper`` and one caller-given uniform per step (BoN top-p);
+* plain greedy (no noise, no sampling).
+
+How it is fast:
+
+* ``prefill`` runs each prompt once (several prompts left-padded in one batch) and keeps
+  its KV cache and its last pre-logit; ``decode`` can be called many times on one prefix
+  (all of AISP's κ iterations reuse one prefill);
+* the prompt's KV cache is shared by its rows, not copied (``shared_prefix``): each
+  decode step attends to one copy of the prompt KV per prompt and to a preallocated
+  per-row buffer of generated tokens. ``attention="copy"`` copies the prompt cache to
+  each row instead (models the shared-prefix attention does not cover, and where its
+  few large kernels are faster: ``Engine.attention_for``);
+* the host does not wait for the device at every step: generated tokens stay on the
+  device and are read every ``sync_every`` steps, where EOS ids are found in one
+  vectorised pass and stop strings are searched only in rows whose new token can
+  complete one (``stop_candidates``);
+* rows that finish (EOS, a stop string, ``max_new_tokens``) leave the batch: the cache
+  and every per-row tensor are compacted, so finished rows cost nothing more;
+* ``decode_step="static"`` runs the same attention on preallocated buffers with fixed
+  shapes per batch-size bucket, which ``decode_step="cuda_graph"`` captures in CUDA
+  graphs (one replay per step instead of hundreds of kernel launches);
+* rows beyond ``max_batch_rows`` are decoded in successive chunks.
+
+Randomness never comes from here: callers pass noise and uniforms drawn from generators
+seeded per (run seed, prompt id, iteration, row), so results do not depend on batching.
+"""
+
+from aisp_bench.engine.core import (
+    DECODE_STEPS, EncodedPrompt, Engine, Prefix, PromptTooLongError, eos_ids,
+)  # fmt: skip
+from aisp_bench.engine.rows import BUCKETS, SPAN, CopyRows, SharedRows, StaticRows
+from aisp_bench.engine.sampling import sample_top_p, top_p_filter
+from aisp_bench.engine.sizing import auto_attention, auto_batch_rows, kv_bytes_per_token
+from aisp_bench.engine.stopping import StopRules, stop_candidates
+
+__all__ = [
+    "BUCKETS", "DECODE_STEPS", "SPAN", "CopyRows", "EncodedPrompt", "Engine", "Prefix", "PromptTooLongError",
+    "SharedRows", "StaticRows", "StopRules", "auto_attention", "eos_ids", "sample_top_p", "stop_candidates",
+    "top_p_filter", "auto_batch_rows", "kv_bytes_per_token",
+]  # fmt: skip
