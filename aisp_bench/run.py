@@ -9,7 +9,6 @@ resumes; a folder made with a different config is refused unless ``overwrite=tru
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import logging
 import os
@@ -26,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from aisp_bench.cli import UserError, first_line, instantiate_node
-from aisp_bench.config import NON_SEMANTIC
+from aisp_bench.config import config_diff, semantic_config
 from aisp_bench.rundir import (
     MANIFEST, RUN_LOG, SUMMARY, RecordWriter, make_record, read_json, read_records, summarize, write_json_atomic,
 )  # fmt: skip
@@ -60,28 +59,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def semantic_config(cfg: dict) -> dict:
-    """The config without keys that do not change results (for the resume check)."""
-    c = copy.deepcopy(cfg)
-    for key in NON_SEMANTIC:
-        parts = key.split(".")
-        node = c
-        for p in parts[:-1]:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(parts[-1], None)
-    return c
-
-
-def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += config_diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
 # Loaded models survive between the jobs of one multirun (same process, same config).

@@ -6,7 +6,8 @@ from a higher one:
 0. ``types``, ``registry``, ``seeding``, ``config``: plain values, names, seeds, config paths
 1. ``engine``, ``shared_prefix``, ``rewards``, ``data``, ``models``: models and data
 2. ``methods``, ``metrics``: algorithms on the engine and reward interfaces, metrics on records
-3. ``rundir``: the run folder (files, records, run identity and selection)
+3. ``rundir``, ``results``: one run folder (files, records, run identity), the results tree
+   (selection, judge files)
 4. ``cli``: the front door shared by the commands
 5. the commands ``run`` (with ``__main__``), ``evaluate``, ``judge``, ``report``: none
    imports another (the judge does not import the evaluate command line)
@@ -27,12 +28,12 @@ LAYERS = [
     {"types", "registry", "seeding", "config"},
     {"engine", "shared_prefix", "rewards", "data", "models"},
     {"methods", "metrics"},
-    {"rundir"},
+    {"rundir", "results"},
     {"cli"},
     {"run", "evaluate", "judge", "report"},
 ]
 COMMANDS = LAYERS[-1]
-CONFIG_FREE = LAYERS[1] | LAYERS[2] | {"types", "registry", "seeding", "rundir"}
+CONFIG_FREE = LAYERS[1] | LAYERS[2] | LAYERS[3] | {"types", "registry", "seeding"}
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 60
 MODULES = sorted(PACKAGE.rglob("*.py"))
 

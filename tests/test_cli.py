@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from aisp_bench.cli import UserError
-from aisp_bench.config import NON_SEMANTIC
-from aisp_bench.run import run, semantic_config
+from aisp_bench.config import NON_SEMANTIC, semantic_config
+from aisp_bench.run import run
 from aisp_bench.rundir import read_json, read_records
 from proc import run_tree
 

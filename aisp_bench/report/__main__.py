@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from aisp_bench.cli import UserError, run_app
 from aisp_bench.config import CONF_DIR
-from aisp_bench.rundir import Run, Selection, discover_runs, runs_root
+from aisp_bench.results import Selection, discover_runs, runs_root
+from aisp_bench.rundir import Run
 
 TARGETS = ("table1", "table2", "table3", "figure2", "compute", "lambda_sweep", "compare")
 

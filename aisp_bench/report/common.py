@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from aisp_bench.rundir import Run, group_runs
+from aisp_bench.results import group_runs
+from aisp_bench.rundir import Run
 
 # --------------------------------------------------------------------------- names
 
