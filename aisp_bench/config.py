@@ -15,10 +15,12 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped in the wheel
 
 # Keys that do not change what a run computes: a resumed run may differ in them, and they
 # are not part of the run folder name. (``judge``: manifests of older versions hold one.)
+# The prompt shard keys pick which prompts a job runs, not what they give: the shards of a
+# run share its folder (``<run_dir>/shards/<i>-of-<K>``) and its config.
 NON_SEMANTIC: tuple[str, ...] = (
     "overwrite", "results_dir", "run_dir", "progress", "batch_prompts", "generation.batch_rows",
     "model.device", "model.device_map", "model.attn_implementation", "reward.device", "reward.batch_size",
-    "experiment_name", "judge",
+    "experiment_name", "judge", "dataset.num_shards", "dataset.shard",
 )  # fmt: skip
 # Keys left out of the run folder's variant name besides those: already in its path, or a path.
 FOLDER_KEYS: tuple[str, ...] = (

@@ -4,8 +4,8 @@
     <results_dir>/judge/<dataset>/<model>__<reward>/<method_a>_vs_<method_b>.json
 
 ``Selection`` (the ``select`` block of conf/app.yaml) picks runs by dataset, pair, method,
-variant and seed; ``discover_runs`` finds them; ``group_runs`` gathers the seeds of one
-cell.
+variant and seed; ``discover_runs`` finds them (a sharded run is one run, see
+``rundir.Shards``); ``group_runs`` gathers the seeds of one cell.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aisp_bench.rundir import RECORDS, SUMMARY, Run, RunFolderError
+from aisp_bench.rundir import RECORDS, SHARDS, SUMMARY, Run, RunFolderError
 
 # -- selection ------------------------------------------------------------------------------
 SELECT_KEYS = ("dataset", "pair", "method", "variant", "seed")
@@ -86,11 +86,11 @@ def runs_root(results_dir: str | Path) -> Path:
 
 def discover_runs(results_dir: str | Path, select: Selection | None = None) -> list[Run]:
     """Every run folder under ``results_dir`` (or ``results_dir/runs``) that holds a
-    ``records.jsonl`` or a ``summary.json`` and matches ``select``, sorted by path."""
+    ``records.jsonl``, a ``summary.json`` or shards, and matches ``select``, sorted by path."""
     select = select or Selection()
     found = []
     for path in sorted(runs_root(results_dir).glob("*/*/*/*/seed*")):
-        if not ((path / RECORDS).is_file() or (path / SUMMARY).is_file()):
+        if not ((path / RECORDS).is_file() or (path / SUMMARY).is_file() or (path / SHARDS).is_dir()):
             continue
         run = Run.at(path)
         if run is not None and select.matches(run):

@@ -6,8 +6,8 @@ from a higher one:
 0. ``types``, ``registry``, ``seeding``, ``config``: plain values, names, seeds, config paths
 1. ``engine``, ``shared_prefix``, ``rewards``, ``data``, ``models``: models and data
 2. ``methods``, ``metrics``: algorithms on the engine and reward interfaces, metrics on records
-3. ``rundir``, ``results``: one run folder (files, records, run identity), the results tree
-   (selection, judge files)
+3. ``rundir``, ``results``, ``runlock``: one run folder (files, records, run identity, prompt
+   shards), the results tree (selection, judge files), the run-folder lock
 4. ``cli``: the front door shared by the commands
 5. the commands ``run`` (with ``__main__``), ``evaluate``, ``judge``, ``report``: none
    imports another (the judge does not import the evaluate command line)
@@ -28,7 +28,7 @@ LAYERS = [
     {"types", "registry", "seeding", "config"},
     {"engine", "shared_prefix", "rewards", "data", "models"},
     {"methods", "metrics"},
-    {"rundir", "results"},
+    {"rundir", "results", "runlock"},
     {"cli"},
     {"run", "evaluate", "judge", "report"},
 ]

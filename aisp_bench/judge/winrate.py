@@ -195,9 +195,13 @@ def build_items(protocol: Protocol, trial: int, run_a: Run, run_b: Run) -> tuple
 
 
 def build_comparison(protocol: Protocol, runs_a: Sequence[Run], runs_b: Sequence[Run], results_dir: str | Path):
-    """The trials and requests of A's runs against B's (one dataset and pair)."""
+    """The trials and requests of A's runs against B's (one dataset and pair); a sharded run
+    with a shard missing or unfinished is refused (it would be judged on part of its prompts)."""
     trials = []
     for k, (ra, rb) in enumerate(pair_runs(runs_a, runs_b, protocol.trials)):
+        for r in (ra, rb):
+            if r.shards is not None and not r.complete:
+                raise UserError(f"{r.path}: {r.shards.describe()}; finish them before judging this run")
         trials.append(_Trial(k, ra, rb, *build_items(protocol, k, ra, rb)))
     a = runs_a[0]
     out = judge_file(results_dir, a.dataset, a.pair, a.method, runs_b[0].method)

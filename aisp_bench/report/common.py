@@ -115,6 +115,13 @@ def paper_order(runs: Iterable[Run]) -> list[Run]:
                                        r.variant, r.seed))
 
 
+def unfinished_shards(runs: Iterable[Run]) -> list[str]:
+    """``<dataset>/<pair>/<method>/<variant>/seed<k>: shards 03 of 16 not complete (03 missing)``
+    for each sharded run with a shard missing or unfinished (read as an incomplete run)."""
+    return [f"{r.dataset}/{r.pair}/{r.method}/{r.variant}/seed{r.seed}: {r.shards.describe()}"
+            for r in runs if r.shards is not None and not r.complete]
+
+
 def select_variants(runs: Iterable[Run]) -> tuple[dict[tuple[str, str, str, str], list[Run]], list[str]]:
     """One variant per (dataset, model, reward, method): the runs a table cell averages.
 
