@@ -9,7 +9,7 @@ from a higher one:
 3. ``rundir``, ``results``, ``runlock``: one run folder (files, records, run identity, prompt
    shards), the results tree (selection, judge files), the run-folder lock
 4. ``cli``: the front door shared by the commands
-5. the commands ``run`` (with ``__main__``), ``evaluate``, ``judge``, ``report``: none
+5. the commands ``run`` (with ``__main__``), ``evaluate``, ``judge``, ``report``, ``plan``: none
    imports another (the judge does not import the evaluate command line)
 
 Only the layers from ``config`` and ``cli`` up may import Hydra or OmegaConf: methods,
@@ -30,7 +30,7 @@ LAYERS = [
     {"methods", "metrics"},
     {"rundir", "results", "runlock"},
     {"cli"},
-    {"run", "evaluate", "judge", "report"},
+    {"run", "evaluate", "judge", "report", "plan"},
 ]
 COMMANDS = LAYERS[-1]
 CONFIG_FREE = LAYERS[1] | LAYERS[2] | LAYERS[3] | {"types", "registry", "seeding"}
