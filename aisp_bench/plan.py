@@ -257,6 +257,11 @@ def run_counts(cfg: DictConfig, shards: list[str], tokens: Tokens) -> tuple[Coun
     return out, source
 
 
+def hours(h: float) -> str:
+    """GPU-hours as printed: "—" where unknown, three decimals below 1, one below 100."""
+    return "—" if math.isnan(h) else f"{h:,.0f}" if h >= 100 else f"{h:.1f}" if h >= 1 else f"{h:.3f}"
+
+
 def render(rows: dict[tuple[str, str, str], Counts], notes: list[str]) -> str:
     """The plan as a Markdown table (one row per dataset, pair, method, and the total) and notes."""
     import pandas as pd
@@ -264,7 +269,6 @@ def render(rows: dict[tuple[str, str, str], Counts], notes: list[str]) -> str:
     total = Counts()
     for c in rows.values():
         total.add(c)
-    hours = lambda h: "—" if math.isnan(h) else f"{h:,.0f}" if h >= 100 else f"{h:.1f}" if h >= 1 else f"{h:.3f}"  # noqa: E731
     table = [[*key, f"{c.runs:,}", f"{c.jobs:,}", f"{c.prompts:,}", f"{c.samples:,}", f"{c.generated_tokens:,}",
               f"{c.reward_tokens:,}", hours(c.gpu_hours), hours(c.longest_job_hours)]
              for key, c in [*sorted(rows.items()), (("total", "", ""), total)]]

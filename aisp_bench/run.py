@@ -277,7 +277,8 @@ def open_folder(job: Job, old_manifest: dict | None, engine, reward) -> dict:
         "sessions": (old_manifest.get("sessions", []) if old_manifest else []) + [session],
     }
     if job.num_shards > 1:  # the shard's prompts in the dataset's order: how its records merge with the others'
-        manifest["shard"] = {"index": job.shard, "num_shards": job.num_shards, "prompt_ids": [p.id for p in job.prompts]}
+        manifest["shard"] = {"index": job.shard, "num_shards": job.num_shards,
+                             "prompt_ids": [p.id for p in job.prompts]}
     write_json_atomic(job.run_dir / MANIFEST, manifest)
     return manifest
 

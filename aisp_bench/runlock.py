@@ -53,7 +53,8 @@ def describe(h: dict[str, Any] | None) -> str:
     job = h.get("slurm_job_id")
     if h.get("slurm_array_job_id"):
         job = f"{h['slurm_array_job_id']}_{h.get('slurm_array_task_id', '?')}"
-    return f"pid {h.get('pid')} on {h.get('host')}" + (f" (Slurm job {job})" if job else "") + f", since {h.get('started')}"
+    slurm = f" (Slurm job {job})" if job else ""
+    return f"pid {h.get('pid')} on {h.get('host')}{slurm}, since {h.get('started')}"
 
 
 def _pid_alive(pid: Any) -> bool:

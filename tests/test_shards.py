@@ -83,18 +83,19 @@ def test_missing_shards_and_mixed_folders_are_named(tmp_path):
 
 def test_commands_read_shards_as_one_run_and_refuse_unfinished_ones(tmp_path, command):
     results = f"results_dir={tmp_path}"
+    metrics = (results, "metrics=[reward_mean,num_records]", "select.method=aisp")
     complete = write_sharded_run(tmp_path, "aisp", 0, RESPONSES, 3)
     partial = write_sharded_run(tmp_path, "aisp", 1, RESPONSES, 3, leave_out=(2,))
     for seed in (0, 1):
         write_run(tmp_path, "bon_topp", seed, RESPONSES)
-    code, out, err = command(evaluate_main, "evaluate", results, "metrics=[reward_mean,num_records]", "select.method=aisp")
+    code, out, err = command(evaluate_main, "evaluate", *metrics)
     assert code == 0 and "1 updated" in out and "1 skipped" in out
     assert f"warning: {partial}: skipped: shards 02 of 3 not complete (02 missing)" in err
     own = read_json(complete / "summary.json")  # the merged run's metrics, in the run folder's summary
     assert own["num_done"] == 7 and own["metrics"]["num_records"] == 7 and own["num_shards"] == 3
     assert Run.at(complete).metrics["reward_mean"] == pytest.approx(own["mean_reward"])
     assert not (partial / "summary.json").exists()
-    code, out, err = command(evaluate_main, "evaluate", results, "metrics=[reward_mean,num_records]", "select.method=aisp")
+    code, out, err = command(evaluate_main, "evaluate", *metrics)
     assert "1 up to date" in out
     code, out, err = command(report_main, "report", results, "target=table1", "select.method=aisp")
     assert code == 0, err
