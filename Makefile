@@ -33,6 +33,23 @@ endif
 MODEL := $(word 1,$(subst __, ,$(PAIR)))
 REWARD := $(word 2,$(subst __, ,$(PAIR)))
 SWEEP := $(PY) -m aisp_bench -m scale=$(SCALE) model=$(MODEL) reward=$(REWARD) progress=false
+
+# On a cluster (README: "On a cluster"): CLUSTER=slurm submits the runs of `make runs` as one
+# Slurm job array through Hydra's submitit launcher (aisp_bench/conf/hydra/launcher/slurm.yaml,
+# e.g. LAUNCHER_ARGS='hydra.launcher.partition=gpu'); CLUSTER=local as local processes.
+# SHARDS=K splits every run's prompts into K jobs (SHARD=3,7: only those); PLAN=1 prints the
+# plan of `make runs` / `make paper` (jobs, tokens, GPU-hours; PLAN_ARGS=plan.tokens_per_second=...)
+# and runs nothing. The other targets read shards as runs: `make table1` needs no SHARDS.
+CLUSTER ?=
+SHARDS ?= 1
+LAUNCH := $(if $(CLUSTER),hydra/launcher=$(CLUSTER) $(LAUNCHER_ARGS))
+SHARDING := $(if $(filter-out 1,$(SHARDS)),dataset.num_shards=$(SHARDS) 'dataset.shard=$(or $(SHARD),range($(SHARDS)))')
+TABLE1_GRID = experiment=table1 $(if $(SEEDS),seed=$(SEEDS)) $(SHARDING) $(LAUNCH)
+ifneq ($(PLAN),)
+  ifneq ($(filter-out paper runs plan,$(MAKECMDGOALS)),)
+    $(error PLAN=1 shows the plan of make paper or make runs, not of $(filter-out paper runs plan,$(MAKECMDGOALS)))
+  endif
+endif
 REPORT := $(PY) -m aisp_bench.report results_dir=$(RESULTS)
 TABLE1_RUNS := results_dir=$(RESULTS) select.pair=$(PAIR) select.variant=table1
 
@@ -45,7 +62,7 @@ ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz),)
   export AISP_HH_PATH ?= $(abspath $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz)
 endif
 
-.PHONY: help setup demo test test-fast bench bench-gpu bench-gpu-engine runs table1 table2 table3 figure2 compute \
+.PHONY: help setup demo test test-fast bench bench-gpu bench-gpu-engine plan runs table1 table2 table3 figure2 compute \
         judge lambda_runs lambda_sweep evaluate report paper smoke clean-smoke
 
 help:  ## list the targets
@@ -73,8 +90,15 @@ bench-gpu: setup  ## the three methods end to end on CUDA at paper settings (res
 bench-gpu-engine: setup  ## the engine against transformers generate on CUDA (results/bench/engine_gpu.json)
 	$(PY) scripts/bench_gpu.py
 
-runs: setup  ## the Table 1 runs for PAIR (3 methods x SHP, HH-RLHF x seeds 0-2; SEEDS=0,1 for fewer)
-	$(SWEEP) experiment=table1 $(if $(SEEDS),seed=$(SEEDS))
+plan: setup  ## what `make runs` costs: jobs, prompts, samples, tokens, GPU-hours (CLUSTER, SHARDS, PLAN_ARGS)
+	$(PY) -m aisp_bench.plan -m scale=$(SCALE) model=$(MODEL) reward=$(REWARD) $(TABLE1_GRID) $(PLAN_ARGS)
+
+ifeq ($(PLAN),)
+runs: setup  ## the Table 1 runs for PAIR (3 methods x SHP, HH-RLHF x seeds 0-2; SEEDS=0,1; CLUSTER, SHARDS)
+	$(SWEEP) $(TABLE1_GRID)
+else
+runs: plan
+endif
 
 evaluate: runs  ## diversity, coherence and reward of those runs into their summary.json
 	$(PY) -m aisp_bench.evaluate $(TABLE1_RUNS) encoder=$(ENCODER) $(if $(EVAL_REWARD),reward=$(EVAL_REWARD))
@@ -113,8 +137,12 @@ lambda_sweep: lambda_runs  ## AISP over a λ grid with the std(r/λ) tuning sign
 report:  ## every table and figure from the files on disk (loads no model; skips what has no input)
 	$(REPORT) 'target=[table1,figure2,compute,table2,table3,lambda_sweep]'
 
-paper: evaluate judge  ## every artefact for PAIR
+ifeq ($(PLAN),)
+paper: evaluate judge  ## every artefact for PAIR (CLUSTER=slurm SHARDS=16: the runs as one Slurm array)
 	$(MAKE) report
+else
+paper: plan
+endif
 
 smoke: setup  ## the whole chain offline on CPU in minutes (tables, figures, win rates, λ sweep)
 	$(MAKE) evaluate judge lambda_runs SCALE=smoke

@@ -18,7 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from aisp_bench.registry import UnknownNameError
-from aisp_bench.rundir import Run, RunFolderError, Selection, discover_runs, runs_root
+from aisp_bench.results import Selection, discover_runs, runs_root
+from aisp_bench.rundir import Run, RunFolderError
 
 
 class UserError(Exception):

@@ -5,7 +5,9 @@ Resolvers are registered on import, before any config is composed.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -13,16 +15,41 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped in the wheel
 
 # Keys that do not change what a run computes: a resumed run may differ in them, and they
 # are not part of the run folder name. (``judge``: manifests of older versions hold one.)
+# The prompt shard keys pick which prompts a job runs, not what they give: the shards of a
+# run share its folder (``<run_dir>/shards/<i>-of-<K>``) and its config.
 NON_SEMANTIC: tuple[str, ...] = (
     "overwrite", "results_dir", "run_dir", "progress", "batch_prompts", "generation.batch_rows",
     "generation.decode_step", "generation.attention", "generation.sync_every",
     "model.device", "model.device_map", "model.attn_implementation", "reward.device", "reward.batch_size",
-    "experiment_name", "judge",
+    "experiment_name", "judge", "dataset.num_shards", "dataset.shard",
 )  # fmt: skip
 # Keys left out of the run folder's variant name besides those: already in its path, or a path.
 FOLDER_KEYS: tuple[str, ...] = (
     "method", "model", "reward", "dataset", "seed", "experiment", "scale", "dataset.path", "hydra.verbose",
 )  # fmt: skip
+
+
+def semantic_config(cfg: dict) -> dict:
+    """A resolved config (a plain dict, as in ``manifest.json``) without the ``NON_SEMANTIC`` keys."""
+    c = copy.deepcopy(cfg)
+    for key in NON_SEMANTIC:
+        parts = key.split(".")
+        node = c
+        for p in parts[:-1]:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    return c
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``["method.lam: 0.7 -> 0.3", ...]``: where two plain configs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += config_diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
 def run_segment(experiment_name: str | None, override_dirname: str) -> str:

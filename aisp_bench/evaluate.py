@@ -9,7 +9,10 @@ Usage::
 
 For each selected run (runs without ``summary.json``, still going or crashed, are
 skipped) the ``metrics`` block of :func:`aisp_bench.metrics.compute_metrics` is written
-into ``summary.json``, its other keys kept.
+into ``summary.json``, its other keys kept. A sharded run (``dataset.num_shards``) is
+evaluated as one run once every shard is complete (until then it is skipped with a
+warning naming the shards to finish); its metrics go into the run folder's own
+``summary.json``, beside the counts summed over its shards.
 
 **Which reward.** The paper's Table 1 reports every row's reward under one model,
 UltraRM. ``reward=NAME`` (the ``reward`` group, as for runs) re-scores each record's
@@ -49,7 +52,7 @@ from aisp_bench.config import CONF_DIR
 from aisp_bench.metrics import DEFAULT_METRICS, METRICS, compute_metrics
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
 from aisp_bench.rundir import (
-    SUMMARY, Run, get_path, read_json, read_json_or_none, read_records, record_prompt, records_sha256,
+    SUMMARY, Run, get_path, read_json_or_none, read_records, read_summary, record_prompt, records_sha256,
     write_json_atomic,
 )  # fmt: skip
 
@@ -172,11 +175,13 @@ def evaluate_run(
     if reward is not None and "reward_mean" not in names:
         raise UserError(f"reward={reward_name} needs the reward_mean metric in metrics")
     summary_path = run.path / SUMMARY
-    if not summary_path.is_file():
+    if run.shards is not None and not run.complete:
+        return f"skipped: {run.shards.describe()}; a sharded run is evaluated once every shard is complete", None
+    if read_summary(run.path) is None:
         return "skipped: no summary.json (run unfinished or crashed)", None
     label = encoder.label if encoder is not None else None
     fp = fingerprint(run.path, label, names, run.config, reward_name)
-    old = read_json(summary_path).get("metrics")
+    old = (read_json_or_none(summary_path) or {}).get("metrics")
     if not force and isinstance(old, dict) and old.get("fingerprint") == fp:
         return "up to date", old
     with warnings.catch_warnings():
@@ -186,7 +191,7 @@ def evaluate_run(
     if "reward_mean" in metrics:
         metrics = _reward_metrics(run, metrics, records, reward, reward_name, force)
     metrics["fingerprint"] = fp
-    summary = read_json(summary_path)  # re-read: keep whatever else changed meanwhile
+    summary = read_summary(run.path)  # re-read: keep whatever else changed meanwhile (sharded: the shards' sum)
     summary["metrics"] = metrics
     write_json_atomic(summary_path, summary)
     return "updated", metrics

@@ -5,11 +5,14 @@ checks everything before touching the results folder, then decodes the prompts t
 not yet in ``records.jsonl`` batch by batch, appending one record per prompt as it
 finishes, and writes ``manifest.json`` and ``summary.json``. Re-running the same command
 resumes; a folder made with a different config is refused unless ``overwrite=true``.
+
+A prompt shard (``dataset.num_shards=K dataset.shard=i``) is the same, in the run
+folder's ``shards/<i>-of-<K>/``. The folder being written is held with ``run.lock``
+(``runlock.RunLock``), so two processes never write one folder.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import logging
 import os
@@ -26,10 +29,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from aisp_bench.cli import UserError, first_line, instantiate_node
-from aisp_bench.config import NON_SEMANTIC
+from aisp_bench.config import config_diff, semantic_config
 from aisp_bench.rundir import (
-    MANIFEST, RUN_LOG, SUMMARY, RecordWriter, make_record, read_json, read_records, summarize, write_json_atomic,
+    MANIFEST, RECORDS, RUN_LOCK, RUN_LOG, SUMMARY, RecordWriter, Shards, make_record, read_json, read_records,
+    read_summary, shard_dir, summarize, write_json_atomic,
 )  # fmt: skip
+from aisp_bench.runlock import RunLock
 from aisp_bench.types import Prompt
 
 log = logging.getLogger("aisp_bench")
@@ -60,28 +65,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def semantic_config(cfg: dict) -> dict:
-    """The config without keys that do not change results (for the resume check)."""
-    c = copy.deepcopy(cfg)
-    for key in NON_SEMANTIC:
-        parts = key.split(".")
-        node = c
-        for p in parts[:-1]:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(parts[-1], None)
-    return c
-
-
-def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += config_diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
 # Loaded models survive between the jobs of one multirun (same process, same config).
@@ -136,20 +119,26 @@ class Job:
     policy: Any
     reward: Any
     overwrite: bool
+    run_root: Path  # the run's folder: run_dir itself, or the folder of run_dir's shards
+    shard: int
+    num_shards: int
 
 
 def run(cfg: DictConfig) -> Path:
-    """Run (or resume) one configuration; returns its run folder."""
+    """Run (or resume) one configuration; returns its run folder (a shard's: its own)."""
     job = prepare(cfg)
+    if in_other_layout(job):
+        return job.run_root
     old_manifest = resume_check(job)
     if is_complete(job, old_manifest):  # nothing to load, nothing to do
         log.info("%s: complete (%d prompts); nothing to do", job.run_dir, len(job.prompts))
         return job.run_dir
     engine, reward = load(cfg, job)
     fit, skipped, truncated = fit_prompts(engine, job.prompts, str(cfg.generation.prompt_overflow))
-    manifest = open_folder(job, old_manifest, engine, reward)
-    done_before = generate(cfg, job, engine, reward, fit, len(skipped), len(truncated))
-    finalize(job, manifest, skipped, truncated, done_before)
+    with RunLock(job.run_dir):
+        manifest = open_folder(job, old_manifest, engine, reward)
+        done_before = generate(cfg, job, engine, reward, fit, len(skipped), len(truncated))
+        finalize(job, manifest, skipped, truncated, done_before)
     return job.run_dir
 
 
@@ -168,7 +157,43 @@ def prepare(cfg: DictConfig) -> Job:
     reward = instantiate_node(cfg.reward, "reward")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
-    return Job(Path(cfg.run_dir), resolved, method, prompts, policy, reward, bool(cfg.get("overwrite", False)))
+    root, shard, k = Path(cfg.run_dir), dataset.shard, dataset.num_shards
+    return Job(root if k == 1 else shard_dir(root, shard, k), resolved, method, prompts, policy, reward,
+               bool(cfg.get("overwrite", False)), root, shard, k)
+
+
+def in_other_layout(job: Job) -> bool:
+    """True when the run folder holds every prompt of ``job`` in the other layout (shards for
+    an unsharded job, an unsharded run for a shard): nothing to do, it is read as it is.
+
+    Refused: shards of another ``dataset.num_shards``, the other layout unfinished, or
+    either made with another config (a shard is also checked against the shards beside it).
+    """
+    root, sharded = job.run_root, job.num_shards > 1
+    shards = Shards.of(root)  # refuses shards of two counts, or beside an unsharded run
+    if shards is not None:
+        if sharded and shards.num_shards != job.num_shards:
+            raise UserError(f"run folder {root} holds shards of dataset.num_shards={shards.num_shards}; run with "
+                            "that count, or delete the folder to reshard the run")
+        theirs = next((m for m in shards.manifests().values() if m), {})
+    elif sharded and ((root / RECORDS).is_file() or (root / MANIFEST).is_file()):
+        theirs = read_json(root / MANIFEST) if (root / MANIFEST).is_file() else {}
+    else:
+        return False  # the unsharded layout for an unsharded job (resume_check's), or a fresh folder
+    diff = config_diff(semantic_config(theirs.get("config", {})), semantic_config(job.resolved))
+    if diff:
+        raise UserError(f"run folder {root} was made with a different config ({'; '.join(diff[:3])}); delete it, "
+                        "or use another results_dir")
+    if sharded and shards is not None:
+        return False  # a shard beside its own kind
+    what = f"{shards.num_shards} prompt shards" if shards else "an unsharded run"
+    summary = read_summary(root) or {}
+    done = {r["prompt_id"] for r in read_records(root)} | set(summary.get("skipped_ids") or [])
+    if summary.get("complete") and {p.id for p in job.prompts} <= done:
+        log.info("%s: complete (as %s); nothing to do", root, what)
+        return True
+    how = f"with dataset.num_shards={shards.num_shards} ({shards.describe()})" if shards else "unsharded"
+    raise UserError(f"run folder {root} holds {what}, not complete: finish it {how}, or delete the folder")
 
 
 def resume_check(job: Job) -> dict | None:
@@ -187,7 +212,7 @@ def resume_check(job: Job) -> dict | None:
                 f"{'; ...' if len(diff) > 3 else ''}); pass overwrite=true to replace it"
             )
         return old
-    if job.run_dir.exists() and any(job.run_dir.iterdir()) and not job.overwrite:
+    if job.run_dir.exists() and any(p.name != RUN_LOCK for p in job.run_dir.iterdir()) and not job.overwrite:
         raise UserError(f"run folder {job.run_dir} exists without a {MANIFEST}; pass overwrite=true to replace it")
     return None
 
@@ -244,7 +269,11 @@ def open_folder(job: Job, old_manifest: dict | None, engine, reward) -> dict:
     """Create (or replace, with ``overwrite``) the run folder; write the manifest with a new session."""
     if old_manifest is not None and job.overwrite:
         log.warning("overwrite=true: replacing %s", job.run_dir)
-        shutil.rmtree(job.run_dir)
+        for p in job.run_dir.iterdir():  # everything but the lock we hold
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.name != RUN_LOCK:
+                p.unlink()
         old_manifest = None
     job.run_dir.mkdir(parents=True, exist_ok=True)
     _attach_log_file(job.run_dir)
@@ -259,6 +288,9 @@ def open_folder(job: Job, old_manifest: dict | None, engine, reward) -> dict:
         "finished": None,
         "sessions": (old_manifest.get("sessions", []) if old_manifest else []) + [session],
     }
+    if job.num_shards > 1:  # the shard's prompts in the dataset's order: how its records merge with the others'
+        manifest["shard"] = {"index": job.shard, "num_shards": job.num_shards,
+                             "prompt_ids": [p.id for p in job.prompts]}
     write_json_atomic(job.run_dir / MANIFEST, manifest)
     return manifest
 

@@ -1,13 +1,16 @@
-"""The run folder: file names, the record schema, reading, writing, run identity and selection.
+"""One run folder: file names, the record schema, reading, writing, run identity, prompt shards.
 
-Everything that reads or writes results goes through this module::
+Everything that reads or writes a run folder goes through this module (the tree around
+it, selection and judge files: ``results.py``)::
 
     <results_dir>/runs/<dataset>/<model>__<reward>/<method>/<variant>/seed<k>/
         records.jsonl   one record per prompt (``make_record``), appended and fsynced
         manifest.json   the resolved config, versions, sessions (written by the run)
         summary.json    counts and totals (``summarize``); evaluation adds ``metrics``
         run.log         the run's log
-    <results_dir>/judge/<dataset>/<model>__<reward>/<method_a>_vs_<method_b>.json
+        run.lock        who is writing the folder, while they are (``runlock.py``)
+        shards/03-of-16/  a sharded run (``dataset.num_shards``): a folder per shard with its
+                        own records, manifest, summary, lock; read together as one run
 
 ``variant`` is the experiment name and the command-line overrides (``default`` when
 there are none). Crash safety: a torn last line of ``records.jsonl`` (a crash while a
@@ -15,15 +18,14 @@ record was written) is dropped by every reader and cut off by the next writer, a
 that line: a bad line before the last one is corruption (``RunFolderError`` naming file
 and line). JSON files are written to a temporary file and renamed into place.
 
-Not built yet, and where it goes: prompt shards (``dataset.num_shards``/``dataset.shard``,
-several folders that read as one run) plug into ``record_files`` (the record files of a
-run) and ``discover_runs``; the run-folder lock belongs in ``RecordWriter``, the one
-writer of records.
+A sharded run reads as one (``read_records``, ``read_summary``, ``Run``): its shards'
+records in the dataset's order, each prompt once; a summary summed over the shards,
+complete when every shard is; shards made with different configs, or of different
+counts, or beside an unsharded run's files, are a ``RunFolderError`` naming them.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import math
@@ -31,18 +33,22 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from aisp_bench.config import config_diff, semantic_config
 from aisp_bench.types import Prompt, Result
 
 RECORDS = "records.jsonl"
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 RUN_LOG = "run.log"
+RUN_LOCK = "run.lock"
+SHARDS = "shards"
 
 
 class RunFolderError(ValueError):
@@ -156,13 +162,15 @@ def scan_records(path: str | Path) -> RecordScan:
 
 
 def record_files(run_dir: str | Path) -> list[Path]:
-    """The records files of a run (prompt shards will add theirs here)."""
-    path = Path(run_dir) / RECORDS
-    return [path] if path.is_file() else []
+    """The records files of a run: its own, or its shards' in shard order."""
+    shards = Shards.of(run_dir)
+    paths = [Path(run_dir) / RECORDS] if shards is None else [p / RECORDS for p in shards.folders.values()]
+    return [p for p in paths if p.is_file()]
 
 
 def read_records(run_dir: str | Path) -> list[dict]:
-    """Every record of a run folder in file order ([] before the first one).
+    """Every record of a run folder in file order ([] before the first one); a sharded
+    run's in the dataset's order (``Shards.in_run_order``).
 
     A torn last line is dropped with a warning; a corrupt line before it raises
     ``RunFolderError``.
@@ -173,7 +181,14 @@ def read_records(run_dir: str | Path) -> list[dict]:
         if scan.dropped_tail:
             warnings.warn(f"{path}: dropping a torn last line", stacklevel=2)
         out += scan.records
-    return out
+    shards = Shards.of(run_dir)
+    return out if shards is None else shards.in_run_order(out)
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """``summary.json`` of a run; a sharded run's is summed over its shards (``Shards.summary``)."""
+    shards = Shards.of(run_dir)
+    return read_json_or_none(Path(run_dir) / SUMMARY) if shards is None else shards.summary()
 
 
 def records_sha256(run_dir: str | Path) -> str:
@@ -243,6 +258,107 @@ def summarize(records: Iterable[dict], num_prompts: int, skipped: list[str], tru
     }
 
 
+# -- prompt shards ---------------------------------------------------------------------------
+_SHARD_NAME = re.compile(r"^(\d+)-of-(\d+)$")
+
+
+def shard_label(shard: int, num_shards: int) -> str:
+    """``03`` for shard 3 of 16: zero-padded to at least two digits, as wide as ``num_shards``."""
+    return f"{shard:0{max(2, len(str(num_shards)))}d}"
+
+
+def shard_dir(run_dir: str | Path, shard: int, num_shards: int) -> Path:
+    """``<run_dir>/shards/03-of-16``: the folder shard ``shard`` of ``num_shards`` writes."""
+    return Path(run_dir) / SHARDS / f"{shard_label(shard, num_shards)}-of-{shard_label(num_shards, num_shards)}"
+
+
+@dataclass(frozen=True)
+class Shards:
+    """The prompt shards of a run folder: ``folders`` maps each shard on disk to its folder."""
+
+    run_dir: Path
+    num_shards: int
+    folders: dict[int, Path]
+
+    @classmethod
+    def of(cls, run_dir: str | Path) -> Shards | None:
+        """The shards under ``run_dir`` (None: an unsharded folder). Shards of different counts,
+        or shards beside an unsharded run's files, are a ``RunFolderError``."""
+        run_dir, found = Path(run_dir), {}
+        root = run_dir / SHARDS
+        for p in sorted(root.iterdir()) if root.is_dir() else []:
+            m = _SHARD_NAME.match(p.name)
+            if m and p.is_dir() and int(m[1]) < int(m[2]):
+                found.setdefault(int(m[2]), {})[int(m[1])] = p
+        if not found:
+            return None
+        if len(found) > 1:
+            counts = ", ".join(str(k) for k in sorted(found))
+            raise RunFolderError(f"{root} holds shards of different dataset.num_shards ({counts}); keep one set")
+        if (run_dir / RECORDS).is_file() or (run_dir / MANIFEST).is_file():
+            raise RunFolderError(f"{run_dir} holds both an unsharded run and shards in {SHARDS}/; keep one")
+        (k, folders), = found.items()
+        return cls(run_dir, k, dict(sorted(folders.items())))
+
+    def names(self, shards: Iterable[int]) -> str:
+        """``03, 07 of 16``."""
+        return f"{', '.join(shard_label(i, self.num_shards) for i in shards)} of {self.num_shards}"
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i in range(self.num_shards) if i not in self.folders]
+
+    def unfinished(self) -> list[int]:
+        """Shards missing, or whose ``summary.json`` is absent or says incomplete."""
+        return [i for i in range(self.num_shards) if i not in self.folders
+                or not (read_json_or_none(self.folders[i] / SUMMARY) or {}).get("complete")]
+
+    def describe(self) -> str:
+        """``shards 03, 05, 07 of 16 not complete (03, 07 missing)``; empty when every shard is complete."""
+        todo, missing = self.unfinished(), self.missing
+        gone = f" ({', '.join(shard_label(i, self.num_shards) for i in missing)} missing)" if missing else ""
+        return f"shards {self.names(todo)} not complete{gone}" if todo else ""
+
+    def manifests(self) -> dict[int, dict[str, Any]]:
+        """Each shard's manifest; shards whose semantic configs differ from the first are a ``RunFolderError``."""
+        out = {i: read_json_or_none(p / MANIFEST) or {} for i, p in self.folders.items()}
+        configs = {i: semantic_config(m.get("config", {})) for i, m in out.items() if m}
+        first, ref = next(iter(configs.items()), (0, {}))
+        odd = [i for i, c in configs.items() if c != ref]
+        if odd:
+            raise RunFolderError(f"{self.run_dir}: shards {self.names(odd)} were made with another config than shard "
+                                 f"{shard_label(first, self.num_shards)} ({config_diff(ref, configs[odd[0]])[0]}); "
+                                 "rerun or delete them")
+        return out
+
+    def in_run_order(self, records: list[dict]) -> list[dict]:
+        """The shards' records in the dataset's order: shard i's j-th prompt is the run's
+        (j·K + i)-th (each manifest lists its shard's prompt ids); a prompt twice is an error."""
+        pos = {pid: j * self.num_shards + i for i, m in self.manifests().items()
+               for j, pid in enumerate(get_path(m, "shard.prompt_ids", []))}
+        twice = [pid for pid, n in Counter(r.get("prompt_id") for r in records).items() if n > 1]
+        if twice:
+            raise RunFolderError(f"{self.run_dir}: prompt {twice[0]!r} is in the records of more than one shard")
+        return sorted(records, key=lambda r: pos.get(r.get("prompt_id"), math.inf))
+
+    def summary(self) -> dict[str, Any] | None:
+        """``summarize`` over the shards' records, ``complete`` when every shard is, plus
+        ``num_shards``, ``unfinished_shards``, and the evaluation ``metrics`` of the run
+        folder's own ``summary.json`` while its record count is the shards'."""
+        parts = [s for s in (read_json_or_none(p / SUMMARY) for p in self.folders.values()) if s]
+        if not parts:
+            return None
+        ids = lambda key: [x for s in parts for x in s.get(key) or []]  # noqa: E731
+        out = summarize(read_records(self.run_dir), sum(int(s.get("num_prompts") or 0) for s in parts),
+                        ids("skipped_ids"), ids("truncated_ids"))
+        unfinished = self.unfinished()
+        out.update(complete=not unfinished, num_shards=self.num_shards, unfinished_shards=unfinished)
+        own = read_json_or_none(self.run_dir / SUMMARY) or {}
+        if "metrics" in own and own.get("num_done") == out["num_done"]:
+            out["metrics"] = own["metrics"]
+        return out
+
+
 def get_path(obj: Any, dotted: str, default: Any = None) -> Any:
     """``obj['a']['b']`` for ``'a.b'``, or ``default`` where a key is missing."""
     cur = obj
@@ -296,8 +412,16 @@ class Run:
         return read_records(self.path)
 
     @cached_property
+    def shards(self) -> Shards | None:
+        """The run's prompt shards (None: an unsharded run)."""
+        return Shards.of(self.path)
+
+    @cached_property
     def manifest(self) -> dict[str, Any]:
-        return read_json_or_none(self.path / MANIFEST) or {}
+        """``manifest.json``; a sharded run's: its first shard's (the shards share one config)."""
+        if self.shards is None:
+            return read_json_or_none(self.path / MANIFEST) or {}
+        return next((m for m in self.shards.manifests().values() if m), {})
 
     @property
     def config(self) -> dict[str, Any]:
@@ -306,11 +430,11 @@ class Run:
 
     @cached_property
     def summary(self) -> dict[str, Any] | None:
-        return read_json_or_none(self.path / SUMMARY)
+        return read_summary(self.path)
 
     @property
     def complete(self) -> bool:
-        """True when ``summary.json`` says the run finished every prompt."""
+        """True when ``summary.json`` says the run finished every prompt (a sharded run: every shard)."""
         return bool(self.summary and self.summary.get("complete"))
 
     @property
@@ -321,116 +445,3 @@ class Run:
         """A method hyper-parameter from the manifest's config (``default`` where absent)."""
         v = get_path(self.config, f"method.{key}")
         return default if v is None else v
-
-
-# -- selection ------------------------------------------------------------------------------
-SELECT_KEYS = ("dataset", "pair", "method", "variant", "seed")
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which runs a command works on: per key, None (all) or the accepted values.
-
-    ``dataset``, ``pair`` (``<model>__<reward>``), ``method`` and ``variant`` take names or
-    shell patterns (``lambda_sweep*``); ``seed`` takes integers.
-    """
-
-    dataset: tuple[str, ...] | None = None
-    pair: tuple[str, ...] | None = None
-    method: tuple[str, ...] | None = None
-    variant: tuple[str, ...] | None = None
-    seed: tuple[int, ...] | None = None
-
-    @classmethod
-    def from_mapping(cls, values: Any) -> Selection:
-        """From a plain mapping such as a config's ``select`` block (scalars or lists; unknown keys refused)."""
-        values = dict(values or {})
-        unknown = sorted(set(values) - set(SELECT_KEYS))
-        if unknown:
-            raise RunFolderError(f"unknown selection key select.{unknown[0]}; known: {', '.join(SELECT_KEYS)}")
-        out: dict[str, tuple | None] = {}
-        for key, v in values.items():
-            if v is None:
-                continue
-            items = list(v) if isinstance(v, (list, tuple)) else [v]
-            if key == "seed":
-                if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in items):
-                    raise RunFolderError(f"select.seed must be integers >= 0, got {v!r}")
-            elif not all(isinstance(s, (str, int, float)) and not isinstance(s, bool) for s in items):
-                raise RunFolderError(f"select.{key} must be names or patterns, got {v!r}")
-            out[key] = tuple(items if key == "seed" else (str(s) for s in items))
-        return cls(**out)
-
-    def accepts(self, key: str, value: str | int) -> bool:
-        """Whether ``value`` passes the selection's ``key`` (``"seed"``: an int, else a name)."""
-        accepted = getattr(self, key)
-        if accepted is None:
-            return True
-        if key == "seed":
-            return value in accepted
-        return any(fnmatch.fnmatchcase(str(value), p) for p in accepted)
-
-    def matches(self, run: Run) -> bool:
-        return all(self.accepts(key, getattr(run, key)) for key in SELECT_KEYS)
-
-    def describe(self) -> str:
-        """``select.dataset=shp select.seed=[0, 1]`` (empty when everything is selected)."""
-        parts = []
-        for key in SELECT_KEYS:
-            v = getattr(self, key)
-            if v is not None:
-                parts.append(f"select.{key}={v[0] if len(v) == 1 else list(v)}")
-        return " ".join(parts)
-
-
-def runs_root(results_dir: str | Path) -> Path:
-    """``<results_dir>/runs`` when it exists, else ``results_dir`` itself (a runs folder was given)."""
-    results_dir = Path(results_dir)
-    return results_dir / "runs" if (results_dir / "runs").is_dir() else results_dir
-
-
-def discover_runs(results_dir: str | Path, select: Selection | None = None) -> list[Run]:
-    """Every run folder under ``results_dir`` (or ``results_dir/runs``) that holds a
-    ``records.jsonl`` or a ``summary.json`` and matches ``select``, sorted by path."""
-    select = select or Selection()
-    found = []
-    for path in sorted(runs_root(results_dir).glob("*/*/*/*/seed*")):
-        if not ((path / RECORDS).is_file() or (path / SUMMARY).is_file()):
-            continue
-        run = Run.at(path)
-        if run is not None and select.matches(run):
-            found.append(run)
-    return found
-
-
-def group_runs(runs: Iterable[Run]) -> dict[tuple[str, str, str, str, str], list[Run]]:
-    """Runs grouped by (dataset, model, reward, method, variant), seeds sorted; insertion-ordered."""
-    groups: dict[tuple[str, str, str, str, str], list[Run]] = {}
-    for r in runs:
-        groups.setdefault(r.group, []).append(r)
-    return {k: sorted(v, key=lambda r: r.seed) for k, v in groups.items()}
-
-
-OUTCOMES = ("win", "draw", "loss", "invalid")  # of method A, per judged prompt
-
-
-def trial_percentages(trials: Iterable[dict[str, Any]]) -> list[dict[str, float]]:
-    """Per trial of a win-rate file, each outcome in percent of the trial's ``n`` (trials
-    with ``n`` = 0, or whose counts do not sum to ``n``, are left out)."""
-    out = []
-    for t in trials:
-        counts = [t.get(k) for k in OUTCOMES]
-        n = t.get("n")
-        if all(isinstance(c, int) for c in counts) and isinstance(n, int) and n > 0 and sum(counts) == n:
-            out.append({k: 100.0 * c / n for k, c in zip(OUTCOMES, counts, strict=True)})
-    return out
-
-
-def judge_file(results_dir: str | Path, dataset: str, pair: str, method_a: str, method_b: str) -> Path:
-    """Where the win rates of ``method_a`` against ``method_b`` are written."""
-    return Path(results_dir) / "judge" / dataset / pair / f"{method_a}_vs_{method_b}.json"
-
-
-def judge_files(results_dir: str | Path) -> Sequence[Path]:
-    """Every win-rate file under ``results_dir`` (``judge_file``'s layout), sorted."""
-    return sorted((Path(results_dir) / "judge").glob("*/*/*_vs_*.json"))

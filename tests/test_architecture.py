@@ -6,9 +6,10 @@ from a higher one:
 0. ``types``, ``registry``, ``seeding``, ``config``: plain values, names, seeds, config paths
 1. ``engine``, ``shared_prefix``, ``rewards``, ``data``, ``models``: models and data
 2. ``methods``, ``metrics``: algorithms on the engine and reward interfaces, metrics on records
-3. ``rundir``: the run folder (files, records, run identity and selection)
+3. ``rundir``, ``results``, ``runlock``: one run folder (files, records, run identity, prompt
+   shards), the results tree (selection, judge files), the run-folder lock
 4. ``cli``: the front door shared by the commands
-5. the commands ``run`` (with ``__main__``), ``evaluate``, ``judge``, ``report``: none
+5. the commands ``run`` (with ``__main__``), ``evaluate``, ``judge``, ``report``, ``plan``: none
    imports another (the judge does not import the evaluate command line)
 
 Only the layers from ``config`` and ``cli`` up may import Hydra or OmegaConf: methods,
@@ -27,12 +28,12 @@ LAYERS = [
     {"types", "registry", "seeding", "config"},
     {"engine", "shared_prefix", "rewards", "data", "models"},
     {"methods", "metrics"},
-    {"rundir"},
+    {"rundir", "results", "runlock"},
     {"cli"},
-    {"run", "evaluate", "judge", "report"},
+    {"run", "evaluate", "judge", "report", "plan"},
 ]
 COMMANDS = LAYERS[-1]
-CONFIG_FREE = LAYERS[1] | LAYERS[2] | {"types", "registry", "seeding", "rundir"}
+CONFIG_FREE = LAYERS[1] | LAYERS[2] | LAYERS[3] | {"types", "registry", "seeding"}
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 60
 MODULES = sorted(PACKAGE.rglob("*.py"))
 

@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from aisp_bench.cli import UserError
-from aisp_bench.config import NON_SEMANTIC
-from aisp_bench.run import run, semantic_config
+from aisp_bench.config import NON_SEMANTIC, semantic_config
+from aisp_bench.run import run
 from aisp_bench.rundir import read_json, read_records
 from proc import run_tree
 
@@ -83,7 +83,8 @@ def test_non_semantic_keys_are_neither_in_the_folder_name_nor_in_the_resume_chec
     """One list (config.NON_SEMANTIC) drives Hydra's exclude_keys and the resume check."""
     values = {"overwrite": "true", "progress": "false", "batch_prompts": "2", "generation.batch_rows": "8",
               "model.device": "cpu", "model.device_map": "auto", "model.attn_implementation": "sdpa",
-              "reward.device": "cpu", "reward.batch_size": "4", "experiment_name": "x"}
+              "reward.device": "cpu", "reward.batch_size": "4", "experiment_name": "x", "dataset.num_shards": "4",
+              "dataset.shard": "3"}
     assert set(values) | {"results_dir", "run_dir", "judge"} == set(NON_SEMANTIC)
     cfg = compose([f"{k}={v}" for k, v in values.items() if k != "experiment_name"])
     assert cfg.run_dir.endswith("/aisp/default/seed0")  # none of them names the folder

@@ -13,7 +13,8 @@ import pytest
 from aisp_bench.report import figures, table1, tables
 from aisp_bench.report.__main__ import main as report_main
 from aisp_bench.report.common import paper_order, select_variants
-from aisp_bench.rundir import RunFolderError, Selection, discover_runs, read_records
+from aisp_bench.results import Selection, discover_runs
+from aisp_bench.rundir import RunFolderError, read_records
 
 
 def runs_in(root: Path, **select) -> list:

@@ -1,4 +1,5 @@
-"""The run folder (aisp_bench.rundir): crash safety, the record schema, identity, selection."""
+"""The run folder (aisp_bench.rundir) and the results tree (aisp_bench.results): crash safety,
+the record schema, identity, selection."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import warnings
 
 import pytest
 
+from aisp_bench.results import Selection, discover_runs, judge_file, judge_files
 from aisp_bench.rundir import (
-    RecordWriter, Run, RunFolderError, Selection, discover_runs, judge_file, judge_files, make_record, read_json,
-    read_records, record_prompt, scan_records, summarize, write_json_atomic,
+    RecordWriter, Run, RunFolderError, make_record, read_json, read_records, record_prompt, scan_records, summarize,
+    write_json_atomic,
 )  # fmt: skip
 from aisp_bench.types import Message, Prompt, Result
 

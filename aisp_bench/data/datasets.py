@@ -8,7 +8,9 @@ r"""Benchmark prompts: SHP and HH-RLHF test splits, local files, and the demo se
 * ``demo``: a few prompts written for this project, shipped in the package.
 
 ``num_prompts`` are drawn with ``sample_seed``, which does NOT change with the run seed:
-the three seeds of an experiment see the same prompts. ``path`` loads a local file in
+the three seeds of an experiment see the same prompts. ``num_shards``/``shard`` then keep
+every ``num_shards``-th of them from ``shard`` on (prompt shards: K jobs of one run, whose
+union is exactly the run's prompts, balanced to within one prompt). ``path`` loads a local file in
 the hub's own row schema (``.jsonl``, ``.jsonl.gz`` or a ``.json`` list) instead of the hub.
 """
 
@@ -150,6 +152,11 @@ def parse_prompts(rows: Iterable[dict], where: str) -> list[Prompt]:
 
 
 # ----------------------------------------------------------------------------- dataset
+def shard_of(prompts: list[Prompt], shard: int, num_shards: int) -> list[Prompt]:
+    """Prompt shard ``shard`` of ``num_shards``: every ``num_shards``-th prompt from ``shard`` on."""
+    return prompts[shard::num_shards]
+
+
 class PromptDataset:
     """A benchmark's prompts, from the hub, a local file or the package.
 
@@ -163,20 +170,28 @@ class PromptDataset:
             is accepted for files shipped with the package).
         num_prompts: prompts to draw (null: all).
         sample_seed: seed of that draw (fixed across run seeds).
+        num_shards: split the drawn prompts into this many shards (1: no split).
+        shard: which shard to load, 0 .. num_shards - 1: prompts shard, shard + num_shards, ...
     """
 
     def __init__(self, name: str, kind: str, hub_id: str | None = None, hub_data_dir: str | None = None,
                  split: str = "test", path: str | None = None, num_prompts: int | None = None,
-                 sample_seed: int = 0) -> None:
+                 sample_seed: int = 0, num_shards: int = 1, shard: int = 0) -> None:
         PARSERS.get(kind)  # unknown kinds fail here, listing the known ones
         if num_prompts is not None and (isinstance(num_prompts, bool) or not isinstance(num_prompts, int)
                                         or num_prompts < 1):
             raise DatasetError(f"dataset.num_prompts must be an integer >= 1 or null, got {num_prompts!r}")
+        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+            raise DatasetError(f"dataset.num_shards must be an integer >= 1, got {num_shards!r}")
+        if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
+            raise DatasetError(f"dataset.shard must be an integer in [0, {num_shards - 1}] "
+                               f"(dataset.num_shards={num_shards}), got {shard!r}")
         if path is None and hub_id is None:
             raise DatasetError(f"dataset {name!r} needs dataset.path or dataset.hub_id")
         self.name, self.kind = name, kind
         self.hub_id, self.hub_data_dir, self.split = hub_id, hub_data_dir, split
         self.path, self.num_prompts, self.sample_seed = path, num_prompts, sample_seed
+        self.num_shards, self.shard = num_shards, shard
 
     def _rows(self) -> tuple[list[dict], str]:
         if self.path is not None:
@@ -199,6 +214,7 @@ class PromptDataset:
         return [dict(r) for r in ds], f"hub dataset {self.hub_id!r}"
 
     def load(self) -> list[Prompt]:
+        """The prompts of this shard (all of the run's when ``num_shards`` is 1), in the dataset's order."""
         rows, where = self._rows()
         prompts = PARSERS.get(self.kind)(rows, where)
         if not prompts:
@@ -206,4 +222,4 @@ class PromptDataset:
         if self.num_prompts is not None and self.num_prompts < len(prompts):
             keep = sorted(random.Random(self.sample_seed).sample(range(len(prompts)), self.num_prompts))
             prompts = [prompts[i] for i in keep]
-        return prompts
+        return shard_of(prompts, self.shard, self.num_shards)

@@ -15,7 +15,7 @@ trials averaged), with the lineage's flaws fixed:
   as draws; a request that still fails after retries writes nothing (re-run to retry).
 
 All requests of all comparisons go to the judge as one batch (one budget check, one
-model load). Each comparison is written to ``rundir.judge_file``::
+model load). Each comparison is written to ``results.judge_file``::
 
     {"dataset", "model", "reward", "method_a", "method_b", "judge_model", "base_url_host",
      "mode", "num_prompts", "prompt_version", "temperature", "max_tokens", "sample_seed",
@@ -38,7 +38,8 @@ from aisp_bench.cli import UserError
 from aisp_bench.judge.base import CachedJudge, JudgeError, JudgeReply, JudgeRequest, Plan, Progress
 from aisp_bench.judge.prompts import Scores
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
-from aisp_bench.rundir import OUTCOMES, Run, judge_file, read_records, record_prompt, trial_percentages, write_json_atomic
+from aisp_bench.results import OUTCOMES, judge_file, trial_percentages
+from aisp_bench.rundir import Run, read_records, record_prompt, write_json_atomic
 from aisp_bench.seeding import derive_seed
 
 MODES = ("both_orders", "random_order")
@@ -194,9 +195,13 @@ def build_items(protocol: Protocol, trial: int, run_a: Run, run_b: Run) -> tuple
 
 
 def build_comparison(protocol: Protocol, runs_a: Sequence[Run], runs_b: Sequence[Run], results_dir: str | Path):
-    """The trials and requests of A's runs against B's (one dataset and pair)."""
+    """The trials and requests of A's runs against B's (one dataset and pair); a sharded run
+    with a shard missing or unfinished is refused (it would be judged on part of its prompts)."""
     trials = []
     for k, (ra, rb) in enumerate(pair_runs(runs_a, runs_b, protocol.trials)):
+        for r in (ra, rb):
+            if r.shards is not None and not r.complete:
+                raise UserError(f"{r.path}: {r.shards.describe()}; finish them before judging this run")
         trials.append(_Trial(k, ra, rb, *build_items(protocol, k, ra, rb)))
     a = runs_a[0]
     out = judge_file(results_dir, a.dataset, a.pair, a.method, runs_b[0].method)

@@ -72,18 +72,30 @@ class Policy:
     def _source(self) -> tuple[str, dict]:
         return self.name_or_path, {"revision": self.revision} if self.revision else {}
 
+    def load_tokenizer(self):
+        """Load (once) and return the tokenizer alone: enough to render and count prompts."""
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            src, kw = self._source()
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+            except OSError as e:
+                raise RuntimeError(f"cannot load the tokenizer of {src!r}: {str(e).splitlines()[0]}") from None
+        return self.tokenizer
+
     def load(self):
         """Load (once) and return (model, tokenizer)."""
         if self.model is not None:
             return self.model, self.tokenizer
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, device)
+        tok = self.load_tokenizer()
         src, kw = self._source()
         log.info("loading policy %s from %s (%s on %s)", self.name, src, dtype, device)
         try:
-            tok = AutoTokenizer.from_pretrained(src, **kw)
             extra = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
             if self.device_map:
                 extra["device_map"] = self.device_map

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from aisp_bench.cli import UserError, run_app
 from aisp_bench.config import CONF_DIR
-from aisp_bench.rundir import Run, Selection, discover_runs, runs_root
+from aisp_bench.results import Selection, discover_runs, runs_root
+from aisp_bench.rundir import Run
 
 TARGETS = ("table1", "table2", "table3", "figure2", "compute", "lambda_sweep", "compare")
 
@@ -61,7 +62,7 @@ def _nonempty(df, message: str):
 
 
 def main(cfg: DictConfig) -> int:
-    from .common import paper_order
+    from .common import paper_order, unfinished_shards
 
     targets = list(cfg.target) if OmegaConf.is_list(cfg.target) else [str(cfg.target)]
     for t in targets:
@@ -74,6 +75,8 @@ def main(cfg: DictConfig) -> int:
     if not runs and (len(targets) > 1 or targets[0] not in ("table2", "table3")):
         where = f" for {select.describe()}" if select.describe() else ""
         raise UserError(f"no run folders found under {runs_root(cfg.results_dir)}{where}")
+    for note in unfinished_shards(runs):
+        print(f"warning: {note}; read as an incomplete run", file=sys.stderr)
     status = 0
     for t in targets:
         try:

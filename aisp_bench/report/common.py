@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from aisp_bench.rundir import Run, group_runs
+from aisp_bench.results import group_runs
+from aisp_bench.rundir import Run
 
 # --------------------------------------------------------------------------- names
 
@@ -112,6 +113,13 @@ def paper_order(runs: Iterable[Run]) -> list[Run]:
     """Runs sorted by dataset, pair, method (the paper's order first), variant, seed."""
     return sorted(runs, key=lambda r: (dataset_key(r.dataset), pair_key((r.model, r.reward)), method_key(r.method),
                                        r.variant, r.seed))
+
+
+def unfinished_shards(runs: Iterable[Run]) -> list[str]:
+    """``<dataset>/<pair>/<method>/<variant>/seed<k>: shards 03 of 16 not complete (03 missing)``
+    for each sharded run with a shard missing or unfinished (read as an incomplete run)."""
+    return [f"{r.dataset}/{r.pair}/{r.method}/{r.variant}/seed{r.seed}: {r.shards.describe()}"
+            for r in runs if r.shards is not None and not r.complete]
 
 
 def select_variants(runs: Iterable[Run]) -> tuple[dict[tuple[str, str, str, str], list[Run]], list[str]]:

@@ -21,7 +21,8 @@ from aisp_bench.rundir import Run
 
 from .common import (
     DASH, as_float_array, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_mean_std,
-    mean_std, method_key, pair_key, render_latex, render_markdown, select_variants, tex_escape, write_texts,
+    mean_std, method_key, pair_key, render_latex, render_markdown, select_variants, tex_escape, unfinished_shards,
+    write_texts,
 )  # fmt: skip
 
 METRICS = ("reward", "diversity", "coherence")
@@ -131,7 +132,7 @@ def table1(runs: Sequence[Run], *, paper: pd.DataFrame | None = None) -> pd.Data
                                                       pair_key((df.iloc[i]["model"], df.iloc[i]["reward"])),
                                                       method_key(df.iloc[i]["method"])))
         df = df.iloc[order].reset_index(drop=True)
-    df.attrs["notes"] = notes
+    df.attrs["notes"] = notes + unfinished_shards(r for rs in chosen.values() for r in rs)
     return df
 
 

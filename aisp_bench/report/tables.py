@@ -14,7 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from aisp_bench.rundir import OUTCOMES, Run, Selection, group_runs, judge_files, read_json_or_none, trial_percentages
+from aisp_bench.results import OUTCOMES, Selection, group_runs, judge_files, trial_percentages
+from aisp_bench.rundir import Run, read_json_or_none
 
 from .common import (
     DASH, as_float_array, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_mean_std,
