@@ -62,6 +62,7 @@ test-fast: setup  ## the tests that load no model
 
 bench: setup  ## engine vs transformers generate on the CPU (results/bench/engine_cpu.json)
 	$(PY) scripts/bench_engine.py
+	$(PY) scripts/bench_rewards.py
 
 bench-gpu: setup  ## the same comparison on CUDA with a Llama-3-8B-shaped model (random weights)
 	$(PY) scripts/bench_gpu.py
