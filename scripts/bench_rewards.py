@@ -15,14 +15,18 @@ real SHP posts (../shared/data/shp/test_1000.jsonl, or --data) as prompts and re
    The issue's target is many_prompts / one_prompt >= 3 on a CPU; the ideal ratio is
    the token ratio rows·(L + R) / (L + rows·R), so it depends on L against the response
    length R (``--response-tokens``), hence a curve.
-2. ``aisp``: ``--aisp-prompts`` SHP prompts at their own length, ``--rows`` responses of R
-   tokens each: the reward seconds of one AISP prompt-iteration, shared and full.
+2. ``aisp``: ``--aisp-prompts`` SHP prompts at their own length (spread evenly over the
+   file), ``--rows`` responses of R tokens each: the reward seconds of one AISP
+   prompt-iteration, shared and full.
 
 Every variant's scores are compared with one-by-one full scoring (``batch_size=1``,
 ``share_prefix=false``). Variants are interleaved and repeated (``--repeats``, after an
-untimed warm-up), medians reported. Shapes (``--model``): ``tiny`` (the test suite's
-dry run), ``small`` (CPU default: hidden 512, 4 layers), ``ultrarm13b`` (CUDA default:
-LLaMA-2-13B's shape, bf16). Results go to --out (JSON) and a table to stdout.
+untimed warm-up), medians reported: wall seconds, and on the CPU also the process's CPU
+seconds (steadier on a shared machine; with one thread, the work done). Shapes
+(``--model``): ``tiny`` (the test suite's dry run), ``small`` (CPU default: hidden 512,
+4 layers), ``medium`` (hidden 1024, 2 layers), ``ultrarm13b`` (CUDA default: LLaMA-2-13B's shape, bf16). Batching: the
+``ultrarm`` config's on CUDA; on the CPU ``--max-batch-tokens 512`` (small forwards are
+fastest there, for both variants). Results go to --out (JSON) and a table to stdout.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ SHAPES = {
                  intermediate_size=64),
     "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
                   intermediate_size=1376),
+    # twice the width: attention to the prompt weighs half as much against the linear layers
+    "medium": dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=16,
+                   intermediate_size=2752),
     # openbmb/UltraRM-13b = LLaMA-2-13B (no grouped-query attention) + Linear(5120, 1)
     "ultrarm13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
                        intermediate_size=13824, rms_norm_eps=1e-5),
@@ -86,13 +93,14 @@ def cut(tok, ids: list[int], n: int) -> str:
     return tok.decode(ids[:n], skip_special_tokens=True)
 
 
-def timed(rm, prompts, responses, share: bool, device: str) -> tuple[float, torch.Tensor]:
+def timed(rm, prompts, responses, share: bool, device: str) -> tuple[float, float, torch.Tensor]:
+    """(wall seconds, CPU seconds of this process, scores)."""
     rm.share_prefix = share
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     scores = rm.score(prompts, responses)  # returns CPU tensors: synchronised
-    return time.perf_counter() - t0, scores
+    return time.perf_counter() - t0, time.process_time() - c0, scores
 
 
 def one_by_one(rm, prompts, responses) -> torch.Tensor:
@@ -107,14 +115,17 @@ def one_by_one(rm, prompts, responses) -> torch.Tensor:
 def measure(rm, cases: dict, repeats: int, device: str) -> dict:
     """cases: name -> (prompts, responses, share). Interleaved runs; medians and scores."""
     times = {name: [] for name in cases}
+    cpu = {name: [] for name in cases}
     scores = {}
     for r in range(repeats + 1):  # round 0: warm-up, untimed
         for name, (prompts, responses, share) in cases.items():
-            t, s = timed(rm, prompts, responses, share, device)
+            t, c, s = timed(rm, prompts, responses, share, device)
             if r:
                 times[name].append(t)
+                cpu[name].append(c)
             scores[name] = s
     return {"seconds": {k: statistics.median(v) for k, v in times.items()},
+            "cpu_seconds": {k: statistics.median(v) for k, v in cpu.items()},
             "all_seconds": times, "scores": scores}
 
 
@@ -126,8 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rows", type=int, default=32, help="responses per prompt (AISP's n)")
     ap.add_argument("--response-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", default="64,128,256,512", help="the curve's prompt lengths (tokens)")
-    ap.add_argument("--aisp-prompts", type=int, default=4, help="SHP prompts at their own length (0: skip)")
+    ap.add_argument("--aisp-prompts", type=int, default=8, help="SHP prompts at their own length (0: skip)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-batch-tokens", type=int, help="default: 512 on cpu, the ultrarm config's on cuda")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default results/bench/rewards_<device>.json)")
     args = ap.parse_args(argv)
@@ -153,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     tok.add_bos_token = True  # as LLaMA-2's tokenizer: <s> in front
     texts = load_texts(args.data, tok)
     rm = build(shape, args.device, dtype, tok)
+    if args.max_batch_tokens or not args.device.startswith("cuda"):
+        rm.max_batch_tokens = args.max_batch_tokens or 512
     # responses: the last posts of R to 2R tokens, cut to R; prompts: all the other posts
     resp = [i for i in reversed(range(len(texts))) if R <= len(texts[i][1]) < 2 * R][:n]
     if len(resp) < n:
@@ -171,8 +185,11 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": n, "response_tokens": R, "repeats": args.repeats, "curve": [], "aisp": None,
     }
     ok = True
-    print(f"{shape} RegressionHeadModel ({report['dtype']}, {args.device}), {n} responses of {R} tokens")
-    print("| prompt tokens | one prompt, shared (s) | one prompt, full (s) | many prompts (s) "
+    clock = "seconds" if args.device.startswith("cuda") else "cpu_seconds"  # what the ratios use
+    report["clock"] = clock
+    print(f"{shape} RegressionHeadModel ({report['dtype']}, {args.device}), {n} responses of {R} tokens, "
+          f"max_batch_tokens {rm.max_batch_tokens}; times: median {clock.replace('_', ' ')}")
+    print("| prompt tokens | one prompt, shared | one prompt, full | many prompts "
           "| many / shared | full / shared | ideal | max |diff| vs one-by-one |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for L in lengths:
@@ -189,11 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
         diff = max(float((m["scores"][k] - (ref_many if k == "many_prompts" else ref_one)).abs().max())
                    for k in cases)
         ok &= tol is None or diff <= tol
-        sec = m["seconds"]
+        sec = m[clock]
         seqs = [rm.encode(single, r) for r in responses]
         c = min(common_prefix_len(seqs), min(map(len, seqs)) - 1)  # what one_prompt runs once
         ideal = sum(map(len, seqs)) / (c + sum(len(s) - c for s in seqs))  # tokens run: full / shared
-        row = {"prompt_tokens": L, "tokens_per_pair": sum(map(len, seqs)) / n, "shared_tokens": c, "seconds": sec, "all_seconds": m["all_seconds"],
+        row = {"prompt_tokens": L, "tokens_per_pair": sum(map(len, seqs)) / n, "shared_tokens": c,
+               "seconds": m["seconds"], "cpu_seconds": m["cpu_seconds"], "all_seconds": m["all_seconds"],
                "many_over_one": sec["many_prompts"] / sec["one_prompt"],
                "full_over_shared": sec["one_prompt_full"] / sec["one_prompt"], "ideal_token_ratio": ideal,
                "max_abs_diff_vs_one_by_one": diff, "reward_std": float(ref_one.std())}
@@ -202,23 +220,26 @@ def main(argv: list[str] | None = None) -> dict:
               f"| {row['many_over_one']:.2f}x | {row['full_over_shared']:.2f}x | {ideal:.2f}x | {diff:.1e} |",
               flush=True)
     if args.aisp_prompts:
-        prompts = [Prompt.single(f"shp{i}", t) for i, (t, _) in enumerate(prompt_pool[: args.aisp_prompts])]
+        step = max(1, len(prompt_pool) // args.aisp_prompts)
+        prompts = [Prompt.single(f"shp{i}", t) for i, (t, _) in enumerate(prompt_pool[::step][: args.aisp_prompts])]
         lens = [len(rm.encode(p, "")) for p in prompts]
-        per = {"shared": [], "full": []}
+        per = {k: {"shared": [], "full": []} for k in ("seconds", "cpu_seconds")}
         diff = 0.0
         for p in prompts:
             cases = {"shared": ([p] * n, responses, True), "full": ([p] * n, responses, False)}
             m = measure(rm, cases, args.repeats, args.device)
-            for k in per:
-                per[k].append(m["seconds"][k])
+            for k, v in per.items():
+                for variant in v:
+                    v[variant].append(m[k][variant])
             diff = max(diff, float((m["scores"]["shared"] - m["scores"]["full"]).abs().max()))
         ok &= tol is None or diff <= tol
-        mean = {k: sum(v) / len(v) for k, v in per.items()}
-        report["aisp"] = {"prompt_tokens": lens, "seconds_per_iteration": mean, "per_prompt_seconds": per,
-                          "speedup": mean["full"] / mean["shared"], "max_abs_diff_shared_vs_full": diff}
+        mean = {k: {variant: sum(x) / len(x) for variant, x in v.items()} for k, v in per.items()}
+        report["aisp"] = {"prompt_tokens": lens, "per_iteration": mean, "per_prompt": per,
+                          "speedup": mean[clock]["full"] / mean[clock]["shared"],
+                          "max_abs_diff_shared_vs_full": diff}
         print(f"AISP prompt-iteration ({len(prompts)} SHP prompts of {min(lens)}-{max(lens)} tokens, "
-              f"{n} x {R} response tokens): shared {mean['shared']:.3f} s, full {mean['full']:.3f} s "
-              f"({report['aisp']['speedup']:.2f}x), max |diff| {diff:.1e}")
+              f"{n} x {R} response tokens, {clock.replace('_', ' ')}): shared {mean[clock]['shared']:.3f} s, "
+              f"full {mean[clock]['full']:.3f} s ({report['aisp']['speedup']:.2f}x), max |diff| {diff:.1e}")
     report["scores_equal"] = ok
     out = args.out or ROOT / "results" / "bench" / f"rewards_{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

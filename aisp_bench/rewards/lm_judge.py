@@ -75,7 +75,7 @@ class LMJudgeReward(DecoderReward):
         name_or_path: str | None = None,
         revision: str | None = None,
         batch_size: int = 32,
-        max_batch_tokens: int = 4096,
+        max_batch_tokens: int = 512,
         max_length: int | None = 1024,
         share_prefix: bool = True,
         add_special_tokens: bool | None = None,
