@@ -206,7 +206,7 @@ class DecoderReward(RewardModel):
         self.dtype = dtype
         self.tokenizer = None
         self.model = None
-        self.stats: dict[str, int] = {}  # rows, forwards, padded_tokens, prefix_tokens_saved
+        self.stats = {"rows": 0, "forwards": 0, "padded_tokens": 0, "prefix_tokens_saved": 0}  # summed over calls
 
     @abstractmethod
     def encode(self, prompt: Prompt, response: str) -> list[int]:
