@@ -1,4 +1,8 @@
-"""Shared-prefix attention for the engine's decode steps (used only by ``engine.py``).
+"""Shared-prefix attention: many rows attend to one prefilled copy of their prompt's KV.
+
+Used by the engine's decode steps (one query per row) and by the decoder reward models
+(``rewards/batching.py``), which run each response (a multi-token suffix) against its
+prompt's KV prefilled once (``prefill``, ``forward_suffix``).
 
 While decoding, the n rows of a prompt all attend to the same prompt keys and values.
 Copying that prompt KV cache n times (what ``generate`` with repeated inputs does, and a
@@ -10,22 +14,26 @@ again at every step. Here instead:
   (P, H_kv, L_p, D), with the left padding masked;
 * each row's generated part lives in a preallocated buffer (rows, H_kv, T, D), written
   in place (``SuffixKV``, the object the model sees as its cache);
-* attention for a decode step (one query per row) is computed in two parts and merged
-  exactly with a shared softmax: scores against the prompt, as one matrix product per
-  prompt for all of its rows and query heads (grouped-query heads share their KV head);
-  scores against the row's own generated tokens; then
+* attention is computed in two parts and merged exactly with a shared softmax: scores
+  against the prompt, as one matrix product per prompt for all of its rows, query heads
+  and query positions (grouped-query heads share their KV head); scores against the
+  row's own tokens (causal, its right padding masked); then
   out = (Σ exp(s_p − m) V_p + Σ exp(s_s − m) V_s) / (Σ exp(s_p − m) + Σ exp(s_s − m)).
+  A decode step is the case of one query per row (no mask needed: it is the newest
+  token); a reward's suffix batch has q_len > 1 (``DecodeState.suffix_mask``).
 
 It plugs into ``transformers`` as an attention implementation registered under
-``ATTN_NAME`` (``AttentionInterface``), switched on only around decode forwards. Models
-for which this is exact: decoder-only Llama-style attention without sliding windows,
-softcapping or attention sinks (``supported``); the engine falls back to the plain cache
-copy for others.
+``ATTN_NAME`` (``AttentionInterface``), switched on only around the forwards that use it.
+Models for which this is exact: decoder-only Llama-style attention without softcapping
+or attention sinks, and without a sliding window shorter than the sequences
+(``supported``); the engine falls back to the plain cache copy for others, the rewards
+to full scoring.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -36,13 +44,17 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ACTIVE: list = []  # DecodeState or RowState of the forward in progress
 
 
-def supported(config) -> bool:
-    """Whether shared-prefix attention computes exactly what the model's attention does."""
+def supported(config, max_tokens: int | None = None) -> bool:
+    """Whether shared-prefix attention computes exactly what the model's attention does,
+    for sequences of at most ``max_tokens`` tokens (default: the model's context length;
+    a sliding window that no sequence exceeds changes nothing, e.g. Mistral's 4096 for
+    a reward model reading 2048 tokens)."""
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return False
     window = getattr(config, "sliding_window", None)
     use_window = getattr(config, "use_sliding_window", window is not None)
-    if window is not None and use_window and window < getattr(config, "max_position_embeddings", 0):
+    longest = max_tokens if max_tokens is not None else getattr(config, "max_position_embeddings", 0)
+    if window is not None and use_window and window < longest:
         return False
     return getattr(config, "attn_logit_softcapping", None) is None
 
@@ -83,7 +95,7 @@ class SuffixKV:
 
 @dataclass
 class DecodeState:
-    """The prompt KV and the row -> prompt layout of one decode chunk.
+    """The prompt KV and the row -> prompt layout of one decode chunk or suffix batch.
 
     ============  ==================  ============================================
     field         shape               meaning
@@ -93,6 +105,8 @@ class DecodeState:
     row_prompt    (B,)                prompt index of each live row
     row_pos       (B,)                its position among that prompt's live rows
     groups        (P, R)              live rows of each prompt, padded with row 0
+    suffix_mask   (B, T) or None      1 for a row's own tokens, 0 for its right
+                                      padding (None: no padding)
     ============  ==================  ============================================
     """
 
@@ -102,14 +116,16 @@ class DecodeState:
     row_prompt: torch.Tensor
     row_pos: torch.Tensor
     groups: torch.Tensor
+    suffix_mask: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, prefix_cache, prefix_mask: torch.Tensor, slots: torch.Tensor) -> DecodeState:
+    def build(cls, prefix_cache, prefix_mask: torch.Tensor, slots: torch.Tensor,
+              suffix_mask: torch.Tensor | None = None) -> DecodeState:
         layers = prefix_cache.layers
         bias = torch.zeros(prefix_mask.shape, dtype=torch.float32, device=prefix_mask.device)
         bias = bias.masked_fill(prefix_mask == 0, float("-inf"))[:, None, None, :]
         return cls([lay.keys for lay in layers], [lay.values for lay in layers], bias,
-                   *row_layout(slots.to(bias.device), bias.shape[0]))
+                   *row_layout(slots.to(bias.device), bias.shape[0]), suffix_mask)
 
     def set_rows(self, row_prompt: torch.Tensor) -> None:
         """Recompute the grouping for the live rows (after finished rows left)."""
@@ -129,24 +145,28 @@ def row_layout(rp: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    """One decode step of shared-prefix attention; returns (output (B, 1, H, D), None)."""
+    """Shared-prefix attention for q_len queries per row (a decode step: q_len = 1).
+
+    ``key``/``value`` (B, H_kv, t, D) are the row's own tokens, the queries being its
+    last q_len; returns (output (B, q_len, H, D), None).
+    """
     st = _ACTIVE[-1]
     layer = module.layer_idx
     kp, vp = st.k[layer], st.v[layer]
     B, H, q_len, D = query.shape
-    if q_len != 1:
-        raise RuntimeError("shared-prefix attention handles decode steps (one query per row) only")
     P, Hkv, L, _ = kp.shape
-    g = H // Hkv
+    g = H // Hkv * q_len  # queries per row and KV head: query heads x positions
     R = st.groups.shape[1]
     scale = scaling if scaling is not None else D**-0.5
-    q = query.view(B, Hkv, g, D)
+    q = query.reshape(B, Hkv, g, D)
     # scores against the prompt: one (R·g x D) @ (D x L) product per prompt and KV head
     qg = q[st.groups].permute(0, 2, 1, 3, 4).reshape(P, Hkv, R * g, D)
     sp = torch.matmul(qg, kp.transpose(-1, -2)).float() * scale + st.bias
     sp = sp.view(P, Hkv, R, g, L).permute(0, 2, 1, 3, 4)[st.row_prompt, st.row_pos]  # (B, Hkv, g, L)
-    # scores against the row's own generated tokens
+    # scores against the row's own tokens
     ss = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (B, Hkv, g, t)
+    if q_len > 1 or st.suffix_mask is not None:
+        ss = ss + suffix_bias(st.suffix_mask, q_len, key.shape[-2], ss.device).repeat(1, 1, g // q_len, 1)
     m = torch.maximum(sp.amax(-1, keepdim=True), ss.amax(-1, keepdim=True))
     ep, es = torch.exp(sp - m), torch.exp(ss - m)
     den = ep.sum(-1, keepdim=True) + es.sum(-1, keepdim=True)
@@ -155,7 +175,18 @@ def attention(module, query, key, value, attention_mask=None, scaling=None, drop
     op = torch.matmul(epg, vp).view(P, Hkv, R, g, -1).permute(0, 2, 1, 3, 4)[st.row_prompt, st.row_pos]
     os_ = torch.matmul(es.to(value.dtype), value)
     out = (op.float() + os_.float()) / den  # (B, Hkv, g, Dv)
-    return out.to(query.dtype).reshape(B, H, 1, -1).transpose(1, 2), None
+    return out.to(query.dtype).reshape(B, H, q_len, -1).transpose(1, 2), None
+
+
+def suffix_bias(suffix_mask: torch.Tensor | None, q_len: int, t: int, device) -> torch.Tensor:
+    """(B or 1, 1, q_len, t): 0 where query i (the row's token t - q_len + i) may see its
+    token j (causal, and not the row's padding), else -inf."""
+    i = torch.arange(q_len, device=device)[:, None] + (t - q_len)
+    allowed = (torch.arange(t, device=device)[None, :] <= i)[None]  # (1, q_len, t)
+    if suffix_mask is not None:
+        allowed = allowed & suffix_mask[:, None, :t].to(device=device, dtype=torch.bool)
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
+    return bias.masked_fill(~allowed, float("-inf"))[:, None]
 
 
 # ---------------------------------------------------------------------------- row layout
@@ -328,3 +359,40 @@ def active(model_config, state, name: str = ATTN_NAME):
     finally:
         model_config._attn_implementation = previous
         _ACTIVE.pop()
+
+
+def prefill(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+    """Run left-padded prompts once through a decoder ``backbone`` (the model's own
+    attention); returns (KV cache, P x (P, H_kv, L, D) per layer, last_hidden_state)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()  # full layers: callers check ``supported`` for sliding windows
+    params = inspect.signature(backbone.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=True, **{cache_kw: cache}).last_hidden_state
+    return cache, hidden
+
+
+def forward_suffix(backbone, prefix_cache, prefix_mask: torch.Tensor, slots: torch.Tensor,
+                   input_ids: torch.Tensor, position_ids: torch.Tensor,
+                   suffix_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run each row's suffix tokens against its prompt's prefilled KV (not copied).
+
+    ============  ==========  =====================================================
+    argument      shape       meaning
+    ============  ==========  =====================================================
+    prefix_cache  P rows      ``prefill``'s cache of the left-padded prompts
+    prefix_mask   (P, L)      1 for prompt tokens, 0 for left padding
+    slots         (B,)        prompt index of each row (any order)
+    input_ids     (B, T)      each row's suffix, right padded
+    position_ids  (B, T)      their positions: the prompt's length + 0, 1, ...
+    suffix_mask   (B, T)      1 for real suffix tokens (None: no padding)
+    ============  ==========  =====================================================
+
+    Returns the backbone's last_hidden_state (B, T, d): what the model gives for each
+    row's full sequence (prompt + suffix) at the suffix positions.
+    """
+    state = DecodeState.build(prefix_cache, prefix_mask, slots, suffix_mask)
+    with active(backbone.config, state):
+        return backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
