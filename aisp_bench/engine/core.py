@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -155,8 +154,7 @@ class Engine:
         if decode_step == "cuda_graph" and self.device.type != "cuda":
             raise ValueError(f"decode_step='cuda_graph' needs the model on a CUDA device, it is on {self.device}")
         self.sync_every = (1 if self.device.type == "cpu" else 8) if sync_every == "auto" else int(sync_every)
-        params = inspect.signature(self.backbone.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = shared_prefix.cache_keyword(self.backbone)
         self.eos_token_ids = eos_ids(model, tokenizer, eos_token_ids)
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
