@@ -6,14 +6,15 @@ Everything that reads or writes results goes through this module::
         records.jsonl   one record per prompt (``make_record``), appended and fsynced
         manifest.json   the resolved config, versions, sessions (written by the run)
         summary.json    counts and totals (``summarize``); evaluation adds ``metrics``
-        run.log         the run's log
+        run.log         the run's log (opened once the manifest exists)
     <results_dir>/judge/<dataset>/<model>__<reward>/<method_a>_vs_<method_b>.json
 
 ``variant`` is the experiment name and the command-line overrides (``default`` when
 there are none). Crash safety: a torn last line of ``records.jsonl`` (a crash while a
 record was written) is dropped by every reader and cut off by the next writer, and only
 that line: a bad line before the last one is corruption (``RunFolderError`` naming file
-and line). JSON files are written to a temporary file and renamed into place.
+and line). JSON files are written to a temp file (``.<name>.<random>.tmp``) and renamed
+into place; one left by a kill is removed by the next run (the life cycle: ``run.py``).
 
 Not built yet, and where it goes: prompt shards (``dataset.num_shards``/``dataset.shard``,
 several folders that read as one run) plug into ``record_files`` (the record files of a
@@ -67,19 +68,32 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
-def read_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path: str | Path, *, missing_ok: bool = False) -> dict[str, Any] | None:
+    """The JSON object in ``path`` (None if missing and ``missing_ok``); anything else: ``RunFolderError``."""
+    if missing_ok and not Path(path).is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict):
+        raise RunFolderError(f"{path} is not a JSON object")
+    return obj
 
 
 def read_json_or_none(path: str | Path) -> dict[str, Any] | None:
     """A JSON object from ``path``; None when it is missing, not JSON (with a warning) or not an object."""
     try:
-        obj = read_json(path) if Path(path).is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        warnings.warn(f"{path}: not valid JSON, ignored", stacklevel=2)
+        return read_json(path, missing_ok=True)
+    except RunFolderError as e:
+        warnings.warn(f"{e}; ignored", stacklevel=2)
         return None
-    return obj if isinstance(obj, dict) else None
+
+
+def is_temp_file(name: str) -> bool:
+    """A temp file of ``write_json_atomic`` (``.<name>.<random>.tmp``), left behind when a write was killed."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 # -- records ------------------------------------------------------------------------------
@@ -296,8 +310,8 @@ class Run:
         return read_records(self.path)
 
     @cached_property
-    def manifest(self) -> dict[str, Any]:
-        return read_json_or_none(self.path / MANIFEST) or {}
+    def manifest(self) -> dict[str, Any]:  # a corrupt one raises RunFolderError, as summary
+        return read_json(self.path / MANIFEST, missing_ok=True) or {}
 
     @property
     def config(self) -> dict[str, Any]:
@@ -306,7 +320,7 @@ class Run:
 
     @cached_property
     def summary(self) -> dict[str, Any] | None:
-        return read_json_or_none(self.path / SUMMARY)
+        return read_json(self.path / SUMMARY, missing_ok=True)
 
     @property
     def complete(self) -> bool:

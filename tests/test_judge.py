@@ -465,7 +465,7 @@ def test_cli_judges_and_reports(server, api_key, runs, tmp_path, judge_cli):
     code, _, err = judge_cli(*args, "num_prompts=5", "judge.max_requests=1")  # new prompts: over budget
     assert code == 1 and "max_requests" in err and server.count == 24
     for bad, needle in ((["select.dataset=nope"], "no run folders under"), (["method_b=nope"], "no runs of both"),
-                        (["mode=sideways"], "unknown judge mode"), (["trials=0"], "trials must be")):
+                        (["mode=sideways"], "mode must be one of both_orders, random_order, got 'sideways'"), (["trials=0"], "trials must be")):
         code, _, err = judge_cli(*args, *bad)
         assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
     for p, data in all_bytes(tmp_path):
