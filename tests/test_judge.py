@@ -108,8 +108,12 @@ class FakeChatServer:
                 "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
             }
             data = json.dumps(payload).encode()
-        elif behaviour == "badbody":
+        elif behaviour == "badbody":  # JSON announced, HTML sent
             data = b"<html>upstream error</html>"
+        elif behaviour == "html":  # a proxy's page, 200
+            headers["content-type"], data = "text/html", b"<html>upstream error</html>"
+        elif behaviour == "nochoices":
+            data = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"]}).encode()
         else:
             status = int(behaviour)
             headers["retry-after-ms"] = "1"  # keep the client's backoff short
@@ -385,6 +389,21 @@ def test_garbage_is_invalid_and_broken_body_is_a_failure(server, api_key, tmp_pa
     assert r1.ok and r1.content == "no scores here" and r1.scores is None  # invalid, cached
     assert not r2.ok and "JSONDecodeError" in r2.error  # no verdict at all: not cached
     assert len(list((tmp_path / "cache").rglob("*.json"))) == 1
+
+
+def test_a_reply_that_is_not_a_completion_is_retried_and_never_cached(server, api_key, tmp_path):
+    """A server answering 200 with a body that is not JSON or has no choices failed: retried like a 5xx."""
+    judge = make_judge(server, tmp_path, concurrency=1, max_retries=3)
+    judge.retry_delay = 0.01
+    server.queue.extend(["html", "nochoices", "badbody"])
+    [reply] = judge.judge([req("q?", "GOOD a", "BAD b")])
+    assert reply.ok and reply.scores == Scores(8, 3) and server.count == 4 and judge.requests_sent == 1
+    server.queue.extend(["html"] * 4)  # more than max_retries: a failed request, not cached
+    [reply] = judge.judge([req("q2?", "GOOD a", "BAD b")])
+    assert not reply.ok and "not a chat completion" in reply.error and server.count == 8
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 1
+    [reply] = judge.judge([req("q2?", "GOOD a", "BAD b")])  # a rerun asks again
+    assert reply.ok and server.count == 9
 
 
 def test_budget_refuses_before_sending(server, api_key, runs, tmp_path):
