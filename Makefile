@@ -45,7 +45,7 @@ ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz),)
   export AISP_HH_PATH ?= $(abspath $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz)
 endif
 
-.PHONY: help setup demo test test-fast bench bench-gpu runs table1 table2 table3 figure2 compute \
+.PHONY: help setup demo test test-fast bench bench-gpu fault-injection runs table1 table2 table3 figure2 compute \
         judge lambda_runs lambda_sweep evaluate report paper smoke clean-smoke
 
 help:  ## list the targets
@@ -69,6 +69,9 @@ bench: setup  ## engine vs transformers generate on the CPU (results/bench/engin
 
 bench-gpu: setup  ## the same comparison on CUDA with a Llama-3-8B-shaped model (random weights)
 	$(PY) scripts/bench_gpu.py
+
+fault-injection: setup  ## kill -9 tiny runs at every step and at random times, rerun, check (RANDOM_KILLS=10)
+	$(PY) scripts/fault_injection.py --random $(or $(RANDOM_KILLS),10)
 
 runs: setup  ## the Table 1 runs for PAIR (3 methods x SHP, HH-RLHF x seeds 0-2; SEEDS=0,1 for fewer)
 	$(SWEEP) experiment=table1 $(if $(SEEDS),seed=$(SEEDS))
