@@ -124,10 +124,15 @@ def reference_run(args: list[str], results: Path) -> tuple[dict[str, dict], floa
     proc = subprocess.Popen([sys.executable, "-m", "aisp_bench", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     appeared = None
-    while proc.poll() is None:
-        if appeared is None and any(results.glob("runs/*/*/*/*/seed*")):
-            appeared = time.monotonic() - t0
-        time.sleep(0.005)
+    try:
+        while proc.poll() is None:
+            if appeared is None and any(results.glob("runs/*/*/*/*/seed*")):
+                appeared = time.monotonic() - t0
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     total = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"the uninterrupted run failed (exit {proc.returncode}): {' '.join(args)}")

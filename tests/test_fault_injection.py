@@ -63,14 +63,20 @@ def in_child(cfg, *, kill_at: str | None = None, kill_after: float | None = None
         os.setpgid(pid, pid)  # also here: the group exists whichever process gets there first
     except OSError:
         pass
-    deadline = time.monotonic() + (timeout if kill_after is None else kill_after)
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.002)
-    os.killpg(pid, signal.SIGKILL)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    deadline, status = time.monotonic() + (timeout if kill_after is None else kill_after), None
+    try:
+        while status is None and time.monotonic() < deadline:
+            done, wait_status = os.waitpid(pid, os.WNOHANG)
+            status = wait_status if done else None
+            time.sleep(0 if done else 0.002)
+    finally:  # the delay is over, the child hangs, or this process was interrupted: no orphan
+        if status is None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:  # not in its group yet
+                os.kill(pid, signal.SIGKILL)
+            status = os.waitpid(pid, 0)[1]
+    return os.waitstatus_to_exitcode(status)
 
 
 @pytest.fixture
