@@ -62,7 +62,7 @@ ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz),)
   export AISP_HH_PATH ?= $(abspath $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz)
 endif
 
-.PHONY: help setup demo test test-fast bench bench-gpu bench-gpu-engine plan runs table1 table2 table3 figure2 compute \
+.PHONY: help setup demo test test-fast bench bench-gpu bench-gpu-engine plan fault-injection runs table1 table2 table3 figure2 compute \
         judge lambda_runs lambda_sweep evaluate report paper smoke clean-smoke
 
 help:  ## list the targets
@@ -90,6 +90,9 @@ bench-gpu: setup  ## the three methods end to end on CUDA at paper settings (res
 
 bench-gpu-engine: setup  ## the engine against transformers generate on CUDA (results/bench/engine_gpu.json)
 	$(PY) scripts/bench_gpu.py
+
+fault-injection: setup  ## kill -9 tiny runs at every step and at random times, rerun, check (RANDOM_KILLS=10)
+	$(PY) scripts/fault_injection.py --random $(or $(RANDOM_KILLS),10)
 
 plan: setup  ## what `make runs` costs: jobs, prompts, samples, tokens, GPU-hours (CLUSTER, SHARDS, PLAN_ARGS)
 	$(PY) -m aisp_bench.plan -m scale=$(SCALE) model=$(MODEL) reward=$(REWARD) $(TABLE1_GRID) $(PLAN_ARGS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from aisp_bench.cli import run_app
+from aisp_bench.cli import launch, run_app
 from aisp_bench.config import CONF_DIR
 
 
@@ -24,8 +24,13 @@ def _run(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def app(cfg: DictConfig) -> None:
     run_app(_run, cfg)
+
+
+def main() -> None:
+    """``python -m aisp_bench`` and the ``aisp-bench`` script: the pre-flight check, then the Hydra app."""
+    launch(app, "config")
 
 
 if __name__ == "__main__":

@@ -5,28 +5,32 @@ Each is a Hydra app on a primary config in ``aisp_bench/conf`` (``config.yaml``,
 (``key=value``, ``group=option``, ``--help``), ``results_dir`` and, for the three that
 read runs, the ``select`` block (``conf/app.yaml``). Models are chosen through the
 config groups (``reward=ultrarm``) and built with ``instantiate_node``. Bad input ends a
-command with one ``error:`` line and exit code 2.
+command with one ``error:`` line and exit code 2: ``launch`` composes the configs the
+command line asks for and checks them (``validate.check``) before Hydra runs or writes
+anything, so a bad override, an unknown option or key and a bad value are refused
+alike, for a sweep before its first job; ``run_app`` does the same for what the command
+itself finds (``UserError``, a corrupt run folder).
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from aisp_bench.config import CONF_DIR
 from aisp_bench.registry import UnknownNameError
 from aisp_bench.results import Selection, discover_runs, runs_root
-from aisp_bench.rundir import Run, RunFolderError
-
-
-class UserError(Exception):
-    """A bad input; reported as one line on stderr with exit code 2."""
-
+from aisp_bench.rundir import Run, RunFolderError, record_files, scan_records
+from aisp_bench.validate import UserError, check
 
 BAD_INPUT = (UserError, UnknownNameError, RunFolderError)
+# Hydra's flags that do not run the command: Hydra answers them itself
+_HYDRA_ONLY = ("help", "hydra_help", "cfg", "info", "shell_completion", "config_path", "config_name", "config_dir",
+               "experimental_rerun")  # fmt: skip
 
 
 def first_line(e: BaseException) -> str:
@@ -44,10 +48,129 @@ def run_app(main: Callable[[DictConfig], int | None], cfg: DictConfig) -> None:
     try:
         code = main(cfg)
     except BAD_INPUT as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+        _refuse(str(e))
     if code:
         sys.exit(code)
+
+
+def _refuse(message: str) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def launch(app: Callable[[], None], config_name: str, argv: Sequence[str] | None = None) -> None:
+    """A command's entry point: ``preflight`` on the command line, then the Hydra app ``app``."""
+    preflight(config_name, sys.argv[1:] if argv is None else argv)
+    app()
+
+
+def preflight(config_name: str, argv: Sequence[str]) -> None:
+    """Compose every config the command line asks for and ``validate.check`` it; refuse bad input
+    with one ``error:`` line and exit 2 before Hydra writes anything.
+
+    A sweep (``-m``) is checked by composing each value of each swept key at least once
+    (the other swept keys at their first value), the config's own sweeper params included.
+    Hydra's own flags (``--help``, ``--cfg`` ...) are left to Hydra.
+    """
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = get_args_parser().parse_args(list(argv))
+    if any(getattr(args, flag, None) for flag in _HYDRA_ONLY):
+        return
+    try:
+        parsed = _parse_overrides(args.overrides)
+        first = _sweep_jobs(parsed)[0] if args.multirun else list(args.overrides)
+        cfg, params = _compose(config_name, first)
+        check(cfg)
+        if args.multirun:
+            given = {o.get_key_element() for o in parsed}
+            parsed += _parse_overrides([f"{k}={v}" for k, v in params.items() if k not in given])
+            for overrides in _sweep_jobs(parsed):
+                if overrides != first:
+                    check(_compose(config_name, overrides)[0])
+    except BAD_INPUT as e:
+        _refuse(str(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        _refuse(hydra_message(e))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _parse_overrides(overrides: Sequence[str]) -> list:
+    """Hydra's ``Override`` objects, one bad override named."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser, out = OverridesParser.create(), []
+    for text in overrides:
+        try:
+            out += parser.parse_overrides([text])
+        except OverrideParseException as e:
+            raise UserError(f"bad override {text!r}: {first_line(e)}") from None
+    return out
+
+
+def _sweep_jobs(parsed: Sequence[Any]) -> list[list[str]]:
+    """Override lists that try every value of every swept key once, the first one each first value.
+
+    Sweeps that only Hydra can expand (``glob``) are left out of the pre-flight.
+    """
+    fixed, sweeps = [], []
+    for o in parsed:
+        if not o.is_sweep_override():
+            fixed.append(o.input_line)
+            continue
+        try:
+            sweeps.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        except Exception:  # noqa: BLE001 - glob etc.
+            continue
+    base = [values[0] for values in sweeps]
+    jobs = [fixed + base]
+    for i, values in enumerate(sweeps):
+        jobs += [fixed + base[:i] + [v] + base[i + 1 :] for v in values[1:]]
+    return jobs
+
+
+def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, dict]:
+    """(the config the command's ``main`` would get, the config's sweeper params), composed with
+    Hydra's compose API; ``${hydra:...}`` stays resolvable."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    params = cfg.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params) if params is not None else {}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, params
+
+
+def hydra_message(e: BaseException) -> str:
+    """Hydra's multi-line composition errors in one line (a group's known options kept)."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    text = next((ln for ln in lines if ln), type(e).__name__).rstrip(".")
+    for i, ln in enumerate(lines):
+        if ln.startswith("Available options in"):
+            options = []
+            for x in lines[i + 1 :]:
+                if x.startswith("Config search path"):
+                    break
+                options += [x] if x else []
+            text += f"; {ln[0].lower()}{ln[1:].rstrip(':')}: {', '.join(options)}"
+        elif ln.startswith("To append to your config"):
+            text += f"; {ln[0].lower()}{ln[1:]}"
+    if text.startswith("Ambiguous value"):
+        text += "; a list is written key=[a,b], a sweep needs -m"
+    if e.__cause__ is not None and str(e.__cause__).strip():
+        text += f" ({first_line(e.__cause__)})"
+    return text
 
 
 def instantiate_node(node: DictConfig, what: str) -> Any:
@@ -63,11 +186,16 @@ def instantiate_node(node: DictConfig, what: str) -> Any:
         raise UserError(f"{what}: {first_line(cause)}") from None
 
 
-def select_runs(cfg: DictConfig) -> list[Run]:
-    """The runs under ``cfg.results_dir`` that ``cfg.select`` picks; none is a ``UserError``."""
+def select_runs(cfg: DictConfig, *, allow_none: bool = False) -> list[Run]:
+    """The runs under ``cfg.results_dir`` that ``cfg.select`` picks, each read (a corrupt manifest,
+    summary or records file is a ``RunFolderError``); none is a ``UserError`` unless ``allow_none``."""
     select = Selection.from_mapping(OmegaConf.to_container(cfg.select, resolve=True))
     runs = discover_runs(cfg.results_dir, select)
-    if not runs:
+    if not runs and not allow_none:
         where = f" for {select.describe()}" if select.describe() else ""
         raise UserError(f"no run folders under {runs_root(cfg.results_dir)}{where}")
+    for run in runs:  # a corrupt manifest, summary or records file: refused before anything is written
+        _ = run.manifest, run.summary
+        for path in record_files(run.path):
+            scan_records(path)
     return runs

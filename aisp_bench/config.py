@@ -43,6 +43,16 @@ def semantic_config(cfg: dict) -> dict:
     return c
 
 
+def get_path(obj: Any, dotted: str, default: Any = None) -> Any:
+    """``obj['a']['b']`` for ``'a.b'``, or ``default`` where a key is missing."""
+    cur = obj
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return default
+        cur = cur[part]
+    return cur
+
+
 def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     """``["method.lam: 0.7 -> 0.3", ...]``: where two plain configs differ."""
     if isinstance(old, dict) and isinstance(new, dict):

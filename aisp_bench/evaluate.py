@@ -47,14 +47,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from aisp_bench.cli import UserError, first_line, instantiate_node, run_app, select_runs
-from aisp_bench.config import CONF_DIR
+from aisp_bench.cli import UserError, first_line, instantiate_node, launch, run_app, select_runs
+from aisp_bench.config import CONF_DIR, get_path
 from aisp_bench.metrics import DEFAULT_METRICS, METRICS, compute_metrics
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
 from aisp_bench.rundir import (
-    SUMMARY, Run, get_path, read_json_or_none, read_records, read_summary, record_prompt, records_sha256,
+    SUMMARY, Run, read_json_or_none, read_records, read_summary, record_prompt, records_sha256,
     write_json_atomic,
 )  # fmt: skip
+from aisp_bench.validate import check
 
 EVALUATE_VERSION = 2  # 2: reward_model / reward_source / run_reward_mean, an evaluation reward
 REWARD_CHUNK = 256  # pairs scored between two writes of the eval-reward cache
@@ -229,6 +230,7 @@ def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any]:
 def main(cfg: DictConfig) -> int:
     from aisp_bench.metrics.coherence import EncoderUnavailableError
 
+    check(cfg)
     runs = select_runs(cfg)
     names, encoder, reward = _setup(cfg)
     counts = dict.fromkeys(("updated", "up to date", "skipped", "failed"), 0)
@@ -260,4 +262,4 @@ def app(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    launch(app, "evaluate")

@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from aisp_bench.cli import UserError, first_line, instantiate_node, run_app
 from aisp_bench.config import CONF_DIR
 from aisp_bench.rundir import read_json_or_none
+from aisp_bench.validate import check
 
 SHARD_KEY = "dataset.shard"
 
@@ -181,9 +182,7 @@ class Tokens:
 def throughput(plan: DictConfig, method: Any) -> tuple[float | None, str]:
     """(generated tokens per second for ``method``, where the figure comes from)."""
     tps = plan.get("tokens_per_second")
-    if tps is not None:
-        if isinstance(tps, bool) or not isinstance(tps, (int, float)) or not tps > 0 or not math.isfinite(tps):
-            raise UserError(f"plan.tokens_per_second must be a number > 0, got {tps!r}")
+    if tps is not None:  # checked by validate.check
         return float(tps), f"throughput: {tps:g} generated tokens/s on one GPU (plan.tokens_per_second)"
     path = Path(str(plan.bench))
     bench = read_json_or_none(path)
@@ -203,6 +202,7 @@ def throughput(plan: DictConfig, method: Any) -> tuple[float | None, str]:
 def plan_runs(args: list[str]) -> tuple[dict[tuple[str, str, str], Counts], list[str]]:
     """(counts per (dataset, pair, method), notes) of the jobs the command line names."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -223,6 +223,8 @@ def plan_runs(args: list[str]) -> tuple[dict[tuple[str, str, str], Counts], list
             tokens = Tokens(bool(base.plan.tokenizer), float(base.plan.chars_per_token))
             for run, shards in group_shards(expand(parser, overrides, params, multirun)).items():
                 cfg = compose("plan", list(run), return_hydra_config=True)
+                HydraConfig.instance().set_config(cfg)  # the run's own ${hydra:...} resolve
+                check(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
                 counts, source = run_counts(cfg, shards, tokens)
                 rows[(cfg.dataset.name, f"{cfg.model.name}__{cfg.reward.name}", cfg.method.name)].add(counts)
                 notes += [source] if source not in notes else []
@@ -238,9 +240,7 @@ def plan_runs(args: list[str]) -> tuple[dict[tuple[str, str, str], Counts], list
 
 def run_counts(cfg: DictConfig, shards: list[str], tokens: Tokens) -> tuple[Counts, str]:
     """The counts of one run's jobs (its shards named on the command line, else its ``dataset.shard``)."""
-    k = cfg.dataset.num_shards
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise UserError(f"dataset.num_shards must be an integer >= 1, got {k!r}")
+    k = cfg.dataset.num_shards  # checked by validate.check; the swept shards here
     picked = []
     for v in shards or [str(cfg.dataset.shard)]:
         if not v.isdigit() or int(v) >= k:

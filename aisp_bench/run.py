@@ -1,27 +1,45 @@
 """Run orchestration: the only code that sees the config.
 
-``run(cfg)`` builds the method, dataset, policy and reward from the composed config,
-checks everything before touching the results folder, then decodes the prompts that are
-not yet in ``records.jsonl`` batch by batch, appending one record per prompt as it
-finishes, and writes ``manifest.json`` and ``summary.json``. Re-running the same command
-resumes; a folder made with a different config is refused unless ``overwrite=true``.
+``run(cfg)`` checks the config (``validate.check``), builds the method, dataset, policy
+and reward, reads the run folder, then decodes the prompts that are not yet in
+``records.jsonl`` batch by batch, appending one record per prompt as it finishes, and
+writes ``manifest.json`` and ``summary.json``. Re-running the same command resumes; a
+folder made with a different config is refused unless ``overwrite=true``.
 
 A prompt shard (``dataset.num_shards=K dataset.shard=i``) is the same, in the run
 folder's ``shards/<i>-of-<K>/``. The folder being written is held with ``run.lock``
 (``runlock.RunLock``), so two processes never write one folder.
+
+The run folder's life cycle (``FolderState``; nothing is written before every
+check has passed, and nothing the resume depends on exists before the manifest)::
+
+    NEW       (no folder, or only run.log, run.lock, temp files)
+      -> mkdir, remove stale temp files, manifest.json {finished: null}, then run.log  => STARTED
+    STARTED   (same config, records parse) -> append the missing records -> summary.json,
+              then the manifest's finished                                            => FINISHED
+    STARTED or FINISHED, every prompt recorded, summary.json readable
+              -> rewrite the summary if stale, close the manifest; no model loaded   => FINISHED
+    FOREIGN   (files, no manifest), another config, a corrupt manifest or records   -> refused
+              (``overwrite=true``: the folder's files are removed                     => NEW)
+
+A SIGKILL at any instant leaves one of these states, so a rerun completes the run with
+the records an uninterrupted run writes (tests/test_fault_injection.py kills a run at
+each ``_phase`` through ``$AISP_BENCH_KILL_AT``, and at random times).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import enum
 import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,13 +49,50 @@ from omegaconf import DictConfig, OmegaConf
 from aisp_bench.cli import UserError, first_line, instantiate_node
 from aisp_bench.config import config_diff, semantic_config
 from aisp_bench.rundir import (
-    MANIFEST, RECORDS, RUN_LOCK, RUN_LOG, SUMMARY, RecordWriter, Shards, make_record, read_json, read_records,
-    read_summary, shard_dir, summarize, write_json_atomic,
+    MANIFEST, RECORDS, RUN_LOG, SUMMARY, RecordWriter, RunFolderError, Shards, is_temp_file, make_record, read_json,
+    read_records, read_summary, shard_dir, summarize, write_json_atomic,
 )  # fmt: skip
-from aisp_bench.runlock import RunLock
+from aisp_bench.runlock import RunLock, is_lock_file
 from aisp_bench.types import Prompt
+from aisp_bench.validate import check
 
 log = logging.getLogger("aisp_bench")
+
+class FolderState(enum.Enum):
+    """Where a run folder is in its life cycle, read from its files alone (``folder_state``)."""
+
+    NEW = "new"  # no folder, or only a log, a lock or temp files: nothing to resume
+    FOREIGN = "foreign"  # other files but no manifest.json: not a run folder of this code
+    STARTED = "started"  # a manifest whose last session did not finish
+    FINISHED = "finished"  # a manifest that says finished
+
+
+def folder_state(run_dir: Path) -> FolderState:
+    """The state of ``run_dir``; a manifest that is not a JSON object raises ``RunFolderError``."""
+    manifest = read_json(run_dir / MANIFEST, missing_ok=True)
+    if manifest is not None:
+        return FolderState.FINISHED if manifest.get("finished") else FolderState.STARTED
+    names = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
+    ok = all(n == RUN_LOG or is_lock_file(n) or is_temp_file(n) for n in names)
+    return FolderState.NEW if ok else FolderState.FOREIGN
+
+
+def clean_temp_files(run_dir: Path) -> None:
+    """Remove the temp files of a JSON write that a kill interrupted."""
+    for p in run_dir.iterdir():
+        if is_temp_file(p.name) and not is_lock_file(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
+KILL_AT = "AISP_BENCH_KILL_AT"  # fault injection: the _phase at which the process SIGKILLs itself
+PHASES = ("folder_created", "manifest_written", "log_opened", "record_written", "summary_written", "finished")
+
+
+def _phase(name: str) -> None:
+    """A life-cycle step is done. For fault injection: SIGKILL this process when ``$AISP_BENCH_KILL_AT``
+    names the step (``record_written``: the first record of this session)."""
+    if os.environ.get(KILL_AT) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _now() -> str:
@@ -79,33 +134,11 @@ def _cached(kind: str, node: DictConfig, build):
 
 
 def _choose_batch_prompts(cfg: DictConfig, method, batch_rows: int) -> int:
+    """``batch_prompts``, or for ``auto`` as many prompts as fill the engine's ``batch_rows``."""
     bp = cfg.get("batch_prompts", "auto")
     if bp in (None, "auto"):
         return max(1, batch_rows // max(1, method.rows_per_prompt))
-    if isinstance(bp, bool) or not isinstance(bp, int) or bp < 1:
-        raise UserError(f"batch_prompts must be 'auto' or an integer >= 1, got {bp!r}")
-    return bp
-
-
-def _check_generation(cfg: DictConfig) -> None:
-    g = cfg.generation
-    for key in ("max_new_tokens", "batch_rows", "sync_every"):
-        v, auto_ok = g.get(key, "auto"), key != "max_new_tokens"
-        if not (auto_ok and v == "auto") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            what = "auto or an integer >= 1" if auto_ok else "an integer >= 1"
-            raise UserError(f"generation.{key} must be {what}, got {v!r}")
-    from aisp_bench.engine import DECODE_STEPS
-
-    if g.get("decode_step", "eager") not in DECODE_STEPS:
-        raise UserError(f"generation.decode_step must be one of {', '.join(DECODE_STEPS)}, "
-                        f"got {g.get('decode_step')!r}")
-    if g.get("attention", "auto") not in ("auto", "shared_prefix", "copy"):
-        raise UserError(f"generation.attention must be auto, shared_prefix or copy, got {g.get('attention')!r}")
-    if g.get("prompt_overflow") not in ("truncate_left", "skip"):
-        raise UserError(f"generation.prompt_overflow must be 'truncate_left' or 'skip', got {g.get('prompt_overflow')!r}")
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UserError(f"seed must be an integer >= 0, got {seed!r}")
+    return int(bp)
 
 
 @dataclass
@@ -124,29 +157,46 @@ class Job:
     num_shards: int
 
 
+@dataclass
+class Existing:
+    """What the run folder holds before the run writes anything (empty for a NEW folder or ``overwrite``)."""
+
+    state: FolderState = FolderState.NEW
+    manifest: dict | None = None
+    summary: dict | None = None  # None also when summary.json is corrupt: rebuilt at the end
+    records: list[dict] = field(default_factory=list)
+
+
 def run(cfg: DictConfig) -> Path:
     """Run (or resume) one configuration; returns its run folder (a shard's: its own)."""
+    check(cfg)
     job = prepare(cfg)
     if in_other_layout(job):
         return job.run_root
-    old_manifest = resume_check(job)
-    if is_complete(job, old_manifest):  # nothing to load, nothing to do
-        log.info("%s: complete (%d prompts); nothing to do", job.run_dir, len(job.prompts))
+    existing = resume_check(job)
+    if is_complete(job, existing):  # nothing to load, nothing to generate
+        if existing.state is FolderState.FINISHED:
+            log.info("%s: complete (%d prompts); nothing to do", job.run_dir, len(job.prompts))
+        else:  # killed between summary.json and the manifest's last update
+            log.warning("%s: complete, closing the manifest left open by an interrupted run", job.run_dir)
+            with RunLock(job.run_dir):
+                close(job, existing.manifest, existing, existing.summary.get("skipped_ids") or [],
+                      existing.summary.get("truncated_ids") or [])
         return job.run_dir
     engine, reward = load(cfg, job)
     fit, skipped, truncated = fit_prompts(engine, job.prompts, str(cfg.generation.prompt_overflow))
     with RunLock(job.run_dir):
-        manifest = open_folder(job, old_manifest, engine, reward)
+        existing = resume_check(job)  # again, now that no other process writes the folder
+        manifest = open_folder(job, existing, engine, reward)
         done_before = generate(cfg, job, engine, reward, fit, len(skipped), len(truncated))
-        finalize(job, manifest, skipped, truncated, done_before)
+        close(job, manifest, existing, skipped, truncated, done_before)
     return job.run_dir
 
 
 def prepare(cfg: DictConfig) -> Job:
-    """Check the config and build its objects; bad input raises ``UserError`` before any file is touched."""
+    """Build the config's objects and load the prompts; bad input raises ``UserError`` before any file is touched."""
     from aisp_bench.data.datasets import DatasetError
 
-    _check_generation(cfg)
     method = instantiate_node(cfg.method, "method")
     dataset = instantiate_node(cfg.dataset, "dataset")
     try:
@@ -196,35 +246,44 @@ def in_other_layout(job: Job) -> bool:
     raise UserError(f"run folder {root} holds {what}, not complete: finish it {how}, or delete the folder")
 
 
-def resume_check(job: Job) -> dict | None:
-    """The run folder's manifest when it was made with this config (None: a new folder).
+def resume_check(job: Job) -> Existing:
+    """Read the run folder (nothing written): what it holds when it was made with this config.
 
-    A folder made with another config, or holding files but no manifest, is refused
-    unless ``overwrite=true``.
+    Refused unless ``overwrite=true`` (then the folder is replaced, so nothing is read): a
+    folder holding files but no manifest, a manifest of another config or one that is not
+    JSON, a records file corrupt before its last line. A corrupt ``summary.json`` is rebuilt.
     """
-    path = job.run_dir / MANIFEST
-    if path.is_file():
-        old = read_json(path)
-        diff = config_diff(semantic_config(old.get("config", {})), semantic_config(job.resolved))
-        if diff and not job.overwrite:
-            raise UserError(
-                f"run folder {job.run_dir} was made with a different config ({'; '.join(diff[:3])}"
-                f"{'; ...' if len(diff) > 3 else ''}); pass overwrite=true to replace it"
-            )
-        return old
-    if job.run_dir.exists() and any(p.name != RUN_LOCK for p in job.run_dir.iterdir()) and not job.overwrite:
-        raise UserError(f"run folder {job.run_dir} exists without a {MANIFEST}; pass overwrite=true to replace it")
-    return None
+    if job.overwrite:
+        return Existing()
+    hint = "; pass overwrite=true to replace the folder"
+    try:
+        state = folder_state(job.run_dir)
+        if state is FolderState.NEW:
+            return Existing()
+        if state is FolderState.FOREIGN:
+            raise UserError(f"run folder {job.run_dir} exists without a {MANIFEST}{hint}")
+        manifest = read_json(job.run_dir / MANIFEST)
+        records = read_records(job.run_dir)
+    except RunFolderError as e:
+        raise RunFolderError(f"{e}{hint}") from None
+    diff = config_diff(semantic_config(manifest.get("config", {})), semantic_config(job.resolved))
+    if diff:
+        raise UserError(f"run folder {job.run_dir} was made with a different config ({'; '.join(diff[:3])}"
+                        f"{'; ...' if len(diff) > 3 else ''}){hint}")
+    try:
+        summary = read_json(job.run_dir / SUMMARY, missing_ok=True)
+    except RunFolderError as e:
+        log.warning("%s; it is rebuilt from the records", e)
+        summary = None
+    return Existing(state, manifest, summary, records)
 
 
-def is_complete(job: Job, old_manifest: dict | None) -> bool:
-    """True when the folder already holds every prompt of this config (or skipped it)."""
-    summary_path = job.run_dir / SUMMARY
-    if old_manifest is None or job.overwrite or not summary_path.is_file():
+def is_complete(job: Job, existing: Existing) -> bool:
+    """True when the folder already holds every prompt of this config (or skipped it) and a summary."""
+    if existing.manifest is None or existing.summary is None:
         return False
-    skipped_before = set(read_json(summary_path).get("skipped_ids") or [])
-    done_before = {r["prompt_id"] for r in read_records(job.run_dir)}
-    return {p.id for p in job.prompts} - skipped_before <= done_before
+    done = {r["prompt_id"] for r in existing.records}
+    return {p.id for p in job.prompts} - set(existing.summary.get("skipped_ids") or []) <= done
 
 
 def _loaded(policy):
@@ -248,6 +307,9 @@ def load(cfg: DictConfig, job: Job):
                               prompt_overflow=str(gen.prompt_overflow), **engine_options)
     except (OSError, RuntimeError, ValueError) as e:  # errors here still leave the folder untouched
         raise UserError(first_line(e)) from None
+    if engine.context_length and int(engine.context_length) <= engine.max_new_tokens:
+        raise UserError(f"generation.max_new_tokens ({engine.max_new_tokens}) leaves no room for a prompt in "
+                        f"the context of {cfg.model.name} ({engine.context_length} tokens)")
     return engine, reward
 
 
@@ -265,80 +327,100 @@ def fit_prompts(engine, prompts: list[Prompt], overflow: str) -> tuple[list[Prom
     return fit, skipped, truncated
 
 
-def open_folder(job: Job, old_manifest: dict | None, engine, reward) -> dict:
-    """Create (or replace, with ``overwrite``) the run folder; write the manifest with a new session."""
-    if old_manifest is not None and job.overwrite:
-        log.warning("overwrite=true: replacing %s", job.run_dir)
-        for p in job.run_dir.iterdir():  # everything but the lock we hold
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.name != RUN_LOCK:
-                p.unlink()
-        old_manifest = None
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    _attach_log_file(job.run_dir)
+def open_folder(job: Job, existing: Existing, engine, reward) -> dict:
+    """Create (or replace, with ``overwrite``) the run folder; write the manifest with a new session, then the log."""
     session = {"started": _now(), "device": str(engine.device), "git_commit": git_commit(), "argv": sys.argv}
+    old = existing.manifest
     manifest = {
         "config": job.resolved,
         "versions": versions(),
         "git_commit": session["git_commit"],
         "device": str(engine.device),
         "reward_device": str(getattr(reward, "device", "")) or None,
-        "started": old_manifest["started"] if old_manifest else session["started"],
+        "started": old["started"] if old else session["started"],
         "finished": None,
-        "sessions": (old_manifest.get("sessions", []) if old_manifest else []) + [session],
+        "sessions": (old.get("sessions", []) if old else []) + [session],
     }
     if job.num_shards > 1:  # the shard's prompts in the dataset's order: how its records merge with the others'
         manifest["shard"] = {"index": job.shard, "num_shards": job.num_shards,
                              "prompt_ids": [p.id for p in job.prompts]}
+    if job.overwrite and job.run_dir.exists():
+        log.warning("overwrite=true: replacing %s", job.run_dir)
+        for p in job.run_dir.iterdir():  # everything but the lock this process holds
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif not is_lock_file(p.name):
+                p.unlink()
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    _phase("folder_created")
+    clean_temp_files(job.run_dir)
     write_json_atomic(job.run_dir / MANIFEST, manifest)
+    _phase("manifest_written")
+    _attach_log_file(job.run_dir)
+    _phase("log_opened")
     return manifest
 
 
 def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipped: int, truncated: int) -> int:
-    """Decode the prompts not yet recorded, appending a record per prompt; returns how many were done before."""
+    """Decode the prompts not yet recorded, appending a record per prompt; returns how many were done before.
+
+    Batches are fixed slices of ``fit``, whichever prompts are done: a batch a kill left half
+    recorded is decoded whole again (its recorded prompts are not written twice), so every
+    record is computed in the same batch as in an uninterrupted run, and equals it bit for bit.
+    """
     with RecordWriter(job.run_dir) as writer:
         if writer.repaired:
             log.warning("%s: cut off a torn last line left by an interrupted run", writer.path)
         done = {r["prompt_id"] for r in writer.existing}
-        todo = [p for p in fit if p.id not in done]
+        size = _choose_batch_prompts(cfg, job.method, engine.max_batch_rows)
+        batches = [b for b in (fit[s : s + size] for s in range(0, len(fit), size)) if any(p.id not in done for p in b)]
         log.info("%s: %d prompts, %d done, %d to run, %d skipped, %d truncated", job.run_dir, len(job.prompts),
-                 len(done), len(todo), skipped, truncated)
+                 len(done), sum(p.id not in done for b in batches for p in b), skipped, truncated)
         rewards = [float(r["reward"]) for r in writer.existing]
-        batch = _choose_batch_prompts(cfg, job.method, engine.max_batch_rows)
-        _run_batches(job.method, engine, reward, todo, batch, int(cfg.seed), writer, rewards, cfg.get("progress", True))
+        _run_batches(job.method, engine, reward, batches, done, int(cfg.seed), writer, rewards,
+                     cfg.get("progress", True))
     return len(done)
 
 
-def finalize(job: Job, manifest: dict, skipped: list[str], truncated: list[str], done_before: int) -> None:
-    """Write ``summary.json`` (evaluation metrics stay while the records do) and close the session."""
+def close(job: Job, manifest: dict, existing: Existing, skipped: list[str], truncated: list[str],
+          done_before: int | None = None) -> None:
+    """Write ``summary.json`` from the records (evaluation metrics stay while the records do), then
+    mark the manifest and its last session finished. ``done_before``: records there before this
+    session (None: closing a session an interrupted run left open)."""
+    clean_temp_files(job.run_dir)
     records = read_records(job.run_dir)
-    summary_path = job.run_dir / SUMMARY
-    old_summary = read_json(summary_path) if summary_path.is_file() else {}
     summary = summarize(records, len(job.prompts), skipped, truncated)
+    old_summary = existing.summary or {}
     if "metrics" in old_summary and old_summary.get("num_done") == summary["num_done"]:
         summary["metrics"] = old_summary["metrics"]  # evaluation results stay valid
-    write_json_atomic(summary_path, summary)
+    if summary != old_summary:
+        write_json_atomic(job.run_dir / SUMMARY, summary)
+    _phase("summary_written")
     session = manifest["sessions"][-1]
     session["finished"] = manifest["finished"] = _now()
-    session["prompts_run"] = summary["num_done"] - done_before
+    if done_before is not None:
+        session["prompts_run"] = summary["num_done"] - done_before
     write_json_atomic(job.run_dir / MANIFEST, manifest)
+    _phase("finished")
     mean = None if summary["mean_reward"] is None else round(summary["mean_reward"], 4)
     log.info("done: %d/%d prompts, mean reward %s -> %s", summary["num_done"], len(job.prompts), mean, job.run_dir)
 
 
-def _run_batches(method, engine, reward, todo, batch, seed, writer, rewards, progress) -> None:
+def _run_batches(method, engine, reward, batches, done, seed, writer, rewards, progress) -> None:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(todo), desc=method.name, unit="prompt", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(len(b) for b in batches), desc=method.name, unit="prompt", disable=not progress,
+               dynamic_ncols=True)
     try:
-        for s in range(0, len(todo), batch):
-            chunk = todo[s : s + batch]
+        for chunk in batches:
             t0 = time.perf_counter()
             results = method(chunk, engine, reward, seed)
             per_prompt = (time.perf_counter() - t0) / len(chunk)
             for p, res in zip(chunk, results):
+                if p.id in done:  # decoded again only to keep the batch as it was
+                    continue
                 writer.write(make_record(p, res, per_prompt))
+                _phase("record_written")
                 rewards.append(res.reward)
             bar.update(len(chunk))
             bar.set_postfix(mean_reward=f"{sum(rewards) / len(rewards):.4f}")

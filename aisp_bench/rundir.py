@@ -7,7 +7,7 @@ it, selection and judge files: ``results.py``)::
         records.jsonl   one record per prompt (``make_record``), appended and fsynced
         manifest.json   the resolved config, versions, sessions (written by the run)
         summary.json    counts and totals (``summarize``); evaluation adds ``metrics``
-        run.log         the run's log
+        run.log         the run's log (opened once the manifest exists)
         run.lock        who is writing the folder, while they are (``runlock.py``)
         shards/03-of-16/  a sharded run (``dataset.num_shards``): a folder per shard with its
                         own records, manifest, summary, lock; read together as one run
@@ -16,12 +16,12 @@ it, selection and judge files: ``results.py``)::
 there are none). Crash safety: a torn last line of ``records.jsonl`` (a crash while a
 record was written) is dropped by every reader and cut off by the next writer, and only
 that line: a bad line before the last one is corruption (``RunFolderError`` naming file
-and line). JSON files are written to a temporary file and renamed into place.
+and line). JSON files are written to a temp file (``.<name>.<random>.tmp``) and renamed
+into place; one left by a kill is removed by the next run (the life cycle: ``run.py``).
 
-A sharded run reads as one (``read_records``, ``read_summary``, ``Run``): its shards'
-records in the dataset's order, each prompt once; a summary summed over the shards,
-complete when every shard is; shards made with different configs, or of different
-counts, or beside an unsharded run's files, are a ``RunFolderError`` naming them.
+A sharded run reads as one (``read_records``, ``read_summary``, ``Run``): records in the
+dataset's order, a summary summed over the shards; shards of different configs or counts,
+or beside an unsharded run's files, are a ``RunFolderError`` naming them.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from aisp_bench.config import config_diff, semantic_config
+from aisp_bench.config import config_diff, get_path, semantic_config
 from aisp_bench.types import Prompt, Result
 
 RECORDS = "records.jsonl"
@@ -73,19 +73,32 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
-def read_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path: str | Path, *, missing_ok: bool = False) -> dict[str, Any] | None:
+    """The JSON object in ``path`` (None if missing and ``missing_ok``); anything else: ``RunFolderError``."""
+    if missing_ok and not Path(path).is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict):
+        raise RunFolderError(f"{path} is not a JSON object")
+    return obj
 
 
 def read_json_or_none(path: str | Path) -> dict[str, Any] | None:
     """A JSON object from ``path``; None when it is missing, not JSON (with a warning) or not an object."""
     try:
-        obj = read_json(path) if Path(path).is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        warnings.warn(f"{path}: not valid JSON, ignored", stacklevel=2)
+        return read_json(path, missing_ok=True)
+    except RunFolderError as e:
+        warnings.warn(f"{e}; ignored", stacklevel=2)
         return None
-    return obj if isinstance(obj, dict) else None
+
+
+def is_temp_file(name: str) -> bool:
+    """A temp file of ``write_json_atomic`` (``.<name>.<random>.tmp``), left behind when a write was killed."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 # -- records ------------------------------------------------------------------------------
@@ -188,7 +201,7 @@ def read_records(run_dir: str | Path) -> list[dict]:
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
     """``summary.json`` of a run; a sharded run's is summed over its shards (``Shards.summary``)."""
     shards = Shards.of(run_dir)
-    return read_json_or_none(Path(run_dir) / SUMMARY) if shards is None else shards.summary()
+    return read_json(Path(run_dir) / SUMMARY, missing_ok=True) if shards is None else shards.summary()
 
 
 def records_sha256(run_dir: str | Path) -> str:
@@ -321,7 +334,7 @@ class Shards:
 
     def manifests(self) -> dict[int, dict[str, Any]]:
         """Each shard's manifest; shards whose semantic configs differ from the first are a ``RunFolderError``."""
-        out = {i: read_json_or_none(p / MANIFEST) or {} for i, p in self.folders.items()}
+        out = {i: read_json(p / MANIFEST, missing_ok=True) or {} for i, p in self.folders.items()}
         configs = {i: semantic_config(m.get("config", {})) for i, m in out.items() if m}
         first, ref = next(iter(configs.items()), (0, {}))
         odd = [i for i, c in configs.items() if c != ref]
@@ -345,7 +358,7 @@ class Shards:
         """``summarize`` over the shards' records, ``complete`` when every shard is, plus
         ``num_shards``, ``unfinished_shards``, and the evaluation ``metrics`` of the run
         folder's own ``summary.json`` while its record count is the shards'."""
-        parts = [s for s in (read_json_or_none(p / SUMMARY) for p in self.folders.values()) if s]
+        parts = [s for s in (read_json(p / SUMMARY, missing_ok=True) for p in self.folders.values()) if s]
         if not parts:
             return None
         ids = lambda key: [x for s in parts for x in s.get(key) or []]  # noqa: E731
@@ -357,16 +370,6 @@ class Shards:
         if "metrics" in own and own.get("num_done") == out["num_done"]:
             out["metrics"] = own["metrics"]
         return out
-
-
-def get_path(obj: Any, dotted: str, default: Any = None) -> Any:
-    """``obj['a']['b']`` for ``'a.b'``, or ``default`` where a key is missing."""
-    cur = obj
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return default
-        cur = cur[part]
-    return cur
 
 
 # -- run identity -------------------------------------------------------------------------
@@ -418,9 +421,9 @@ class Run:
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
-        """``manifest.json``; a sharded run's: its first shard's (the shards share one config)."""
+        """``manifest.json`` (a corrupt one is a ``RunFolderError``); a sharded run's: its first shard's (the shards share one config)."""
         if self.shards is None:
-            return read_json_or_none(self.path / MANIFEST) or {}
+            return read_json(self.path / MANIFEST, missing_ok=True) or {}
         return next((m for m in self.shards.manifests().values() if m), {})
 
     @property

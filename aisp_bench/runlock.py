@@ -1,7 +1,7 @@
 """``run.lock``: one writer per run folder (or per prompt shard's folder), and who it is.
 
-``with RunLock(folder):`` creates ``folder/run.lock`` atomically (``O_CREAT | O_EXCL``)
-holding its holder: host, pid, Slurm job (``SLURM_JOB_ID``, array job and task) when
+``with RunLock(folder):`` creates ``folder/run.lock`` atomically and whole (a complete
+draft hard-linked into place, which fails where the lock exists) holding its holder: host, pid, Slurm job (``SLURM_JOB_ID``, array job and task) when
 there is one, and the start time; it is removed on the way out, exception or not. A
 second process on the same folder is refused with a ``RunLockError`` (one line naming
 the holder), unless the holder is gone:
@@ -12,8 +12,8 @@ the holder), unless the holder is gone:
 
 Anything else is refused: a live process here, or a process on another host whose
 liveness cannot be checked from here (delete the file by hand if it is certainly gone).
-A lock file still being written (unreadable for less than ``FRESH_S`` seconds) counts
-as held. A takeover renames the stale file aside and checks it was the one judged
+An unreadable lock (a damaged file) counts as held for ``FRESH_S`` seconds. A kill
+leaves at most a whole lock and a draft or aside file (``.run.lock.*``, ``is_lock_file``). A takeover renames the stale file aside and checks it was the one judged
 stale, so two processes taking over the same stale lock cannot both win.
 """
 
@@ -37,6 +37,11 @@ SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
 
 class RunLockError(RunFolderError):
     """The folder is being written by another process; the message names it."""
+
+
+def is_lock_file(name: str) -> bool:
+    """``run.lock``, or a draft or aside file of ``RunLock`` that a kill left behind."""
+    return name == RUN_LOCK or name.startswith(f".{RUN_LOCK}.")
 
 
 def holder() -> dict[str, Any]:
@@ -91,15 +96,20 @@ class RunLock:
         me = holder()
         text = json.dumps(me) + "\n"
         for _ in range(5):  # another process may take over or release between two steps
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_or_refuse(me)
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            draft = self.path.with_name(f".{RUN_LOCK}.{me['pid']}.new")  # complete before it is the lock
+            with open(draft, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
+            try:
+                os.link(draft, self.path)  # atomic, and fails where the lock exists: never a half-written lock
+            except FileExistsError:
+                self._take_over_or_refuse(me)
+                continue
+            except FileNotFoundError:  # the draft was removed meanwhile (a folder being replaced)
+                continue
+            finally:
+                draft.unlink(missing_ok=True)
             self.text = text
             return
         raise RunLockError(f"{self.path.parent}: could not take {RUN_LOCK} (other processes keep taking it)")

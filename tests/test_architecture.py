@@ -3,7 +3,7 @@
 Layers, lowest first; a module may import from its own layer and the ones below, never
 from a higher one:
 
-0. ``types``, ``registry``, ``seeding``, ``config``: plain values, names, seeds, config paths
+0. ``types``, ``registry``, ``seeding``, ``config``, ``validate``: plain values, names, seeds, config paths and checks
 1. ``engine``, ``shared_prefix``, ``rewards``, ``data``, ``models``: models and data
 2. ``methods``, ``metrics``: algorithms on the engine and reward interfaces, metrics on records
 3. ``rundir``, ``results``, ``runlock``: one run folder (files, records, run identity, prompt
@@ -25,7 +25,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "aisp_bench"
 LAYERS = [
-    {"types", "registry", "seeding", "config"},
+    {"types", "registry", "seeding", "config", "validate"},
     {"engine", "shared_prefix", "rewards", "data", "models"},
     {"methods", "metrics"},
     {"rundir", "results", "runlock"},

@@ -98,15 +98,15 @@ def test_non_semantic_keys_are_neither_in_the_folder_name_nor_in_the_resume_chec
 
 # ------------------------------------------------------------------------- bad input
 BAD = [
-    (["method.sigma=0"], "method.sigma must be > 0, got 0"),
-    (["method.lam=-1"], "method.lam must be > 0, got -1"),
-    (["method.alpha=1.5"], "method.alpha must be in (0, 1], got 1.5"),
-    (["method.alpha=0"], "method.alpha must be in (0, 1], got 0"),
-    (["budget.n=0"], "method.n must be an integer >= 1, got 0"),
+    (["method.sigma=0"], "method.sigma must be a finite number > 0, got 0"),
+    (["method.lam=-1"], "method.lam must be a finite number > 0, got -1"),
+    (["method.alpha=1.5"], "method.alpha must be a finite number in (0, 1], got 1.5"),
+    (["method.alpha=0"], "method.alpha must be a finite number in (0, 1], got 0"),
+    (["budget.n=0"], "budget.n must be an integer >= 1, got 0"),
     (["method.kappa=0"], "method.kappa must be an integer >= 1, got 0"),
     (["method.tau=0"], "method.tau must be an integer >= 1, got 0"),
     (["method=bon_topp", "method.num_samples=0"], "method.num_samples must be an integer >= 1, got 0"),
-    (["method=bon_gaussian", "method.sigma2=-0.5"], "method.sigma2 must be > 0, got -0.5"),
+    (["method=bon_gaussian", "method.sigma2=-0.5"], "method.sigma2 must be a finite number > 0, got -0.5"),
     (["seed=-1"], "seed must be an integer >= 0, got -1"),
     (["generation.max_new_tokens=0"], "generation.max_new_tokens must be an integer >= 1, got 0"),
     (["dataset.num_prompts=0"], "dataset.num_prompts must be an integer >= 1 or null, got 0"),
@@ -171,7 +171,7 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path):
     out = cli(["method.sigma=-1"], tmp_path)
     assert out.returncode == 2
     err = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
-    assert err == ["error: method: method.sigma must be > 0, got -1"]
+    assert err == ["error: method.sigma must be a finite number > 0, got -1"]
     assert "Traceback" not in out.stderr
     unknown = cli(["method=aspi"], tmp_path)
     assert unknown.returncode != 0 and "Traceback" not in unknown.stderr

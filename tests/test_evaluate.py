@@ -140,8 +140,10 @@ def test_cli_without_coherence_and_errors(tmp_path, evaluate):
         assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, (args, err)
 
     (run / "records.jsonl").write_text('{"prompt_id": 1}\nnot json\n{"prompt_id": 2}\n')
-    code, _, err = evaluate(NO_COH)
-    assert code == 1 and "records.jsonl: line 2 is corrupt" in err  # reported, non-zero
+    before = (run / "summary.json").read_bytes()
+    code, _, err = evaluate(NO_COH, "force=true")
+    assert code == 2 and "records.jsonl: line 2 is corrupt" in err  # refused before any summary is written
+    assert (run / "summary.json").read_bytes() == before
 
 
 def test_cli_simcse_unavailable_names_minilm(tmp_path, evaluate, monkeypatch):

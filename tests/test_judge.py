@@ -108,8 +108,12 @@ class FakeChatServer:
                 "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
             }
             data = json.dumps(payload).encode()
-        elif behaviour == "badbody":
+        elif behaviour == "badbody":  # JSON announced, HTML sent
             data = b"<html>upstream error</html>"
+        elif behaviour == "html":  # a proxy's page, 200
+            headers["content-type"], data = "text/html", b"<html>upstream error</html>"
+        elif behaviour == "nochoices":
+            data = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"]}).encode()
         else:
             status = int(behaviour)
             headers["retry-after-ms"] = "1"  # keep the client's backoff short
@@ -387,6 +391,21 @@ def test_garbage_is_invalid_and_broken_body_is_a_failure(server, api_key, tmp_pa
     assert len(list((tmp_path / "cache").rglob("*.json"))) == 1
 
 
+def test_a_reply_that_is_not_a_completion_is_retried_and_never_cached(server, api_key, tmp_path):
+    """A server answering 200 with a body that is not JSON or has no choices failed: retried like a 5xx."""
+    judge = make_judge(server, tmp_path, concurrency=1, max_retries=3)
+    judge.retry_delay = 0.01
+    server.queue.extend(["html", "nochoices", "badbody"])
+    [reply] = judge.judge([req("q?", "GOOD a", "BAD b")])
+    assert reply.ok and reply.scores == Scores(8, 3) and server.count == 4 and judge.requests_sent == 1
+    server.queue.extend(["html"] * 4)  # more than max_retries: a failed request, not cached
+    [reply] = judge.judge([req("q2?", "GOOD a", "BAD b")])
+    assert not reply.ok and "not a chat completion" in reply.error and server.count == 8
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 1
+    [reply] = judge.judge([req("q2?", "GOOD a", "BAD b")])  # a rerun asks again
+    assert reply.ok and server.count == 9
+
+
 def test_budget_refuses_before_sending(server, api_key, runs, tmp_path):
     runs_a, runs_b = runs
     judge = make_judge(server, tmp_path, max_requests=59)
@@ -465,7 +484,7 @@ def test_cli_judges_and_reports(server, api_key, runs, tmp_path, judge_cli):
     code, _, err = judge_cli(*args, "num_prompts=5", "judge.max_requests=1")  # new prompts: over budget
     assert code == 1 and "max_requests" in err and server.count == 24
     for bad, needle in ((["select.dataset=nope"], "no run folders under"), (["method_b=nope"], "no runs of both"),
-                        (["mode=sideways"], "unknown judge mode"), (["trials=0"], "trials must be")):
+                        (["mode=sideways"], "mode must be one of both_orders, random_order, got 'sideways'"), (["trials=0"], "trials must be")):
         code, _, err = judge_cli(*args, *bad)
         assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
     for p, data in all_bytes(tmp_path):

@@ -79,7 +79,7 @@ def test_plan_notes_and_refusals(capsys, monkeypatch, tmp_path):
     assert "over hydra.launcher.timeout_min=720: it is requeued" in out  # 3 prompts x 33 samples x 128 tokens
     for args, message in ((["seed=0,1"], "seed=0,1 is a sweep: add -m"),
                           (["-m", "dataset.num_shards=2", "dataset.shard=0,2"], r"dataset.shard must be .* got '2'"),
-                          (["plan.tokens_per_second=-1"], "plan.tokens_per_second must be a number > 0"),
+                          (["plan.tokens_per_second=-1"], "plan.tokens_per_second must be a finite number > 0"),
                           (["method=nosuch"], "nosuch"), (["--frobnicate"], "unknown option --frobnicate")):
         code, rows, out, err = plan(capsys, *args, "plan.tokenizer=false")
         assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), err

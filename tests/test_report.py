@@ -377,7 +377,7 @@ def test_cli_all_writes_every_file(tmp_path, report):
     assert set(f2.curve) == {"aisp_mean_at_k", "aisp_best_at_k", "aisp_best_so_far", "bon_topp", "bon_gaussian"}
     code, _, err = report("target=[table1,figure2]", "select.method=aisp", f"out={tmp_path / 'only'}")
     assert code == 0 and list(pd.read_csv(tmp_path / "only" / "tables" / "table1.csv").method) == ["aisp"]
-    for args, needle in ((["target=table1", "select.pair=nope__none"], "error: no run folders found"),
+    for args, needle in ((["target=table1", "select.pair=nope__none"], "error: no run folders under"),
                          (["target=tabel1"], "error: unknown target 'tabel1'")):
         code, _, err = report(*args)
         lines = err.strip().splitlines()

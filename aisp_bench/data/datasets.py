@@ -22,6 +22,7 @@ import json
 import logging
 import random
 import re
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def read_rows(path: str | Path) -> list[dict]:
                         raise DatasetError(f"dataset.path {str(path)!r}: line {i} is not valid JSON ({e.msg})") from None
             else:
                 raise DatasetError(f"dataset.path {str(path)!r}: unsupported file type; use .jsonl, .jsonl.gz or .json")
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:  # zlib: a gzip file with corrupt data
         raise DatasetError(f"dataset.path {str(path)!r} cannot be read: {e}") from None
     for i, row in enumerate(rows):
         if not isinstance(row, dict):

@@ -29,8 +29,9 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from aisp_bench.cli import instantiate_node, run_app, select_runs
+from aisp_bench.cli import instantiate_node, launch, run_app, select_runs
 from aisp_bench.config import CONF_DIR
+from aisp_bench.validate import check
 
 
 def main(cfg: DictConfig) -> int:
@@ -38,6 +39,7 @@ def main(cfg: DictConfig) -> int:
     from aisp_bench.judge.client import print_progress
     from aisp_bench.judge.winrate import Protocol, build_comparison, find_comparisons, run_comparisons
 
+    check(cfg)
     runs = select_runs(cfg)
     protocol = Protocol(cfg.mode, cfg.num_prompts, cfg.trials, cfg.sample_seed)
     methods_b = OmegaConf.to_container(cfg.method_b) if OmegaConf.is_list(cfg.method_b) else [cfg.method_b]
@@ -68,4 +70,4 @@ def app(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    launch(app, "judge")

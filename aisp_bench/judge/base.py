@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from aisp_bench.judge.prompts import Scores, build_messages, parse_scores
-from aisp_bench.rundir import read_json, write_json_atomic
+from aisp_bench.rundir import RunFolderError, read_json, write_json_atomic
 from aisp_bench.types import Prompt
 
 CHARS_PER_TOKEN = 4.0  # rough English average, for the dry-run estimate only
@@ -140,7 +140,7 @@ class CachedJudge:
             return None
         try:
             entry = read_json(path)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, RunFolderError) as e:
             warnings.warn(f"ignoring unreadable judge cache entry {path}: {e}", stacklevel=2)
             return None
         return entry if isinstance(entry, dict) and entry.get("key") == key else None

@@ -15,9 +15,12 @@ What it adds:
 * **Retries**: the ``openai`` client's own: rate limits (429), server errors (5xx),
   408/409, timeouts and connection errors are retried with exponential backoff (0.5 s
   doubling, at most 8 s, with jitter) or the server's ``Retry-After``; other errors
-  (400, 401, 403, 404) are not. An authentication, permission, not-found or bad-request
-  error stops the whole batch at once; any other request that still fails is returned
-  with its ``error`` set (and not cached), so a re-run retries only those.
+  (400, 401, 403, 404) are not. A reply that is not a chat completion (a body that is not
+  JSON, or has no ``choices``: a server or proxy answering 200 with garbage) is a server
+  failure too, retried here up to ``max_retries`` times with the same backoff. An
+  authentication, permission, not-found or bad-request error stops the whole batch at
+  once; any other request that still fails is returned with its ``error`` set (and not
+  cached), so a re-run retries only those.
 * **Concurrency**: at most ``concurrency`` requests in flight (a thread pool).
 
 The protocol (which prompts, both orders, trials) is :mod:`aisp_bench.judge.winrate`'s.
@@ -25,9 +28,12 @@ The protocol (which prompts, both orders, trials) is :mod:`aisp_bench.judge.winr
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import sys
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,10 +48,23 @@ class _Stopped(Exception):
     """A queued request skipped because the batch was stopped."""
 
 
+class MalformedReplyError(RuntimeError):
+    """A reply that is not a chat completion (not JSON, no ``choices``): a server failure, never cached."""
+
+
+def _first_choice(resp: Any) -> Any:
+    """The first choice of a chat completion; ``MalformedReplyError`` for anything else."""
+    choices = getattr(resp, "choices", None)
+    if not isinstance(choices, list) or not choices or getattr(choices[0], "message", None) is None:
+        raise MalformedReplyError(f"the server's reply is not a chat completion: {str(resp)[:100]!r}")
+    return choices[0]
+
+
 class PairwiseJudge(CachedJudge):
     """Pairwise GPT-4-style judge; arguments are the keys of ``conf/judge/gpt4.yaml``."""
 
     version = PROMPT_VERSION
+    retry_delay = 0.5  # seconds before the first retry of a malformed reply, doubling up to 8 s (as the client's)
 
     def __init__(
         self,
@@ -118,21 +137,32 @@ class PairwiseJudge(CachedJudge):
             if self.requests_sent >= self.max_requests:  # belt and braces: plan() checked already
                 raise BudgetExceededError(f"max_requests={self.max_requests} reached")
             self.requests_sent += 1
-        resp = self._openai().chat.completions.create(
-            model=self.model,
-            messages=request.messages(),
-            temperature=self.temperature,
-            max_tokens=self.max_tokens,
-        )
-        choice = resp.choices[0] if resp.choices else None
+        resp, choice = self._complete(request)
         return self._store(
             key,
             request,
-            choice.message.content if choice is not None else None,
-            finish_reason=choice.finish_reason if choice is not None else None,
+            choice.message.content,
+            finish_reason=choice.finish_reason,
             response_model=getattr(resp, "model", None),
             usage=resp.usage.model_dump() if getattr(resp, "usage", None) is not None else None,
         )
+
+    def _complete(self, request: JudgeRequest) -> tuple[Any, Any]:
+        """(completion, its first choice); a malformed reply is retried ``max_retries`` times."""
+        from openai import APIResponseValidationError
+
+        for attempt in range(self.max_retries + 1):
+            try:
+                resp = self._openai().chat.completions.create(
+                    model=self.model, messages=request.messages(), temperature=self.temperature,
+                    max_tokens=self.max_tokens,
+                )
+                return resp, _first_choice(resp)
+            except (MalformedReplyError, json.JSONDecodeError, APIResponseValidationError):
+                if attempt == self.max_retries:
+                    raise
+                time.sleep(min(8.0, self.retry_delay * 2**attempt) * random.uniform(0.75, 1.0))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _answer(self, todo: dict[str, JudgeRequest], progress: Progress | None) -> dict[str, JudgeReply]:
         """Send ``todo`` with ``concurrency`` threads; a fatal API error stops the batch (``JudgeError``),

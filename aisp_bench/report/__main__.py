@@ -17,10 +17,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from aisp_bench.cli import UserError, run_app
+from aisp_bench.cli import UserError, launch, run_app, select_runs
 from aisp_bench.config import CONF_DIR
-from aisp_bench.results import Selection, discover_runs, runs_root
+from aisp_bench.results import Selection, runs_root
 from aisp_bench.rundir import Run
+from aisp_bench.validate import check
 
 TARGETS = ("table1", "table2", "table3", "figure2", "compute", "lambda_sweep", "compare")
 
@@ -64,6 +65,7 @@ def _nonempty(df, message: str):
 def main(cfg: DictConfig) -> int:
     from .common import paper_order, unfinished_shards
 
+    check(cfg)
     targets = list(cfg.target) if OmegaConf.is_list(cfg.target) else [str(cfg.target)]
     for t in targets:
         if t not in (*TARGETS, "all"):
@@ -71,10 +73,7 @@ def main(cfg: DictConfig) -> int:
     if "all" in targets:
         targets = list(TARGETS)
     select = Selection.from_mapping(OmegaConf.to_container(cfg.select, resolve=True))
-    runs = paper_order(discover_runs(cfg.results_dir, select))
-    if not runs and (len(targets) > 1 or targets[0] not in ("table2", "table3")):
-        where = f" for {select.describe()}" if select.describe() else ""
-        raise UserError(f"no run folders found under {runs_root(cfg.results_dir)}{where}")
+    runs = paper_order(select_runs(cfg, allow_none=len(targets) == 1 and targets[0] in ("table2", "table3")))
     for note in unfinished_shards(runs):
         print(f"warning: {note}; read as an incomplete run", file=sys.stderr)
     status = 0
@@ -97,4 +96,4 @@ def app(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    launch(app, "report")
