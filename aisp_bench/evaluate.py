@@ -6,6 +6,8 @@ Usage::
     python -m aisp_bench.evaluate select.dataset=shp select.method=aisp  # a selection (conf/app.yaml)
     python -m aisp_bench.evaluate encoder=minilm                         # offline coherence stand-in
     python -m aisp_bench.evaluate reward=ultrarm reward.device=cuda:1    # Table 1: rewards by UltraRM
+    python -m aisp_bench.evaluate gold_reward=eurus gold_reward.device=cuda:1  # a held-out reward beside it
+    python -m aisp_bench.evaluate policy.device=cuda:0                   # where base_logprob runs the policy
 
 For each selected run (runs without ``summary.json``, still going or crashed, are
 skipped) the ``metrics`` block of :func:`aisp_bench.metrics.compute_metrics` is written
@@ -22,14 +24,32 @@ the run's own mean. Without it, ``reward_mean`` is the run's own mean and
 ``reward_source`` ``"run"``. Scores are cached per run in ``eval_rewards_<name>.json``,
 so only new (prompt, response) pairs are scored; ``force=true`` rescores.
 
+**Held-out gold reward.** ``gold_reward=NAME`` (the same options as ``reward``) scores
+the same cleaned responses with a reward model the run did not optimise:
+``gold_reward_mean`` and ``gold_reward_model`` (cached in ``eval_rewards_<name>.json``
+too). A gold reward equal to the run's own is reported with a warning (not held out).
+
+**Closeness to the base model.** ``base_logprob`` (in ``metrics``) is the mean over
+prompts of the chosen response's mean per-token log-probability under the run's own
+policy without noise, at temperature 1 (``Engine.response_logprobs``; the policy is
+built from the run's manifest, ``policy.device``/``policy.dtype`` override where it
+runs, and loaded only when a run has responses not yet scored). Cached per run in
+``eval_logprobs_<model>.json``.
+
+**Per prompt.** Beside the block, ``metrics_per_prompt.json`` holds the values the
+means average, one per record (``reward``: the run's own; ``eval_reward``,
+``gold_reward``, ``base_logprob``, ``diversity``, ``coherence``), under the same
+fingerprint: the report's bootstrap intervals resample them.
+
 **Idempotent**: the block's ``fingerprint`` hashes what it was computed from (the
-records' bytes, the encoder, the evaluation reward, the metric names, the cleaning
-settings, ``EVALUATE_VERSION``); a run whose fingerprint matches is left alone.
+records' bytes, the encoder, the evaluation and gold rewards, the base_logprob policy,
+the metric names, the cleaning settings, ``EVALUATE_VERSION``); a run whose
+fingerprint matches (and whose per-prompt file has it) is left alone.
 
 **Coherence** needs SimCSE from the hub (``encoder=simcse``); where it cannot load, the
 error says so and ``encoder=minilm`` is the labelled offline stand-in, never a silent
-fallback. Exit codes: 0 done, 1 a run, the encoder or the reward model failed, 2 bad
-input.
+fallback. Exit codes: 0 done, 1 a run, the encoder, a reward model or the policy
+failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -40,7 +60,7 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,25 +69,35 @@ from omegaconf import DictConfig, OmegaConf
 
 from aisp_bench.cli import UserError, first_line, instantiate_node, run_app, select_runs
 from aisp_bench.config import CONF_DIR
-from aisp_bench.metrics import DEFAULT_METRICS, METRICS, compute_metrics
+from aisp_bench.metrics import DEFAULT_METRICS, METRICS, metric_values
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
 from aisp_bench.rundir import (
-    SUMMARY, Run, get_path, read_json_or_none, read_records, read_summary, record_prompt, records_sha256,
-    write_json_atomic,
+    PROMPT_METRICS, SUMMARY, Run, get_path, read_json_or_none, read_records, read_summary, record_prompt,
+    records_sha256, write_json_atomic,
 )  # fmt: skip
 
-EVALUATE_VERSION = 2  # 2: reward_model / reward_source / run_reward_mean, an evaluation reward
-REWARD_CHUNK = 256  # pairs scored between two writes of the eval-reward cache
+EVALUATE_VERSION = 3  # 3: gold reward, base_logprob, metrics_per_prompt.json
+REWARD_CHUNK = 256  # pairs scored between two writes of a score cache
+POLICY_METRICS = ("base_logprob",)  # metrics computed by the run's policy, beside aisp_bench.metrics.METRICS
 
 
 class RewardUnavailableError(RuntimeError):
     """The evaluation reward model cannot be loaded (missing weights, no hub access)."""
 
 
-# -- the evaluation reward model --------------------------------------------------------
+# -- score caches (evaluation rewards, log-probabilities) -------------------------------------
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
 def eval_rewards_path(run_dir: Path, reward_name: str) -> Path:
     """``run_dir/eval_rewards_<name>.json`` (characters unsafe in a file name become ``_``)."""
-    return Path(run_dir) / f"eval_rewards_{re.sub(r'[^A-Za-z0-9._-]+', '_', reward_name)}.json"
+    return Path(run_dir) / f"eval_rewards_{_safe(reward_name)}.json"
+
+
+def eval_logprobs_path(run_dir: Path, model_name: str) -> Path:
+    """``run_dir/eval_logprobs_<model>.json``: base_logprob's per-response cache."""
+    return Path(run_dir) / f"eval_logprobs_{_safe(model_name)}.json"
 
 
 def _pair_key(messages: Any, response: str) -> str:
@@ -75,83 +105,155 @@ def _pair_key(messages: Any, response: str) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def evaluation_rewards(
-    run_dir: Path,
-    records: Sequence[dict[str, Any]],
-    responses: Sequence[str],
-    reward: Any,
-    reward_name: str,
-    *,
-    force: bool = False,
-    chunk: int = REWARD_CHUNK,
-) -> list[float | None]:
-    """``reward``'s score of each (record prompt, response), via the run's score cache.
+def cached_scores(path: Path, header: dict[str, str], records: Sequence[dict[str, Any]], responses: Sequence[str],
+                  score: Callable[[list, list], list], *, field: str, force: bool = False,
+                  chunk: int = REWARD_CHUNK) -> list[float | None]:
+    """``score``'s value of each (record prompt, response), via the cache file ``path``.
 
-    Cached scores (``eval_rewards_<name>.json``, keyed by a hash of the messages and
-    the response) are reused unless ``force``; the rest are scored in chunks of
-    ``chunk`` pairs, the cache being rewritten after each (it keeps the current records'
-    entries only). Non-finite scores are ``None``. Raises ``RewardUnavailableError``
-    when the model cannot be loaded.
+    Cached values (keyed by a hash of the messages and the response, under ``field``)
+    are reused unless ``force``; the rest go to ``score(prompts, responses)`` (a list of
+    floats or None) in chunks of ``chunk`` pairs, the file being rewritten after each (it
+    keeps the current records' entries only). Non-finite values are ``None``.
     """
     prompts = [record_prompt(r) for r in records]
     keys = [_pair_key(p.to_json(), resp) for p, resp in zip(prompts, responses, strict=True)]
-    path = eval_rewards_path(run_dir, reward_name)
     cache = None if force else read_json_or_none(path)
-    known = {k: v["reward"] for k, v in (cache or {}).get("scores", {}).items()}
+    known = {k: v.get(field) for k, v in (cache or {}).get("scores", {}).items() if isinstance(v, dict)}
     todo = [i for i, k in enumerate(keys) if k not in known]
-    if todo:
-        try:
-            reward.load()
-        except Exception as e:  # noqa: BLE001 - missing weights, no hub: one line, stop everything
-            raise RewardUnavailableError(f"cannot load evaluation reward {reward_name!r}: {first_line(e)}") from None
     for s in range(0, len(todo), max(1, int(chunk))):
         idx = todo[s : s + chunk]
-        scores = reward.score([prompts[i] for i in idx], [responses[i] for i in idx])
-        for i, v in zip(idx, [float(x) for x in scores.tolist()], strict=True):
-            known[keys[i]] = v if math.isfinite(v) else None
-        entries = {k: {"prompt_id": str(rec.get("prompt_id", "")), "reward": known[k]}
+        for i, v in zip(idx, score([prompts[i] for i in idx], [responses[i] for i in idx]), strict=True):
+            known[keys[i]] = float(v) if v is not None and math.isfinite(v) else None
+        entries = {k: {"prompt_id": str(rec.get("prompt_id", "")), field: known[k]}
                    for k, rec in zip(keys, records, strict=True) if k in known}
-        write_json_atomic(path, {"reward": reward_name, "scores": entries})
+        write_json_atomic(path, {**header, "scores": entries})
     return [known[k] for k in keys]
 
 
+def evaluation_rewards(run_dir: Path, records: Sequence[dict[str, Any]], responses: Sequence[str], reward: Any,
+                       reward_name: str, *, force: bool = False, chunk: int = REWARD_CHUNK) -> list[float | None]:
+    """``reward``'s score of each (record prompt, response), cached in ``eval_rewards_<name>.json``
+    (:func:`cached_scores`). Raises ``RewardUnavailableError`` when the model cannot be loaded."""
+    loaded = []
+
+    def score(prompts, resps):
+        if not loaded:
+            try:
+                loaded.append(reward.load())
+            except Exception as e:  # noqa: BLE001 - missing weights, no hub: one line, stop everything
+                raise RewardUnavailableError(f"cannot load evaluation reward {reward_name!r}: {first_line(e)}") from None
+        return [float(x) for x in reward.score(prompts, resps).tolist()]
+
+    return cached_scores(eval_rewards_path(run_dir, reward_name), {"reward": reward_name}, records, responses, score,
+                         field="reward", force=force, chunk=chunk)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return math.fsum(finite) / len(finite) if finite else None
+
+
+# -- the base model's log-probabilities -------------------------------------------------------
+class PolicyUnavailableError(RuntimeError):
+    """The run's policy cannot be built or loaded for base_logprob."""
+
+
+class BasePolicy:
+    """Engines on the runs' own policies for ``base_logprob``, loaded once per model config.
+
+    ``overrides`` (``policy.device``, ``policy.dtype``; None keeps the run's) change where
+    the manifest's model config runs; ``batch_rows`` responses are scored per pass.
+    """
+
+    def __init__(self, overrides: dict[str, Any] | None = None, batch_rows: int = 16) -> None:
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        self.batch_rows = int(batch_rows)
+        self._policies: dict[str, Any] = {}
+
+    @staticmethod
+    def label(run: Run) -> str:
+        """The policy's name (the run's ``model.name``), as the fingerprint and cache file record it."""
+        return str(get_path(run.config, "model.name") or run.model)
+
+    def engine(self, run: Run):
+        from aisp_bench.models.policy import build_engine
+
+        node = get_path(run.config, "model")
+        if not isinstance(node, dict) or "_target_" not in node:
+            raise PolicyUnavailableError(f"{run.path}: base_logprob needs the run's model config in its manifest")
+        node = {**node, **self.overrides}
+        key = json.dumps(node, sort_keys=True, default=str)
+        try:
+            if key not in self._policies:
+                policy = instantiate_node(OmegaConf.create(node), "policy")
+                policy.load()
+                self._policies[key] = policy
+            gen = get_path(run.config, "generation", {})
+            return build_engine(self._policies[key], max_new_tokens=int(gen.get("max_new_tokens", 128)),
+                                batch_rows=self.batch_rows, prompt_overflow=str(gen.get("prompt_overflow",
+                                                                                        "truncate_left")))
+        except (UserError, OSError, RuntimeError, ValueError) as e:
+            raise PolicyUnavailableError(f"cannot load the policy of {run.path} for base_logprob: "
+                                         f"{first_line(e)}") from None
+
+    def logprobs(self, run: Run, records: Sequence[dict[str, Any]], force: bool = False) -> list[float | None]:
+        """Mean per-token log-probability of each record's response (cached per run)."""
+        engine: list = []
+
+        def score(prompts, responses):
+            if not engine:  # built on the first response not in the cache
+                engine.append(self.engine(run))
+            return [x[0].mean for x in engine[0].response_logprobs(prompts, [[r] for r in responses])]
+
+        return cached_scores(eval_logprobs_path(run.path, self.label(run)), {"policy": self.label(run)}, records,
+                             [str(r.get("response") or "") for r in records], score, field="base_logprob",
+                             force=force)
+
+
 # -- one run ------------------------------------------------------------------------------
-def fingerprint(
-    run_dir: Path,
-    encoder_label: str | None,
-    names: Sequence[str],
-    config: dict[str, Any] | None,
-    reward_name: str | None = None,
-) -> str:
+def fingerprint(run_dir: Path, encoder_label: str | None, names: Sequence[str], config: dict[str, Any] | None,
+                reward_name: str | None = None, gold_name: str | None = None, policy: str | None = None) -> str:
     """Hash of everything the metrics block depends on (see the module docstring)."""
     payload = {
         "version": EVALUATE_VERSION,
         "records_sha256": records_sha256(run_dir),
         "encoder": encoder_label if "coherence" in names else None,
         "eval_reward": reward_name if "reward_mean" in names else None,
+        "gold_reward": gold_name,
+        "base_logprob": policy if "base_logprob" in names else None,
         "metrics": list(names),
         "cleaning": {k: list(v) for k, v in cleaning_options(config).items()},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _reward_metrics(run: Run, metrics: dict, records: list, reward: Any, reward_name: str | None, force: bool):
-    """``metrics`` with reward_mean (the run's own, or ``reward``'s) and its provenance keys right after it."""
-    run_mean, model, source, mean = metrics["reward_mean"], get_path(run.config, "reward.name"), "run", None
+def _name(model: Any) -> str | None:
+    return None if model is None else str(getattr(model, "name", None) or type(model).__name__)
+
+
+def _reward_metrics(run: Run, metrics: dict, per: dict, records: list, reward: Any, gold: Any, force: bool) -> dict:
+    """``metrics`` with reward_mean (the run's own, or ``reward``'s) and its provenance keys right
+    after it, then the gold reward's; ``per`` gets the per-prompt scores."""
+    run_mean, model, source, mean = metrics.get("reward_mean"), get_path(run.config, "reward.name"), "run", None
+    opts = cleaning_options(run.config)
+    responses = [clean_response(r.get("response"), **opts) for r in records]
     if reward is None:
         mean, model = run_mean, None if model is None else str(model)
     else:
-        opts = cleaning_options(run.config)
-        responses = [clean_response(r.get("response"), **opts) for r in records]
-        finite = [s for s in evaluation_rewards(run.path, records, responses, reward, reward_name, force=force)
-                  if s is not None]
-        mean, model, source = (math.fsum(finite) / len(finite) if finite else None), reward_name, "evaluated"
+        per["eval_reward"] = evaluation_rewards(run.path, records, responses, reward, _name(reward), force=force)
+        mean, model, source = _mean(per["eval_reward"]), _name(reward), "evaluated"
     out: dict[str, Any] = {}
     for k, v in metrics.items():
         if k == "reward_mean":
             out.update(reward_mean=mean, reward_model=model, reward_source=source, run_reward_mean=run_mean)
         else:
             out[k] = v
+    if gold is not None:
+        if _name(gold) == get_path(run.config, "reward.name"):
+            warnings.warn(f"{run.path}: gold_reward={_name(gold)} is the reward this run optimised (not held out)",
+                          stacklevel=2)
+        per["gold_reward"] = evaluation_rewards(run.path, records, responses, gold, _name(gold), force=force)
+        out.update(gold_reward_mean=_mean(per["gold_reward"]), gold_reward_model=_name(gold))
     return out
 
 
@@ -162,38 +264,49 @@ def evaluate_run(
     names: Sequence[str] = DEFAULT_METRICS,
     force: bool = False,
     reward: Any = None,
+    gold_reward: Any = None,
+    policy: BasePolicy | None = None,
 ) -> tuple[str, dict[str, Any] | None]:
-    """Write the metrics block into the run's ``summary.json``.
+    """Write the metrics block into the run's ``summary.json`` and its per-prompt values
+    into ``metrics_per_prompt.json``.
 
     ``reward`` (a ``RewardModel``, named by its ``name``) re-scores the records for
-    ``reward_mean`` (see the module docstring); ``None`` keeps the run's own rewards.
-    Returns (status, metrics): status is ``"updated"``, ``"up to date"`` or
-    ``"skipped: <why>"``.
+    ``reward_mean``, ``gold_reward`` adds a held-out reward's mean, ``policy`` computes
+    ``base_logprob`` when it is in ``names`` (see the module docstring). Returns
+    (status, metrics): status is ``"updated"``, ``"up to date"`` or ``"skipped: <why>"``.
     """
     run = run if isinstance(run, Run) else Run.at(run)
-    reward_name = None if reward is None else str(getattr(reward, "name", None) or type(reward).__name__)
     if reward is not None and "reward_mean" not in names:
-        raise UserError(f"reward={reward_name} needs the reward_mean metric in metrics")
-    summary_path = run.path / SUMMARY
+        raise UserError(f"reward={_name(reward)} needs the reward_mean metric in metrics")
+    if "base_logprob" in names and policy is None:
+        raise UserError("the base_logprob metric needs the run's policy (BasePolicy)")
     if run.shards is not None and not run.complete:
         return f"skipped: {run.shards.describe()}; a sharded run is evaluated once every shard is complete", None
     if read_summary(run.path) is None:
         return "skipped: no summary.json (run unfinished or crashed)", None
     label = encoder.label if encoder is not None else None
-    fp = fingerprint(run.path, label, names, run.config, reward_name)
-    old = (read_json_or_none(summary_path) or {}).get("metrics")
-    if not force and isinstance(old, dict) and old.get("fingerprint") == fp:
+    fp = fingerprint(run.path, label, names, run.config, _name(reward), _name(gold_reward),
+                     BasePolicy.label(run) if "base_logprob" in names else None)
+    old = (read_json_or_none(run.path / SUMMARY) or {}).get("metrics")
+    per_old = read_json_or_none(run.path / PROMPT_METRICS) or {}
+    if not force and isinstance(old, dict) and old.get("fingerprint") == fp and per_old.get("fingerprint") == fp:
         return "up to date", old
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a torn last line is expected after a crash
         records = read_records(run.path)
-    metrics = compute_metrics(records, config=run.config, encoder=encoder, names=names)
+    metrics, per = metric_values(records, config=run.config, encoder=encoder,
+                                 names=[n for n in names if n not in POLICY_METRICS])
     if "reward_mean" in metrics:
-        metrics = _reward_metrics(run, metrics, records, reward, reward_name, force)
+        metrics = _reward_metrics(run, metrics, per, records, reward, gold_reward, force)
+    if "base_logprob" in names:
+        per["base_logprob"] = policy.logprobs(run, records, force)
+        metrics.update(base_logprob=_mean(per["base_logprob"]), base_logprob_model=BasePolicy.label(run))
     metrics["fingerprint"] = fp
+    write_json_atomic(run.path / PROMPT_METRICS, {"fingerprint": fp, "prompt_ids": [str(r.get("prompt_id", ""))
+                                                                                   for r in records], **per})
     summary = read_summary(run.path)  # re-read: keep whatever else changed meanwhile (sharded: the shards' sum)
     summary["metrics"] = metrics
-    write_json_atomic(summary_path, summary)
+    write_json_atomic(run.path / SUMMARY, summary)
     return "updated", metrics
 
 
@@ -205,37 +318,62 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
 def _report(run: Run, status: str, m: dict[str, Any]) -> str:
     enc = f" [{m['coherence_encoder']}]" if m.get("coherence_encoder") else ""
     rm = f" [{m['reward_model']}]" if m.get("reward_model") else ""
-    return (f"{run.path}: {status}: reward {_fmt(m.get('reward_mean'))}{rm} diversity "
-            f"{_fmt(m.get('diversity'), '.3f')} coherence {_fmt(m.get('coherence'), '.3f')}{enc} "
+    gold = f" gold {_fmt(m['gold_reward_mean'])} [{m['gold_reward_model']}]" if "gold_reward_model" in m else ""
+    base = f" base_logprob {_fmt(m['base_logprob'], '.3f')}" if "base_logprob" in m else ""
+    return (f"{run.path}: {status}: reward {_fmt(m.get('reward_mean'))}{rm}{gold} diversity "
+            f"{_fmt(m.get('diversity'), '.3f')} coherence {_fmt(m.get('coherence'), '.3f')}{enc}{base} "
             f"({m.get('num_records')} records)")
 
 
-def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any]:
-    """(metric names, encoder or None, evaluation reward or None); bad input raises."""
+def _base_policy(p: DictConfig) -> BasePolicy:
+    """The ``policy`` block checked (bad values: ``UserError``) as a ``BasePolicy``."""
+    from aisp_bench.models.loading import resolve_device, resolve_dtype
+
+    rows = p.batch_rows
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise UserError(f"policy.batch_rows must be an integer >= 1, got {rows!r}")
+    try:
+        device = resolve_device(p.device) if p.device is not None else None
+        if p.dtype is not None:
+            resolve_dtype(p.dtype, device or resolve_device("auto"))
+    except ValueError as e:
+        raise UserError(f"policy: {e}") from None
+    return BasePolicy({"device": p.device, "dtype": p.dtype}, rows)
+
+
+def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any, Any, BasePolicy | None]:
+    """(metric names, encoder, evaluation reward, gold reward, base policy; None where unused);
+    bad input raises."""
     from aisp_bench.metrics.coherence import ENCODERS
 
     names = [str(n) for n in (cfg.metrics if OmegaConf.is_list(cfg.metrics) else [cfg.metrics])]
     for n in names:
-        METRICS.get(n)
+        if n not in POLICY_METRICS:
+            METRICS.get(n)
     encoder_class = ENCODERS.get(str(cfg.encoder))
     reward = None if cfg.get("reward") is None else instantiate_node(cfg.reward, "reward")
+    gold = None if cfg.get("gold_reward") is None else instantiate_node(cfg.gold_reward, "gold_reward")
+    if gold is not None and "reward_mean" not in names:
+        raise UserError(f"gold_reward={_name(gold)} needs the reward_mean metric in metrics")
+    policy = _base_policy(cfg.policy) if "base_logprob" in names else None
     try:  # constructed now (its label is known), loaded on first use
         encoder = encoder_class(device=cfg.device, batch_size=cfg.batch_size) if "coherence" in names else None
     except ValueError as e:
         raise UserError(f"encoder: {e}") from None
-    return names, encoder, reward
+    return names, encoder, reward, gold, policy
 
 
 def main(cfg: DictConfig) -> int:
     from aisp_bench.metrics.coherence import EncoderUnavailableError
 
     runs = select_runs(cfg)
-    names, encoder, reward = _setup(cfg)
+    names, encoder, reward, gold, policy = _setup(cfg)
     counts = dict.fromkeys(("updated", "up to date", "skipped", "failed"), 0)
     for run in runs:
         try:
-            status, m = evaluate_run(run, encoder, names=names, force=bool(cfg.force), reward=reward)
-        except (EncoderUnavailableError, RewardUnavailableError) as e:
+            status, m = evaluate_run(run, encoder, names=names, force=bool(cfg.force), reward=reward,
+                                     gold_reward=gold, policy=policy)
+        except (EncoderUnavailableError, RewardUnavailableError, PolicyUnavailableError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         except UserError:

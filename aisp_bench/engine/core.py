@@ -328,6 +328,13 @@ class Engine:
             )
         return out
 
+    def response_logprobs(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]], *,
+                          max_rows: int | None = None):
+        """log p of given responses under the noise-free policy (``engine.scoring.response_logprobs``)."""
+        from aisp_bench.engine.scoring import response_logprobs
+
+        return response_logprobs(self, prompts, responses, max_rows=max_rows)
+
     def attention_for(self, prefix: Prefix, rows: int) -> str:
         """The attention path a decode of ``rows`` rows of ``prefix`` takes (see ``attention``)."""
         if self.attention != "auto":
