@@ -97,6 +97,7 @@ test-fast: setup  ## the tests that load no model
 
 bench: setup  ## engine vs transformers generate on the CPU (results/bench/engine_cpu.json)
 	$(PY) scripts/bench_engine.py
+	$(PY) scripts/bench_rewards.py
 
 bench-gpu: setup  ## the three methods end to end on CUDA at paper settings (results/bench/methods_cuda.json)
 	$(PY) scripts/bench_methods.py

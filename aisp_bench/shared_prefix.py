@@ -1,4 +1,8 @@
-"""Shared-prefix attention for the engine's decode steps (used only by ``engine.py``).
+"""Shared-prefix attention: many rows attend to one prefilled copy of their prompt's KV.
+
+Used by the engine's decode steps (one query per row) and by the decoder reward models
+(``rewards/batching.py``), which run each response (a multi-token suffix) against its
+prompt's KV prefilled once (``prefill``, ``forward_suffix``).
 
 While decoding, the n rows of a prompt all attend to the same prompt keys and values.
 Copying that prompt KV cache n times (what ``generate`` with repeated inputs does, and a
@@ -9,23 +13,28 @@ again at every step. Here instead:
 * the prompt part stays as prefilled, one copy per prompt: K_p, V_p of shape
   (P, H_kv, L_p, D), with the left padding masked;
 * each row's generated part lives in a preallocated buffer (rows, H_kv, T, D), written
-  in place (``SuffixKV``, the object the model sees as its cache);
-* attention for a decode step (one query per row) is computed in two parts and merged
-  exactly with a shared softmax: scores against the prompt, as one matrix product per
-  prompt for all of its rows and query heads (grouped-query heads share their KV head);
-  scores against the row's own generated tokens; then
+  in place (``RowKV``, the object the model sees as its cache while decoding);
+* attention is computed in two parts and merged exactly with a shared softmax: scores
+  against the prompt, as one matrix product per prompt for all of its rows, query heads
+  and query positions (grouped-query heads share their KV head); scores against the
+  row's own tokens (causal, its right padding masked); then
   out = (Σ exp(s_p − m) V_p + Σ exp(s_s − m) V_s) / (Σ exp(s_p − m) + Σ exp(s_s − m)).
+  A decode step is the case of one query per row (no mask needed: it is the newest
+  token); a reward's suffix batch has q_len > 1, masked causally and on its right
+  padding (``suffix_bias``).
 
 It plugs into ``transformers`` as an attention implementation registered under
-``ATTN_NAME`` (``AttentionInterface``), switched on only around decode forwards. Models
-for which this is exact: decoder-only Llama-style attention without sliding windows,
-softcapping or attention sinks (``supported``); the engine falls back to the plain cache
-copy for others.
+``ATTN_NAME`` (``AttentionInterface``), switched on only around the forwards that use it.
+Models for which this is exact: decoder-only Llama-style attention without softcapping
+or attention sinks, and without a sliding window shorter than the sequences
+(``supported``); the engine falls back to the plain cache copy for others, the rewards
+to full scoring.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -33,139 +42,29 @@ import torch
 ATTN_NAME = "aisp_shared_prefix"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
-_ACTIVE: list = []  # DecodeState or RowState of the forward in progress
+_ACTIVE: list = []  # the RowState of the forward in progress
 
 
-def supported(config) -> bool:
-    """Whether shared-prefix attention computes exactly what the model's attention does."""
+def supported(config, max_tokens: int | None = None) -> bool:
+    """Whether shared-prefix attention computes exactly what the model's attention does,
+    for sequences of at most ``max_tokens`` tokens (default: the model's context length;
+    a sliding window that no sequence exceeds changes nothing, e.g. Mistral's 4096 for
+    a reward model reading 2048 tokens)."""
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return False
     window = getattr(config, "sliding_window", None)
     use_window = getattr(config, "use_sliding_window", window is not None)
-    if window is not None and use_window and window < getattr(config, "max_position_embeddings", 0):
+    longest = max_tokens if max_tokens is not None else getattr(config, "max_position_embeddings", 0)
+    if window is not None and use_window and window < longest:
         return False
     return getattr(config, "attn_logit_softcapping", None) is None
 
 
-class SuffixKV:
-    """Per layer, the generated tokens' keys and values: (rows, H_kv, capacity, D) buffers
-    written in place; ``update`` returns views of the filled part."""
-
-    def __init__(self, num_layers: int, capacity: int) -> None:
-        self.capacity = capacity
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.lengths = [0] * num_layers
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        n = self.lengths[layer_idx]
-        q = key_states.shape[-2]
-        if self.k[layer_idx] is None:
-            b, h, _, d = key_states.shape
-            self.k[layer_idx] = key_states.new_empty((b, h, self.capacity, d))
-            self.v[layer_idx] = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
-        if n + q > self.capacity:
-            raise RuntimeError(f"SuffixKV full: {n} + {q} > {self.capacity}")
-        self.k[layer_idx][:, :, n : n + q] = key_states
-        self.v[layer_idx][:, :, n : n + q] = value_states
-        self.lengths[layer_idx] = n + q
-        return self.k[layer_idx][:, :, : n + q], self.v[layer_idx][:, :, : n + q]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.lengths[layer_idx]
-
-    def select(self, keep: torch.Tensor) -> None:
-        """Keep only these rows (finished rows leave the batch)."""
-        for i, (k, v) in enumerate(zip(self.k, self.v)):
-            if k is not None:
-                self.k[i], self.v[i] = k.index_select(0, keep), v.index_select(0, keep)
-
-
-@dataclass
-class DecodeState:
-    """The prompt KV and the row -> prompt layout of one decode chunk.
-
-    ============  ==================  ============================================
-    field         shape               meaning
-    ============  ==================  ============================================
-    k, v          P x (P, H_kv, L, D) prompt keys/values per layer (not copied)
-    bias          (P, 1, 1, L)        0 for prompt tokens, -inf for left padding
-    row_prompt    (B,)                prompt index of each live row
-    row_pos       (B,)                its position among that prompt's live rows
-    groups        (P, R)              live rows of each prompt, padded with row 0
-    ============  ==================  ============================================
-    """
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    bias: torch.Tensor
-    row_prompt: torch.Tensor
-    row_pos: torch.Tensor
-    groups: torch.Tensor
-
-    @classmethod
-    def build(cls, prefix_cache, prefix_mask: torch.Tensor, slots: torch.Tensor) -> DecodeState:
-        layers = prefix_cache.layers
-        bias = torch.zeros(prefix_mask.shape, dtype=torch.float32, device=prefix_mask.device)
-        bias = bias.masked_fill(prefix_mask == 0, float("-inf"))[:, None, None, :]
-        return cls([lay.keys for lay in layers], [lay.values for lay in layers], bias,
-                   *row_layout(slots.to(bias.device), bias.shape[0]))
-
-    def set_rows(self, row_prompt: torch.Tensor) -> None:
-        """Recompute the grouping for the live rows (after finished rows left)."""
-        self.row_prompt, self.row_pos, self.groups = row_layout(row_prompt.to(self.bias.device), self.bias.shape[0])
-
-
-def row_layout(rp: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_prompt, row_pos, groups) for rows whose prompts are ``rp`` (any order)."""
-    counts = torch.bincount(rp, minlength=P)
-    order = torch.argsort(rp, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.empty_like(rp)
-    pos[order] = torch.arange(rp.numel(), device=rp.device) - starts[rp[order]]
-    groups = torch.zeros((P, max(1, int(counts.max()))), dtype=torch.long, device=rp.device)
-    groups[rp, pos] = torch.arange(rp.numel(), device=rp.device)
-    return rp, pos, groups
-
-
-def attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    """One decode step of shared-prefix attention; returns (output (B, 1, H, D), None)."""
-    st = _ACTIVE[-1]
-    layer = module.layer_idx
-    kp, vp = st.k[layer], st.v[layer]
-    B, H, q_len, D = query.shape
-    if q_len != 1:
-        raise RuntimeError("shared-prefix attention handles decode steps (one query per row) only")
-    P, Hkv, L, _ = kp.shape
-    g = H // Hkv
-    R = st.groups.shape[1]
-    scale = scaling if scaling is not None else D**-0.5
-    q = query.view(B, Hkv, g, D)
-    # scores against the prompt: one (R·g x D) @ (D x L) product per prompt and KV head
-    qg = q[st.groups].permute(0, 2, 1, 3, 4).reshape(P, Hkv, R * g, D)
-    sp = torch.matmul(qg, kp.transpose(-1, -2)).float() * scale + st.bias
-    sp = sp.view(P, Hkv, R, g, L).permute(0, 2, 1, 3, 4)[st.row_prompt, st.row_pos]  # (B, Hkv, g, L)
-    # scores against the row's own generated tokens
-    ss = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (B, Hkv, g, t)
-    m = torch.maximum(sp.amax(-1, keepdim=True), ss.amax(-1, keepdim=True))
-    ep, es = torch.exp(sp - m), torch.exp(ss - m)
-    den = ep.sum(-1, keepdim=True) + es.sum(-1, keepdim=True)
-    # weighted values: the prompt part per prompt again, the generated part per row
-    epg = ep.to(vp.dtype)[st.groups].permute(0, 2, 1, 3, 4).reshape(P, Hkv, R * g, L)
-    op = torch.matmul(epg, vp).view(P, Hkv, R, g, -1).permute(0, 2, 1, 3, 4)[st.row_prompt, st.row_pos]
-    os_ = torch.matmul(es.to(value.dtype), value)
-    out = (op.float() + os_.float()) / den  # (B, Hkv, g, Dv)
-    return out.to(query.dtype).reshape(B, H, 1, -1).transpose(1, 2), None
-
-
 # ---------------------------------------------------------------------------- row layout
-# The engine's decode path. Same two-part attention as ``attention`` above, in fewer
-# kernels (13 per layer instead of 32 in bf16: eager decoding is bound by kernel
-# launches on a GPU), with the prompt KV laid out (H_kv, P, L, D) so that each prompt's rows are
-# one matrix product without any copy of the cache, and a form with static shapes
-# (``RowKV`` with a device ``step``) that a CUDA graph can capture.
-
-ROWS_ATTN_NAME = "aisp_shared_prefix_rows"
+# The prompt KV is laid out (H_kv, P, L, D), so that each prompt's rows are one matrix
+# product without any copy of the cache; few kernels per layer (eager decoding is bound
+# by kernel launches on a GPU); and a form with static shapes (``RowKV`` with a device
+# ``step``) that a CUDA graph can capture.
 
 
 class RowKV:
@@ -225,7 +124,7 @@ class RowKV:
 
 @dataclass
 class RowState:
-    """What ``rows_attention`` reads for one decode forward.
+    """What ``attention`` reads for one forward (a decode step or a batch of suffixes).
 
     ============  ==================  ================================================
     field         shape               meaning
@@ -235,8 +134,10 @@ class RowState:
     row_of_slot   (P·R,)              the row in each of the P x R prompt-major slots
                                       (R rows per prompt; unused slots: any row)
     slot_of_row   (B,)                the slot of each row
-    row_bias      (B, 1, 1, L + S)    0 or -inf for [prompt | generated] keys: the
-                                      prompt's left padding, unwritten static steps
+    row_bias      (B, 1, q, L + S)    0 or -inf for [prompt | own] keys of each of the
+                                      row's q queries: the prompt's left padding,
+                                      unwritten static steps, causality and right
+                                      padding of a multi-token suffix
     ============  ==================  ================================================
     """
 
@@ -253,6 +154,17 @@ def prompt_kv(prefix_cache, prompts: torch.Tensor) -> tuple[list[torch.Tensor], 
     k = [lay.keys.index_select(0, prompts).transpose(0, 1).contiguous() for lay in prefix_cache.layers]
     v = [lay.values.index_select(0, prompts).transpose(0, 1).contiguous() for lay in prefix_cache.layers]
     return k, v
+
+
+def suffix_bias(suffix_mask: torch.Tensor | None, q_len: int, t: int, device) -> torch.Tensor:
+    """(B or 1, 1, q_len, t): 0 where query i (the row's token t - q_len + i) may see its
+    token j (causal, and not the row's padding), else -inf."""
+    i = torch.arange(q_len, device=device)[:, None] + (t - q_len)
+    allowed = (torch.arange(t, device=device)[None, :] <= i)[None]  # (1, q_len, t)
+    if suffix_mask is not None:
+        allowed = allowed & suffix_mask[:, None, :t].to(device=device, dtype=torch.bool)
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
+    return bias.masked_fill(~allowed, float("-inf"))[:, None]
 
 
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -280,51 +192,109 @@ def group_rows(row_prompt: torch.Tensor, P: int, R: int | None = None) -> tuple[
     return row_of_slot, slot_of_row, R
 
 
-def rows_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    """One decode step (one query per row) over [the row's prompt | its generated keys].
+def attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """Shared-prefix attention over [the row's prompt | the row's own keys], q queries per row.
 
-    query (B, H, 1, D); key, value (B, H_kv, S, D): the row's own generated part (S the
-    steps so far, or the static capacity with ``row_bias`` masking the rest). The prompt
-    part is one (R·g x D) @ (D x L) product per prompt and KV head; both parts share
-    one softmax. Returns (output (B, 1, H, D), None).
+    query (B, H, q, D): the row's last q tokens (a decode step: q = 1); key, value
+    (B, H_kv, S, D): the row's own part (its generated or suffix tokens, or the static
+    capacity with ``row_bias`` masking the rest). The prompt part is one
+    (R·g·q x D) @ (D x L) product per prompt and KV head; both parts share one softmax.
+    Returns (output (B, q, H, D), None).
     """
     st = _ACTIVE[-1]
     kp, vp = st.k[module.layer_idx], st.v[module.layer_idx]
     B, H, q_len, D = query.shape
-    if q_len != 1:
-        raise RuntimeError("shared-prefix attention handles decode steps (one query per row) only")
     Hkv, P, L, _ = kp.shape
-    g, R = H // Hkv, st.rows_per_prompt
-    q = (query * (scaling if scaling is not None else D**-0.5)).view(B, Hkv, g, D)
+    g, R = H // Hkv * q_len, st.rows_per_prompt  # queries per row and KV head: heads x positions
+    q = (query * (scaling if scaling is not None else D**-0.5)).reshape(B, Hkv, g, D)
     qg = q.transpose(0, 1).index_select(1, st.row_of_slot).view(Hkv, P, R * g, D)
     sp = torch.matmul(qg, kp.transpose(-1, -2)).view(Hkv, P * R, g, L).index_select(1, st.slot_of_row)
     ss = torch.matmul(q, key.transpose(-1, -2))  # (B, Hkv, g, S)
-    w = torch.softmax(torch.cat([sp.transpose(0, 1), ss], dim=-1) + st.row_bias, dim=-1)
+    scores = torch.cat([sp.transpose(0, 1), ss], dim=-1)
+    if q_len == 1:
+        w = torch.softmax(scores + st.row_bias, dim=-1)
+    else:  # the bias differs per query position: (B, 1, 1, q, L + S) against (B, Hkv, H/Hkv, q, .)
+        w = torch.softmax(scores.view(B, Hkv, g // q_len, q_len, -1) + st.row_bias[:, :, None], dim=-1)
+        w = w.view(B, Hkv, g, -1)
     wp = w[..., :L].transpose(0, 1).index_select(1, st.row_of_slot).view(Hkv, P, R * g, L)
     op = torch.matmul(wp, vp).view(Hkv, P * R, g, -1).index_select(1, st.slot_of_row)
     out = torch.matmul(w[..., L:], value) + op.transpose(0, 1)  # (B, Hkv, g, Dv)
-    return out.reshape(B, 1, H, -1), None
+    if q_len == 1:
+        return out.reshape(B, 1, H, -1), None
+    return out.view(B, Hkv, g // q_len, q_len, -1).permute(0, 3, 1, 2, 4).reshape(B, q_len, H, -1), None
 
 
 def _register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, attention)
-    AttentionInterface.register(ROWS_ATTN_NAME, rows_attention)
 
 
 _register()
 
 
 @contextlib.contextmanager
-def active(model_config, state, name: str = ATTN_NAME):
-    """Route the model's attention through ``attention`` (or the one registered as
-    ``name``) with ``state`` for this block."""
+def active(model_config, state: RowState):
+    """Route the model's attention through ``attention`` with ``state`` for this block."""
     previous = model_config._attn_implementation
     _ACTIVE.append(state)
-    model_config._attn_implementation = name
+    model_config._attn_implementation = ATTN_NAME
     try:
         yield
     finally:
         model_config._attn_implementation = previous
         _ACTIVE.pop()
+
+
+def cache_keyword(backbone) -> str:
+    """The name of a decoder's KV-cache argument (``past_key_values``, renamed ``cache`` in
+    transformers 5.x; the old name is deprecated there)."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
+def prefill(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+    """Run left-padded prompts once through a decoder ``backbone`` (the model's own
+    attention); returns (KV cache, P x (P, H_kv, L, D) per layer, last_hidden_state)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()  # full layers: callers check ``supported`` for sliding windows
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=True, **{cache_keyword(backbone): cache}).last_hidden_state
+    return cache, hidden
+
+
+def forward_suffix(backbone, prefix_cache, prefix_mask: torch.Tensor, slots: torch.Tensor,
+                   input_ids: torch.Tensor, position_ids: torch.Tensor,
+                   suffix_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run each row's suffix tokens against its prompt's prefilled KV (not copied).
+
+    ============  ==========  =====================================================
+    argument      shape       meaning
+    ============  ==========  =====================================================
+    prefix_cache  P rows      ``prefill``'s cache of the left-padded prompts
+    prefix_mask   (P, L)      1 for prompt tokens, 0 for left padding
+    slots         (B,)        prompt index of each row (any order)
+    input_ids     (B, T)      each row's suffix, right padded
+    position_ids  (B, T)      their positions: the prompt's length + 0, 1, ...
+    suffix_mask   (B, T)      1 for real suffix tokens (None: no padding)
+    ============  ==========  =====================================================
+
+    Returns the backbone's last_hidden_state (B, T, d): what the model gives for each
+    row's full sequence (prompt + suffix) at the suffix positions.
+    """
+    state = suffix_state(prefix_cache, prefix_mask, slots, input_ids.shape[1], suffix_mask)
+    with active(backbone.config, state):
+        return backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+
+
+def suffix_state(prefix_cache, prefix_mask: torch.Tensor, slots: torch.Tensor, T: int,
+                 suffix_mask: torch.Tensor | None = None) -> RowState:
+    """The ``RowState`` of a batch of T-token suffixes (rows ``slots`` of the prompts)."""
+    P = prefix_mask.shape[0]
+    dev = prefix_mask.device
+    k, v = prompt_kv(prefix_cache, torch.arange(P, device=dev))
+    row_of_slot, slot_of_row, R = group_rows(slots, P)
+    dtype = k[0].dtype
+    prompt = padding_bias(prefix_mask, dtype).index_select(0, slots.to(dev)).expand(-1, -1, T, -1)
+    own = suffix_bias(suffix_mask, T, T, dev).to(dtype).expand(slots.numel(), -1, -1, -1)
+    return RowState(k, v, row_of_slot.to(dev), slot_of_row.to(dev), R, torch.cat([prompt, own], dim=-1))

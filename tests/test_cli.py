@@ -84,7 +84,8 @@ def test_non_semantic_keys_are_neither_in_the_folder_name_nor_in_the_resume_chec
     values = {"overwrite": "true", "progress": "false", "batch_prompts": "2", "generation.batch_rows": "8",
               "model.device": "cpu", "model.device_map": "auto", "model.attn_implementation": "sdpa",
               "reward.device": "cpu", "reward.batch_size": "4", "experiment_name": "x", "dataset.num_shards": "4",
-              "dataset.shard": "3"}
+              "dataset.shard": "3", "generation.decode_step": "static", "generation.attention": "copy",
+              "generation.sync_every": "4", "reward.max_batch_tokens": "4096", "reward.share_prefix": "false"}
     assert set(values) | {"results_dir", "run_dir", "judge"} == set(NON_SEMANTIC)
     cfg = compose([f"{k}={v}" for k, v in values.items() if k != "experiment_name"])
     assert cfg.run_dir.endswith("/aisp/default/seed0")  # none of them names the folder

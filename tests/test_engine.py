@@ -176,12 +176,12 @@ def test_finished_rows_leave_the_batch(smollm2, attention):
     assert [s.token_ids for s in out] == [ref[i] for i in slots]
 
 
-@pytest.mark.parametrize("form", ["decode_state", "rows_eager", "rows_static"])
+@pytest.mark.parametrize("form", ["rows_eager", "rows_static"])
 def test_shared_prefix_attention_matches_sdpa(form):
     """The two-part attention (prompt once per prompt + own generated tokens) equals SDPA
-    over each row's full sequence, with left padding, GQA and uneven rows per prompt:
-    ``attention`` (``DecodeState``) and the engine's ``rows_attention`` with the generated
-    part exact-length (eager) or at full capacity with the rest masked (static)."""
+    over each row's full sequence, with left padding, GQA and uneven rows per prompt,
+    with the generated part exact-length (eager) or at full capacity with the rest
+    masked (static)."""
     from aisp_bench import shared_prefix as sp
 
     g = torch.Generator().manual_seed(0)
@@ -198,17 +198,13 @@ def test_shared_prefix_attention_matches_sdpa(form):
     cache = type("Cache", (), {"layers": [type("L", (), {"keys": kp, "values": vp})()]})()
     module = type("M", (), {"layer_idx": 0})()
     n = cap if form == "rows_static" else t  # generated keys the attention is given
-    if form == "decode_state":
-        state, fn = sp.DecodeState.build(cache, mask, slots), sp.attention
-    else:
-        row_of_slot, slot_of_row, R = sp.group_rows(slots, P)
-        suffix = torch.zeros(n).masked_fill(torch.arange(n) >= t, float("-inf"))
-        bias = torch.cat([sp.padding_bias(mask, torch.float32)[slots], suffix.expand(B, 1, 1, -1)], dim=-1)
-        state, fn = sp.RowState(*sp.prompt_kv(cache, torch.arange(P)), row_of_slot, slot_of_row, R, bias), \
-            sp.rows_attention
+    row_of_slot, slot_of_row, R = sp.group_rows(slots, P)
+    suffix = torch.zeros(n).masked_fill(torch.arange(n) >= t, float("-inf"))
+    bias = torch.cat([sp.padding_bias(mask, torch.float32)[slots], suffix.expand(B, 1, 1, -1)], dim=-1)
+    state = sp.RowState(*sp.prompt_kv(cache, torch.arange(P)), row_of_slot, slot_of_row, R, bias)
     sp._ACTIVE.append(state)
     try:
-        out, _ = fn(module, q, ks[:, :, :n], vs[:, :, :n], scaling=D**-0.5)
+        out, _ = sp.attention(module, q, ks[:, :, :n], vs[:, :, :n], scaling=D**-0.5)
     finally:
         sp._ACTIVE.pop()
     for b, p in enumerate(slots.tolist()):

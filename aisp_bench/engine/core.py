@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -11,6 +10,7 @@ import torch
 from aisp_bench import shared_prefix
 from aisp_bench.engine.rows import CopyRows, SharedRows, StaticRows
 from aisp_bench.engine.sampling import sample_top_p
+from aisp_bench.engine.scoring import response_logprobs
 from aisp_bench.engine.sizing import auto_attention, auto_batch_rows, kv_bytes_per_token
 from aisp_bench.engine.stopping import StopRules
 from aisp_bench.types import Prompt, Sample
@@ -155,8 +155,7 @@ class Engine:
         if decode_step == "cuda_graph" and self.device.type != "cuda":
             raise ValueError(f"decode_step='cuda_graph' needs the model on a CUDA device, it is on {self.device}")
         self.sync_every = (1 if self.device.type == "cpu" else 8) if sync_every == "auto" else int(sync_every)
-        params = inspect.signature(self.backbone.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = shared_prefix.cache_keyword(self.backbone)
         self.eos_token_ids = eos_ids(model, tokenizer, eos_token_ids)
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
@@ -331,8 +330,6 @@ class Engine:
     def response_logprobs(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]], *,
                           max_rows: int | None = None):
         """log p of given responses under the noise-free policy (``engine.scoring.response_logprobs``)."""
-        from aisp_bench.engine.scoring import response_logprobs
-
         return response_logprobs(self, prompts, responses, max_rows=max_rows)
 
     def attention_for(self, prefix: Prefix, rows: int) -> str:

@@ -72,7 +72,7 @@ class SharedRows:
     def forward(self, tok: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
         B = tok.shape[0]
         self.state.row_bias = torch.cat([self.bias_rows, self.bias_rows.new_zeros((B, 1, 1, t + 1))], dim=-1)
-        with shared_prefix.active(self.engine.model.config, self.state, shared_prefix.ROWS_ATTN_NAME):
+        with shared_prefix.active(self.engine.model.config, self.state):
             return self.engine.backbone_forward(tok.unsqueeze(-1), None, pos.unsqueeze(-1), self.cache)[:, -1]
 
     def keep(self, live: torch.Tensor, filled: int) -> int:
@@ -139,7 +139,7 @@ class StaticRows:
         state = shared_prefix.RowState(self.k, self.v, self.row_of_slot, self.slot_of_row[:n], self.R)
         state.row_bias = torch.cat([self.bias_rows[:n], suffix.expand(n, 1, 1, -1)], dim=-1)
         self.cache.span = span
-        with shared_prefix.active(self.engine.model.config, state, shared_prefix.ROWS_ATTN_NAME):
+        with shared_prefix.active(self.engine.model.config, state):
             return self.engine.backbone_forward(self.tok[:n, None], None, self.pos[:n, None], self.cache)[:, -1]
 
     def _capture(self, n: int, span: int) -> tuple:

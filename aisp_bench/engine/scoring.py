@@ -6,11 +6,13 @@ where z_t is the pre-logit after the prompt x and y_<t.
 
 Each prompt is prefilled once (``Engine.prefill``: the same rendering and left
 truncation as for generation); its responses are then run as one batch of suffixes,
-right padded, against a copy of the prompt's KV cache per response (``DynamicCache``
-rows selected with ``batch_select_indices``, the engine's ``attention="copy"`` path).
-The first token's logits come from the prefill's last pre-logit, token t's from the
-suffix pass at position t - 1. Log-softmax is taken row by row, so only one row's
-(tokens x vocabulary) logits are in memory at a time.
+right padded, against that prompt KV: through shared-prefix attention
+(``shared_prefix.forward_suffix``, the prompt KV read in place, as the decoder rewards
+score their responses) where it supports the model, else (or with the engine's
+``attention="copy"``) against a copy of the prompt's cache per row, the engine's
+``CopyRows``. The first token's logits come from the prefill's last pre-logit, token t's
+from the suffix pass at position t - 1. Log-softmax is taken row by row, so only one
+row's (tokens x vocabulary) logits are in memory at a time.
 
 The responses' token ids: records keep the response text (and per-sample token counts,
 not ids), so the text is re-tokenised the way the tokenizer encodes it
@@ -22,13 +24,14 @@ token is not scored: the recorded text is what readers, rewards and judges see.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from aisp_bench import shared_prefix
+from aisp_bench.engine.rows import CopyRows
 from aisp_bench.types import Prompt
 
 if TYPE_CHECKING:
@@ -106,12 +109,15 @@ def _score_rows(engine: Engine, prefix, slots: torch.Tensor, ids: list[list[int]
         tokens[r, : len(x)] = torch.tensor(x, dtype=torch.long)
         suffix_mask[r, : len(x)] = 1
     tokens, suffix_mask = tokens.to(dev), suffix_mask.to(dev)
-    cache = copy.deepcopy(prefix.cache)
-    cache.batch_select_indices(slots_d)
-    mask = torch.cat([prefix.mask.index_select(0, slots_d), suffix_mask], dim=1)
     pos = prefix.next_pos.index_select(0, slots_d)[:, None] + torch.arange(T, device=dev)[None]
-    hidden = engine.backbone_forward(tokens, mask, pos, cache)  # (B, T, d): z after token t
-    z = torch.cat([prefix.last_hidden.index_select(0, slots_d)[:, None], hidden[:, :-1]], dim=1)
+    if engine.attention != "copy" and engine._shared_ok:  # the prompt KV read in place
+        hidden = shared_prefix.forward_suffix(engine.backbone, prefix.cache, prefix.mask, slots_d, tokens, pos,
+                                              suffix_mask)
+        engine.stats["forward_calls"] += 1
+    else:
+        rows = CopyRows(engine, prefix, slots)
+        hidden = engine.backbone_forward(tokens, torch.cat([rows.mask, suffix_mask], dim=1), pos, rows.cache)
+    z = torch.cat([prefix.last_hidden.index_select(0, slots_d)[:, None], hidden[:, :-1]], dim=1)  # z before token t
     out = []
     for r, x in enumerate(ids):
         if not x:

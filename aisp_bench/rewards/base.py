@@ -1,8 +1,9 @@
 """The reward interface every method sees: ``score(prompts, responses) -> tensor``.
 
-Also the plumbing shared by the model-based rewards: truncation that keeps the end of the
-response, padding on either side with explicit position ids, and the index of the last
-real token of each row.
+Also the plumbing shared by the model-based rewards: loading, truncation that keeps the
+end of the response, and ``DecoderReward``, the base of the rewards read from a decoder
+at the last token (regression heads, decoder classifiers, the LM judge), which score
+through ``batching.SequenceScorer`` (shared prompts, batches packed by tokens).
 """
 
 from __future__ import annotations
@@ -16,22 +17,21 @@ from typing import Any
 import torch
 
 from aisp_bench.registry import Registry
+from aisp_bench.rewards.batching import SequenceScorer, check_padding_side, last_token_index, pad_batch
 from aisp_bench.types import Prompt
 
 log = logging.getLogger(__name__)
 REWARDS: Registry[type] = Registry("reward")
 
-PADDING_SIDES = ("left", "right")
-
 
 class RewardModel(ABC):
     """r(x, y): one float per (prompt, response) pair, in input order.
 
-    ``score`` checks its inputs, sorts the pairs by ``_length_key`` into batches of
-    ``batch_size`` (little padding), calls ``_score_batch`` on each under
-    ``torch.inference_mode`` and returns a float32 CPU tensor of shape (len(responses),)
-    in the input order. Implementations load lazily (``load()``), so building one from
-    config costs nothing and downloads nothing.
+    ``score`` checks its inputs, cuts the pairs into the batches ``_batches`` gives (by
+    default sorted by ``_length_key`` into batches of ``batch_size``: little padding),
+    calls ``_score_batch`` on each under ``torch.inference_mode`` and returns a float32
+    CPU tensor of shape (len(responses),) in the input order. Implementations load lazily
+    (``load()``), so building one from config costs nothing and downloads nothing.
     """
 
     name: str = "reward"
@@ -48,6 +48,12 @@ class RewardModel(ABC):
         """Sort key that puts pairs of similar length (and so little padding) together."""
         return sum(len(m.content) for m in prompt.messages) + len(response)
 
+    def _batches(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[list[int]]:
+        """The pair indices of each ``_score_batch`` call."""
+        order = sorted(range(len(responses)), key=lambda i: self._length_key(prompts[i], responses[i]))
+        bs = max(1, int(self.batch_size))
+        return [order[s : s + bs] for s in range(0, len(order), bs)]
+
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -56,11 +62,8 @@ class RewardModel(ABC):
         if n == 0:
             return out
         self.load()
-        order = sorted(range(n), key=lambda i: self._length_key(prompts[i], responses[i]))
-        bs = max(1, int(self.batch_size))
         with torch.inference_mode():
-            for s in range(0, n, bs):
-                idx = order[s : s + bs]
+            for idx in self._batches(prompts, responses):
                 r = self._score_batch([prompts[i] for i in idx], [responses[i] for i in idx])
                 out[torch.tensor(idx)] = r.detach().float().cpu().reshape(-1)
         return out
@@ -69,12 +72,6 @@ class RewardModel(ABC):
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def check_padding_side(padding_side: str) -> str:
-    if padding_side not in PADDING_SIDES:
-        raise ValueError(f"unknown padding_side {padding_side!r}; use left or right")
-    return padding_side
 
 
 def check_local_path(reward: str, name_or_path: str) -> None:
@@ -138,37 +135,6 @@ def truncate_keep_end(ids: list[int], max_length: int | None, keep_head: int = 0
     return ids[:keep_head] + ids[len(ids) - tail :]
 
 
-def pad_batch(
-    seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right", device: torch.device | str | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad token lists to one (B, L) tensor.
-
-    Returns ``input_ids``, ``attention_mask`` and ``position_ids``; the latter count real
-    tokens only (0 at each row's first real token), so a decoder sees the same positions
-    whichever side the padding is on.
-    """
-    check_padding_side(side)
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        if not len(s):
-            raise ValueError("cannot score an empty token sequence")
-        t = torch.as_tensor(list(s), dtype=torch.long)
-        if side == "right":
-            ids[b, : len(s)], mask[b, : len(s)] = t, 1
-        else:
-            ids[b, L - len(s) :], mask[b, L - len(s) :] = t, 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real (mask = 1) token of each row, for left or right padding."""
-    L = mask.shape[-1]
-    return (L - 1) - mask.flip(-1).to(torch.long).argmax(-1)
-
-
 def pad_token_id(tokenizer) -> int:
     """The tokenizer's pad id, else its EOS, else 0 (padding is masked out anyway)."""
     for v in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
@@ -185,58 +151,155 @@ def model_device(model) -> torch.device:
         return next(model.parameters()).device
 
 
-class TextPairReward(RewardModel):
-    """Base of the rewards that read one rendered text per (prompt, response).
+class DecoderReward(RewardModel):
+    """A reward read from a decoder's final hidden state at each text's last token.
 
-    Holds the settings every such reward shares (they are its constructor arguments and
-    the YAML keys): ``name``, ``template`` (a ``TranscriptFormat`` or
-    ``ChatTemplateFormat``), ``batch_size``, ``max_length`` (tokens; longer inputs lose
-    tokens after the leading special tokens, so the end of the response survives),
-    ``padding_side``, ``add_special_tokens`` (``null``: add them unless the rendered text
-    already starts with the tokenizer's BOS, as chat-template text does), ``device`` and
-    ``dtype``. Subclasses set ``self.tokenizer`` in ``load()``.
+    ``score`` hands all pairs at once to a ``SequenceScorer`` (``rewards/batching.py``):
+    each pair's ids exactly as ``encode`` gives them, grouped by prompt, the tokens a
+    prompt's responses share run once, forwards packed by tokens. Subclasses implement
+    ``encode`` and call ``_use_model`` from ``attach``.
+
+    Settings every such reward has (constructor arguments and YAML keys):
+
+    * ``name``: short name used in run folder names;
+    * ``batch_size``: rows per forward at most;
+    * ``max_batch_tokens``: padded tokens per forward, about (a prefill: prompts x longest
+      shared prefix; a suffix forward or a full one: rows x longest row; a row longer
+      than this goes alone);
+    * ``share_prefix``: run the tokens a prompt's responses share once and score the
+      rest against that KV (exact, tested to 1e-5 in fp32); models that
+      ``shared_prefix.supported`` does not cover, or that sit on several devices, are
+      scored in full whatever this says;
+    * ``max_length``: tokens; longer inputs lose tokens after the fixed head, so the end
+      of the response survives;
+    * ``add_special_tokens``: ``null``: add them unless the rendered text already starts
+      with the tokenizer's BOS (as chat-template text does);
+    * ``device``, ``dtype``.
     """
+
+    padding_side: str = "right"
 
     def __init__(
         self,
         name: str,
-        template,
-        batch_size: int = 8,
+        batch_size: int,
+        max_batch_tokens: int,
+        share_prefix: bool = True,
         max_length: int | None = 2048,
-        padding_side: str = "right",
         add_special_tokens: bool | None = None,
         device: str = "auto",
         dtype: str = "auto",
     ) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+        if int(max_batch_tokens) < 1:
+            raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens!r}")
         if max_length is not None and int(max_length) < 2:
             raise ValueError(f"max_length must be at least 2 tokens (or null), got {max_length!r}")
         self.name = name
-        self.template = template
         self.batch_size = int(batch_size)
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.share_prefix = bool(share_prefix)
         self.max_length = None if max_length is None else int(max_length)
-        self.padding_side = check_padding_side(padding_side)
         self.add_special_tokens = add_special_tokens
         self.device = device
         self.dtype = dtype
         self.tokenizer = None
         self.model = None
+        self.stats = {"rows": 0, "forwards": 0, "padded_tokens": 0, "prefix_tokens_saved": 0}  # summed over calls
+
+    @abstractmethod
+    def encode(self, prompt: Prompt, response: str) -> list[int]:
+        """The exact token ids the model reads for this pair."""
+
+    def _use_model(self, model, tokenizer, backbone, readout, forward=None) -> None:
+        """Score with ``backbone`` + ``readout`` (or ``forward``; see ``SequenceScorer``)."""
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self._scorer = SequenceScorer(backbone, readout, pad_token_id(tokenizer), model_device(model), forward)
+
+    def _tokenize(self, text: str) -> list[int]:
+        add = self.add_special_tokens
+        if add is None:
+            bos = getattr(self.tokenizer, "bos_token", None)
+            add = not (bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=bool(add))["input_ids"])
+
+    def _batches(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[list[int]]:
+        return [list(range(len(responses)))]  # one call: the scorer groups and packs by tokens
+
+    def _score_batch(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
+        seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        return self._scorer.score(
+            seqs, [p.messages for p in prompts], max_batch_tokens=self.max_batch_tokens, max_rows=self.batch_size,
+            share_prefix=self.share_prefix, padding_side=self.padding_side, stats=self.stats,
+        )
+
+
+class TextPairReward(DecoderReward):
+    """Base of the hub reward models that read one rendered text per (prompt, response).
+
+    Adds to ``DecoderReward``'s settings ``name_or_path`` (hub id or local folder),
+    ``template`` (a ``TranscriptFormat`` or ``ChatTemplateFormat``), ``revision``,
+    ``device_map`` (``auto``: spread over the visible GPUs; overrides ``device``),
+    ``attn_implementation`` (passed to ``from_pretrained``) and ``padding_side`` (of the
+    rows scored in full; shared prompts are always left padded and their responses
+    right padded: the reward does not depend on it). Subclasses give
+    ``_from_pretrained`` and ``attach``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        name_or_path: str,
+        template,
+        revision: str | None = None,
+        device_map: str | dict | None = None,
+        attn_implementation: str | None = None,
+        batch_size: int = 64,
+        max_batch_tokens: int = 8192,
+        share_prefix: bool = True,
+        max_length: int | None = 2048,
+        padding_side: str = "right",
+        add_special_tokens: bool | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> None:
+        super().__init__(name, batch_size, max_batch_tokens, share_prefix, max_length, add_special_tokens, device,
+                         dtype)
+        self.name_or_path = str(name_or_path)
+        self.template = template
+        self.revision = revision
+        self.device_map = device_map
+        self.attn_implementation = attn_implementation
+        self.padding_side = check_padding_side(padding_side)
+
+    @abstractmethod
+    def attach(self, model, tokenizer) -> TextPairReward:
+        """Use an already built model and tokenizer (tests, or a model shared with other code)."""
+
+    @abstractmethod
+    def _from_pretrained(self, src: str, dtype: torch.dtype, hub: dict, place: dict):
+        """(model, tokenizer) from ``src``; ``hub``: revision, ``place``: device_map, attention."""
+
+    def load(self) -> TextPairReward:
+        if self.model is not None:
+            return self
+        src = self.name_or_path
+        dtype, hub, place = pretrained_args(self.name, src, self.device, self.dtype, self.device_map, self.revision,
+                                            self.attn_implementation)
+        try:
+            model, tok = self._from_pretrained(src, dtype, hub, place)
+        except (OSError, ValueError, KeyError) as e:
+            raise load_error(self.name, src, e) from None
+        return self.attach(model, tok)
 
     def render(self, prompt: Prompt, response: str) -> str:
         """The exact text the model reads for this pair."""
         return self.template.render(prompt.messages, response=response, tokenizer=self.tokenizer)
 
-    def _adds_special(self, text: str) -> bool:
-        if self.add_special_tokens is not None:
-            return bool(self.add_special_tokens)
-        bos = getattr(self.tokenizer, "bos_token", None)
-        return not (bos and text.startswith(bos))
-
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         """Token ids of the rendered pair, truncated to ``max_length`` keeping the end."""
-        text = self.render(prompt, response)
-        ids = list(self.tokenizer(text, add_special_tokens=self._adds_special(text))["input_ids"])
+        ids = self._tokenize(self.render(prompt, response))
         if self.max_length is not None and len(ids) > self.max_length:
             head = leading_special_count(ids, set(self.tokenizer.all_special_ids))
             ids = truncate_keep_end(ids, self.max_length, keep_head=head)
@@ -246,6 +309,7 @@ class TextPairReward(RewardModel):
 __all__ = [
     "REWARDS",
     "RewardModel",
+    "DecoderReward",
     "TextPairReward",
     "truncate_keep_end",
     "pad_batch",

@@ -9,30 +9,21 @@ How the logit is read:
 * Decoder classifiers (a ``score`` head on a decoder backbone, the usual RM layout): the
   backbone runs with explicit position ids and the head is read at each row's last
   attention-mask token, so left and right padding give the same reward and a pad id
-  that also occurs in the text (pad = EOS) cannot move the read-out token.
+  that also occurs in the text (pad = EOS) cannot move the read-out token. Where
+  ``shared_prefix`` covers the backbone (Llama, Mistral, Qwen2/3), a prompt's responses
+  share its tokens (``rewards/batching.py``), as for the regression heads.
 * Anything else (encoders such as DeBERTa, which pool their first token): the model's
-  own forward, right padded.
+  own forward, right padded, every pair in full.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import torch
 
 from aisp_bench.models.templates import ChatTemplateFormat
-from aisp_bench.rewards.base import (
-    REWARDS,
-    TextPairReward,
-    pretrained_args,
-    last_token_index,
-    load_error,
-    model_device,
-    pad_batch,
-    pad_token_id,
-)
-from aisp_bench.types import Prompt
+from aisp_bench.rewards.base import REWARDS, TextPairReward, pad_token_id
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +39,15 @@ class HFClassifierReward(TextPairReward):
             model's own chat template.
         fallback_template: used instead of a ``ChatTemplateFormat`` ``template`` when the
             tokenizer has no chat template (``null``: that is an error).
-        revision, device_map, attn_implementation: as for the policy models.
-        (the rest as ``TextPairReward``; ``padding_side`` only matters for encoders,
-        which are always right padded)
+        (the rest as ``TextPairReward``: revision, device_map, attn_implementation,
+        batch_size, max_batch_tokens, share_prefix, max_length, padding_side (encoders
+        are always right padded), add_special_tokens, device, dtype)
     """
 
-    def __init__(
-        self,
-        name: str,
-        name_or_path: str,
-        template=None,
-        fallback_template=None,
-        revision: str | None = None,
-        device_map: str | dict | None = None,
-        attn_implementation: str | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(name=name, template=template if template is not None else ChatTemplateFormat(), **kwargs)
-        self.name_or_path = str(name_or_path)
+    def __init__(self, name: str, name_or_path: str, template=None, fallback_template=None, **kwargs) -> None:
+        template = template if template is not None else ChatTemplateFormat()
+        super().__init__(name=name, name_or_path=name_or_path, template=template, **kwargs)
         self.fallback_template = fallback_template
-        self.revision = revision
-        self.device_map = device_map
-        self.attn_implementation = attn_implementation
-        self._pad_id = 0
-        self._decoder_head = False
 
     def attach(self, model, tokenizer) -> HFClassifierReward:
         """Use an already built classifier and tokenizer (tests, shared models)."""
@@ -84,42 +60,24 @@ class HFClassifierReward(TextPairReward):
                     f"reward model {self.name!r}: the tokenizer has no chat template; set fallback_template"
                 )
             self.template = self.fallback_template
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self._pad_id = pad_token_id(tokenizer)
         if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = self._pad_id
+            model.config.pad_token_id = pad_token_id(tokenizer)
         # the decoder layout: a `score` head over a decoder backbone (LlamaForSequenceClassification,
         # MistralFor..., GPT2For..., ...); anything else goes through its own forward
         head = getattr(model, "score", None)
-        self._decoder_head = isinstance(head, torch.nn.Linear) and model.base_model is not model
+        if isinstance(head, torch.nn.Linear) and model.base_model is not model:
+            self._use_model(model, tokenizer, model.base_model,
+                            lambda last: head(last.to(device=head.weight.device, dtype=head.weight.dtype)))
+        else:
+            self._use_model(model, tokenizer, None, None,
+                            forward=lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits)
         return self
 
-    def load(self) -> HFClassifierReward:
-        if self.model is not None:
-            return self
+    def _from_pretrained(self, src: str, dtype: torch.dtype, hub: dict, place: dict):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        src = self.name_or_path
-        dtype, kw, extra = pretrained_args(self.name, src, self.device, self.dtype, self.device_map, self.revision,
-                                           self.attn_implementation)
-        try:
-            tok = AutoTokenizer.from_pretrained(src, **kw)
-            model = AutoModelForSequenceClassification.from_pretrained(src, dtype=dtype, **kw, **extra)
-        except (OSError, ValueError, KeyError) as e:
-            raise load_error(self.name, src, e) from None
-        return self.attach(model, tok)
-
-    def _score_batch(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
-        seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
-        dev = model_device(self.model)
-        if self._decoder_head:
-            ids, mask, pos = pad_batch(seqs, self._pad_id, self.padding_side, dev)
-            hidden = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-            last = hidden[torch.arange(len(seqs), device=hidden.device), last_token_index(mask).to(hidden.device)]
-            score = self.model.score
-            return score(last.to(device=score.weight.device, dtype=score.weight.dtype)).reshape(-1).float()
-        ids, mask, _ = pad_batch(seqs, self._pad_id, "right", dev)
-        return self.model(input_ids=ids, attention_mask=mask).logits.reshape(-1).float()
+        tok = AutoTokenizer.from_pretrained(src, **hub)
+        return AutoModelForSequenceClassification.from_pretrained(src, dtype=dtype, **hub, **place), tok
 
 
 __all__ = ["HFClassifierReward"]

@@ -13,23 +13,12 @@ same module built for any backbone config through ``AutoModel.from_config``, so 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from aisp_bench.rewards.base import (
-    REWARDS,
-    TextPairReward,
-    pretrained_args,
-    last_token_index,
-    load_error,
-    model_device,
-    pad_batch,
-    pad_token_id,
-)
-from aisp_bench.types import Prompt
+from aisp_bench.rewards.base import REWARDS, TextPairReward, last_token_index
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +79,10 @@ class RegressionHeadModel(PreTrainedModel):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         ends = last_token_index(attention_mask).to(hidden.device)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), ends]
+        return self.reward_from_hidden(hidden[torch.arange(hidden.shape[0], device=hidden.device), ends])
+
+    def reward_from_hidden(self, last: torch.Tensor) -> torch.Tensor:
+        """Rewards (B,) from the backbone's final hidden states (B, d) at the read-out tokens."""
         w = self.regression_head.weight  # under device_map the head may sit on another GPU
         return self.regression_head(last.to(device=w.device, dtype=w.dtype)).squeeze(-1)
 
@@ -104,56 +96,30 @@ class RegressionHeadReward(TextPairReward):
         name_or_path: hub id or local folder holding ``config.json`` and the weights.
         template: how (prompt, response) becomes the text the RM reads (from config).
         tokenizer_name_or_path: where the tokenizer is, if not beside the weights.
-        revision: hub revision to pin.
-        device_map: ``auto`` (accelerate) to spread a large RM over several GPUs;
-            overrides ``device``.
-        attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``flash_attention_2``).
-        (the rest as ``TextPairReward``: batch_size, max_length, padding_side,
+        (the rest as ``TextPairReward``: revision, device_map, attn_implementation,
+        batch_size, max_batch_tokens, share_prefix, max_length, padding_side,
         add_special_tokens, device, dtype)
     """
 
-    def __init__(
-        self,
-        name: str,
-        name_or_path: str,
-        template,
-        tokenizer_name_or_path: str | None = None,
-        revision: str | None = None,
-        device_map: str | dict | None = None,
-        attn_implementation: str | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(name=name, template=template, **kwargs)
-        self.name_or_path = str(name_or_path)
+    def __init__(self, name: str, name_or_path: str, template, tokenizer_name_or_path: str | None = None,
+                 **kwargs) -> None:
+        super().__init__(name=name, name_or_path=name_or_path, template=template, **kwargs)
         self.tokenizer_name_or_path = tokenizer_name_or_path
-        self.revision = revision
-        self.device_map = device_map
-        self.attn_implementation = attn_implementation
-        self._pad_id = 0
 
     def attach(self, model: RegressionHeadModel, tokenizer) -> RegressionHeadReward:
         """Use an already built model and tokenizer (tests, or a model shared with other code)."""
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self._pad_id = pad_token_id(tokenizer)
+        self._use_model(model, tokenizer, model.model, model.reward_from_hidden)
         return self
 
-    def load(self) -> RegressionHeadReward:
-        if self.model is not None:
-            return self
+    def _from_pretrained(self, src: str, dtype: torch.dtype, hub: dict, place: dict):
         from transformers import AutoTokenizer
 
-        src = self.name_or_path
-        dtype, kw, extra = pretrained_args(self.name, src, self.device, self.dtype, self.device_map, self.revision,
-                                           self.attn_implementation)
-        try:
-            config = AutoConfig.from_pretrained(src, **kw)
-            model, info = RegressionHeadModel.from_pretrained(
-                src, config=config, dtype=dtype, output_loading_info=True, **kw, **extra
-            )
-            tok_src = self.tokenizer_name_or_path or src
-            tok = AutoTokenizer.from_pretrained(tok_src, **({} if self.tokenizer_name_or_path else kw))
-        except (OSError, ValueError, KeyError) as e:
-            raise load_error(self.name, src, e) from None
+        config = AutoConfig.from_pretrained(src, **hub)
+        model, info = RegressionHeadModel.from_pretrained(
+            src, config=config, dtype=dtype, output_loading_info=True, **hub, **place
+        )
+        tok_src = self.tokenizer_name_or_path or src
+        tok = AutoTokenizer.from_pretrained(tok_src, **({} if self.tokenizer_name_or_path else hub))
         missing = [k for k in info.get("missing_keys", []) if k]
         if missing:
             raise RuntimeError(
@@ -161,12 +127,7 @@ class RegressionHeadReward(TextPairReward):
                 f"{', '.join(sorted(missing)[:4])}{' ...' if len(missing) > 4 else ''} "
                 "(is it a regression-head reward model?)"
             )
-        return self.attach(model, tok)
-
-    def _score_batch(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
-        seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
-        ids, mask, pos = pad_batch(seqs, self._pad_id, self.padding_side, model_device(self.model))
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos).float()
+        return model, tok
 
 
 __all__ = ["RegressionHeadModel", "RegressionHeadReward"]
