@@ -18,7 +18,7 @@ SCALE ?= smoke
 # JUDGE_ARGS: how Tables 2-3 are judged (the paper: GPT-4, aisp_bench/conf/judge/gpt4.yaml;
 # offline: a held-out reward model, in process). SENSITIVITY_GRID: the fixed-budget sweep
 # (conf/experiment/sensitivity.yaml: n·κ = 1024, n 8..128, σ 0.25/0.5/1; smoke: n·κ = 8,
-# (n, κ) = (2, 4), (4, 2), the same σ, 8 tokens, on the demo prompts: a few seconds a run).
+# (n, κ) = (2, 4), (4, 2), σ 0.25 and 1, 4 tokens, on the 2 demo prompts: a few seconds a run).
 ifeq ($(SCALE),smoke)
   PAIR ?= smollm2_135m__smollm2_judge
   RESULTS ?= results/smoke
@@ -26,7 +26,7 @@ ifeq ($(SCALE),smoke)
   EVAL_REWARD ?=
   GOLD_REWARD ?= minilm_similarity
   JUDGE_ARGS ?= judge=reward_model reward=minilm_similarity
-  SENSITIVITY_GRID ?= sensitivity_budget=8 'budget.n=2,4' generation.max_new_tokens=8 budget.tau=8
+  SENSITIVITY_GRID ?= sensitivity_budget=8 'budget.n=2,4' 'method.sigma=0.25,1.0' generation.max_new_tokens=4 budget.tau=4
   SENSITIVITY_DATASET ?= demo
 else ifeq ($(SCALE),paper)
   PAIR ?= llama3_8b__ultrarm

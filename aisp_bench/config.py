@@ -70,7 +70,7 @@ def _scale(x, factor) -> float:
     return float(x) * float(factor)
 
 
-def _split(total, n) -> int:
+def _div(total, n) -> int:
     """κ = total / n for a budget n·κ held fixed (``experiment=sensitivity``); n must divide it."""
     total, n = int(total), int(n)
     if n < 1 or total < n or total % n:
@@ -84,7 +84,7 @@ def _variant_exclude_keys() -> list[str]:
 
 
 def register_resolvers() -> None:
-    for name, fn in (("aisp_run_segment", run_segment), ("aisp_mul", _mul), ("aisp_scale", _scale), ("aisp_div", _split),
+    for name, fn in (("aisp_run_segment", run_segment), ("aisp_mul", _mul), ("aisp_scale", _scale), ("aisp_div", _div),
                      ("aisp_variant_exclude_keys", _variant_exclude_keys)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -5,9 +5,7 @@ Usage::
     python -m aisp_bench.evaluate                                        # every run under results_dir
     python -m aisp_bench.evaluate select.dataset=shp select.method=aisp  # a selection (conf/app.yaml)
     python -m aisp_bench.evaluate encoder=minilm                         # offline coherence stand-in
-    python -m aisp_bench.evaluate reward=ultrarm reward.device=cuda:1    # Table 1: rewards by UltraRM
-    python -m aisp_bench.evaluate gold_reward=eurus gold_reward.device=cuda:1  # a held-out reward beside it
-    python -m aisp_bench.evaluate policy.device=cuda:0                   # where base_logprob runs the policy
+    python -m aisp_bench.evaluate reward=ultrarm gold_reward=eurus policy.device=cuda:0  # on a GPU
 
 For each selected run (runs without ``summary.json``, still going or crashed, are
 skipped) the ``metrics`` block of :func:`aisp_bench.metrics.compute_metrics` is written
@@ -24,17 +22,13 @@ the run's own mean. Without it, ``reward_mean`` is the run's own mean and
 ``reward_source`` ``"run"``. Scores are cached per run in ``eval_rewards_<name>.json``,
 so only new (prompt, response) pairs are scored; ``force=true`` rescores.
 
-**Held-out gold reward.** ``gold_reward=NAME`` (the same options as ``reward``) scores
-the same cleaned responses with a reward model the run did not optimise:
-``gold_reward_mean`` and ``gold_reward_model`` (cached in ``eval_rewards_<name>.json``
-too). A gold reward equal to the run's own is reported with a warning (not held out).
-
-**Closeness to the base model.** ``base_logprob`` (in ``metrics``) is the mean over
-prompts of the chosen response's mean per-token log-probability under the run's own
-policy without noise, at temperature 1 (``Engine.response_logprobs``; the policy is
-built from the run's manifest, ``policy.device``/``policy.dtype`` override where it
-runs, and loaded only when a run has responses not yet scored). Cached per run in
-``eval_logprobs_<model>.json``.
+**Held-out gold reward** (``gold_reward=NAME``, the same options as ``reward``): the
+same cleaned responses scored by a reward model the run did not optimise,
+``gold_reward_mean`` and ``gold_reward_model`` (cached likewise; one equal to the run's
+own gives a warning). **Closeness to the base model** (``base_logprob``): the mean over
+prompts of the response's mean per-token log-probability under the run's own policy
+without noise (``BasePolicy``; cached in ``eval_logprobs_<model>.json``). See
+docs/statistics.md.
 
 **Per prompt.** Beside the block, ``metrics_per_prompt.json`` holds the values the
 means average, one per record (``reward``: the run's own; ``eval_reward``,
@@ -71,6 +65,7 @@ from aisp_bench.cli import UserError, first_line, instantiate_node, run_app, sel
 from aisp_bench.config import CONF_DIR
 from aisp_bench.metrics import DEFAULT_METRICS, METRICS, metric_values
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
+from aisp_bench.types import Prompt
 from aisp_bench.rundir import (
     PROMPT_METRICS, SUMMARY, Run, get_path, read_json_or_none, read_records, read_summary, record_prompt,
     records_sha256, write_json_atomic,
@@ -105,6 +100,12 @@ def _pair_key(messages: Any, response: str) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _pairs(records: Sequence[dict[str, Any]], responses: Sequence[str]) -> tuple[list[Prompt], list[str]]:
+    """Each record's prompt and the cache key of (its prompt, the response)."""
+    prompts = [record_prompt(r) for r in records]
+    return prompts, [_pair_key(p.to_json(), resp) for p, resp in zip(prompts, responses, strict=True)]
+
+
 def cached_scores(path: Path, header: dict[str, str], records: Sequence[dict[str, Any]], responses: Sequence[str],
                   score: Callable[[list, list], list], *, field: str, force: bool = False,
                   chunk: int = REWARD_CHUNK) -> list[float | None]:
@@ -115,8 +116,7 @@ def cached_scores(path: Path, header: dict[str, str], records: Sequence[dict[str
     floats or None) in chunks of ``chunk`` pairs, the file being rewritten after each (it
     keeps the current records' entries only). Non-finite values are ``None``.
     """
-    prompts = [record_prompt(r) for r in records]
-    keys = [_pair_key(p.to_json(), resp) for p, resp in zip(prompts, responses, strict=True)]
+    prompts, keys = _pairs(records, responses)
     cache = None if force else read_json_or_none(path)
     known = {k: v.get(field) for k, v in (cache or {}).get("scores", {}).items() if isinstance(v, dict)}
     todo = [i for i, k in enumerate(keys) if k not in known]
@@ -141,7 +141,8 @@ def evaluation_rewards(run_dir: Path, records: Sequence[dict[str, Any]], respons
             try:
                 loaded.append(reward.load())
             except Exception as e:  # noqa: BLE001 - missing weights, no hub: one line, stop everything
-                raise RewardUnavailableError(f"cannot load evaluation reward {reward_name!r}: {first_line(e)}") from None
+                raise RewardUnavailableError(f"cannot load evaluation reward {reward_name!r}: "
+                                             f"{first_line(e)}") from None
         return [float(x) for x in reward.score(prompts, resps).tolist()]
 
     return cached_scores(eval_rewards_path(run_dir, reward_name), {"reward": reward_name}, records, responses, score,
@@ -159,55 +160,100 @@ class PolicyUnavailableError(RuntimeError):
 
 
 class BasePolicy:
-    """Engines on the runs' own policies for ``base_logprob``, loaded once per model config.
-
-    ``overrides`` (``policy.device``, ``policy.dtype``; None keeps the run's) change where
-    the manifest's model config runs; ``batch_rows`` responses are scored per pass.
-    """
+    """``base_logprob`` on the runs' own policies (their manifests' model configs), each
+    loaded once; ``overrides`` (``policy.device``, ``policy.dtype``; None keeps the run's)
+    change where it runs, ``batch_rows`` responses go through one pass. ``prepare`` scores
+    many runs at once, each prompt prefilled once for all of their responses (Table 1:
+    every method and seed answers the same prompts); ``logprobs`` reads them from memory."""
 
     def __init__(self, overrides: dict[str, Any] | None = None, batch_rows: int = 16) -> None:
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         self.batch_rows = int(batch_rows)
         self._policies: dict[str, Any] = {}
+        self._engines: dict[str, Any] = {}
+        self._memo: dict[str, dict[str, float | None]] = {}  # engine key -> pair key -> mean log-prob
 
     @staticmethod
     def label(run: Run) -> str:
         """The policy's name (the run's ``model.name``), as the fingerprint and cache file record it."""
         return str(get_path(run.config, "model.name") or run.model)
 
+    def _key(self, run: Run) -> str:
+        """What an engine depends on: the model config, the room its context leaves a prompt."""
+        gen = get_path(run.config, "generation", {}) or {}
+        node = {**(get_path(run.config, "model") or {}), **self.overrides}
+        return json.dumps([node, gen.get("max_new_tokens"), gen.get("prompt_overflow")], sort_keys=True, default=str)
+
     def engine(self, run: Run):
         from aisp_bench.models.policy import build_engine
 
-        node = get_path(run.config, "model")
+        node, key, gen = get_path(run.config, "model"), self._key(run), get_path(run.config, "generation", {}) or {}
         if not isinstance(node, dict) or "_target_" not in node:
             raise PolicyUnavailableError(f"{run.path}: base_logprob needs the run's model config in its manifest")
-        node = {**node, **self.overrides}
-        key = json.dumps(node, sort_keys=True, default=str)
+        policy_key = json.dumps({**node, **self.overrides}, sort_keys=True, default=str)
         try:
-            if key not in self._policies:
-                policy = instantiate_node(OmegaConf.create(node), "policy")
-                policy.load()
-                self._policies[key] = policy
-            gen = get_path(run.config, "generation", {})
-            return build_engine(self._policies[key], max_new_tokens=int(gen.get("max_new_tokens", 128)),
-                                batch_rows=self.batch_rows, prompt_overflow=str(gen.get("prompt_overflow",
-                                                                                        "truncate_left")))
+            if policy_key not in self._policies:
+                self._policies[policy_key] = instantiate_node(OmegaConf.create({**node, **self.overrides}), "policy")
+            if key not in self._engines:
+                self._engines[key] = build_engine(
+                    self._policies[policy_key], max_new_tokens=int(gen.get("max_new_tokens", 128)),
+                    batch_rows=self.batch_rows, prompt_overflow=str(gen.get("prompt_overflow", "truncate_left")))
         except (UserError, OSError, RuntimeError, ValueError) as e:
             raise PolicyUnavailableError(f"cannot load the policy of {run.path} for base_logprob: "
                                          f"{first_line(e)}") from None
+        return self._engines[key]
+
+    def _score(self, run: Run, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> None:
+        """Into the memo: ``responses[i]`` after ``prompts[i]`` (each prompt prefilled once)."""
+        memo = self._memo.setdefault(self._key(run), {})
+        for prompt, texts, got in zip(prompts, responses, self.engine(run).response_logprobs(prompts, responses)):
+            memo.update({_pair_key(prompt.to_json(), t): g.mean for t, g in zip(texts, got)})
+
+    def prepare(self, runs: Sequence[Run], force: bool = False) -> None:
+        """Score every response of ``runs`` (ready to evaluate) missing from their caches (all
+        of them with ``force``), one batch per engine, grouped by prompt."""
+        todo: dict[str, tuple[Run, dict[str, tuple[Prompt, dict[str, str]]]]] = {}
+        for run in (r for r in runs if not _unready(r)):
+            cached = {} if force else (read_json_or_none(eval_logprobs_path(run.path, self.label(run))) or {})
+            have = set(cached.get("scores", {}))
+            records = _records(run)
+            prompts, keys = _pairs(records, [_raw(r) for r in records])
+            by_prompt = todo.setdefault(self._key(run), (run, {}))[1]
+            for p, k, rec in zip(prompts, keys, records):
+                if k not in have and k not in self._memo.get(self._key(run), {}):
+                    by_prompt.setdefault(json.dumps(p.to_json(), sort_keys=True), (p, {}))[1][k] = _raw(rec)
+        for run, by_prompt in (v for v in todo.values() if v[1]):
+            self._score(run, [p for p, _ in by_prompt.values()], [list(t.values()) for _, t in by_prompt.values()])
 
     def logprobs(self, run: Run, records: Sequence[dict[str, Any]], force: bool = False) -> list[float | None]:
-        """Mean per-token log-probability of each record's response (cached per run)."""
-        engine: list = []
+        """Mean per-token log-probability of each record's (raw) response, cached per run."""
+        memo = self._memo.setdefault(self._key(run), {})
 
         def score(prompts, responses):
-            if not engine:  # built on the first response not in the cache
-                engine.append(self.engine(run))
-            return [x[0].mean for x in engine[0].response_logprobs(prompts, [[r] for r in responses])]
+            new = [i for i, (p, r) in enumerate(zip(prompts, responses)) if _pair_key(p.to_json(), r) not in memo]
+            if new:
+                self._score(run, [prompts[i] for i in new], [[responses[i]] for i in new])
+            return [memo[_pair_key(p.to_json(), r)] for p, r in zip(prompts, responses)]
 
         return cached_scores(eval_logprobs_path(run.path, self.label(run)), {"policy": self.label(run)}, records,
-                             [str(r.get("response") or "") for r in records], score, field="base_logprob",
-                             force=force)
+                             [_raw(r) for r in records], score, field="base_logprob", force=force)
+
+
+def _raw(record: dict[str, Any]) -> str:  # the response as generated: base_logprob scores it uncleaned
+    return str(record.get("response") or "")
+
+
+def _unready(run: Run) -> str | None:
+    """Why a run cannot be evaluated yet (None: it can)."""
+    if run.shards is not None and not run.complete:
+        return f"{run.shards.describe()}; a sharded run is evaluated once every shard is complete"
+    return "no summary.json (run unfinished or crashed)" if read_summary(run.path) is None else None
+
+
+def _records(run: Run) -> list[dict[str, Any]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a torn last line is expected after a crash
+        return read_records(run.path)
 
 
 # -- one run ------------------------------------------------------------------------------
@@ -280,10 +326,8 @@ def evaluate_run(
         raise UserError(f"reward={_name(reward)} needs the reward_mean metric in metrics")
     if "base_logprob" in names and policy is None:
         raise UserError("the base_logprob metric needs the run's policy (BasePolicy)")
-    if run.shards is not None and not run.complete:
-        return f"skipped: {run.shards.describe()}; a sharded run is evaluated once every shard is complete", None
-    if read_summary(run.path) is None:
-        return "skipped: no summary.json (run unfinished or crashed)", None
+    if _unready(run):
+        return f"skipped: {_unready(run)}", None
     label = encoder.label if encoder is not None else None
     fp = fingerprint(run.path, label, names, run.config, _name(reward), _name(gold_reward),
                      BasePolicy.label(run) if "base_logprob" in names else None)
@@ -291,9 +335,7 @@ def evaluate_run(
     per_old = read_json_or_none(run.path / PROMPT_METRICS) or {}
     if not force and isinstance(old, dict) and old.get("fingerprint") == fp and per_old.get("fingerprint") == fp:
         return "up to date", old
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a torn last line is expected after a crash
-        records = read_records(run.path)
+    records = _records(run)
     metrics, per = metric_values(records, config=run.config, encoder=encoder,
                                  names=[n for n in names if n not in POLICY_METRICS])
     if "reward_mean" in metrics:
@@ -369,6 +411,12 @@ def main(cfg: DictConfig) -> int:
     runs = select_runs(cfg)
     names, encoder, reward, gold, policy = _setup(cfg)
     counts = dict.fromkeys(("updated", "up to date", "skipped", "failed"), 0)
+    try:  # base_logprob: every run's responses at once, each prompt prefilled once
+        if policy is not None:
+            policy.prepare(runs, force=bool(cfg.force))
+    except PolicyUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for run in runs:
         try:
             status, m = evaluate_run(run, encoder, names=names, force=bool(cfg.force), reward=reward,

@@ -156,7 +156,7 @@ def test_cli_simcse_unavailable_names_minilm(tmp_path, evaluate, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     run = make_run(tmp_path)
     before = (run / "summary.json").read_bytes()
-    code, _, err = evaluate("device=cpu")
+    code, _, err = evaluate("device=cpu", "metrics=[reward_mean,coherence]")
     if code == 0:
         pytest.skip("the SimCSE checkpoint is cached on this machine")
     assert code == 1 and "encoder=minilm" in err and len(err.strip().splitlines()) == 1
@@ -305,16 +305,19 @@ def test_paper_reward_builds_without_loading(compose):
 # -- gold_reward=NAME and base_logprob -----------------------------------------------------
 from aisp_bench.engine import ResponseLogProb  # noqa: E402
 from aisp_bench.evaluate import BasePolicy, eval_logprobs_path  # noqa: E402
+from aisp_bench.rundir import Run  # noqa: E402
 
 
 class WordEngine:
-    """Scores a response as -1 per word (its "tokens"), and counts what it scored."""
+    """Scores a response as -2 per word (its "tokens"), and records each call (prompt ids, responses)."""
 
     def __init__(self):
         self.scored: list[str] = []
+        self.calls: list[tuple[list[str], list[list[str]]]] = []
 
     def response_logprobs(self, prompts, responses):
         self.scored += [r for rs in responses for r in rs]
+        self.calls.append(([p.id for p in prompts], [list(rs) for rs in responses]))
         return [[ResponseLogProb(-2.0 * len(r.split()), len(r.split())) for r in rs] for rs in responses]
 
 
@@ -357,6 +360,26 @@ def test_gold_reward_and_base_logprob_beside_the_run_reward(tmp_path):
     assert evaluate_run(run, None, names=names, gold_reward=WordReward(name="w2"), policy=policy)[0] == "updated"
     with pytest.raises(Exception, match="needs the run's policy"):
         evaluate_run(run, None, names=names)
+
+
+def test_base_logprob_prefills_each_prompt_once_for_every_run(tmp_path):
+    """``prepare``: the responses of all runs in one call, grouped by prompt; the runs then read them."""
+    runs = [make_run(tmp_path, seed=s) for s in (0, 1)]
+    other = json.loads((runs[1] / "records.jsonl").read_text().splitlines()[0])
+    lines = (runs[1] / "records.jsonl").read_text().splitlines()
+    (runs[1] / "records.jsonl").write_text("\n".join([json.dumps({**other, "response": "one two"}), *lines[1:3]]) + "\n")
+    policy, names = WordPolicy(), [*NAMES_NO_COH, "base_logprob"]
+    policy.prepare([Run.at(r) for r in runs])
+    # one call: prompt 0 with both runs' answers, prompts 1 and 2 with their one (shared) answer each
+    assert policy.word_engine.calls == [(["0", "1", "2"], [[RESPONSES[0], "one two"], [RESPONSES[1]], [RESPONSES[2]]])]
+    for r in runs:
+        assert evaluate_run(r, None, names=names, policy=policy)[0] == "updated"
+    assert len(policy.word_engine.calls) == 1  # nothing scored twice
+    assert read_json(runs[1] / "metrics_per_prompt.json")["base_logprob"] == [-2.0, -2.0, None]
+    policy.prepare([Run.at(r) for r in runs])  # all cached: nothing to score
+    fresh = WordPolicy()
+    fresh.prepare([Run.at(r) for r in runs])  # a new process reads the caches on disk
+    assert len(policy.word_engine.calls) == 1 and fresh.word_engine.calls == []
 
 
 def test_cli_gold_reward_and_policy_options(tmp_path, evaluate):

@@ -76,7 +76,7 @@ def test_table1_extended_differences_and_intervals(tmp_path):
     cells = md_cells(md)
     assert cells[0][:4] == ["Dataset, models", "Method", "Optimised reward", "Gold reward"]
     assert cells[3][1:4] == ["AISP − BoN (top-p)", "+1.250 [+1.000, +1.500]", "+0.000 [-0.500, +0.500]"]
-    assert "4,000 resamples" in md and "the unit resampled is the prompt" in md
+    assert "4,000 resamples" in md and "prompts resampled as clusters" in md and "all of its seeds" in md
     # a stale per-prompt file (another fingerprint than summary.json's) is not read
     run = tmp_path / "runs" / "shp" / PAIR / "aisp" / "default" / "seed0"
     with_prompt_metrics(run, {"gold_reward": [9.0, 9.0]}, fingerprint="other")
@@ -120,7 +120,7 @@ def test_winrate_intervals_resample_judged_prompts(tmp_path):
     tables.write_winrate(t, tmp_path / "tables", "table2", boot=BOOT, extra_notes=["a bias line"])
     md = (tmp_path / "tables" / "table2.md").read_text()
     assert md_cells(md)[1][2:5] == ["50.0 [0.0, 100.0]", "0.0 [0.0, 0.0]", "50.0 [0.0, 100.0]"]
-    assert "judged prompts of each trial resampled" in md and "- a bias line" in md
+    assert "prompts resampled as clusters" in md and "averaged over trials" in md and "- a bias line" in md
     # a file in B's view: win and loss (and their intervals) swap
     write_judge(tmp_path, "bon_gaussian", "aisp", [[J[0], J[0], J[1]]])
     r = tables.winrate_table(tmp_path, "aisp", "bon_gaussian", boot=BOOT).iloc[0]
@@ -181,7 +181,8 @@ def test_cli_judge_bias_and_tables_notes(tmp_path, report):
 
 
 def test_sensitivity_table_and_figure(tmp_path, report):
-    for (n, kappa, sigma), rewards in {(2, 8, 0.5): (1.0, 3.0), (4, 4, 0.5): (2.0, 2.0), (4, 4, 1.0): (0.0, 1.0)}.items():
+    grid = {(2, 8, 0.5): (1.0, 3.0), (4, 4, 0.5): (2.0, 2.0), (4, 4, 1.0): (0.0, 1.0)}
+    for (n, kappa, sigma), rewards in grid.items():
         cfg = {**AISP_CFG, "n": n, "kappa": kappa, "sigma": sigma}
         recs = [aisp_record(pid, n, [r] * (n * kappa), seconds=2.0 * n) for pid, r in zip("pq", rewards)]
         write_run(tmp_path, "shp", PAIR, "aisp", 0, recs, method_cfg=cfg,

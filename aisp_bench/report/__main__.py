@@ -56,7 +56,8 @@ def build(target: str, cfg: DictConfig, runs: list[Run], select: Selection, boot
         df = tables.lambda_sweep(runs)
         return tables.write_lambda_sweep(_nonempty(df, f"no AISP run folders {what}"), out / "tables")
     if target == "sensitivity":
-        df = _nonempty(sensitivity.sensitivity_table(runs, boot), f"no AISP run folders of experiment=sensitivity {what}")
+        df = _nonempty(sensitivity.sensitivity_table(runs, boot),
+                       f"no AISP run folders of experiment=sensitivity {what}")
         return sensitivity.write_sensitivity(df, out / "tables", out / "figures", boot)
     if target == "compare":
         df = _nonempty(tables.compare(runs), f"no run folders with records {what}")

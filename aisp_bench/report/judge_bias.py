@@ -2,8 +2,8 @@
 judgements the win-rate files already hold (both orders asked for every prompt).
 
 Per comparison (a win-rate file, in ``method_a``'s view), every rate is a mean over
-trials of the per-trial percentage, with the tables' bootstrap interval (the items of
-each trial resampled, :func:`aisp_bench.report.stats.trials_bootstrap`):
+trials of the per-trial percentage, with the tables' bootstrap interval (the judged
+prompts resampled as clusters: ``Bootstrap.shares`` of :mod:`aisp_bench.report.stats`):
 
 * **flips**: of the prompts with two valid replies, the share whose preferred answer
   changes with the order (A preferred in one order, B or a tie in the other, ...);
@@ -24,14 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
 from aisp_bench.results import OUTCOMES, Selection, runs_root
 from aisp_bench.rundir import RECORDS, SHARDS, Run, read_records
 
-from . import stats
 from .common import display_dataset, display_method, display_pair, fmt_interval, render_markdown, write_texts
 from .stats import Bootstrap
 from .tables import comparison_files
@@ -93,39 +91,42 @@ def _preferences(j: dict[str, Any]) -> list[str | None]:
     return out
 
 
-def trial_items(trial: dict[str, Any], lookup: RecordWords) -> dict[str, list[int]]:
-    """One trial's items, coded: per rate 1/0 per item (see the module docstring), per
-    length bucket the outcome codes (index in ``OUTCOMES``); ``words_missing`` counts
-    judgements without lengths."""
-    out: dict[str, list[int]] = {k: [] for k in (*RATES, *BUCKETS, "words_missing")}
+Items = dict[str, list[tuple[str, int]]]  # per rate or bucket: (prompt id, code) per item
+
+
+def trial_items(trial: dict[str, Any], lookup: RecordWords) -> Items:
+    """One trial's items, coded: per rate (prompt id, 1/0) per item (see the module
+    docstring), per length bucket (prompt id, outcome code: index in ``OUTCOMES``);
+    ``words_missing`` lists the judgements without lengths."""
+    out: Items = {k: [] for k in (*RATES, *BUCKETS, "words_missing")}
     for j in trial.get("judgements") or []:
-        prefs = _preferences(j)
+        pid, prefs = str(j.get("prompt_id")), _preferences(j)
         if len(prefs) == 2 and None not in prefs:
-            out["flips"].append(int(prefs[0] != prefs[1]))
-            out["reversed"].append(int(set(prefs) == {"A", "B"}))
+            out["flips"].append((pid, int(prefs[0] != prefs[1])))
+            out["reversed"].append((pid, int(set(prefs) == {"A", "B"})))
         for s in j.get("scores") or []:
             if isinstance(s, list) and len(s) == 2 and s[0] != s[1]:
-                out["first_position"].append(int(s[0] > s[1]))
+                out["first_position"].append((pid, int(s[0] > s[1])))
         words = _words(j, trial, lookup)
         if words is None:
-            out["words_missing"].append(1)
+            out["words_missing"].append((pid, 1))
             continue
         res = j.get("outcome")
         longer = "a_longer" if words[0] > words[1] else "b_longer" if words[1] > words[0] else "equal"
         if res in OUTCOMES:
-            out[longer].append(OUTCOMES.index(res))
+            out[longer].append((pid, OUTCOMES.index(res)))
         if res in ("win", "loss") and longer != "equal":
-            out["longer_wins"].append(int((res == "win") == (longer == "a_longer")))
+            out["longer_wins"].append((pid, int((res == "win") == (longer == "a_longer"))))
     return out
 
 
-def _swap(items: dict[str, list[int]]) -> dict[str, list[int]]:
+def _swap(items: Items) -> Items:
     """The same items in B's view: win and loss exchanged, A's and B's length buckets too."""
     w, lo = OUTCOMES.index("win"), OUTCOMES.index("loss")
     flip = {w: lo, lo: w}
     out = dict(items)
-    out["a_longer"], out["b_longer"] = ([flip.get(c, c) for c in items[k]] for k in ("b_longer", "a_longer"))
-    out["equal"] = [flip.get(c, c) for c in items["equal"]]
+    out["a_longer"], out["b_longer"] = ([(p, flip.get(c, c)) for p, c in items[k]] for k in ("b_longer", "a_longer"))
+    out["equal"] = [(p, flip.get(c, c)) for p, c in items["equal"]]
     return out
 
 
@@ -142,13 +143,11 @@ def comparison_bias(d: dict[str, Any], swap: bool, lookup: RecordWords, boot: Bo
                                judge_model=d.get("judge_model"), mode=d.get("mode"), trials=len(trials),
                                words_missing=sum(len(t["words_missing"]) for t in trials))
     for rate in RATES:
-        codes = [np.array(t[rate], dtype=int) for t in trials]
-        iv = stats.trials_bootstrap(codes, 2, boot.resamples, boot.seed, boot.level)[1]
-        row.update({rate: iv.mean, f"{rate}_lo": iv.lo, f"{rate}_hi": iv.hi, f"{rate}_n": iv.n})
+        iv = boot.shares([t[rate] for t in trials], 2)[1]
+        row.update({rate: iv.mean, f"{rate}_lo": iv.lo, f"{rate}_hi": iv.hi, f"{rate}_n": iv.items})
     for bucket in BUCKETS:
-        codes = [np.array(t[bucket], dtype=int) for t in trials]
-        ivs = stats.trials_bootstrap(codes, len(OUTCOMES), boot.resamples, boot.seed, boot.level)
-        row[f"{bucket}_n"] = ivs[0].n
+        ivs = boot.shares([t[bucket] for t in trials], len(OUTCOMES))
+        row[f"{bucket}_n"] = ivs[0].items
         for k, iv in zip(OUTCOMES[:3], ivs, strict=False):
             row.update({f"{bucket}_{k}": iv.mean, f"{bucket}_{k}_lo": iv.lo, f"{bucket}_{k}_hi": iv.hi})
     return row
@@ -188,7 +187,7 @@ def render_bias(df: pd.DataFrame, boot: Bootstrap) -> str:
              "wins = decisive outcomes (win or loss) between answers of different length won by the longer one; "
              "the last three columns: win rate by which cleaned answer has more words.",
              "Percent, mean over trials of the per-trial rate; n = items over all trials. "
-             f"{boot.describe()}, the items of each trial resampled with replacement."]
+             f"{boot.describe()}."]
     if (df["words_missing"] > 0).any():
         notes.append("Some judgements have no answer lengths (neither recorded nor found in the runs' records).")
     return render_markdown(header, rows, title="Judge position and length bias", notes=notes,

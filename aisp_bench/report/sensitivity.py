@@ -9,7 +9,7 @@ manifest's ``method.n``, ``method.kappa`` and ``method.sigma``. Per (dataset, pa
 * base log-prob: ``evaluate``'s per-prompt ``base_logprob`` (mean per-token
   log-probability of the response under the noise-free policy);
 * both as the mean over (prompt, seed) values with a bootstrap interval, prompts
-  resampled as clusters (:func:`aisp_bench.report.stats.pooled_mean`);
+  resampled as clusters (``Bootstrap.pooled_mean`` of :mod:`aisp_bench.report.stats`);
 * seconds and generated tokens per prompt: means over prompts and seeds.
 """
 
@@ -27,7 +27,6 @@ import pandas as pd  # noqa: E402
 
 from aisp_bench.rundir import Run  # noqa: E402
 
-from . import stats  # noqa: E402
 from .common import (  # noqa: E402
     as_float_array, dataset_key, display_dataset, display_pair, finite_or_nan, fmt_interval, fmt_num, nanmean,
     pair_key, render_markdown, write_texts,
@@ -63,14 +62,14 @@ def sensitivity_table(runs: Sequence[Run], boot: Bootstrap | None = None) -> pd.
                                    budget=key[3] * key[4], n_seeds=len(rs), seeds=",".join(str(r.seed) for r in rs),
                                    n_prompts=len({p for v in vals.values() for p in v["reward"]}))
         for m, col in (("reward", "final_reward"), ("base_logprob", "base_logprob")):
-            iv = stats.pooled_mean({s: v[m] for s, v in vals.items()}, boot.resamples, boot.seed, boot.level)
+            iv = boot.pooled_mean({s: v[m] for s, v in vals.items()})
             row.update({col: iv.mean, f"{col}_lo": iv.lo, f"{col}_hi": iv.hi})
         for m, field in (("seconds", "seconds"), ("tokens", "num_tokens")):
             row[m] = nanmean(np.concatenate([as_float_array([x.get(field) for x in r.records]) for r in rs]))
         rows.append(row)
     columns = ["dataset", "model", "reward", "n", "kappa", "sigma", "budget", "n_seeds", "seeds", "n_prompts",
-               "final_reward", "final_reward_lo", "final_reward_hi", "base_logprob", "base_logprob_lo", "base_logprob_hi", "seconds",
-               "tokens"]
+               "final_reward", "final_reward_lo", "final_reward_hi", "base_logprob", "base_logprob_lo", "base_logprob_hi",
+               "seconds", "tokens"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -80,7 +79,7 @@ def _notes(df: pd.DataFrame, boot: Bootstrap) -> list[str]:
             "(experiment=sensitivity).",
             "Final reward: the chosen response's reward under the run's own reward model. Base log-prob/token: mean "
             "per-token log-probability of the response under the noise-free policy (evaluate's base_logprob). "
-            "Both: mean over (prompt, seed) values " + boot.describe() + ", prompts resampled as clusters.",
+            "Both: mean over (prompt, seed) values; " + boot.describe() + ".",
             "Seconds and tokens: per prompt (generated tokens, every sample), mean over prompts and seeds."]
 
 

@@ -15,8 +15,8 @@ difference with its paired bootstrap interval. Columns (per prompt, then average
 Per-prompt values come from the records and from ``metrics_per_prompt.json`` (written by
 ``evaluate`` under the fingerprint of ``summary.json``'s metrics; a stale file is not
 used). Differences pair AISP's seed k with the baseline's seed k on the same prompt
-(:func:`aisp_bench.report.stats.paired_difference`: prompts resampled as clusters,
-pooled over seeds).
+(``Bootstrap.paired_difference`` of :mod:`aisp_bench.report.stats`: prompts resampled as
+clusters, pooled over seeds).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import pandas as pd
 
 from aisp_bench.rundir import PROMPT_METRICS, Run, read_json_or_none
 
-from . import stats
 from .common import (
     dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_interval, fmt_mean_std, mean_std,
     method_key, pair_key, render_latex, render_markdown, select_variants, tex_escape, write_texts,
@@ -91,7 +90,7 @@ def _difference_rows(cell: tuple, a: dict[int, dict], b: dict[int, dict], baseli
     rows = []
     for m in METRICS:
         sa, sb = {s: v[m] for s, v in a.items()}, {s: v[m] for s, v in b.items()}
-        iv = stats.paired_difference(sa, sb, boot.resamples, boot.seed, boot.level)
+        iv = boot.paired_difference(sa, sb)
         seeds = sum(1 for s in set(sa) & set(sb) if set(sa[s]) & set(sb[s]))
         rows.append(dict(zip(("dataset", "model", "reward", "method"), cell), row="difference", baseline=baseline,
                          metric=m, mean=iv.mean, std=math.nan, lo=iv.lo, hi=iv.hi, n_seeds=seeds, n_prompts=iv.n,
@@ -148,9 +147,8 @@ def _notes(df: pd.DataFrame, boot: Bootstrap) -> list[str]:
                       f"gold {by.get('gold_reward') or '— (evaluate gold_reward=NAME)'}, base log-prob under "
                       f"{by.get('base_logprob') or '— (evaluate with the base_logprob metric)'}")
     return ["Method rows: mean (std) over seeds of the per-seed mean over prompts (std ddof=1). Difference rows: "
-            "mean over (prompt, seed) pairs of AISP's value minus the baseline's on the same prompt in the same seed, "
-            f"then {boot.describe()}; the unit resampled is the prompt, with all of its seeds "
-            "(aisp_bench/report/stats.py).",
+            "mean over (prompt, seed) pairs of AISP's value minus the baseline's on the same prompt in the same seed. "
+            f"{boot.describe()} (a prompt brings all of its seeds; aisp_bench/report/stats.py).",
             "Optimised reward: the run's own reward model, the one each method maximised. Gold reward: a held-out "
             "reward model's score of the same cleaned response. Base log-prob/token: mean per-token log-probability "
             "of the response under the noise-free policy (temperature 1). KL(Q_Û‖P) = ‖Û‖²/(2σ²) after AISP's last "
@@ -166,8 +164,9 @@ def write_table1_extended(df: pd.DataFrame, out_dir: Path | str, boot: Bootstrap
         raise ValueError("the extended Table 1 has no rows")
     notes = _notes(df, boot)
     header = ["Dataset, models", "Method", *(NAMES[m] for m in METRICS)]
-    md = render_markdown(header, _layout(df, latex=False), title="Table 1, extended: optimised and gold reward, "
-                         "closeness to the base model, AISP minus each BoN with 95% intervals", notes=notes,
+    title = ("Table 1, extended: optimised and gold reward, closeness to the base model, AISP minus each BoN "
+             f"with {100 * boot.level:g}% intervals")
+    md = render_markdown(header, _layout(df, latex=False), title=title, notes=notes,
                          align=["l", "l"] + ["r"] * len(METRICS))
     levels = [["", "", *(GROUPS[m] for m in METRICS)], ["Dataset, models", "Method", *(TEX_NAMES[m] for m in METRICS)]]
     tex = render_latex(levels, _layout(df, latex=True), caption="Optimised and held-out rewards, closeness to the "

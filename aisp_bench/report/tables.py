@@ -17,8 +17,6 @@ import pandas as pd
 from aisp_bench.results import OUTCOMES, Selection, group_runs, judge_files, trial_percentages
 from aisp_bench.rundir import Run, read_json_or_none
 
-from . import stats
-
 from .common import (
     DASH, as_float_array, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_interval,
     fmt_mean_std, fmt_num, mean_std, nanmean, pair_key, render_latex, render_markdown, tex_escape, tex_text,
@@ -50,15 +48,15 @@ def comparison_files(results_dir: Path | str, method_a: str, method_b: str, sele
     return [found[k] for k in sorted(found, key=lambda k: (dataset_key(k[0]), pair_key((k[1], k[2]))))]
 
 
-def trial_codes(trials: Sequence[dict[str, Any]]) -> list[np.ndarray] | None:
-    """Per trial, each judged prompt's outcome as its index in ``OUTCOMES`` (None when a trial
-    has no per-prompt judgements, e.g. a file written without them)."""
+def trial_codes(trials: Sequence[dict[str, Any]]) -> list[list[tuple[str, int]]] | None:
+    """Per trial, each judged prompt's (id, outcome as its index in ``OUTCOMES``); None when a
+    trial has no per-prompt judgements (e.g. a file written without them)."""
     out = []
     for t in trials:
         js = t.get("judgements")
         if not isinstance(js, list) or len(js) != t.get("n") or any(j.get("outcome") not in OUTCOMES for j in js):
             return None
-        out.append(np.array([OUTCOMES.index(j["outcome"]) for j in js], dtype=int))
+        out.append([(str(j.get("prompt_id")), OUTCOMES.index(j["outcome"])) for j in js])
     return out
 
 
@@ -70,9 +68,9 @@ def winrate_table(results_dir: Path | str, method_a: str, method_b: str,
 
     Columns: dataset, model, reward, method_a, method_b, judge_model, mode, num_prompts,
     n_trials, n_mean (judged comparisons per trial), win, draw, loss, invalid (mean over
-    trials), ``*_std`` (ddof=1 over trials), ``*_lo``/``*_hi`` (bootstrap interval:
-    judged prompts resampled within each trial, mean over trials, :func:`stats.trials_bootstrap`;
-    NaN without per-prompt judgements), source ("trials" when recomputed from the
+    trials), ``*_std`` (ddof=1 over trials), ``*_lo``/``*_hi`` (bootstrap interval, the
+    judged prompts resampled: ``Bootstrap.shares`` of :mod:`aisp_bench.report.stats`; NaN
+    without per-prompt judgements), source ("trials" when recomputed from the
     per-trial counts, "file" when only the file's ``mean`` was usable), path.
     """
     boot = boot or Bootstrap()
@@ -95,7 +93,7 @@ def winrate_table(results_dir: Path | str, method_a: str, method_b: str,
                 row[k], row[f"{k}_std"] = finite_or_nan(mean.get(k)), math.nan
             row["source"] = "file"
         codes = trial_codes(trials) if pct and len(pct) == len(trials) else None
-        ivs = stats.trials_bootstrap(codes or [], len(OUTCOMES), boot.resamples, boot.seed, boot.level)
+        ivs = boot.shares(codes or [], len(OUTCOMES))
         for k, iv in zip(OUTCOMES, ivs, strict=True):
             row[f"{k}_lo"], row[f"{k}_hi"] = iv.lo, iv.hi
         if swap:
@@ -147,8 +145,8 @@ def write_winrate(df: pd.DataFrame, out_dir: Path | str, name: str, title: str |
     if (df["source"] == "file").any():
         notes.append("Rows with 0 trials use the file's stored mean (no usable per-trial counts).")
     if df["win_lo"].notna().any():
-        notes.append(f"{boot.describe()}; the judged prompts of each trial resampled with replacement, the "
-                     "percentages averaged over trials (rows without per-prompt judgements: no interval).")
+        notes.append(f"{boot.describe()}; the statistic: each trial's percentage of its judged prompts, averaged "
+                     "over trials (rows without per-prompt judgements: no interval).")
     notes += list(extra_notes)
     contents = {"csv": df.drop(columns=[c for c in df.columns if c.startswith("_")]).to_csv(index=False)}
     header = ["Datasets", "Models", display_method(a), "Draw", display_method(b), "Invalid", "Trials"]
