@@ -65,11 +65,11 @@ from aisp_bench.cli import UserError, first_line, instantiate_node, run_app, sel
 from aisp_bench.config import CONF_DIR
 from aisp_bench.metrics import DEFAULT_METRICS, METRICS, metric_values
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
-from aisp_bench.types import Prompt
 from aisp_bench.rundir import (
     PROMPT_METRICS, SUMMARY, Run, get_path, read_json_or_none, read_records, read_summary, record_prompt,
     records_sha256, write_json_atomic,
 )  # fmt: skip
+from aisp_bench.types import Prompt
 
 EVALUATE_VERSION = 3  # 3: gold reward, base_logprob, metrics_per_prompt.json
 REWARD_CHUNK = 256  # pairs scored between two writes of a score cache
