@@ -13,20 +13,30 @@ SCALE ?= smoke
 # The commands share one syntax (key=value overrides, see each one's --help) and one run
 # selection (results_dir=..., select.pair=..., select.variant=...).
 # EVAL_REWARD: the reward model Table 1 reports (the paper: UltraRM for every pair);
-# empty = each run's own reward model. JUDGE_ARGS: how Tables 2-3 are judged (the paper:
-# GPT-4, aisp_bench/conf/judge/gpt4.yaml; offline: a held-out reward model, in process).
+# empty = each run's own reward model. GOLD_REWARD: the held-out reward of Table 1's extended
+# view (the other of UltraRM and Eurus on GPU; MiniLM similarity offline); empty: none.
+# JUDGE_ARGS: how Tables 2-3 are judged (the paper: GPT-4, aisp_bench/conf/judge/gpt4.yaml;
+# offline: a held-out reward model, in process). SENSITIVITY_GRID: the fixed-budget sweep
+# (conf/experiment/sensitivity.yaml: n·κ = 1024, n 8..128, σ 0.25/0.5/1; smoke: n·κ = 8,
+# (n, κ) = (2, 4), (4, 2), σ 0.25 and 1, 4 tokens, on the 2 demo prompts: a few seconds a run).
 ifeq ($(SCALE),smoke)
   PAIR ?= smollm2_135m__smollm2_judge
   RESULTS ?= results/smoke
   ENCODER ?= minilm
   EVAL_REWARD ?=
+  GOLD_REWARD ?= minilm_similarity
   JUDGE_ARGS ?= judge=reward_model reward=minilm_similarity
+  SENSITIVITY_GRID ?= sensitivity_budget=8 'budget.n=2,4' 'method.sigma=0.25,1.0' generation.max_new_tokens=4 budget.tau=4
+  SENSITIVITY_DATASET ?= demo
 else ifeq ($(SCALE),paper)
   PAIR ?= llama3_8b__ultrarm
   RESULTS ?= results
   ENCODER ?= simcse
   EVAL_REWARD ?= ultrarm
+  GOLD_REWARD ?= $(if $(filter eurus,$(REWARD)),ultrarm,eurus)
   JUDGE_ARGS ?=
+  SENSITIVITY_GRID ?=
+  SENSITIVITY_DATASET ?= shp
 else
   $(error SCALE must be smoke or paper, got '$(SCALE)')
 endif
@@ -52,6 +62,10 @@ ifneq ($(PLAN),)
 endif
 REPORT := $(PY) -m aisp_bench.report results_dir=$(RESULTS)
 TABLE1_RUNS := results_dir=$(RESULTS) select.pair=$(PAIR) select.variant=table1
+# evaluate the runs of PAIR in the variants $(1) (e.g. table1, 'sensitivity*', [table1,sensitivity*])
+EVALUATE = $(PY) -m aisp_bench.evaluate results_dir=$(RESULTS) select.pair=$(PAIR) 'select.variant=$(1)' \
+  encoder=$(ENCODER) $(if $(EVAL_REWARD),reward=$(EVAL_REWARD)) $(if $(GOLD_REWARD),gold_reward=$(GOLD_REWARD))
+EVAL_VARIANTS ?= table1
 
 # The benchmark data beside this checkout (our CI and dev machines); elsewhere the hub.
 SHARED_DATA ?= ../shared/data
@@ -63,7 +77,7 @@ ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz),)
 endif
 
 .PHONY: help setup demo test test-fast bench bench-gpu bench-gpu-engine plan fault-injection runs table1 table2 table3 figure2 compute \
-        judge lambda_runs lambda_sweep evaluate report paper smoke clean-smoke
+        judge judge_bias lambda_runs lambda_sweep sensitivity_runs sensitivity evaluate report paper smoke clean-smoke
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -104,13 +118,13 @@ else
 runs: plan
 endif
 
-evaluate: runs  ## diversity, coherence and reward of those runs into their summary.json
-	$(PY) -m aisp_bench.evaluate $(TABLE1_RUNS) encoder=$(ENCODER) $(if $(EVAL_REWARD),reward=$(EVAL_REWARD))
+evaluate: runs  ## reward, gold reward, diversity, coherence, base_logprob of those runs into their summary.json
+	$(call EVALUATE,$(EVAL_VARIANTS))
 
-table1: evaluate  ## results/tables/table1.{md,csv,tex} (mean (std) over seeds, paper values beside)
+table1: evaluate  ## results/tables/table1.{md,csv,tex} (paper values beside) and table1_extended (intervals)
 	$(REPORT) target=table1
 
-figure2: runs  ## results/figures/figure2_<dataset>.png: reward against iteration k
+figure2: runs  ## results/figures/figure2_<dataset>.png: reward against iteration k (100 seeded prompts)
 	$(REPORT) target=figure2
 
 compute: runs  ## best reward against generated tokens and seconds (equal-compute view)
@@ -132,14 +146,24 @@ BASELINES := [bon_topp,bon_gaussian]
 judge: runs  ## the win rates of Tables 2 and 3 in one judge call
 	$(call JUDGE,$(BASELINES))
 
+judge_bias: judge  ## the judge's position and length bias (results/tables/judge_bias.{md,csv})
+	$(REPORT) target=judge_bias
+
 lambda_runs: setup  ## the λ-sweep runs of AISP (DATASET=shp)
 	$(SWEEP) experiment=lambda_sweep dataset=$(or $(DATASET),shp)
 
 lambda_sweep: lambda_runs  ## AISP over a λ grid with the std(r/λ) tuning signal (DATASET=shp)
 	$(REPORT) target=lambda_sweep
 
+sensitivity_runs: setup  ## AISP at a fixed budget n·κ: splits (n, κ) x σ (DATASET=shp, smoke: demo; SENSITIVITY_GRID)
+	$(SWEEP) experiment=sensitivity dataset=$(or $(DATASET),$(SENSITIVITY_DATASET)) $(SENSITIVITY_GRID)
+
+sensitivity: sensitivity_runs  ## final reward, base_logprob and seconds of those runs: table and figure
+	$(call EVALUATE,sensitivity*)
+	$(REPORT) target=sensitivity
+
 report:  ## every table and figure from the files on disk (loads no model; skips what has no input)
-	$(REPORT) 'target=[table1,figure2,compute,table2,table3,lambda_sweep]'
+	$(REPORT) 'target=[table1,figure2,compute,table2,table3,judge_bias,lambda_sweep,sensitivity]'
 
 ifeq ($(PLAN),)
 paper: evaluate judge  ## every artefact for PAIR (CLUSTER=slurm SHARDS=16: the runs as one Slurm array)
@@ -148,8 +172,8 @@ else
 paper: plan
 endif
 
-smoke: setup  ## the whole chain offline on CPU in minutes (tables, figures, win rates, λ sweep)
-	$(MAKE) evaluate judge lambda_runs SCALE=smoke
+smoke: setup  ## the whole chain offline on CPU in minutes (tables, figures, win rates, judge bias, λ sweep, sensitivity)
+	$(MAKE) sensitivity_runs evaluate judge lambda_runs SCALE=smoke EVAL_VARIANTS='[table1,sensitivity*]'
 	$(MAKE) report SCALE=smoke
 
 clean-smoke:  ## delete results/smoke

@@ -80,13 +80,21 @@ def _scale(x, factor) -> float:
     return float(x) * float(factor)
 
 
+def _div(total, n) -> int:
+    """κ = total / n for a budget n·κ held fixed (``experiment=sensitivity``); n must divide it."""
+    total, n = int(total), int(n)
+    if n < 1 or total < n or total % n:
+        raise ValueError(f"the fixed budget n·κ = {total} is not a multiple of n = {n}")
+    return total // n
+
+
 def _variant_exclude_keys() -> list[str]:
     """``hydra.job.config.override_dirname.exclude_keys`` (conf/hydra/default.yaml)."""
     return [*FOLDER_KEYS, *NON_SEMANTIC]
 
 
 def register_resolvers() -> None:
-    for name, fn in (("aisp_run_segment", run_segment), ("aisp_mul", _mul), ("aisp_scale", _scale),
+    for name, fn in (("aisp_run_segment", run_segment), ("aisp_mul", _mul), ("aisp_scale", _scale), ("aisp_div", _div),
                      ("aisp_variant_exclude_keys", _variant_exclude_keys)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -5,7 +5,7 @@ Usage::
     python -m aisp_bench.evaluate                                        # every run under results_dir
     python -m aisp_bench.evaluate select.dataset=shp select.method=aisp  # a selection (conf/app.yaml)
     python -m aisp_bench.evaluate encoder=minilm                         # offline coherence stand-in
-    python -m aisp_bench.evaluate reward=ultrarm reward.device=cuda:1    # Table 1: rewards by UltraRM
+    python -m aisp_bench.evaluate reward=ultrarm gold_reward=eurus policy.device=cuda:0  # on a GPU
 
 For each selected run (runs without ``summary.json``, still going or crashed, are
 skipped) the ``metrics`` block of :func:`aisp_bench.metrics.compute_metrics` is written
@@ -22,14 +22,28 @@ the run's own mean. Without it, ``reward_mean`` is the run's own mean and
 ``reward_source`` ``"run"``. Scores are cached per run in ``eval_rewards_<name>.json``,
 so only new (prompt, response) pairs are scored; ``force=true`` rescores.
 
+**Held-out gold reward** (``gold_reward=NAME``, the same options as ``reward``): the
+same cleaned responses scored by a reward model the run did not optimise,
+``gold_reward_mean`` and ``gold_reward_model`` (cached likewise; one equal to the run's
+own gives a warning). **Closeness to the base model** (``base_logprob``): the mean over
+prompts of the response's mean per-token log-probability under the run's own policy
+without noise (``BasePolicy``; cached in ``eval_logprobs_<model>.json``). See
+docs/statistics.md.
+
+**Per prompt.** Beside the block, ``metrics_per_prompt.json`` holds the values the
+means average, one per record (``reward``: the run's own; ``eval_reward``,
+``gold_reward``, ``base_logprob``, ``diversity``, ``coherence``), under the same
+fingerprint: the report's bootstrap intervals resample them.
+
 **Idempotent**: the block's ``fingerprint`` hashes what it was computed from (the
-records' bytes, the encoder, the evaluation reward, the metric names, the cleaning
-settings, ``EVALUATE_VERSION``); a run whose fingerprint matches is left alone.
+records' bytes, the encoder, the evaluation and gold rewards, the base_logprob policy,
+the metric names, the cleaning settings, ``EVALUATE_VERSION``); a run whose
+fingerprint matches (and whose per-prompt file has it) is left alone.
 
 **Coherence** needs SimCSE from the hub (``encoder=simcse``); where it cannot load, the
 error says so and ``encoder=minilm`` is the labelled offline stand-in, never a silent
-fallback. Exit codes: 0 done, 1 a run, the encoder or the reward model failed, 2 bad
-input.
+fallback. Exit codes: 0 done, 1 a run, the encoder, a reward model or the policy
+failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -40,7 +54,7 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,26 +63,37 @@ from omegaconf import DictConfig, OmegaConf
 
 from aisp_bench.cli import UserError, first_line, instantiate_node, launch, run_app, select_runs
 from aisp_bench.config import CONF_DIR, get_path
-from aisp_bench.metrics import DEFAULT_METRICS, METRICS, compute_metrics
+from aisp_bench.metrics import DEFAULT_METRICS, METRICS, metric_values
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
 from aisp_bench.rundir import (
-    SUMMARY, Run, read_json_or_none, read_records, read_summary, record_prompt, records_sha256,
+    PROMPT_METRICS, SUMMARY, Run, read_json_or_none, read_records, read_summary, record_prompt, records_sha256,
     write_json_atomic,
 )  # fmt: skip
+from aisp_bench.types import Prompt
 from aisp_bench.validate import check
 
-EVALUATE_VERSION = 2  # 2: reward_model / reward_source / run_reward_mean, an evaluation reward
-REWARD_CHUNK = 256  # pairs scored between two writes of the eval-reward cache
+EVALUATE_VERSION = 3  # 3: gold reward, base_logprob, metrics_per_prompt.json
+REWARD_CHUNK = 256  # pairs scored between two writes of a score cache
+POLICY_METRICS = ("base_logprob",)  # metrics computed by the run's policy, beside aisp_bench.metrics.METRICS
 
 
 class RewardUnavailableError(RuntimeError):
     """The evaluation reward model cannot be loaded (missing weights, no hub access)."""
 
 
-# -- the evaluation reward model --------------------------------------------------------
+# -- score caches (evaluation rewards, log-probabilities) -------------------------------------
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
 def eval_rewards_path(run_dir: Path, reward_name: str) -> Path:
     """``run_dir/eval_rewards_<name>.json`` (characters unsafe in a file name become ``_``)."""
-    return Path(run_dir) / f"eval_rewards_{re.sub(r'[^A-Za-z0-9._-]+', '_', reward_name)}.json"
+    return Path(run_dir) / f"eval_rewards_{_safe(reward_name)}.json"
+
+
+def eval_logprobs_path(run_dir: Path, model_name: str) -> Path:
+    """``run_dir/eval_logprobs_<model>.json``: base_logprob's per-response cache."""
+    return Path(run_dir) / f"eval_logprobs_{_safe(model_name)}.json"
 
 
 def _pair_key(messages: Any, response: str) -> str:
@@ -76,83 +101,206 @@ def _pair_key(messages: Any, response: str) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def evaluation_rewards(
-    run_dir: Path,
-    records: Sequence[dict[str, Any]],
-    responses: Sequence[str],
-    reward: Any,
-    reward_name: str,
-    *,
-    force: bool = False,
-    chunk: int = REWARD_CHUNK,
-) -> list[float | None]:
-    """``reward``'s score of each (record prompt, response), via the run's score cache.
-
-    Cached scores (``eval_rewards_<name>.json``, keyed by a hash of the messages and
-    the response) are reused unless ``force``; the rest are scored in chunks of
-    ``chunk`` pairs, the cache being rewritten after each (it keeps the current records'
-    entries only). Non-finite scores are ``None``. Raises ``RewardUnavailableError``
-    when the model cannot be loaded.
-    """
+def _pairs(records: Sequence[dict[str, Any]], responses: Sequence[str]) -> tuple[list[Prompt], list[str]]:
+    """Each record's prompt and the cache key of (its prompt, the response)."""
     prompts = [record_prompt(r) for r in records]
-    keys = [_pair_key(p.to_json(), resp) for p, resp in zip(prompts, responses, strict=True)]
-    path = eval_rewards_path(run_dir, reward_name)
+    return prompts, [_pair_key(p.to_json(), resp) for p, resp in zip(prompts, responses, strict=True)]
+
+
+def cached_scores(path: Path, header: dict[str, str], records: Sequence[dict[str, Any]], responses: Sequence[str],
+                  score: Callable[[list, list], list], *, field: str, force: bool = False,
+                  chunk: int = REWARD_CHUNK) -> list[float | None]:
+    """``score``'s value of each (record prompt, response), via the cache file ``path``.
+
+    Cached values (keyed by a hash of the messages and the response, under ``field``)
+    are reused unless ``force``; the rest go to ``score(prompts, responses)`` (a list of
+    floats or None) in chunks of ``chunk`` pairs, the file being rewritten after each (it
+    keeps the current records' entries only). Non-finite values are ``None``.
+    """
+    prompts, keys = _pairs(records, responses)
     cache = None if force else read_json_or_none(path)
-    known = {k: v["reward"] for k, v in (cache or {}).get("scores", {}).items()}
+    known = {k: v.get(field) for k, v in (cache or {}).get("scores", {}).items() if isinstance(v, dict)}
     todo = [i for i, k in enumerate(keys) if k not in known]
-    if todo:
-        try:
-            reward.load()
-        except Exception as e:  # noqa: BLE001 - missing weights, no hub: one line, stop everything
-            raise RewardUnavailableError(f"cannot load evaluation reward {reward_name!r}: {first_line(e)}") from None
     for s in range(0, len(todo), max(1, int(chunk))):
         idx = todo[s : s + chunk]
-        scores = reward.score([prompts[i] for i in idx], [responses[i] for i in idx])
-        for i, v in zip(idx, [float(x) for x in scores.tolist()], strict=True):
-            known[keys[i]] = v if math.isfinite(v) else None
-        entries = {k: {"prompt_id": str(rec.get("prompt_id", "")), "reward": known[k]}
+        for i, v in zip(idx, score([prompts[i] for i in idx], [responses[i] for i in idx]), strict=True):
+            known[keys[i]] = float(v) if v is not None and math.isfinite(v) else None
+        entries = {k: {"prompt_id": str(rec.get("prompt_id", "")), field: known[k]}
                    for k, rec in zip(keys, records, strict=True) if k in known}
-        write_json_atomic(path, {"reward": reward_name, "scores": entries})
+        write_json_atomic(path, {**header, "scores": entries})
     return [known[k] for k in keys]
 
 
+def evaluation_rewards(run_dir: Path, records: Sequence[dict[str, Any]], responses: Sequence[str], reward: Any,
+                       reward_name: str, *, force: bool = False, chunk: int = REWARD_CHUNK) -> list[float | None]:
+    """``reward``'s score of each (record prompt, response), cached in ``eval_rewards_<name>.json``
+    (:func:`cached_scores`). Raises ``RewardUnavailableError`` when the model cannot be loaded."""
+    loaded = []
+
+    def score(prompts, resps):
+        if not loaded:
+            try:
+                loaded.append(reward.load())
+            except Exception as e:  # noqa: BLE001 - missing weights, no hub: one line, stop everything
+                raise RewardUnavailableError(f"cannot load evaluation reward {reward_name!r}: "
+                                             f"{first_line(e)}") from None
+        return [float(x) for x in reward.score(prompts, resps).tolist()]
+
+    return cached_scores(eval_rewards_path(run_dir, reward_name), {"reward": reward_name}, records, responses, score,
+                         field="reward", force=force, chunk=chunk)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return math.fsum(finite) / len(finite) if finite else None
+
+
+# -- the base model's log-probabilities -------------------------------------------------------
+class PolicyUnavailableError(RuntimeError):
+    """The run's policy cannot be built or loaded for base_logprob."""
+
+
+class BasePolicy:
+    """``base_logprob`` on the runs' own policies (their manifests' model configs), each
+    loaded once; ``overrides`` (``policy.device``, ``policy.dtype``; None keeps the run's)
+    change where it runs, ``batch_rows`` responses go through one pass. ``prepare`` scores
+    many runs at once, each prompt prefilled once for all of their responses (Table 1:
+    every method and seed answers the same prompts); ``logprobs`` reads them from memory."""
+
+    def __init__(self, overrides: dict[str, Any] | None = None, batch_rows: int = 16) -> None:
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        self.batch_rows = int(batch_rows)
+        self._policies: dict[str, Any] = {}
+        self._engines: dict[str, Any] = {}
+        self._memo: dict[str, dict[str, float | None]] = {}  # engine key -> pair key -> mean log-prob
+
+    @staticmethod
+    def label(run: Run) -> str:
+        """The policy's name (the run's ``model.name``), as the fingerprint and cache file record it."""
+        return str(get_path(run.config, "model.name") or run.model)
+
+    def _key(self, run: Run) -> str:
+        """What an engine depends on: the model config, the room its context leaves a prompt."""
+        gen = get_path(run.config, "generation", {}) or {}
+        node = {**(get_path(run.config, "model") or {}), **self.overrides}
+        return json.dumps([node, gen.get("max_new_tokens"), gen.get("prompt_overflow")], sort_keys=True, default=str)
+
+    def engine(self, run: Run):
+        from aisp_bench.models.policy import build_engine
+
+        node, key, gen = get_path(run.config, "model"), self._key(run), get_path(run.config, "generation", {}) or {}
+        if not isinstance(node, dict) or "_target_" not in node:
+            raise PolicyUnavailableError(f"{run.path}: base_logprob needs the run's model config in its manifest")
+        policy_key = json.dumps({**node, **self.overrides}, sort_keys=True, default=str)
+        try:
+            if policy_key not in self._policies:
+                self._policies[policy_key] = instantiate_node(OmegaConf.create({**node, **self.overrides}), "policy")
+            if key not in self._engines:
+                self._engines[key] = build_engine(
+                    self._policies[policy_key], max_new_tokens=int(gen.get("max_new_tokens", 128)),
+                    batch_rows=self.batch_rows, prompt_overflow=str(gen.get("prompt_overflow", "truncate_left")))
+        except (UserError, OSError, RuntimeError, ValueError) as e:
+            raise PolicyUnavailableError(f"cannot load the policy of {run.path} for base_logprob: "
+                                         f"{first_line(e)}") from None
+        return self._engines[key]
+
+    def _score(self, run: Run, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> None:
+        """Into the memo: ``responses[i]`` after ``prompts[i]`` (each prompt prefilled once)."""
+        memo = self._memo.setdefault(self._key(run), {})
+        for prompt, texts, got in zip(prompts, responses, self.engine(run).response_logprobs(prompts, responses)):
+            memo.update({_pair_key(prompt.to_json(), t): g.mean for t, g in zip(texts, got)})
+
+    def prepare(self, runs: Sequence[Run], force: bool = False) -> None:
+        """Score every response of ``runs`` (ready to evaluate) missing from their caches (all
+        of them with ``force``), one batch per engine, grouped by prompt."""
+        todo: dict[str, tuple[Run, dict[str, tuple[Prompt, dict[str, str]]]]] = {}
+        for run in (r for r in runs if not _unready(r)):
+            cached = {} if force else (read_json_or_none(eval_logprobs_path(run.path, self.label(run))) or {})
+            have = set(cached.get("scores", {}))
+            records = _records(run)
+            prompts, keys = _pairs(records, [_raw(r) for r in records])
+            by_prompt = todo.setdefault(self._key(run), (run, {}))[1]
+            for p, k, rec in zip(prompts, keys, records):
+                if k not in have and k not in self._memo.get(self._key(run), {}):
+                    by_prompt.setdefault(json.dumps(p.to_json(), sort_keys=True), (p, {}))[1][k] = _raw(rec)
+        for run, by_prompt in (v for v in todo.values() if v[1]):
+            self._score(run, [p for p, _ in by_prompt.values()], [list(t.values()) for _, t in by_prompt.values()])
+
+    def logprobs(self, run: Run, records: Sequence[dict[str, Any]], force: bool = False) -> list[float | None]:
+        """Mean per-token log-probability of each record's (raw) response, cached per run."""
+        memo = self._memo.setdefault(self._key(run), {})
+
+        def score(prompts, responses):
+            new = [i for i, (p, r) in enumerate(zip(prompts, responses)) if _pair_key(p.to_json(), r) not in memo]
+            if new:
+                self._score(run, [prompts[i] for i in new], [[responses[i]] for i in new])
+            return [memo[_pair_key(p.to_json(), r)] for p, r in zip(prompts, responses)]
+
+        return cached_scores(eval_logprobs_path(run.path, self.label(run)), {"policy": self.label(run)}, records,
+                             [_raw(r) for r in records], score, field="base_logprob", force=force)
+
+
+def _raw(record: dict[str, Any]) -> str:  # the response as generated: base_logprob scores it uncleaned
+    return str(record.get("response") or "")
+
+
+def _unready(run: Run) -> str | None:
+    """Why a run cannot be evaluated yet (None: it can)."""
+    if run.shards is not None and not run.complete:
+        return f"{run.shards.describe()}; a sharded run is evaluated once every shard is complete"
+    return "no summary.json (run unfinished or crashed)" if read_summary(run.path) is None else None
+
+
+def _records(run: Run) -> list[dict[str, Any]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a torn last line is expected after a crash
+        return read_records(run.path)
+
+
 # -- one run ------------------------------------------------------------------------------
-def fingerprint(
-    run_dir: Path,
-    encoder_label: str | None,
-    names: Sequence[str],
-    config: dict[str, Any] | None,
-    reward_name: str | None = None,
-) -> str:
+def fingerprint(run_dir: Path, encoder_label: str | None, names: Sequence[str], config: dict[str, Any] | None,
+                reward_name: str | None = None, gold_name: str | None = None, policy: str | None = None) -> str:
     """Hash of everything the metrics block depends on (see the module docstring)."""
     payload = {
         "version": EVALUATE_VERSION,
         "records_sha256": records_sha256(run_dir),
         "encoder": encoder_label if "coherence" in names else None,
         "eval_reward": reward_name if "reward_mean" in names else None,
+        "gold_reward": gold_name,
+        "base_logprob": policy if "base_logprob" in names else None,
         "metrics": list(names),
         "cleaning": {k: list(v) for k, v in cleaning_options(config).items()},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _reward_metrics(run: Run, metrics: dict, records: list, reward: Any, reward_name: str | None, force: bool):
-    """``metrics`` with reward_mean (the run's own, or ``reward``'s) and its provenance keys right after it."""
-    run_mean, model, source, mean = metrics["reward_mean"], get_path(run.config, "reward.name"), "run", None
+def _name(model: Any) -> str | None:
+    return None if model is None else str(getattr(model, "name", None) or type(model).__name__)
+
+
+def _reward_metrics(run: Run, metrics: dict, per: dict, records: list, reward: Any, gold: Any, force: bool) -> dict:
+    """``metrics`` with reward_mean (the run's own, or ``reward``'s) and its provenance keys right
+    after it, then the gold reward's; ``per`` gets the per-prompt scores."""
+    run_mean, model, source, mean = metrics.get("reward_mean"), get_path(run.config, "reward.name"), "run", None
+    opts = cleaning_options(run.config)
+    responses = [clean_response(r.get("response"), **opts) for r in records]
     if reward is None:
         mean, model = run_mean, None if model is None else str(model)
     else:
-        opts = cleaning_options(run.config)
-        responses = [clean_response(r.get("response"), **opts) for r in records]
-        finite = [s for s in evaluation_rewards(run.path, records, responses, reward, reward_name, force=force)
-                  if s is not None]
-        mean, model, source = (math.fsum(finite) / len(finite) if finite else None), reward_name, "evaluated"
+        per["eval_reward"] = evaluation_rewards(run.path, records, responses, reward, _name(reward), force=force)
+        mean, model, source = _mean(per["eval_reward"]), _name(reward), "evaluated"
     out: dict[str, Any] = {}
     for k, v in metrics.items():
         if k == "reward_mean":
             out.update(reward_mean=mean, reward_model=model, reward_source=source, run_reward_mean=run_mean)
         else:
             out[k] = v
+    if gold is not None:
+        if _name(gold) == get_path(run.config, "reward.name"):
+            warnings.warn(f"{run.path}: gold_reward={_name(gold)} is the reward this run optimised (not held out)",
+                          stacklevel=2)
+        per["gold_reward"] = evaluation_rewards(run.path, records, responses, gold, _name(gold), force=force)
+        out.update(gold_reward_mean=_mean(per["gold_reward"]), gold_reward_model=_name(gold))
     return out
 
 
@@ -163,38 +311,45 @@ def evaluate_run(
     names: Sequence[str] = DEFAULT_METRICS,
     force: bool = False,
     reward: Any = None,
+    gold_reward: Any = None,
+    policy: BasePolicy | None = None,
 ) -> tuple[str, dict[str, Any] | None]:
-    """Write the metrics block into the run's ``summary.json``.
+    """Write the metrics block into the run's ``summary.json`` and its per-prompt values
+    into ``metrics_per_prompt.json``.
 
     ``reward`` (a ``RewardModel``, named by its ``name``) re-scores the records for
-    ``reward_mean`` (see the module docstring); ``None`` keeps the run's own rewards.
-    Returns (status, metrics): status is ``"updated"``, ``"up to date"`` or
-    ``"skipped: <why>"``.
+    ``reward_mean``, ``gold_reward`` adds a held-out reward's mean, ``policy`` computes
+    ``base_logprob`` when it is in ``names`` (see the module docstring). Returns
+    (status, metrics): status is ``"updated"``, ``"up to date"`` or ``"skipped: <why>"``.
     """
     run = run if isinstance(run, Run) else Run.at(run)
-    reward_name = None if reward is None else str(getattr(reward, "name", None) or type(reward).__name__)
     if reward is not None and "reward_mean" not in names:
-        raise UserError(f"reward={reward_name} needs the reward_mean metric in metrics")
-    summary_path = run.path / SUMMARY
-    if run.shards is not None and not run.complete:
-        return f"skipped: {run.shards.describe()}; a sharded run is evaluated once every shard is complete", None
-    if read_summary(run.path) is None:
-        return "skipped: no summary.json (run unfinished or crashed)", None
+        raise UserError(f"reward={_name(reward)} needs the reward_mean metric in metrics")
+    if "base_logprob" in names and policy is None:
+        raise UserError("the base_logprob metric needs the run's policy (BasePolicy)")
+    if _unready(run):
+        return f"skipped: {_unready(run)}", None
     label = encoder.label if encoder is not None else None
-    fp = fingerprint(run.path, label, names, run.config, reward_name)
-    old = (read_json_or_none(summary_path) or {}).get("metrics")
-    if not force and isinstance(old, dict) and old.get("fingerprint") == fp:
+    fp = fingerprint(run.path, label, names, run.config, _name(reward), _name(gold_reward),
+                     BasePolicy.label(run) if "base_logprob" in names else None)
+    old = (read_json_or_none(run.path / SUMMARY) or {}).get("metrics")
+    per_old = read_json_or_none(run.path / PROMPT_METRICS) or {}
+    if not force and isinstance(old, dict) and old.get("fingerprint") == fp and per_old.get("fingerprint") == fp:
         return "up to date", old
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a torn last line is expected after a crash
-        records = read_records(run.path)
-    metrics = compute_metrics(records, config=run.config, encoder=encoder, names=names)
+    records = _records(run)
+    metrics, per = metric_values(records, config=run.config, encoder=encoder,
+                                 names=[n for n in names if n not in POLICY_METRICS])
     if "reward_mean" in metrics:
-        metrics = _reward_metrics(run, metrics, records, reward, reward_name, force)
+        metrics = _reward_metrics(run, metrics, per, records, reward, gold_reward, force)
+    if "base_logprob" in names:
+        per["base_logprob"] = policy.logprobs(run, records, force)
+        metrics.update(base_logprob=_mean(per["base_logprob"]), base_logprob_model=BasePolicy.label(run))
     metrics["fingerprint"] = fp
+    write_json_atomic(run.path / PROMPT_METRICS, {"fingerprint": fp, "prompt_ids": [str(r.get("prompt_id", ""))
+                                                                                   for r in records], **per})
     summary = read_summary(run.path)  # re-read: keep whatever else changed meanwhile (sharded: the shards' sum)
     summary["metrics"] = metrics
-    write_json_atomic(summary_path, summary)
+    write_json_atomic(run.path / SUMMARY, summary)
     return "updated", metrics
 
 
@@ -206,25 +361,46 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
 def _report(run: Run, status: str, m: dict[str, Any]) -> str:
     enc = f" [{m['coherence_encoder']}]" if m.get("coherence_encoder") else ""
     rm = f" [{m['reward_model']}]" if m.get("reward_model") else ""
-    return (f"{run.path}: {status}: reward {_fmt(m.get('reward_mean'))}{rm} diversity "
-            f"{_fmt(m.get('diversity'), '.3f')} coherence {_fmt(m.get('coherence'), '.3f')}{enc} "
+    gold = f" gold {_fmt(m['gold_reward_mean'])} [{m['gold_reward_model']}]" if "gold_reward_model" in m else ""
+    base = f" base_logprob {_fmt(m['base_logprob'], '.3f')}" if "base_logprob" in m else ""
+    return (f"{run.path}: {status}: reward {_fmt(m.get('reward_mean'))}{rm}{gold} diversity "
+            f"{_fmt(m.get('diversity'), '.3f')} coherence {_fmt(m.get('coherence'), '.3f')}{enc}{base} "
             f"({m.get('num_records')} records)")
 
 
-def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any]:
-    """(metric names, encoder or None, evaluation reward or None); bad input raises."""
+def _base_policy(p: DictConfig) -> BasePolicy:
+    """The ``policy`` block checked (bad values: ``UserError``) as a ``BasePolicy``."""
+    from aisp_bench.models.loading import resolve_device, resolve_dtype
+
+    try:  # policy.batch_rows and the dtype's name: validate.check
+        device = resolve_device(p.device) if p.device is not None else None
+        if p.dtype is not None:
+            resolve_dtype(p.dtype, device or resolve_device("auto"))
+    except ValueError as e:
+        raise UserError(f"policy: {e}") from None
+    return BasePolicy({"device": p.device, "dtype": p.dtype}, int(p.batch_rows))
+
+
+def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any, Any, BasePolicy | None]:
+    """(metric names, encoder, evaluation reward, gold reward, base policy; None where unused);
+    bad input raises."""
     from aisp_bench.metrics.coherence import ENCODERS
 
     names = [str(n) for n in (cfg.metrics if OmegaConf.is_list(cfg.metrics) else [cfg.metrics])]
     for n in names:
-        METRICS.get(n)
+        if n not in POLICY_METRICS:
+            METRICS.get(n)
     encoder_class = ENCODERS.get(str(cfg.encoder))
     reward = None if cfg.get("reward") is None else instantiate_node(cfg.reward, "reward")
+    gold = None if cfg.get("gold_reward") is None else instantiate_node(cfg.gold_reward, "gold_reward")
+    if gold is not None and "reward_mean" not in names:
+        raise UserError(f"gold_reward={_name(gold)} needs the reward_mean metric in metrics")
+    policy = _base_policy(cfg.policy) if "base_logprob" in names else None
     try:  # constructed now (its label is known), loaded on first use
         encoder = encoder_class(device=cfg.device, batch_size=cfg.batch_size) if "coherence" in names else None
     except ValueError as e:
         raise UserError(f"encoder: {e}") from None
-    return names, encoder, reward
+    return names, encoder, reward, gold, policy
 
 
 def main(cfg: DictConfig) -> int:
@@ -232,12 +408,19 @@ def main(cfg: DictConfig) -> int:
 
     check(cfg)
     runs = select_runs(cfg)
-    names, encoder, reward = _setup(cfg)
+    names, encoder, reward, gold, policy = _setup(cfg)
     counts = dict.fromkeys(("updated", "up to date", "skipped", "failed"), 0)
+    try:  # base_logprob: every run's responses at once, each prompt prefilled once
+        if policy is not None:
+            policy.prepare(runs, force=bool(cfg.force))
+    except PolicyUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for run in runs:
         try:
-            status, m = evaluate_run(run, encoder, names=names, force=bool(cfg.force), reward=reward)
-        except (EncoderUnavailableError, RewardUnavailableError) as e:
+            status, m = evaluate_run(run, encoder, names=names, force=bool(cfg.force), reward=reward,
+                                     gold_reward=gold, policy=policy)
+        except (EncoderUnavailableError, RewardUnavailableError, PolicyUnavailableError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         except UserError:

@@ -7,6 +7,7 @@ it, selection and judge files: ``results.py``)::
         records.jsonl   one record per prompt (``make_record``), appended and fsynced
         manifest.json   the resolved config, versions, sessions (written by the run)
         summary.json    counts and totals (``summarize``); evaluation adds ``metrics``
+        metrics_per_prompt.json  evaluation's per-prompt values behind those metrics
         run.log         the run's log (opened once the manifest exists)
         run.lock        who is writing the folder, while they are (``runlock.py``)
         shards/03-of-16/  a sharded run (``dataset.num_shards``): a folder per shard with its
@@ -46,6 +47,7 @@ from aisp_bench.types import Prompt, Result
 RECORDS = "records.jsonl"
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
+PROMPT_METRICS = "metrics_per_prompt.json"
 RUN_LOG = "run.log"
 RUN_LOCK = "run.lock"
 SHARDS = "shards"
@@ -182,12 +184,8 @@ def record_files(run_dir: str | Path) -> list[Path]:
 
 
 def read_records(run_dir: str | Path) -> list[dict]:
-    """Every record of a run folder in file order ([] before the first one); a sharded
-    run's in the dataset's order (``Shards.in_run_order``).
-
-    A torn last line is dropped with a warning; a corrupt line before it raises
-    ``RunFolderError``.
-    """
+    """Every record of a run folder in file order, a sharded run's in the dataset's order; a torn
+    last line is dropped with a warning, a corrupt line before it raises ``RunFolderError``."""
     out: list[dict] = []
     for path in record_files(run_dir):
         scan = scan_records(path)

@@ -131,6 +131,7 @@ RULES: dict[str, Rule] = {
     "dataset.num_shards": integer(), "dataset.shard": integer(0),
     # evaluate (conf/evaluate.yaml)
     "batch_size": integer(), "force": BOOL,
+    "policy.batch_rows": integer(), "policy.dtype": Rule("choice", words=DTYPES, null=True),
     # judge (conf/judge.yaml and the judge group)
     "num_prompts": integer(), "trials": integer(), "sample_seed": integer(0), "dry_run": BOOL,
     "mode": Rule("choice", words=("both_orders", "random_order")),
@@ -142,6 +143,11 @@ RULES: dict[str, Rule] = {
     "plan.chars_per_token": POSITIVE,
     # report (conf/report.yaml)
     "band": Rule("choice", words=("seeds", "prompts", "auto")), "out": PATH,
+    "bootstrap.resamples": integer(100), "bootstrap.seed": integer(0),
+    "bootstrap.level": real(0, 1, open_low=True, open_high=True),
+    "figure2.prompts": integer(words=("all",)), "figure2.seed": integer(0),
+    # experiment=sensitivity: n·κ held at this budget
+    "sensitivity_budget": integer(),
 }  # fmt: skip
 
 
@@ -164,7 +170,9 @@ CROSS_RULES: tuple[Callable[[Mapping[str, Any]], str | None], ...] = (_context_f
 
 
 def rule_for(path: str) -> Rule | None:
-    """The rule of a dotted path (an exact entry first, else the first pattern that matches)."""
+    """The rule of a dotted path (an exact entry first, else the first pattern that matches);
+    ``gold_reward.*`` (evaluate) has the ``reward.*`` rules."""
+    path = path.removeprefix("gold_")
     if path in RULES:
         return RULES[path]
     return next((r for p, r in RULES.items() if "*" in p and fnmatch.fnmatchcase(path, p)), None)

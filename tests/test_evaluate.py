@@ -86,7 +86,13 @@ def test_evaluate_run_writes_metrics_and_keeps_other_keys(tmp_path):
     assert got["coherence"] == pytest.approx(1.0) and got["coherence_encoder"] == "fixed (test)"
     assert got["response_tokens_mean"] == pytest.approx(14 / 3)
     assert got["response_words_mean"] == pytest.approx((5 + 6 + 0) / 3)
-    assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "records.jsonl", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "metrics_per_prompt.json", "records.jsonl",
+                                                     "summary.json"]
+    # the per-prompt values the means average, in the records' order, under the same fingerprint
+    per = read_json(run / "metrics_per_prompt.json")
+    assert per["fingerprint"] == m["fingerprint"] and per["prompt_ids"] == ["0", "1", "2"]
+    assert per["reward"] == [1.0, -2.0, 4.0] and per["coherence"] == pytest.approx([1.0] * 3)
+    assert per["diversity"] == pytest.approx([0.4, 1 / 15, 0.0])
 
 
 def test_evaluate_is_idempotent_and_tracks_its_inputs(tmp_path):
@@ -152,7 +158,7 @@ def test_cli_simcse_unavailable_names_minilm(tmp_path, evaluate, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     run = make_run(tmp_path)
     before = (run / "summary.json").read_bytes()
-    code, _, err = evaluate("device=cpu")
+    code, _, err = evaluate("device=cpu", "metrics=[reward_mean,coherence]")
     if code == 0:
         pytest.skip("the SimCSE checkpoint is cached on this machine")
     assert code == 1 and "encoder=minilm" in err and len(err.strip().splitlines()) == 1
@@ -162,12 +168,12 @@ def test_cli_simcse_unavailable_names_minilm(tmp_path, evaluate, monkeypatch):
 @pytest.mark.slow
 def test_cli_with_minilm_stand_in(tmp_path, evaluate):
     run = make_run(tmp_path)
-    code, out, _ = evaluate("encoder=minilm", "device=cpu")
+    code, out, _ = evaluate("encoder=minilm", "device=cpu", "metrics=[reward_mean,coherence,num_records]")
     assert code == 0
     m = read_json(run / "summary.json")["metrics"]
     assert m["coherence_encoder"] == MINILM_LABEL and MINILM_LABEL in out
     assert -1.0 <= m["coherence"] <= 1.0 and m["num_records"] == 3
-    assert "1 up to date" in evaluate("encoder=minilm")[1]
+    assert "1 up to date" in evaluate("encoder=minilm", "metrics=[reward_mean,coherence,num_records]")[1]
 
 
 # -- reward=NAME: an evaluation reward model (Table 1's "rewards by UltraRM") ----------------
@@ -296,3 +302,112 @@ def test_paper_reward_builds_without_loading(compose):
     reward = instantiate(compose(["reward=ultrarm", "reward.device=cuda:1"], config_name="evaluate").reward)
     assert reward.name == "ultrarm" and reward.device == "cuda:1"
     assert reward.model is None  # nothing loaded or downloaded
+
+
+# -- gold_reward=NAME and base_logprob -----------------------------------------------------
+from aisp_bench.engine import ResponseLogProb  # noqa: E402
+from aisp_bench.evaluate import BasePolicy, eval_logprobs_path  # noqa: E402
+from aisp_bench.rundir import Run  # noqa: E402
+
+
+class WordEngine:
+    """Scores a response as -2 per word (its "tokens"), and records each call (prompt ids, responses)."""
+
+    def __init__(self):
+        self.scored: list[str] = []
+        self.calls: list[tuple[list[str], list[list[str]]]] = []
+
+    def response_logprobs(self, prompts, responses):
+        self.scored += [r for rs in responses for r in rs]
+        self.calls.append(([p.id for p in prompts], [list(rs) for rs in responses]))
+        return [[ResponseLogProb(-2.0 * len(r.split()), len(r.split())) for r in rs] for rs in responses]
+
+
+class WordPolicy(BasePolicy):
+    """A BasePolicy whose engine is a WordEngine (built once per run that needs it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.built = 0
+        self.word_engine = WordEngine()
+
+    def engine(self, run):
+        self.built += 1
+        return self.word_engine
+
+
+def test_gold_reward_and_base_logprob_beside_the_run_reward(tmp_path):
+    run = make_run(tmp_path)
+    names = [*NAMES_NO_COH, "base_logprob"]
+    policy = WordPolicy()
+    with pytest.warns(UserWarning, match="not held out"):  # the gold reward is named like the run's own (rm)
+        evaluate_run(run, None, names=names, gold_reward=WordReward(name="rm"), policy=policy)
+    status, m = evaluate_run(run, None, names=names, gold_reward=WordReward(), policy=policy)
+    assert status == "updated"
+    assert m["reward_mean"] == pytest.approx(1.0) and m["reward_source"] == "run"  # the optimised reward stays
+    assert (m["gold_reward_mean"], m["gold_reward_model"]) == (pytest.approx(WORDS_MEAN), "words")
+    # per-token means: -2 for each response with words; the raw response is scored (not cut at
+    # "User:"), an empty one has no tokens and is left out of the mean
+    assert m["base_logprob"] == pytest.approx(-2.0) and m["base_logprob_model"] == "tiny"
+    per = read_json(run / "metrics_per_prompt.json")
+    assert per["gold_reward"] == [5.0, 6.0, 0.0] and per["base_logprob"] == [-2.0, -2.0, None]
+    assert policy.word_engine.scored == RESPONSES and policy.built == 1  # scored once, cached per run
+    assert eval_logprobs_path(run, "tiny").is_file()
+    # idempotent, and a changed gold reward recomputes from the caches without the policy
+    assert evaluate_run(run, None, names=names, gold_reward=WordReward(), policy=policy)[0] == "up to date"
+    assert evaluate_run(run, None, names=names, gold_reward=WordReward(name="w2"), policy=policy)[0] == "updated"
+    assert policy.built == 1 and len(policy.word_engine.scored) == 3
+    # a deleted per-prompt file is written again
+    (run / "metrics_per_prompt.json").unlink()
+    assert evaluate_run(run, None, names=names, gold_reward=WordReward(name="w2"), policy=policy)[0] == "updated"
+    with pytest.raises(Exception, match="needs the run's policy"):
+        evaluate_run(run, None, names=names)
+
+
+def test_base_logprob_prefills_each_prompt_once_for_every_run(tmp_path):
+    """``prepare``: the responses of all runs in one call, grouped by prompt; the runs then read them."""
+    runs = [make_run(tmp_path, seed=s) for s in (0, 1)]
+    other = json.loads((runs[1] / "records.jsonl").read_text().splitlines()[0])
+    lines = (runs[1] / "records.jsonl").read_text().splitlines()
+    (runs[1] / "records.jsonl").write_text("\n".join([json.dumps({**other, "response": "one two"}), *lines[1:3]]) + "\n")
+    policy, names = WordPolicy(), [*NAMES_NO_COH, "base_logprob"]
+    policy.prepare([Run.at(r) for r in runs])
+    # one call: prompt 0 with both runs' answers, prompts 1 and 2 with their one (shared) answer each
+    assert policy.word_engine.calls == [(["0", "1", "2"], [[RESPONSES[0], "one two"], [RESPONSES[1]], [RESPONSES[2]]])]
+    for r in runs:
+        assert evaluate_run(r, None, names=names, policy=policy)[0] == "updated"
+    assert len(policy.word_engine.calls) == 1  # nothing scored twice
+    assert read_json(runs[1] / "metrics_per_prompt.json")["base_logprob"] == [-2.0, -2.0, None]
+    policy.prepare([Run.at(r) for r in runs])  # all cached: nothing to score
+    fresh = WordPolicy()
+    fresh.prepare([Run.at(r) for r in runs])  # a new process reads the caches on disk
+    assert len(policy.word_engine.calls) == 1 and fresh.word_engine.calls == []
+
+
+def test_cli_gold_reward_and_policy_options(tmp_path, evaluate):
+    run = make_run(tmp_path)
+    gold = reward_option(tmp_path)[0]  # the search path holding reward/words.yaml, and its gold_reward twin:
+    (tmp_path / "conf" / "gold_reward").mkdir()
+    (tmp_path / "conf" / "gold_reward" / "words.yaml").write_text("defaults:\n  - /reward@_here_: words\n")
+    code, out, err = evaluate(NO_COH, gold, "gold_reward=words")
+    assert code == 0 and "gold 3.6667 [words]" in out, err
+    assert read_json(run / "summary.json")["metrics"]["gold_reward_model"] == "words"
+    for args, needle in ((["policy.batch_rows=0"], "policy.batch_rows"), (["policy.dtype=fp8"], "policy.dtype must be one of"),
+                         (["policy.device=tpu"], "unknown device 'tpu'"),
+                         ([gold, "gold_reward=words", "metrics=[diversity]"], "needs the reward_mean metric")):
+        code, _, err = evaluate(*args)
+        assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, (args, err)
+    # base_logprob on a run whose manifest has no model config to build its policy from
+    code, _, err = evaluate("metrics=[reward_mean,base_logprob]")
+    assert code == 1 and "base_logprob needs the run's model config" in err and err.count("\n") == 1, err
+
+
+def test_gold_reward_options_are_the_reward_group(compose):
+    conf = Path(__file__).resolve().parents[1] / "aisp_bench" / "conf"
+    options = sorted(p.stem for p in (conf / "reward").glob("*.yaml"))
+    assert sorted(p.stem for p in (conf / "gold_reward").glob("*.yaml")) == options
+    for name in options:
+        cfg = compose([f"reward={name}", f"gold_reward={name}"], config_name="evaluate")
+        assert cfg.gold_reward == cfg.reward
+    assert compose(["gold_reward=ultrarm", "gold_reward.device=cuda:1"], config_name="evaluate").gold_reward.device \
+        == "cuda:1"

@@ -367,7 +367,8 @@ def test_cli_all_writes_every_file(tmp_path, report):
     assert names == ["figures/compute_shp.csv", "figures/compute_shp.png", "figures/figure2_shp.csv",
                      "figures/figure2_shp.png", "tables/compare.csv", "tables/compare.md",
                      "tables/lambda_sweep.csv", "tables/lambda_sweep.md",
-                     "tables/table1.csv", "tables/table1.md", "tables/table1.tex", "tables/table2.csv",
+                     "tables/table1.csv", "tables/table1.md", "tables/table1.tex", "tables/table1_extended.csv",
+                     "tables/table1_extended.md", "tables/table1_extended.tex", "tables/table2.csv",
                      "tables/table2.md", "tables/table2.tex", "tables/table3.csv", "tables/table3.md",
                      "tables/table3.tex"]
     assert md_cells(out)[0][:3] == ["Dataset", "Pair", "Method"]  # compare prints its table

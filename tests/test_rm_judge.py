@@ -130,6 +130,9 @@ def test_comparison_end_to_end(runs, tmp_path):
     }  # fmt: skip
     scores = {j["prompt_id"]: j["scores"] for j in result["trials"][0]["judgements"]}
     assert scores["p0"] == [[7, 3], [3, 7]] and scores["p4"] == [[5, 5], [5, 5]] and scores["p6"] == [None, None]
+    # the answers' lengths (words of A's and B's answers, each with its "seed0") are recorded for the bias report
+    words = {j["prompt_id"]: j["words"] for j in result["trials"][0]["judgements"]}
+    assert words == {p: [len(a.split()) + 1, len(b.split()) + 1] for p, (a, b) in ANSWERS.items()}
     assert result["trials"][0]["order_agreement"] == 1.0  # deterministic: both orders always agree
     assert result["mean"] == pytest.approx({"win": 300 / 7, "draw": 200 / 7, "loss": 100 / 7, "invalid": 100 / 7})
     assert json.loads(comp.out.read_text()) == result

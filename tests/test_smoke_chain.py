@@ -24,12 +24,14 @@ def test_make_smoke_produces_every_artefact(tmp_path, shared_data):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = tmp_path / "smoke"
     tables = {p.name for p in (res / "tables").iterdir()}
-    for stem in ("table1", "table2", "table3"):
+    for stem in ("table1", "table1_extended", "table2", "table3"):
         assert {f"{stem}.md", f"{stem}.csv", f"{stem}.tex"} <= tables
-    assert {"lambda_sweep.md", "lambda_sweep.csv"} <= tables
+    for stem in ("lambda_sweep", "judge_bias", "sensitivity"):
+        assert {f"{stem}.md", f"{stem}.csv"} <= tables
     figures = {p.name for p in (res / "figures").iterdir()}
     for ds in ("shp", "hh_rlhf"):
         assert {f"figure2_{ds}.png", f"compute_{ds}.png"} <= figures
+    assert "sensitivity_demo.png" in figures
     t1 = pd.read_csv(res / "tables" / "table1.csv")
     assert len(t1) == 6 and set(t1.method) == {"aisp", "bon_topp", "bon_gaussian"}
     assert set(t1.dataset) == {"shp", "hh_rlhf"} and (t1.n_seeds == 2).all()
@@ -39,10 +41,32 @@ def test_make_smoke_produces_every_artefact(tmp_path, shared_data):
         t = pd.read_csv(res / "tables" / f"{name}.csv")
         assert len(t) == 2 and set(t.dataset) == {"shp", "hh_rlhf"}
         assert ((t.win + t.draw + t.loss + t.invalid - 100).abs() < 1e-6).all()
+        assert ((t.win_lo <= t.win) & (t.win <= t.win_hi)).all()  # every win rate has its interval
+    # the extended view: every method has its gold reward (MiniLM) and base_logprob; AISP minus each BoN
+    # on both datasets with an interval around the difference
+    ext = pd.read_csv(res / "tables" / "table1_extended.csv")
+    rows = ext[(ext.row == "method") & ext.metric.isin(["reward", "gold_reward", "base_logprob"])]
+    assert len(rows) == 18 and rows["mean"].notna().all() and (rows["mean"][rows.metric == "base_logprob"] < 0).all()
+    diff = ext[ext.row == "difference"]
+    assert set(zip(diff.dataset, diff.baseline)) == {(d, b) for d in ("shp", "hh_rlhf") for b in ("bon_topp",
+                                                                                              "bon_gaussian")}
+    d = diff[diff.metric.isin(["reward", "gold_reward", "base_logprob"])]
+    assert ((d.lo <= d["mean"] + 1e-9) & (d["mean"] <= d.hi + 1e-9)).all() and (d.n_prompts == 2).all()
+    bias = pd.read_csv(res / "tables" / "judge_bias.csv")
+    assert len(bias) == 4 and (bias.flips_n > 0).all() and (bias.words_missing == 0).all()
+    sens = pd.read_csv(res / "tables" / "sensitivity.csv")
+    assert len(sens) == 4 and (sens.budget == 8).all() and set(sens.sigma) == {0.25, 1.0}
+    assert sens[["final_reward", "base_logprob", "seconds"]].notna().all().all()
     lam = pd.read_csv(res / "tables" / "lambda_sweep.csv")
     sweep = lam[lam.variant.str.startswith("lambda_sweep")]
     assert len(sweep) == 5 and sweep.lam.nunique() == 5 and sweep.std_r_over_lam_first.notna().all()
-    # runs are reused: a second `make smoke` generates nothing new
+    # runs are reused: a second `make smoke` generates nothing new, and evaluates nothing again (no policy
+    # is loaded for base_logprob, no reward model for the gold reward)
+    tables_before = {p.name: p.read_bytes() for p in (res / "tables").iterdir()}
     again = run_tree(cmd, cwd=ROOT, env=env, timeout=900)
     assert again.returncode == 0
-    assert again.stderr.count("nothing to do") == 12 + 5 and "loading policy" not in again.stderr
+    assert again.stderr.count("nothing to do") == 12 + 4 + 5
+    assert not [w for w in ("loading policy", "loading judge", "loading sentence encoder") if w in again.stderr]
+    assert "16 run(s): 0 updated, 16 up to date" in again.stdout
+    # and the report rebuilds the same tables (seeded resampling, the same inputs)
+    assert {p.name: p.read_bytes() for p in (res / "tables").iterdir()} == tables_before

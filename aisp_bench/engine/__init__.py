@@ -31,6 +31,9 @@ How it is fast:
   graphs (one replay per step instead of hundreds of kernel launches);
 * rows beyond ``max_batch_rows`` are decoded in successive chunks.
 
+``Engine.response_logprobs`` (``engine.scoring``) runs the other direction: the
+log-probability of given responses under the noise-free policy (``base_logprob``).
+
 Randomness never comes from here: callers pass noise and uniforms drawn from generators
 seeded per (run seed, prompt id, iteration, row), so results do not depend on batching.
 """
@@ -40,11 +43,13 @@ from aisp_bench.engine.core import (
 )  # fmt: skip
 from aisp_bench.engine.rows import BUCKETS, SPAN, CopyRows, SharedRows, StaticRows
 from aisp_bench.engine.sampling import sample_top_p, top_p_filter
+from aisp_bench.engine.scoring import ResponseLogProb, response_logprobs
 from aisp_bench.engine.sizing import auto_attention, auto_batch_rows, kv_bytes_per_token
 from aisp_bench.engine.stopping import StopRules, stop_candidates
 
 __all__ = [
     "BUCKETS", "DECODE_STEPS", "SPAN", "CopyRows", "EncodedPrompt", "Engine", "Prefix", "PromptTooLongError",
+    "ResponseLogProb", "response_logprobs",
     "SharedRows", "StaticRows", "StopRules", "auto_attention", "eos_ids", "sample_top_p", "stop_candidates",
     "top_p_filter", "auto_batch_rows", "kv_bytes_per_token",
 ]  # fmt: skip

@@ -10,6 +10,7 @@ import torch
 from aisp_bench import shared_prefix
 from aisp_bench.engine.rows import CopyRows, SharedRows, StaticRows
 from aisp_bench.engine.sampling import sample_top_p
+from aisp_bench.engine.scoring import response_logprobs
 from aisp_bench.engine.sizing import auto_attention, auto_batch_rows, kv_bytes_per_token
 from aisp_bench.engine.stopping import StopRules
 from aisp_bench.types import Prompt, Sample
@@ -325,6 +326,11 @@ class Engine:
                 )
             )
         return out
+
+    def response_logprobs(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]], *,
+                          max_rows: int | None = None):
+        """log p of given responses under the noise-free policy (``engine.scoring.response_logprobs``)."""
+        return response_logprobs(self, prompts, responses, max_rows=max_rows)
 
     def attention_for(self, prefix: Prefix, rows: int) -> str:
         """The attention path a decode of ``rows`` rows of ``prefix`` takes (see ``attention``)."""

@@ -20,7 +20,8 @@ model load). Each comparison is written to ``results.judge_file``::
     {"dataset", "model", "reward", "method_a", "method_b", "judge_model", "base_url_host",
      "mode", "num_prompts", "prompt_version", "temperature", "max_tokens", "sample_seed",
      "trials": [{"trial", "run_a", "run_b", "seed", "win", "draw", "loss", "invalid", "n",
-                 "num_common", "order_agreement", "judgements": [...]}, ...],
+                 "num_common", "order_agreement", "judgements": [{"prompt_id", "outcome",
+                 "orders", "scores", "words", "cache_keys"}, ...]}, ...],
      "mean": {"win", "draw", "loss", "invalid"}}          # % of n, averaged over trials
 """
 
@@ -105,6 +106,7 @@ def outcome(prefs: Sequence[str | None]) -> str:
 class _Item:
     prompt_id: str
     orders: list[tuple[bool, JudgeRequest]]  # (A shown first?, request)
+    words: tuple[int, int]  # whitespace-separated words of A's and B's cleaned answers
 
 
 @dataclass
@@ -190,7 +192,7 @@ def build_items(protocol: Protocol, trial: int, run_a: Run, run_b: Run) -> tuple
         ans_b = clean_response(recs_b[pid].get("response"), **opts_b)
         flags = [True, False] if protocol.mode == "both_orders" else [a_shown_first(protocol.sample_seed, trial, pid)]
         orders = [(f, JudgeRequest(prompt, ans_a, ans_b) if f else JudgeRequest(prompt, ans_b, ans_a)) for f in flags]
-        items.append(_Item(pid, orders))
+        items.append(_Item(pid, orders, (len(ans_a.split()), len(ans_b.split()))))
     return items, len(common)
 
 
@@ -230,6 +232,7 @@ def _tally(items: Sequence[_Item], replies: dict[int, JudgeReply]) -> dict[str, 
                 "outcome": res,
                 "orders": ["AB" if f else "BA" for f, _ in it.orders],
                 "scores": scores,  # [first shown, second shown] per order; null = invalid
+                "words": list(it.words),  # [A, B]: the cleaned answers' lengths (the bias report)
                 "cache_keys": [replies[id(r)].key for _, r in it.orders],
             }
         )

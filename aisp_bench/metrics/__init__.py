@@ -20,9 +20,13 @@ response_words_mean    mean number of whitespace-separated words, cleaned respon
 num_records            records the numbers were computed from
 =====================  ==========================================================
 
-``python -m aisp_bench.evaluate reward=NAME`` then replaces ``reward_mean`` by the mean
-under another reward model (Table 1's UltraRM) and adds ``reward_model``,
-``reward_source`` and ``run_reward_mean`` (see :mod:`aisp_bench.evaluate`).
+``metric_values`` also returns, for the metrics that are means over prompts
+(``PER_PROMPT``: reward, diversity, coherence), the per-prompt values they average (the
+report's bootstrap intervals resample them). ``python -m aisp_bench.evaluate
+reward=NAME`` then replaces ``reward_mean`` by the mean under another reward model
+(Table 1's UltraRM) and adds ``reward_model``, ``reward_source`` and
+``run_reward_mean``, a held-out ``gold_reward_mean`` and the base policy's
+``base_logprob`` (see :mod:`aisp_bench.evaluate`).
 
 Heavy imports (torch, transformers, NLTK) happen inside the metric functions, so this
 package imports quickly.
@@ -45,7 +49,9 @@ __all__ = [
     "DEFAULT_METRICS",
     "METRICS",
     "EvalBatch",
+    "PER_PROMPT",
     "compute_metrics",
+    "metric_values",
 ]
 
 
@@ -85,28 +91,55 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _finite_mean(values: Sequence[float | None]) -> float:
+    return _mean([v for v in values if v is not None and math.isfinite(v)])
+
+
+def prompt_rewards(batch: EvalBatch) -> list[float | None]:
+    """Each record's ``reward`` (None where it is missing or not finite)."""
+    return [float(r["reward"]) if _finite(r.get("reward")) else None for r in batch.records]
+
+
+def prompt_diversity(batch: EvalBatch) -> list[float]:
+    """Each cleaned response's diversity (see :mod:`aisp_bench.metrics.diversity`)."""
+    from aisp_bench.metrics.diversity import diversity as _diversity
+
+    return [_diversity(t) for t in batch.responses]
+
+
+def prompt_coherence(batch: EvalBatch) -> list[float]:
+    """Each (prompt, response) cosine similarity under ``batch.encoder`` (required)."""
+    if batch.encoder is None:
+        raise ValueError("the coherence metric needs an encoder (load_encoder('simcse') or 'minilm')")
+    from aisp_bench.metrics.coherence import coherence_scores
+
+    return coherence_scores(batch.prompts, batch.responses, batch.encoder) if batch.records else []
+
+
+# The metrics that are means over prompts: metric name -> (per-prompt name, per-prompt values).
+PER_PROMPT: dict[str, tuple[str, Callable[[EvalBatch], list]]] = {
+    "reward_mean": ("reward", prompt_rewards),
+    "diversity": ("diversity", prompt_diversity),
+    "coherence": ("coherence", prompt_coherence),
+}
+
+
 @METRICS.register("reward_mean")
 def reward_mean(batch: EvalBatch) -> float:
     """Mean ``reward`` over records with a finite reward (NaN when none has one)."""
-    return _mean([float(r["reward"]) for r in batch.records if _finite(r.get("reward"))])
+    return _finite_mean(prompt_rewards(batch))
 
 
 @METRICS.register("diversity")
 def diversity(batch: EvalBatch) -> float:
     """Mean per-response diversity (see :mod:`aisp_bench.metrics.diversity`)."""
-    from aisp_bench.metrics.diversity import mean_diversity
-
-    return mean_diversity(batch.responses)
+    return _finite_mean(prompt_diversity(batch))
 
 
 @METRICS.register("coherence")
 def coherence(batch: EvalBatch) -> float:
     """Mean prompt-response cosine similarity under ``batch.encoder`` (required)."""
-    if batch.encoder is None:
-        raise ValueError("the coherence metric needs an encoder (load_encoder('simcse') or 'minilm')")
-    from aisp_bench.metrics.coherence import coherence as _coherence
-
-    return _coherence(batch.prompts, batch.responses, batch.encoder)
+    return _finite_mean(prompt_coherence(batch))
 
 
 @METRICS.register("response_tokens_mean")
@@ -143,6 +176,32 @@ def _json_number(x: Any) -> Any:
     return x
 
 
+def metric_values(
+    records: Sequence[dict[str, Any]],
+    *,
+    config: dict[str, Any] | None = None,
+    encoder: Encoder | None = None,
+    names: Sequence[str] = DEFAULT_METRICS,
+) -> tuple[dict[str, Any], dict[str, list]]:
+    """The ``metrics`` block for one run (undefined values, e.g. no records, are ``None``)
+    and, for the metrics that are means over prompts (``PER_PROMPT``), the per-prompt
+    values they average (one per record, in the records' order; None where undefined)."""
+    fns = {name: METRICS.get(name) for name in names}  # fail on a typo before any work
+    batch = EvalBatch.from_records(records, config, encoder)
+    out: dict[str, Any] = {}
+    per_prompt: dict[str, list] = {}
+    for name, fn in fns.items():
+        if name in PER_PROMPT:
+            key, values = PER_PROMPT[name][0], PER_PROMPT[name][1](batch)
+            per_prompt[key] = [_json_number(v) for v in values]
+            out[name] = _json_number(_finite_mean(values)) if values else None
+        else:
+            out[name] = _json_number(fn(batch))
+        if name == "coherence":
+            out["coherence_encoder"] = encoder.label if encoder is not None else None
+    return out, per_prompt
+
+
 def compute_metrics(
     records: Sequence[dict[str, Any]],
     *,
@@ -150,15 +209,5 @@ def compute_metrics(
     encoder: Encoder | None = None,
     names: Sequence[str] = DEFAULT_METRICS,
 ) -> dict[str, Any]:
-    """The ``metrics`` block for one run (undefined values, e.g. no records, are ``None``)."""
-    fns = {name: METRICS.get(name) for name in names}  # fail on a typo before any work
-    batch = EvalBatch.from_records(records, config, encoder)
-    out: dict[str, Any] = {}
-    for name, fn in fns.items():
-        if name == "coherence" and not batch.records:
-            out[name] = None
-        else:
-            out[name] = _json_number(fn(batch))
-        if name == "coherence":
-            out["coherence_encoder"] = encoder.label if encoder is not None else None
-    return out
+    """The ``metrics`` block of :func:`metric_values` alone."""
+    return metric_values(records, config=config, encoder=encoder, names=names)[0]

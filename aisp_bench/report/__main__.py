@@ -3,6 +3,7 @@
     python -m aisp_bench.report                                  # every target
     python -m aisp_bench.report target=table1 select.pair=llama3_8b__ultrarm select.dataset=shp
     python -m aisp_bench.report target=compare select.dataset=demo   # prints a method comparison
+    python -m aisp_bench.report target=figure2 figure2.prompts=all   # Figure 2 over every prompt
 
 The config is ``conf/report.yaml`` (``--help`` lists it). Tables go to ``<out>/tables/``,
 figures to ``<out>/figures/``. A target whose inputs are missing is an error (exit 2);
@@ -23,37 +24,60 @@ from aisp_bench.results import Selection, runs_root
 from aisp_bench.rundir import Run
 from aisp_bench.validate import check
 
-TARGETS = ("table1", "table2", "table3", "figure2", "compute", "lambda_sweep", "compare")
+from .stats import Bootstrap
+
+TARGETS = ("table1", "table2", "table3", "judge_bias", "figure2", "compute", "lambda_sweep", "sensitivity", "compare")
 
 
 class NoInput(RuntimeError):
     """A target's inputs are not on disk."""
 
 
-def build(target: str, cfg: DictConfig, runs: list[Run], select: Selection) -> list[Path]:
+def build(target: str, cfg: DictConfig, runs: list[Run], select: Selection, boot: Bootstrap) -> list[Path]:
     """Write one target from ``runs``; raise :class:`NoInput` when its inputs are missing."""
-    from . import figures, table1, tables
+    from . import figures, judge_bias, sensitivity, table1, table1_extended, tables
 
     out = Path(cfg.out)
     what = f"under {runs_root(cfg.results_dir)}" + (f" for {select.describe()}" if select.describe() else "")
     if target == "table1":
-        return table1.write_table1(_nonempty(table1.table1(runs), f"no run folders {what}"), out / "tables")
+        paths = table1.write_table1(_nonempty(table1.table1(runs), f"no run folders {what}"), out / "tables")
+        return paths + table1_extended.write_table1_extended(table1_extended.table1_extended(runs, boot),
+                                                             out / "tables", boot)
     if target in tables.TABLE_BASELINES:
         b = tables.TABLE_BASELINES[target]
-        df = tables.winrate_table(cfg.results_dir, "aisp", b, select)
-        return tables.write_winrate(_nonempty(df, f"no judge file aisp_vs_{b}.json {what}"), out / "tables", target)
+        df = _nonempty(tables.winrate_table(cfg.results_dir, "aisp", b, select, boot),
+                       f"no judge file aisp_vs_{b}.json {what}")
+        bias = judge_bias.bias_notes(judge_bias.bias_table(cfg.results_dir, "aisp", [b], select, boot))
+        return tables.write_winrate(df, out / "tables", target, boot=boot, extra_notes=bias)
+    if target == "judge_bias":
+        df = judge_bias.bias_table(cfg.results_dir, "aisp", list(tables.TABLE_BASELINES.values()), select, boot)
+        print(judge_bias.render_bias(_nonempty(df, f"no judge file aisp_vs_*.json {what}"), boot))
+        return judge_bias.write_bias(df, out / "tables", boot)
     if target == "lambda_sweep":
         df = tables.lambda_sweep(runs)
         return tables.write_lambda_sweep(_nonempty(df, f"no AISP run folders {what}"), out / "tables")
+    if target == "sensitivity":
+        df = _nonempty(sensitivity.sensitivity_table(runs, boot),
+                       f"no AISP run folders of experiment=sensitivity {what}")
+        return sensitivity.write_sensitivity(df, out / "tables", out / "figures", boot)
     if target == "compare":
         df = _nonempty(tables.compare(runs), f"no run folders with records {what}")
         print(tables.render_compare(df))
         return tables.write_compare(df, out / "tables")
-    write = figures.write_figure2 if target == "figure2" else figures.write_compute
-    paths = write(runs, out / "figures", band=str(cfg.band))
+    if target == "figure2":
+        prompts = None if str(cfg.figure2.prompts) == "all" else int(cfg.figure2.prompts)
+        paths = figures.write_figure2(runs, out / "figures", band=str(cfg.band), prompts=prompts,
+                                      seed=int(cfg.figure2.seed))
+    else:
+        paths = figures.write_compute(runs, out / "figures", band=str(cfg.band))
     if not paths:
         raise NoInput(f"no {'AISP ' if target == 'figure2' else ''}run folders {what}")
     return paths
+
+
+def options(cfg: DictConfig) -> Bootstrap:
+    """The bootstrap settings (``bootstrap.*``, checked by ``validate.check``)."""
+    return Bootstrap(int(cfg.bootstrap.resamples), int(cfg.bootstrap.seed), float(cfg.bootstrap.level))
 
 
 def _nonempty(df, message: str):
@@ -72,14 +96,15 @@ def main(cfg: DictConfig) -> int:
             raise UserError(f"unknown target {t!r}; known: {', '.join((*TARGETS, 'all'))}")
     if "all" in targets:
         targets = list(TARGETS)
+    boot = options(cfg)
     select = Selection.from_mapping(OmegaConf.to_container(cfg.select, resolve=True))
-    runs = paper_order(select_runs(cfg, allow_none=len(targets) == 1 and targets[0] in ("table2", "table3")))
+    runs = paper_order(select_runs(cfg, allow_none=set(targets) <= {"table2", "table3", "judge_bias"}))  # judge files only
     for note in unfinished_shards(runs):
         print(f"warning: {note}; read as an incomplete run", file=sys.stderr)
     status = 0
     for t in targets:
         try:
-            for p in build(t, cfg, runs, select):
+            for p in build(t, cfg, runs, select, boot):
                 print(p)
         except NoInput as exc:
             print(f"{'warning: skipped ' + t if len(targets) > 1 else 'error'}: {exc}", file=sys.stderr)

@@ -122,16 +122,22 @@ def unfinished_shards(runs: Iterable[Run]) -> list[str]:
             for r in runs if r.shards is not None and not r.complete]
 
 
+STUDIES = ("lambda_sweep", "sensitivity")  # experiments whose variants sweep one method's settings
+
+
 def select_variants(runs: Iterable[Run]) -> tuple[dict[tuple[str, str, str, str], list[Run]], list[str]]:
     """One variant per (dataset, model, reward, method): the runs a table cell averages.
 
     Rule: ``default`` when present; otherwise the variant with the most seeds (ties:
-    alphabetically first). Returns the chosen runs per cell and human-readable notes
-    for every cell where a choice among several variants was made.
+    alphabetically first). The sweeps of one method's hyper-parameters (variants of
+    ``STUDIES``: the λ sweep, the fixed-budget sensitivity) are never chosen: their own
+    targets report them. Returns the chosen runs per cell and human-readable notes for
+    every cell where a choice among several variants was made.
     """
     by_cell: dict[tuple[str, str, str, str], dict[str, list[Run]]] = defaultdict(dict)
     for key, rs in group_runs(runs).items():
-        by_cell[key[:4]][key[4]] = rs
+        if not key[4].startswith(STUDIES):
+            by_cell[key[:4]][key[4]] = rs
     chosen: dict[tuple[str, str, str, str], list[Run]] = {}
     notes: list[str] = []
     for cell, variants in by_cell.items():
@@ -189,6 +195,14 @@ def fmt_mean_std(mean: float, std: float, decimals: int) -> str:
     return fmt_num(mean, decimals) if not np.isfinite(std) else f"{fmt_num(mean, decimals)} ({fmt_std(std)})"
 
 
+def fmt_interval(mean: float, lo: float, hi: float, decimals: int, sign: bool = False) -> str:
+    """``mean [lo, hi]`` (``mean`` alone where the interval is undefined; "—" without a mean)."""
+    if mean is None or not np.isfinite(mean):
+        return DASH
+    f = (lambda x: f"{x:+.{decimals}f}") if sign else (lambda x: fmt_num(x, decimals))
+    return f(mean) if not (np.isfinite(lo) and np.isfinite(hi)) else f"{f(mean)} [{f(lo)}, {f(hi)}]"
+
+
 def render_markdown(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None,
                     notes: Sequence[str] = (), align: Sequence[str] | None = None) -> str:
     """A GitHub-flavoured Markdown table (``align``: "l"/"r" per column), title and notes."""
@@ -203,12 +217,13 @@ def render_markdown(header: Sequence[str], rows: Sequence[Sequence[str]], title:
 
 
 _TEX_UNICODE = (("σ²", r"$\sigma^2$"), ("σ", r"$\sigma$"), ("λ", r"$\lambda$"), ("†", r"$^\dagger$"),
-                ("≤", r"$\le$"), ("·", r"$\cdot$"), ("±", r"$\pm$"), ("—", "---"))
+                ("≤", r"$\le$"), ("·", r"$\cdot$"), ("±", r"$\pm$"), ("—", "---"), ("‖Û‖²", r"$\Vert\hat U\Vert^2$"),
+                (r"Q\_Û‖P", r"$Q_{\hat U}\Vert P$"), ("κ", r"$\kappa$"), ("×", r"$\times$"), ("−", "$-$"))
 
 
 def tex_text(text: str) -> str:
     """Plain text (a note, a caption) as LaTeX: special characters escaped, the few
-    Unicode symbols used in notes (σ², λ, †, ≤, ·, ±, —) as math or dashes."""
+    Unicode symbols used in notes (σ², λ, †, ≤, ·, ±, —, ‖Û‖², κ, ×, −) as math or dashes."""
     out = tex_escape(text)
     for u, t in _TEX_UNICODE:
         out = out.replace(u, t)

@@ -53,16 +53,37 @@ def _run_n(run: Run) -> int | None:
 # --------------------------------------------------------------------------- figure 2
 
 
-def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto") -> pd.DataFrame:
+def sample_prompt_ids(runs: Sequence[Run], num: int | None, seed: int = 0) -> tuple[set[str] | None, int]:
+    """(``num`` prompt ids drawn without replacement by ``numpy.random.default_rng(seed)``
+    from the sorted ids every run in ``runs`` has, or None: all of them; how many there are).
+    With ``num`` None or at least their number, every prompt is used (None)."""
+    common: set[str] | None = None
+    for r in runs:
+        ids = {str(rec.get("prompt_id")) for rec in r.records}
+        common = ids if common is None else common & ids
+    pool = sorted(common or ())
+    if num is None or num >= len(pool):
+        return None, len(pool)
+    picked = np.random.default_rng(seed).choice(len(pool), size=num, replace=False)
+    return {pool[i] for i in picked}, len(pool)
+
+
+def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto", prompts: int | None = None,
+                 seed: int = 0) -> pd.DataFrame:
     """Figure 2's curves for one dataset, one block per (model, reward) pair.
 
     AISP: per prompt :func:`aisp_curves` (Mean at k, Best at k, Best so far). BoN (each
     BoN method on disk): per prompt :func:`bon_prefix_curve` with n = AISP's ``method.n``
     (32 when the pair has no AISP run) and K = AISP's largest iteration count (else
-    len // n). Averaged by :func:`average_curves`. Columns: dataset, model, reward,
-    curve, method, variant, k, N (= n·k), mean, lo, hi, count, n_seeds, band.
+    len // n). Averaged by :func:`average_curves` over ``prompts`` prompts drawn with
+    ``seed`` (:func:`sample_prompt_ids`, from the prompts every chosen run of the dataset
+    has; None: every prompt of each run). Columns: dataset, model, reward, curve, method,
+    variant, k, N (= n·k), mean, lo, hi, count, n_seeds, band, prompts (used; 0: all),
+    prompts_total, prompt_seed.
     """
     chosen, _ = select_variants([r for r in runs if r.dataset == dataset])
+    keep, total = sample_prompt_ids([r for rs in chosen.values() for r in rs], prompts, seed)
+    use = (lambda rec: True) if keep is None else (lambda rec: str(rec.get("prompt_id")) in keep)  # noqa: E731
     pairs = sorted({(c[1], c[2]) for c in chosen}, key=pair_key)
     seed_counts = [len(rs) for c, rs in chosen.items() if c[3] == "aisp" or c[3].startswith("bon")]
     band = resolve_band(band, seed_counts)
@@ -77,7 +98,7 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto") -> pd.Da
                                                                ("aisp_mean_at_k", "aisp_best_at_k", "aisp_best_so_far")}
             for r in aisp:
                 per = {name: {} for name in by_seed}
-                for i, rec in enumerate(r.records):
+                for i, rec in enumerate(filter(use, r.records)):
                     c = aisp_curves(rec, n)
                     K = max(K, len(c["aisp_best_so_far"]))
                     for name in by_seed:
@@ -93,16 +114,17 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto") -> pd.Da
             bs = []
             for r in rs:
                 bs.append({rec.get("prompt_id", i): bon_prefix_curve(rec.get("sample_rewards") or [], n, K or None)
-                           for i, rec in enumerate(r.records)})
+                           for i, rec in enumerate(filter(use, r.records))})
             curves[method] = (bs, method, rs[0].variant, len(rs))
         for name, (bs, method, variant, n_seeds) in curves.items():
             avg = average_curves(bs, band)
             k = np.arange(1, len(avg["mean"]) + 1)
             frames.append(pd.DataFrame(dict(dataset=dataset, model=model, reward=reward, curve=name, method=method,
                                             variant=variant, k=k, N=n * k, mean=avg["mean"], lo=avg["lo"],
-                                            hi=avg["hi"], count=avg["count"], n_seeds=n_seeds, band=band)))
+                                            hi=avg["hi"], count=avg["count"], n_seeds=n_seeds, band=band,
+                                            prompts=len(keep or ()), prompts_total=total, prompt_seed=seed)))
     cols = ["dataset", "model", "reward", "curve", "method", "variant", "k", "N", "mean", "lo", "hi", "count",
-            "n_seeds", "band"]
+            "n_seeds", "band", "prompts", "prompts_total", "prompt_seed"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
 
@@ -115,6 +137,16 @@ def _band_note(band: str, df: pd.DataFrame) -> str:
     seeds = sorted({int(s) for s in df["n_seeds"]}) if len(df) else []
     return (f"mean over prompts and seeds; band: {BAND_NAMES.get(band, band)}; "
             f"seeds per curve: {', '.join(map(str, seeds)) or '—'}")
+
+
+def _prompts_note(df: pd.DataFrame) -> str:
+    """Which prompts Figure 2 averages (its caption's first words)."""
+    if not len(df):
+        return ""
+    used, total, seed = (int(df[c].iloc[0]) for c in ("prompts", "prompts_total", "prompt_seed"))
+    if used:
+        return f"{used} of {total} prompts drawn with seed {seed} (figure2.prompts=all: every prompt); "
+    return f"all {total} prompts; "
 
 
 def _legend_rows(nhandles: int, width: float) -> tuple[int, int]:
@@ -190,7 +222,7 @@ def plot_figure2(df: pd.DataFrame, path: Path | str) -> Path:
     dataset = df["dataset"].iloc[0] if len(df) else ""
     band = df["band"].iloc[0] if len(df) else "auto"
     fig.suptitle(f"Reward against iteration on {display_dataset(dataset)}", fontsize=11)
-    bottom = _footer(fig, handles, _band_note(band, df))
+    bottom = _footer(fig, handles, _prompts_note(df) + _band_note(band, df))
     fig.tight_layout(rect=(0, bottom, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
@@ -286,10 +318,13 @@ def plot_compute(df: pd.DataFrame, path: Path | str) -> Path:
 # --------------------------------------------------------------------------- entry points
 
 
-def write_figure2(runs: Sequence[Run], out_dir: Path | str, band: str = "auto") -> list[Path]:
+def write_figure2(runs: Sequence[Run], out_dir: Path | str, band: str = "auto", prompts: int | None = None,
+                  seed: int = 0) -> list[Path]:
     """``figure2_<dataset>.png`` (+ ``.csv`` with the plotted numbers) for every dataset
-    with an AISP run; returns the written paths."""
-    return _write_per_dataset(runs, out_dir, "figure2", figure2_data, plot_figure2, band, needs="aisp")
+    with an AISP run, averaged over ``prompts`` prompts drawn with ``seed`` (None: all);
+    returns the written paths."""
+    data = lambda rs, ds, b: figure2_data(rs, ds, b, prompts, seed)  # noqa: E731
+    return _write_per_dataset(runs, out_dir, "figure2", data, plot_figure2, band, needs="aisp")
 
 
 def write_compute(runs: Sequence[Run], out_dir: Path | str, band: str = "auto") -> list[Path]:

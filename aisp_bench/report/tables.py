@@ -18,24 +18,20 @@ from aisp_bench.results import OUTCOMES, Selection, group_runs, judge_files, tri
 from aisp_bench.rundir import Run, read_json_or_none
 
 from .common import (
-    DASH, as_float_array, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_mean_std,
-    fmt_num, mean_std, nanmean, pair_key, render_latex, render_markdown, tex_escape, tex_text, write_texts,
+    DASH, as_float_array, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_interval,
+    fmt_mean_std, fmt_num, mean_std, nanmean, pair_key, render_latex, render_markdown, tex_escape, tex_text,
+    write_texts,
 )  # fmt: skip
+from .stats import Bootstrap
 
 # --------------------------------------------------------------------------- tables 2 / 3
 
-def winrate_table(results_dir: Path | str, method_a: str, method_b: str,
-                  select: Selection | None = None) -> pd.DataFrame:
-    """Win / draw / loss / invalid (percent, ``method_a``'s view) per dataset × pair,
-    averaged over trials, from the judge files ``<a>_vs_<b>.json`` (or ``<b>_vs_<a>.json``
-    with win and loss swapped).
-
-    Columns: dataset, model, reward, method_a, method_b, judge_model, mode, num_prompts,
-    n_trials, n_mean (judged comparisons per trial), win, draw, loss, invalid (mean over
-    trials), ``*_std`` (ddof=1 over trials), source ("trials" when recomputed from the
-    per-trial counts, "file" when only the file's ``mean`` was usable), path.
-    """
-    found: dict[tuple[str, str, str], dict[str, Any]] = {}
+def comparison_files(results_dir: Path | str, method_a: str, method_b: str, select: Selection | None = None
+                     ) -> list[tuple[dict[str, Any], bool, Path]]:
+    """(contents, swapped, path) of the judge files of ``method_a`` against ``method_b`` per
+    dataset × pair that ``select`` accepts, in the tables' order: ``<a>_vs_<b>.json``, else
+    ``<b>_vs_<a>.json`` (swapped: its A is ``method_b``)."""
+    found: dict[tuple[str, str, str], tuple[dict[str, Any], bool, Path]] = {}
     select = select or Selection()
     for path in judge_files(results_dir):
         d = read_json_or_none(path)
@@ -46,13 +42,45 @@ def winrate_table(results_dir: Path | str, method_a: str, method_b: str,
             continue
         swap = d["method_a"] == method_b
         key = (d.get("dataset"), d.get("model"), d.get("reward"))
-        if key in found and not found[key]["_swap"]:
+        if key in found and not found[key][1]:
             continue  # a direct a_vs_b file wins over a reversed one
+        found[key] = (d, swap, path)
+    return [found[k] for k in sorted(found, key=lambda k: (dataset_key(k[0]), pair_key((k[1], k[2]))))]
+
+
+def trial_codes(trials: Sequence[dict[str, Any]]) -> list[list[tuple[str, int]]] | None:
+    """Per trial, each judged prompt's (id, outcome as its index in ``OUTCOMES``); None when a
+    trial has no per-prompt judgements (e.g. a file written without them)."""
+    out = []
+    for t in trials:
+        js = t.get("judgements")
+        if not isinstance(js, list) or len(js) != t.get("n") or any(j.get("outcome") not in OUTCOMES for j in js):
+            return None
+        out.append([(str(j.get("prompt_id")), OUTCOMES.index(j["outcome"])) for j in js])
+    return out
+
+
+def winrate_table(results_dir: Path | str, method_a: str, method_b: str,
+                  select: Selection | None = None, boot: Bootstrap | None = None) -> pd.DataFrame:
+    """Win / draw / loss / invalid (percent, ``method_a``'s view) per dataset × pair,
+    averaged over trials, from the judge files ``<a>_vs_<b>.json`` (or ``<b>_vs_<a>.json``
+    with win and loss swapped).
+
+    Columns: dataset, model, reward, method_a, method_b, judge_model, mode, num_prompts,
+    n_trials, n_mean (judged comparisons per trial), win, draw, loss, invalid (mean over
+    trials), ``*_std`` (ddof=1 over trials), ``*_lo``/``*_hi`` (bootstrap interval, the
+    judged prompts resampled: ``Bootstrap.shares`` of :mod:`aisp_bench.report.stats`; NaN
+    without per-prompt judgements), source ("trials" when recomputed from the
+    per-trial counts, "file" when only the file's ``mean`` was usable), path.
+    """
+    boot = boot or Bootstrap()
+    rows = []
+    for d, swap, path in comparison_files(results_dir, method_a, method_b, select):
         trials = [t for t in d.get("trials") or [] if isinstance(t, dict)]
         pct = trial_percentages(trials)
-        row: dict[str, Any] = dict(dataset=key[0], model=key[1], reward=key[2], method_a=method_a,
-                                   method_b=method_b, judge_model=d.get("judge_model"), mode=d.get("mode"),
-                                   num_prompts=d.get("num_prompts"), n_trials=len(pct))
+        row: dict[str, Any] = dict(dataset=d.get("dataset"), model=d.get("model"), reward=d.get("reward"),
+                                   method_a=method_a, method_b=method_b, judge_model=d.get("judge_model"),
+                                   mode=d.get("mode"), num_prompts=d.get("num_prompts"), n_trials=len(pct))
         if pct:
             row["n_mean"] = float(np.mean([finite_or_nan(t.get("n")) for t in trials]))
             for k in OUTCOMES:
@@ -64,24 +92,31 @@ def winrate_table(results_dir: Path | str, method_a: str, method_b: str,
             for k in OUTCOMES:
                 row[k], row[f"{k}_std"] = finite_or_nan(mean.get(k)), math.nan
             row["source"] = "file"
+        codes = trial_codes(trials) if pct and len(pct) == len(trials) else None
+        ivs = boot.shares(codes or [], len(OUTCOMES))
+        for k, iv in zip(OUTCOMES, ivs, strict=True):
+            row[f"{k}_lo"], row[f"{k}_hi"] = iv.lo, iv.hi
         if swap:
-            row["win"], row["loss"] = row["loss"], row["win"]
-            row["win_std"], row["loss_std"] = row["loss_std"], row["win_std"]
+            for suffix in ("", "_std", "_lo", "_hi"):
+                row[f"win{suffix}"], row[f"loss{suffix}"] = row[f"loss{suffix}"], row[f"win{suffix}"]
         row["path"] = str(path)
-        row["_swap"] = swap
-        found[key] = row
+        rows.append(row)
     columns = ["dataset", "model", "reward", "method_a", "method_b", "judge_model", "mode", "num_prompts",
-               "n_trials", "n_mean"] + list(OUTCOMES) + [f"{k}_std" for k in OUTCOMES] + ["source", "path"]
-    keys = sorted(found, key=lambda k: (dataset_key(k[0]), pair_key((k[1], k[2]))))
-    return pd.DataFrame([found[k] for k in keys], columns=columns)
+               "n_trials", "n_mean"] + list(OUTCOMES) + [f"{k}_{s}" for s in ("std", "lo", "hi") for k in OUTCOMES] \
+        + ["source", "path"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 TABLE_BASELINES = {"table2": "bon_topp", "table3": "bon_gaussian"}  # Table 2: AISP vs BoN (top-p); 3: N(0,σ²I)
 
 
-def write_winrate(df: pd.DataFrame, out_dir: Path | str, name: str, title: str | None = None) -> list[Path]:
+def write_winrate(df: pd.DataFrame, out_dir: Path | str, name: str, title: str | None = None,
+                  boot: Bootstrap | None = None, extra_notes: Sequence[str] = ()) -> list[Path]:
     """Write ``<name>.csv`` (tidy), ``<name>.md`` and ``<name>.tex`` (the paper's layout:
-    Datasets | Models | A | Draw | B, plus Invalid and the number of trials)."""
+    Datasets | Models | A | Draw | B with their bootstrap intervals, plus Invalid and the
+    number of trials); ``extra_notes`` follow the notes (the report: the judge's position
+    and length bias, :mod:`aisp_bench.report.judge_bias`)."""
+    boot = boot or Bootstrap()
     if df.empty:
         raise ValueError(f"{name} has no rows")
     a, b = df["method_a"].iloc[0], df["method_b"].iloc[0]
@@ -96,8 +131,9 @@ def write_winrate(df: pd.DataFrame, out_dir: Path | str, name: str, title: str |
             pair = display_pair(r.model, r.reward)
             if latex:
                 ds, pair = tex_escape(ds), tex_escape(pair)
-            rows.append([ds if r.dataset != prev else "", pair, fmt_num(r.win, 1), fmt_num(r.draw, 1),
-                         fmt_num(r.loss, 1), fmt_num(r.invalid, 1), str(r.n_trials)])
+            rates = [fmt_interval(getattr(r, k), getattr(r, f"{k}_lo"), getattr(r, f"{k}_hi"), 1)
+                     for k in ("win", "draw", "loss")]
+            rows.append([ds if r.dataset != prev else "", pair, *rates, fmt_num(r.invalid, 1), str(r.n_trials)])
             prev = r.dataset
         return rows
 
@@ -108,6 +144,10 @@ def write_winrate(df: pd.DataFrame, out_dir: Path | str, name: str, title: str |
              f"Judge: {', '.join(judges) or 'unknown'}; order mode: {', '.join(modes) or 'unknown'}."]
     if (df["source"] == "file").any():
         notes.append("Rows with 0 trials use the file's stored mean (no usable per-trial counts).")
+    if df["win_lo"].notna().any():
+        notes.append(f"{boot.describe()}; the statistic: each trial's percentage of its judged prompts, averaged "
+                     "over trials (rows without per-prompt judgements: no interval).")
+    notes += list(extra_notes)
     contents = {"csv": df.drop(columns=[c for c in df.columns if c.startswith("_")]).to_csv(index=False)}
     header = ["Datasets", "Models", display_method(a), "Draw", display_method(b), "Invalid", "Trials"]
     contents["md"] = render_markdown(header, body(False), title=title, notes=notes, align=["l", "l"] + ["r"] * 5)

@@ -1,0 +1,129 @@
+"""Log-probabilities of given responses under the noise-free policy (``Engine.response_logprobs``).
+
+For ``base_logprob`` (how close a method's chosen responses stay to the base model):
+log p(y | x) = Σ_t log softmax(lm_head(z_t))[y_t] at temperature 1, no noise, no top-p,
+where z_t is the pre-logit after the prompt x and y_<t.
+
+Each prompt is prefilled once (``Engine.prefill``: the same rendering and left
+truncation as for generation); its responses are then run as one batch of suffixes,
+right padded, against that prompt KV: through shared-prefix attention
+(``shared_prefix.forward_suffix``, the prompt KV read in place, as the decoder rewards
+score their responses) where it supports the model, else (or with the engine's
+``attention="copy"``) against a copy of the prompt's cache per row, the engine's
+``CopyRows``. The first token's logits come from the prefill's last pre-logit, token t's
+from the suffix pass at position t - 1. Log-softmax is taken row by row, so only one
+row's (tokens x vocabulary) logits are in memory at a time.
+
+The responses' token ids: records keep the response text (and per-sample token counts,
+not ids), so the text is re-tokenised the way the tokenizer encodes it
+(``add_special_tokens=False``). This is the canonical tokenisation of the recorded text,
+which can differ from the ids the engine generated where a model produced a
+non-canonical split (rare; it then scores the text's usual spelling). The end-of-text
+token is not scored: the recorded text is what readers, rewards and judges see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from aisp_bench import shared_prefix
+from aisp_bench.engine.rows import CopyRows
+from aisp_bench.types import Prompt
+
+if TYPE_CHECKING:
+    from aisp_bench.engine.core import Engine
+
+
+@dataclass(frozen=True)
+class ResponseLogProb:
+    """Σ log p of a response's tokens under the policy, and how many tokens."""
+
+    total: float
+    tokens: int
+
+    @property
+    def mean(self) -> float | None:
+        """Mean per-token log-probability (None for an empty response)."""
+        return self.total / self.tokens if self.tokens else None
+
+
+def response_ids(engine: Engine, text: str, room: int | None) -> list[int]:
+    """The response's token ids (re-tokenised, see the module docstring), at most ``room``."""
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return list(ids if room is None else ids[: max(0, room)])
+
+
+@torch.inference_mode()
+def response_logprobs(engine: Engine, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]], *,
+                      max_rows: int | None = None) -> list[list[ResponseLogProb]]:
+    """``responses[i]``'s log-probabilities given ``prompts[i]``, as ``ResponseLogProb`` lists.
+
+    ``responses[i]`` lists the responses to score after ``prompts[i]``; each prompt is
+    prefilled once and ``max_rows`` responses (default ``engine.max_batch_rows``) go
+    through one forward pass.
+
+    A response longer than the context leaves after its (truncated) prompt is cut there.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} response lists")
+    rows = max(1, int(max_rows or engine.max_batch_rows))
+    out: list[list[ResponseLogProb]] = [[] for _ in prompts]
+    start = 0
+    while start < len(prompts):  # prompts whose responses fit one pass (a prompt with more: alone, in chunks)
+        stop, used = start, 0
+        while stop < len(prompts) and (stop == start or used + len(responses[stop]) <= rows):
+            used, stop = used + len(responses[stop]), stop + 1
+        _score_prompts(engine, prompts[start:stop], responses[start:stop], rows, out[start:stop])
+        start = stop
+    return out
+
+
+def _score_prompts(engine: Engine, prompts, responses, rows: int, out: list[list[ResponseLogProb]]) -> None:
+    """Prefill ``prompts`` once and score their responses, ``rows`` at a time, into ``out``."""
+    jobs = [(i, text) for i, texts in enumerate(responses) for text in texts]
+    if not jobs:
+        return
+    prefix = engine.prefill(list(prompts))
+    limit = engine.context_length
+    for s in range(0, len(jobs), rows):
+        chunk = jobs[s : s + rows]
+        slots = torch.tensor([i for i, _ in chunk], dtype=torch.long)
+        room = [None if not limit else int(limit) - prefix.prompt_tokens[i] for i, _ in chunk]
+        ids = [response_ids(engine, text, r) for (_, text), r in zip(chunk, room)]
+        for (i, _), scored in zip(chunk, _score_rows(engine, prefix, slots, ids)):
+            out[i].append(scored)
+
+
+def _score_rows(engine: Engine, prefix, slots: torch.Tensor, ids: list[list[int]]) -> list[ResponseLogProb]:
+    """One forward pass of the responses ``ids`` after their prompts (``slots`` into ``prefix``)."""
+    dev = engine.device
+    slots_d = slots.to(dev)
+    T = max(1, max(len(x) for x in ids))
+    tokens = torch.full((len(ids), T), engine.pad_token_id, dtype=torch.long)
+    suffix_mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for r, x in enumerate(ids):
+        tokens[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+        suffix_mask[r, : len(x)] = 1
+    tokens, suffix_mask = tokens.to(dev), suffix_mask.to(dev)
+    pos = prefix.next_pos.index_select(0, slots_d)[:, None] + torch.arange(T, device=dev)[None]
+    if engine.attention != "copy" and engine._shared_ok:  # the prompt KV read in place
+        hidden = shared_prefix.forward_suffix(engine.backbone, prefix.cache, prefix.mask, slots_d, tokens, pos,
+                                              suffix_mask)
+        engine.stats["forward_calls"] += 1
+    else:
+        rows = CopyRows(engine, prefix, slots)
+        hidden = engine.backbone_forward(tokens, torch.cat([rows.mask, suffix_mask], dim=1), pos, rows.cache)
+    z = torch.cat([prefix.last_hidden.index_select(0, slots_d)[:, None], hidden[:, :-1]], dim=1)  # z before token t
+    out = []
+    for r, x in enumerate(ids):
+        if not x:
+            out.append(ResponseLogProb(0.0, 0))
+            continue
+        logp = torch.log_softmax(engine.lm_head(z[r, : len(x)]).float(), dim=-1)
+        picked = logp.gather(1, tokens[r, : len(x), None]).squeeze(1)
+        out.append(ResponseLogProb(float(picked.double().sum()), len(x)))
+    return out

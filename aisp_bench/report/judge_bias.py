@@ -1,0 +1,215 @@
+"""How the pairwise judge's verdicts depend on the answers' order and length, from the
+judgements the win-rate files already hold (both orders asked for every prompt).
+
+Per comparison (a win-rate file, in ``method_a``'s view), every rate is a mean over
+trials of the per-trial percentage, with the tables' bootstrap interval (the judged
+prompts resampled as clusters: ``Bootstrap.shares`` of :mod:`aisp_bench.report.stats`):
+
+* **flips**: of the prompts with two valid replies, the share whose preferred answer
+  changes with the order (A preferred in one order, B or a tie in the other, ...);
+  ``reversed``: the share preferring A in one order and B in the other;
+* **first position**: of the valid replies that are not ties, the share preferring the
+  answer shown first (50% = no position bias);
+* **longer answer wins**: of the prompts with a decisive outcome (win or loss) and
+  answers of different length, the share won by the longer answer;
+* **by length**: win / draw / loss of A on the prompts where A's answer is longer, B's
+  is longer, or both are as long. Lengths are the cleaned answers' words (whitespace
+  separated), as the judge saw them: recorded in the judgements (``words``) since this
+  report exists, read from the runs' records for older files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from aisp_bench.metrics.cleaning import clean_response, cleaning_options
+from aisp_bench.results import OUTCOMES, Selection, runs_root
+from aisp_bench.rundir import RECORDS, SHARDS, Run, read_records
+
+from .common import display_dataset, display_method, display_pair, fmt_interval, render_markdown, write_texts
+from .stats import Bootstrap
+from .tables import comparison_files
+
+BUCKETS = ("a_longer", "b_longer", "equal")
+RATES = ("flips", "reversed", "first_position", "longer_wins")
+
+
+# --------------------------------------------------------------------------- answer lengths
+
+
+class RecordWords:
+    """Words of the cleaned responses of the runs a judge file names (for files without ``words``)."""
+
+    def __init__(self, results_dir: Path | str) -> None:
+        self.results_dir = results_dir
+        self._runs: dict[str, dict[str, int] | None] = {}
+
+    def folder(self, shown: str) -> Path | None:
+        """The run folder a win-rate file names (as shown then: maybe relative to another cwd)."""
+        p = Path(shown)
+        for cand in (p, runs_root(self.results_dir).joinpath(*p.parts[-5:])):
+            if (cand / RECORDS).is_file() or (cand / SHARDS).is_dir():
+                return cand
+        return None
+
+    def of(self, shown: str) -> dict[str, int] | None:
+        if shown not in self._runs:
+            path, words = self.folder(shown), None
+            if path is not None:
+                opts = cleaning_options((Run.at(path).config if Run.at(path) else {}))
+                words = {str(r.get("prompt_id")): len(clean_response(r.get("response"), **opts).split())
+                         for r in read_records(path)}
+            self._runs[shown] = words
+        return self._runs[shown]
+
+
+def _words(j: dict[str, Any], trial: dict[str, Any], lookup: RecordWords) -> tuple[int, int] | None:
+    w = j.get("words")
+    if isinstance(w, list) and len(w) == 2:
+        return int(w[0]), int(w[1])
+    a, b = lookup.of(str(trial.get("run_a", ""))), lookup.of(str(trial.get("run_b", "")))
+    pid = str(j.get("prompt_id"))
+    return (a[pid], b[pid]) if a and b and pid in a and pid in b else None
+
+
+# --------------------------------------------------------------------------- per trial
+
+
+def _preferences(j: dict[str, Any]) -> list[str | None]:
+    """'A', 'B', 'tie' or None (invalid) per order asked."""
+    out = []
+    for order, s in zip(j.get("orders") or [], j.get("scores") or []):
+        if not isinstance(s, list) or len(s) != 2:
+            out.append(None)
+            continue
+        a, b = (s[0], s[1]) if order == "AB" else (s[1], s[0])
+        out.append("A" if a > b else "B" if b > a else "tie")
+    return out
+
+
+Items = dict[str, list[tuple[str, int]]]  # per rate or bucket: (prompt id, code) per item
+
+
+def trial_items(trial: dict[str, Any], lookup: RecordWords) -> Items:
+    """One trial's items, coded: per rate (prompt id, 1/0) per item (see the module
+    docstring), per length bucket (prompt id, outcome code: index in ``OUTCOMES``);
+    ``words_missing`` lists the judgements without lengths."""
+    out: Items = {k: [] for k in (*RATES, *BUCKETS, "words_missing")}
+    for j in trial.get("judgements") or []:
+        pid, prefs = str(j.get("prompt_id")), _preferences(j)
+        if len(prefs) == 2 and None not in prefs:
+            out["flips"].append((pid, int(prefs[0] != prefs[1])))
+            out["reversed"].append((pid, int(set(prefs) == {"A", "B"})))
+        for s in j.get("scores") or []:
+            if isinstance(s, list) and len(s) == 2 and s[0] != s[1]:
+                out["first_position"].append((pid, int(s[0] > s[1])))
+        words = _words(j, trial, lookup)
+        if words is None:
+            out["words_missing"].append((pid, 1))
+            continue
+        res = j.get("outcome")
+        longer = "a_longer" if words[0] > words[1] else "b_longer" if words[1] > words[0] else "equal"
+        if res in OUTCOMES:
+            out[longer].append((pid, OUTCOMES.index(res)))
+        if res in ("win", "loss") and longer != "equal":
+            out["longer_wins"].append((pid, int((res == "win") == (longer == "a_longer"))))
+    return out
+
+
+def _swap(items: Items) -> Items:
+    """The same items in B's view: win and loss exchanged, A's and B's length buckets too."""
+    w, lo = OUTCOMES.index("win"), OUTCOMES.index("loss")
+    flip = {w: lo, lo: w}
+    out = dict(items)
+    out["a_longer"], out["b_longer"] = ([(p, flip.get(c, c)) for p, c in items[k]] for k in ("b_longer", "a_longer"))
+    out["equal"] = [(p, flip.get(c, c)) for p, c in items["equal"]]
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def comparison_bias(d: dict[str, Any], swap: bool, lookup: RecordWords, boot: Bootstrap) -> dict[str, Any]:
+    """One row of :func:`bias_table` from a win-rate file's contents."""
+    trials = [trial_items(t, lookup) for t in d.get("trials") or [] if isinstance(t, dict)]
+    trials = [_swap(t) if swap else t for t in trials]
+    row: dict[str, Any] = dict(dataset=d.get("dataset"), model=d.get("model"), reward=d.get("reward"),
+                               method_a=d.get("method_b") if swap else d.get("method_a"),
+                               method_b=d.get("method_a") if swap else d.get("method_b"),
+                               judge_model=d.get("judge_model"), mode=d.get("mode"), trials=len(trials),
+                               words_missing=sum(len(t["words_missing"]) for t in trials))
+    for rate in RATES:
+        iv = boot.shares([t[rate] for t in trials], 2)[1]
+        row.update({rate: iv.mean, f"{rate}_lo": iv.lo, f"{rate}_hi": iv.hi, f"{rate}_n": iv.items})
+    for bucket in BUCKETS:
+        ivs = boot.shares([t[bucket] for t in trials], len(OUTCOMES))
+        row[f"{bucket}_n"] = ivs[0].items
+        for k, iv in zip(OUTCOMES[:3], ivs, strict=False):
+            row.update({f"{bucket}_{k}": iv.mean, f"{bucket}_{k}_lo": iv.lo, f"{bucket}_{k}_hi": iv.hi})
+    return row
+
+
+def bias_table(results_dir: Path | str, method_a: str, methods_b: Sequence[str], select: Selection | None = None,
+               boot: Bootstrap | None = None) -> pd.DataFrame:
+    """One row per win-rate file of ``method_a`` against each of ``methods_b`` (the tables'
+    files, :func:`aisp_bench.report.tables.comparison_files`): the rates of the module
+    docstring (``<rate>``, ``<rate>_lo``, ``<rate>_hi``, ``<rate>_n``) and per length bucket
+    ``<bucket>_n`` and ``<bucket>_{win,draw,loss}`` with intervals. Files without per-prompt
+    judgements are left out."""
+    boot, lookup = boot or Bootstrap(), RecordWords(results_dir)
+    rows = [comparison_bias(d, swap, lookup, boot)
+            for b in methods_b for d, swap, _ in comparison_files(results_dir, method_a, b, select)
+            if any(isinstance(t, dict) and t.get("judgements") for t in d.get("trials") or [])]
+    return pd.DataFrame(rows)
+
+
+def _cell(r: Any, key: str, n_key: str | None = None) -> str:
+    """``rate [lo, hi] (n=items)`` of row ``r``."""
+    n = int(getattr(r, n_key or f"{key}_n"))
+    return f"{fmt_interval(getattr(r, key), getattr(r, f'{key}_lo'), getattr(r, f'{key}_hi'), 1)} (n={n})"
+
+
+def render_bias(df: pd.DataFrame, boot: Bootstrap) -> str:
+    """``judge_bias.md``: one row per comparison."""
+    a = display_method(df["method_a"].iloc[0])
+    header = ["Dataset", "Models", "Against", "Verdict flips with order %", "First position preferred %",
+              "Longer answer wins %", f"{a} wins, {a} longer %", f"{a} wins, other longer %", f"{a} wins, equal %"]
+    rows = [[display_dataset(r.dataset), display_pair(r.model, r.reward), display_method(r.method_b),
+             _cell(r, "flips"), _cell(r, "first_position"), _cell(r, "longer_wins"),
+             *(_cell(r, f"{b}_win", f"{b}_n") for b in BUCKETS)] for r in df.itertuples()]
+    notes = ["Judge bias, from the judgements behind Tables 2-3 (aisp_bench/report/judge_bias.py): flips = "
+             "prompts with two valid replies whose preferred answer changes with the order; first position = "
+             "valid, non-tied replies preferring the answer shown first (50 = no position bias); longer answer "
+             "wins = decisive outcomes (win or loss) between answers of different length won by the longer one; "
+             "the last three columns: win rate by which cleaned answer has more words.",
+             "Percent, mean over trials of the per-trial rate; n = items over all trials. "
+             f"{boot.describe()}."]
+    if (df["words_missing"] > 0).any():
+        notes.append("Some judgements have no answer lengths (neither recorded nor found in the runs' records).")
+    return render_markdown(header, rows, title="Judge position and length bias", notes=notes,
+                           align=["l", "l", "l"] + ["r"] * 6)
+
+
+def bias_notes(df: pd.DataFrame) -> list[str]:
+    """One line per comparison, for the notes of Tables 2-3."""
+    out = []
+    for r in df.itertuples():
+        if not r.flips_n and not r.first_position_n:
+            continue
+        out.append(f"Judge bias ({display_dataset(r.dataset)}, {display_pair(r.model, r.reward)}): the verdict "
+                   f"changes with the order for {_cell(r, 'flips')} of the prompts with two valid replies; the "
+                   f"answer shown first is preferred in {_cell(r, 'first_position')} of the decisive replies; the "
+                   f"longer answer wins {_cell(r, 'longer_wins')} of the decisive outcomes, in percent "
+                   "(judge_bias.md).")
+    return out
+
+
+def write_bias(df: pd.DataFrame, out_dir: Path | str, boot: Bootstrap, name: str = "judge_bias") -> list[Path]:
+    """Write ``<name>.csv`` (every number) and ``<name>.md``."""
+    if df.empty:
+        raise ValueError("the judge bias report has no rows")
+    return write_texts(out_dir, name, {"md": render_bias(df, boot), "csv": df.to_csv(index=False)})

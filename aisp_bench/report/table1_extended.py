@@ -1,0 +1,175 @@
+"""Table 1's extended view: what the paper's table does not show, per dataset and pair.
+
+Rows: each method's mean (std over seeds) and, for AISP against each BoN, the mean
+difference with its paired bootstrap interval. Columns (per prompt, then averaged):
+
+* **Optimised reward**: the chosen response's reward under the run's own reward model
+  (``records.jsonl``), the reward the method maximised;
+* **Gold reward**: a held-out reward model's score of the same cleaned response
+  (``evaluate gold_reward=NAME``), so that reward hacking shows as a gap between the two;
+* **Diversity**, **Coherence**: Table 1's metrics, per prompt;
+* **Base log-prob**: the response's mean per-token log-probability under the noise-free
+  base policy (``evaluate``'s ``base_logprob``): how far the method moved from the model;
+* **KL(Q_Û‖P)**: AISP's ‖Û‖²/(2σ²) after its last iteration (``iterations[-1].kl``).
+
+Per-prompt values come from the records and from ``metrics_per_prompt.json`` (written by
+``evaluate`` under the fingerprint of ``summary.json``'s metrics; a stale file is not
+used). Differences pair AISP's seed k with the baseline's seed k on the same prompt
+(``Bootstrap.paired_difference`` of :mod:`aisp_bench.report.stats`: prompts resampled as
+clusters, pooled over seeds).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from aisp_bench.rundir import PROMPT_METRICS, Run, read_json_or_none
+
+from .common import (
+    dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_interval, fmt_mean_std, mean_std,
+    method_key, pair_key, render_latex, render_markdown, select_variants, tex_escape, write_texts,
+)  # fmt: skip
+from .stats import Bootstrap
+
+METRICS = ("reward", "gold_reward", "diversity", "coherence", "base_logprob", "kl")
+NAMES = {"reward": "Optimised reward", "gold_reward": "Gold reward", "diversity": "Diversity",
+         "coherence": "Coherence", "base_logprob": "Base log-prob/token", "kl": "KL(Q_Û‖P)"}
+GROUPS = {"reward": "Reward", "gold_reward": "Reward", "diversity": "Table 1", "coherence": "Table 1",
+          "base_logprob": "Closeness to the base model", "kl": "Closeness to the base model"}
+TEX_NAMES = {"reward": "optimised", "gold_reward": "gold", "diversity": "Diversity", "coherence": "Coherence",
+             "base_logprob": "log-prob/token", "kl": r"KL$(Q_{\hat U}\Vert P)$"}
+DECIMALS = 3
+COMPARED = "aisp"  # the method whose differences against each baseline get intervals
+
+
+def prompt_values(run: Run) -> dict[str, dict[str, float]]:
+    """Per metric, ``{prompt_id: value}`` of one run (finite values only; see the module docstring)."""
+    out: dict[str, dict[str, float]] = {m: {} for m in METRICS}
+    for rec in run.records:
+        pid = str(rec.get("prompt_id"))
+        out["reward"][pid] = finite_or_nan(rec.get("reward"))
+        its = rec.get("iterations") or []
+        if its:
+            out["kl"][pid] = finite_or_nan(its[-1].get("kl"))
+    per = read_json_or_none(run.path / PROMPT_METRICS) or {}
+    fp = run.metrics.get("fingerprint")
+    if fp is not None and per.get("fingerprint") == fp:
+        ids = [str(p) for p in per.get("prompt_ids") or []]
+        for m in ("gold_reward", "diversity", "coherence", "base_logprob"):
+            vals = per.get(m)
+            if isinstance(vals, list) and len(vals) == len(ids):
+                out[m] = {p: float(v) for p, v in zip(ids, vals) if v is not None}
+    return {m: {p: v for p, v in d.items() if math.isfinite(v)} for m, d in out.items()}
+
+
+def _scorers(rs: Sequence[Run]) -> dict[str, str]:
+    """Who scored the reward columns and base_logprob (from the runs' metrics)."""
+    gold = sorted({str(r.metrics["gold_reward_model"]) for r in rs if r.metrics.get("gold_reward_model")})
+    base = sorted({str(r.metrics["base_logprob_model"]) for r in rs if r.metrics.get("base_logprob_model")})
+    return {"reward": rs[0].reward, "gold_reward": ",".join(gold), "base_logprob": ",".join(base)}
+
+
+def _method_rows(cell: tuple, vals: dict[int, dict], scorers: dict[str, str]) -> list[dict[str, Any]]:
+    rows = []
+    for m in METRICS:
+        per_seed = [float(np.mean(list(v[m].values()))) for v in vals.values() if v[m]]
+        mean, std = mean_std(per_seed)
+        rows.append(dict(zip(("dataset", "model", "reward", "method"), cell), row="method", baseline="", metric=m,
+                         mean=mean, std=std, lo=math.nan, hi=math.nan, n_seeds=len(per_seed),
+                         n_prompts=len({p for v in vals.values() for p in v[m]}), scored_by=scorers.get(m, "")))
+    return rows
+
+
+def _difference_rows(cell: tuple, a: dict[int, dict], b: dict[int, dict], baseline: str, boot: Bootstrap,
+                     scorers: dict[str, str]) -> list[dict[str, Any]]:
+    rows = []
+    for m in METRICS:
+        sa, sb = {s: v[m] for s, v in a.items()}, {s: v[m] for s, v in b.items()}
+        iv = boot.paired_difference(sa, sb)
+        seeds = sum(1 for s in set(sa) & set(sb) if set(sa[s]) & set(sb[s]))
+        rows.append(dict(zip(("dataset", "model", "reward", "method"), cell), row="difference", baseline=baseline,
+                         metric=m, mean=iv.mean, std=math.nan, lo=iv.lo, hi=iv.hi, n_seeds=seeds, n_prompts=iv.n,
+                         scored_by=scorers.get(m, "")))
+    return rows
+
+
+def table1_extended(runs: Sequence[Run], boot: Bootstrap | None = None) -> pd.DataFrame:
+    """The extended view as a tidy frame: one row per (dataset, pair, method row, metric).
+
+    Columns: dataset, model, reward, method, row ("method" or "difference"), baseline
+    (the BoN of a difference row), metric, mean, std (over seeds, method rows), lo, hi
+    (bootstrap interval, difference rows), n_seeds, n_prompts, scored_by.
+    """
+    boot = boot or Bootstrap()
+    chosen, _ = select_variants(runs)
+    rows: list[dict[str, Any]] = []
+    for ds, model, reward in sorted({c[:3] for c in chosen}, key=lambda c: (dataset_key(c[0]), pair_key(c[1:]))):
+        methods = sorted((c[3] for c in chosen if c[:3] == (ds, model, reward)), key=method_key)
+        vals = {m: {r.seed: prompt_values(r) for r in chosen[(ds, model, reward, m)]} for m in methods}
+        scorers = _scorers([r for m in methods for r in chosen[(ds, model, reward, m)]])
+        for m in methods:
+            rows += _method_rows((ds, model, reward, m), vals[m], scorers)
+        if COMPARED in vals:
+            for b in (m for m in methods if m != COMPARED):
+                rows += _difference_rows((ds, model, reward, COMPARED), vals[COMPARED], vals[b], b, boot, scorers)
+    columns = ["dataset", "model", "reward", "method", "row", "baseline", "metric", "mean", "std", "lo", "hi",
+               "n_seeds", "n_prompts", "scored_by"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _layout(df: pd.DataFrame, latex: bool) -> list[list[str]]:
+    body = []
+    for (ds, model, reward), block in df.groupby(["dataset", "model", "reward"], sort=False):
+        label = f"{display_dataset(ds)}, {display_pair(model, reward)}"
+        for i, ((kind, method, baseline), rows) in enumerate(block.groupby(["row", "method", "baseline"],
+                                                                           sort=False)):
+            name = display_method(method, latex)
+            if kind == "difference":
+                name = f"{name} − {display_method(baseline, latex)}" if not latex else \
+                    f"{name} $-$ {display_method(baseline, latex)}"
+            cells = {r.metric: (fmt_interval(r.mean, r.lo, r.hi, DECIMALS, sign=True) if kind == "difference"
+                                else fmt_mean_std(r.mean, r.std, DECIMALS)) for r in rows.itertuples()}
+            first = (tex_escape(label) if latex else label) if i == 0 else ""
+            body.append([first, name, *(cells.get(m, "—") for m in METRICS)])
+    return body
+
+
+def _notes(df: pd.DataFrame, boot: Bootstrap) -> list[str]:
+    scored = []
+    for (ds, model, reward), block in df.groupby(["dataset", "model", "reward"], sort=False):
+        by = {r.metric: r.scored_by for r in block.itertuples()}
+        scored.append(f"{display_dataset(ds)}, {display_pair(model, reward)}: optimised {by.get('reward') or '—'}, "
+                      f"gold {by.get('gold_reward') or '— (evaluate gold_reward=NAME)'}, base log-prob under "
+                      f"{by.get('base_logprob') or '— (evaluate with the base_logprob metric)'}")
+    return ["Method rows: mean (std) over seeds of the per-seed mean over prompts (std ddof=1). Difference rows: "
+            "mean over (prompt, seed) pairs of AISP's value minus the baseline's on the same prompt in the same seed. "
+            f"{boot.describe()} (a prompt brings all of its seeds; aisp_bench/report/stats.py).",
+            "Optimised reward: the run's own reward model, the one each method maximised. Gold reward: a held-out "
+            "reward model's score of the same cleaned response. Base log-prob/token: mean per-token log-probability "
+            "of the response under the noise-free policy (temperature 1). KL(Q_Û‖P) = ‖Û‖²/(2σ²) after AISP's last "
+            "iteration.",
+            "Scored by: " + "; ".join(scored) + ".", "—: not available (evaluate not run with that metric, or no "
+            "such value for the method)."]
+
+
+def write_table1_extended(df: pd.DataFrame, out_dir: Path | str, boot: Bootstrap,
+                          name: str = "table1_extended") -> list[Path]:
+    """Write ``<name>.csv`` (the tidy frame), ``<name>.md`` and ``<name>.tex``."""
+    if df.empty:
+        raise ValueError("the extended Table 1 has no rows")
+    notes = _notes(df, boot)
+    header = ["Dataset, models", "Method", *(NAMES[m] for m in METRICS)]
+    title = ("Table 1, extended: optimised and gold reward, closeness to the base model, AISP minus each BoN "
+             f"with {100 * boot.level:g}% intervals")
+    md = render_markdown(header, _layout(df, latex=False), title=title, notes=notes,
+                         align=["l", "l"] + ["r"] * len(METRICS))
+    levels = [["", "", *(GROUPS[m] for m in METRICS)], ["Dataset, models", "Method", *(TEX_NAMES[m] for m in METRICS)]]
+    tex = render_latex(levels, _layout(df, latex=True), caption="Optimised and held-out rewards, closeness to the "
+                       "base model, and AISP minus each BoN with paired bootstrap intervals.",
+                       label="tab:table1_extended", notes=notes, align="ll" + "r" * len(METRICS))
+    return write_texts(out_dir, name, {"csv": df.to_csv(index=False), "md": md, "tex": tex})
