@@ -149,11 +149,12 @@ class RowState:
     row_bias: torch.Tensor | None = None
 
 
-def prompt_kv(prefix_cache, prompts: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """These prompts' keys and values from a prefill cache, as (H_kv, P, L, D) per layer."""
-    k = [lay.keys.index_select(0, prompts).transpose(0, 1).contiguous() for lay in prefix_cache.layers]
-    v = [lay.values.index_select(0, prompts).transpose(0, 1).contiguous() for lay in prefix_cache.layers]
-    return k, v
+def prompt_kv(prefix_cache, prompts: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """These prompts' (None: all) keys and values from a prefill cache, as (H_kv, P, L, D) per layer."""
+    def part(x: torch.Tensor) -> torch.Tensor:
+        return (x if prompts is None else x.index_select(0, prompts)).transpose(0, 1).contiguous()
+
+    return [part(lay.keys) for lay in prefix_cache.layers], [part(lay.values) for lay in prefix_cache.layers]
 
 
 def suffix_bias(suffix_mask: torch.Tensor | None, q_len: int, t: int, device) -> torch.Tensor:
@@ -254,16 +255,16 @@ def cache_keyword(backbone) -> str:
 
 def prefill(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
     """Run left-padded prompts once through a decoder ``backbone`` (the model's own
-    attention); returns (KV cache, P x (P, H_kv, L, D) per layer, last_hidden_state)."""
+    attention); returns their keys and values, (H_kv, P, L, D) per layer (``prompt_kv``)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()  # full layers: callers check ``supported`` for sliding windows
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=True, **{cache_keyword(backbone): cache}).last_hidden_state
-    return cache, hidden
+    backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+             **{cache_keyword(backbone): cache})
+    return prompt_kv(cache)
 
 
-def forward_suffix(backbone, prefix_cache, prefix_mask: torch.Tensor, slots: torch.Tensor,
+def forward_suffix(backbone, kv, prefix_mask: torch.Tensor, slots: torch.Tensor,
                    input_ids: torch.Tensor, position_ids: torch.Tensor,
                    suffix_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Run each row's suffix tokens against its prompt's prefilled KV (not copied).
@@ -271,7 +272,9 @@ def forward_suffix(backbone, prefix_cache, prefix_mask: torch.Tensor, slots: tor
     ============  ==========  =====================================================
     argument      shape       meaning
     ============  ==========  =====================================================
-    prefix_cache  P rows      ``prefill``'s cache of the left-padded prompts
+    kv            per layer   the left-padded prompts' (keys, values), (H_kv, P, L, D)
+                              each (``prefill``, ``prompt_kv``): made once, read by
+                              every batch of suffixes
     prefix_mask   (P, L)      1 for prompt tokens, 0 for left padding
     slots         (B,)        prompt index of each row (any order)
     input_ids     (B, T)      each row's suffix, right padded
@@ -282,17 +285,17 @@ def forward_suffix(backbone, prefix_cache, prefix_mask: torch.Tensor, slots: tor
     Returns the backbone's last_hidden_state (B, T, d): what the model gives for each
     row's full sequence (prompt + suffix) at the suffix positions.
     """
-    state = suffix_state(prefix_cache, prefix_mask, slots, input_ids.shape[1], suffix_mask)
+    state = suffix_state(kv, prefix_mask, slots, input_ids.shape[1], suffix_mask)
     with active(backbone.config, state):
         return backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
 
-def suffix_state(prefix_cache, prefix_mask: torch.Tensor, slots: torch.Tensor, T: int,
+def suffix_state(kv, prefix_mask: torch.Tensor, slots: torch.Tensor, T: int,
                  suffix_mask: torch.Tensor | None = None) -> RowState:
-    """The ``RowState`` of a batch of T-token suffixes (rows ``slots`` of the prompts)."""
+    """The ``RowState`` of a batch of T-token suffixes (rows ``slots`` of the prompts' ``kv``)."""
     P = prefix_mask.shape[0]
     dev = prefix_mask.device
-    k, v = prompt_kv(prefix_cache, torch.arange(P, device=dev))
+    k, v = kv
     row_of_slot, slot_of_row, R = group_rows(slots, P)
     dtype = k[0].dtype
     prompt = padding_bias(prefix_mask, dtype).index_select(0, slots.to(dev)).expand(-1, -1, T, -1)

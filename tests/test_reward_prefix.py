@@ -120,7 +120,8 @@ def test_multi_token_suffix_attention_matches_sdpa():
                          [(P, Hkv, L, D), (P, Hkv, L, D), (len(slots), H, T, D), (len(slots), Hkv, T, D),
                           (len(slots), Hkv, T, D)])
     prompt_cache = SimpleNamespace(layers=[SimpleNamespace(keys=kp, values=vp)])
-    with sp.active(SimpleNamespace(_attn_implementation="sdpa"), sp.suffix_state(prompt_cache, pmask, slots, T, smask)):
+    state = sp.suffix_state(sp.prompt_kv(prompt_cache), pmask, slots, T, smask)
+    with sp.active(SimpleNamespace(_attn_implementation="sdpa"), state):
         out, _ = sp.attention(SimpleNamespace(layer_idx=0), q, ks, vs, scaling=D**-0.5)
     assert out.shape == (len(slots), T, H, D)
     for b, p in enumerate(slots.tolist()):

@@ -67,11 +67,12 @@ class SharedRows:
         row_of_slot, slot_of_row, R = shared_prefix.group_rows(self.local, self.P)
         dev = self.engine.device
         self.state = shared_prefix.RowState(self.k, self.v, row_of_slot.to(dev), slot_of_row.to(dev), R)
-        self.bias_rows = self.bias.index_select(0, self.local.to(dev))
+        bias_rows = self.bias.index_select(0, self.local.to(dev))  # then zeros for the generated tokens
+        zeros = bias_rows.new_zeros(bias_rows.shape[:3] + (self.engine.max_new_tokens,))
+        self.bias_rows = torch.cat([bias_rows, zeros], dim=-1)
 
     def forward(self, tok: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
-        B = tok.shape[0]
-        self.state.row_bias = torch.cat([self.bias_rows, self.bias_rows.new_zeros((B, 1, 1, t + 1))], dim=-1)
+        self.state.row_bias = self.bias_rows[..., : self.bias.shape[-1] + t + 1]  # a view: nothing allocated per step
         with shared_prefix.active(self.engine.model.config, self.state):
             return self.engine.backbone_forward(tok.unsqueeze(-1), None, pos.unsqueeze(-1), self.cache)[:, -1]
 

@@ -88,18 +88,21 @@ def _score_prompts(engine: Engine, prompts, responses, rows: int, out: list[list
     if not jobs:
         return
     prefix = engine.prefill(list(prompts))
+    shared = engine.attention != "copy" and engine._shared_ok  # the prompt KV read in place, laid out once
+    kv = shared_prefix.prompt_kv(prefix.cache) if shared else None
     limit = engine.context_length
     for s in range(0, len(jobs), rows):
         chunk = jobs[s : s + rows]
         slots = torch.tensor([i for i, _ in chunk], dtype=torch.long)
         room = [None if not limit else int(limit) - prefix.prompt_tokens[i] for i, _ in chunk]
         ids = [response_ids(engine, text, r) for (_, text), r in zip(chunk, room)]
-        for (i, _), scored in zip(chunk, _score_rows(engine, prefix, slots, ids)):
+        for (i, _), scored in zip(chunk, _score_rows(engine, prefix, kv, slots, ids)):
             out[i].append(scored)
 
 
-def _score_rows(engine: Engine, prefix, slots: torch.Tensor, ids: list[list[int]]) -> list[ResponseLogProb]:
-    """One forward pass of the responses ``ids`` after their prompts (``slots`` into ``prefix``)."""
+def _score_rows(engine: Engine, prefix, kv, slots: torch.Tensor, ids: list[list[int]]) -> list[ResponseLogProb]:
+    """One forward pass of the responses ``ids`` after their prompts (``slots`` into ``prefix``;
+    ``kv``: its prompt KV for shared-prefix attention, None: per-row copies)."""
     dev = engine.device
     slots_d = slots.to(dev)
     T = max(1, max(len(x) for x in ids))
@@ -110,9 +113,8 @@ def _score_rows(engine: Engine, prefix, slots: torch.Tensor, ids: list[list[int]
         suffix_mask[r, : len(x)] = 1
     tokens, suffix_mask = tokens.to(dev), suffix_mask.to(dev)
     pos = prefix.next_pos.index_select(0, slots_d)[:, None] + torch.arange(T, device=dev)[None]
-    if engine.attention != "copy" and engine._shared_ok:  # the prompt KV read in place
-        hidden = shared_prefix.forward_suffix(engine.backbone, prefix.cache, prefix.mask, slots_d, tokens, pos,
-                                              suffix_mask)
+    if kv is not None:
+        hidden = shared_prefix.forward_suffix(engine.backbone, kv, prefix.mask, slots_d, tokens, pos, suffix_mask)
         engine.stats["forward_calls"] += 1
     else:
         rows = CopyRows(engine, prefix, slots)

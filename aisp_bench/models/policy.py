@@ -166,7 +166,7 @@ def build_engine(policy: Policy, *, max_new_tokens: int, batch_rows: int | str, 
         stop_strings=policy.stop_strings,
         eos_token_ids=policy.eos_token_ids(),
         add_special_tokens=policy.add_special_tokens,
-        context_length=int(policy.max_context or getattr(model.config, "max_position_embeddings", 0)) or None,
+        context_length=int(policy.max_context) if policy.max_context else None,  # None: the model's own
         overflow={"skip": "error", "truncate_left": "truncate_left"}[prompt_overflow],
         **engine_options,
     )

@@ -10,7 +10,7 @@ pair's ids, exactly as full scoring reads them, and a key naming its prompt
    of its ids (each row keeps at least one token of its own, where the reward is read).
    A tokenizer merge across the prompt/response boundary, or truncation that cut a
    row's prompt, only shortens that shared part: what each row reads is unchanged;
-2. a group sharing at least ``min_shared`` tokens is scored with its prefix run once:
+2. a group sharing at least ``MIN_SHARED`` tokens is scored with its prefix run once:
    the prefixes of several groups are prefilled together (left padded), then the rows'
    suffixes (right padded) run against that KV without copying it
    (``shared_prefix.forward_suffix``);
@@ -130,7 +130,6 @@ def plan(
     max_tokens: int,
     max_rows: int,
     share: bool = True,
-    min_shared: int = MIN_SHARED,
 ) -> Plan:
     """Group ``seqs`` by ``keys`` (their prompt), choose what is shared, pack by tokens."""
     groups: dict[Hashable, list[int]] = {}
@@ -143,7 +142,7 @@ def plan(
         if share and len(rows) > 1:
             group = [seqs[i] for i in rows]
             c = min(common_prefix_len(group), min(len(s) for s in group) - 1)
-        if c >= max(1, min_shared):
+        if c >= MIN_SHARED:
             shared.append((c, rows))
         else:
             full.extend(rows)
@@ -230,7 +229,7 @@ class SequenceScorer:
             st["padded_tokens"] += ids.numel()
         for pack in todo.packs:
             ids, mask, pos = pad_batch(pack.prefixes, self.pad_id, "left", self.device)
-            cache, _ = shared_prefix.prefill(self.backbone, ids, mask, pos)
+            kv = shared_prefix.prefill(self.backbone, ids, mask, pos)  # once per pack, read by every chunk
             st["forwards"] += 1
             st["padded_tokens"] += ids.numel()
             rows_c = sum(len(pack.prefixes[p]) for chunk in pack.chunks for _, p in chunk)
@@ -242,11 +241,11 @@ class SequenceScorer:
                                               self.device)
                 spos = spos + torch.tensor(starts, device=spos.device)[:, None]
                 slots = torch.tensor([p for _, p in chunk], device=mask.device)
-                hidden = shared_prefix.forward_suffix(self.backbone, cache, mask, slots, sids, spos, smask)
+                hidden = shared_prefix.forward_suffix(self.backbone, kv, mask, slots, sids, spos, smask)
                 out[torch.tensor(rows)] = self._read(hidden, smask).float().cpu()
                 st["forwards"] += 1
                 st["padded_tokens"] += sids.numel()
-            del cache
+            del kv
         if stats is not None:
             for k, v in st.items():
                 stats[k] = stats.get(k, 0) + v
