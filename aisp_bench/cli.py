@@ -58,9 +58,9 @@ def _refuse(message: str) -> None:
     sys.exit(2)
 
 
-def launch(app: Callable[[], None], config_name: str, argv: Sequence[str] | None = None) -> None:
+def launch(app: Callable[[], None], config_name: str) -> None:
     """A command's entry point: ``preflight`` on the command line, then the Hydra app ``app``."""
-    preflight(config_name, sys.argv[1:] if argv is None else argv)
+    preflight(config_name, sys.argv[1:])
     app()
 
 

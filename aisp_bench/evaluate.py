@@ -65,9 +65,9 @@ from aisp_bench.cli import UserError, first_line, instantiate_node, launch, run_
 from aisp_bench.config import CONF_DIR, get_path
 from aisp_bench.metrics import DEFAULT_METRICS, METRICS, metric_values
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
+from aisp_bench.results import read_prompt_metrics
 from aisp_bench.rundir import (
-    PROMPT_METRICS, SUMMARY, Run, read_json_or_none, read_records, read_summary, record_prompt, records_sha256,
-    write_json_atomic,
+    PROMPT_METRICS, SUMMARY, Run, read_json_or_none, read_summary, record_prompt, records_sha256, write_json_atomic,
 )  # fmt: skip
 from aisp_bench.types import Prompt
 from aisp_bench.validate import check
@@ -246,15 +246,15 @@ def _raw(record: dict[str, Any]) -> str:  # the response as generated: base_logp
 
 def _unready(run: Run) -> str | None:
     """Why a run cannot be evaluated yet (None: it can)."""
-    if run.shards is not None and not run.complete:
-        return f"{run.shards.describe()}; a sharded run is evaluated once every shard is complete"
-    return "no summary.json (run unfinished or crashed)" if read_summary(run.path) is None else None
+    if run.unfinished:
+        return f"{run.unfinished}; a sharded run is evaluated once every shard is complete"
+    return "no summary.json (run unfinished or crashed)" if run.summary is None else None
 
 
 def _records(run: Run) -> list[dict[str, Any]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a torn last line is expected after a crash
-        return read_records(run.path)
+        return run.records
 
 
 # -- one run ------------------------------------------------------------------------------
@@ -327,14 +327,15 @@ def evaluate_run(
         raise UserError(f"reward={_name(reward)} needs the reward_mean metric in metrics")
     if "base_logprob" in names and policy is None:
         raise UserError("the base_logprob metric needs the run's policy (BasePolicy)")
-    if _unready(run):
-        return f"skipped: {_unready(run)}", None
+    why = _unready(run)
+    if why:
+        return f"skipped: {why}", None
     label = encoder.label if encoder is not None else None
     fp = fingerprint(run.path, label, names, run.config, _name(reward), _name(gold_reward),
                      BasePolicy.label(run) if "base_logprob" in names else None)
     old = (read_json_or_none(run.path / SUMMARY) or {}).get("metrics")
-    per_old = read_json_or_none(run.path / PROMPT_METRICS) or {}
-    if not force and isinstance(old, dict) and old.get("fingerprint") == fp and per_old.get("fingerprint") == fp:
+    per_old = read_prompt_metrics(run.path, fp)
+    if not force and isinstance(old, dict) and old.get("fingerprint") == fp and per_old is not None:
         return "up to date", old
     records = _records(run)
     metrics, per = metric_values(records, config=run.config, encoder=encoder,

@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from aisp_bench.cli import UserError, first_line, instantiate_node, run_app
 from aisp_bench.config import CONF_DIR
+from aisp_bench.data.datasets import shard_of
 from aisp_bench.rundir import read_json_or_none
 from aisp_bench.validate import check
 
@@ -252,7 +253,7 @@ def run_counts(cfg: DictConfig, shards: list[str], tokens: Tokens) -> tuple[Coun
     per_prompt = tokens.counts(cfg)
     out = Counts(runs=1)
     for i in picked:
-        out.add(job_counts(per_prompt[i::k], samples, groups, int(cfg.generation.max_new_tokens),
+        out.add(job_counts(shard_of(per_prompt, i, k), samples, groups, int(cfg.generation.max_new_tokens),
                            bool(cfg.reward.get("share_prefix", False)), tps))
     return out, source
 

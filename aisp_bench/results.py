@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aisp_bench.rundir import RECORDS, SHARDS, SUMMARY, Run, RunFolderError
+from aisp_bench.rundir import PROMPT_METRICS, RECORDS, SHARDS, SUMMARY, Run, RunFolderError, read_json_or_none
 
 # -- selection ------------------------------------------------------------------------------
 SELECT_KEYS = ("dataset", "pair", "method", "variant", "seed")
@@ -96,6 +96,13 @@ def discover_runs(results_dir: str | Path, select: Selection | None = None) -> l
         if run is not None and select.matches(run):
             found.append(run)
     return found
+
+
+def read_prompt_metrics(run_dir: str | Path, fingerprint: str | None) -> dict[str, Any] | None:
+    """A run's ``metrics_per_prompt.json`` when written under ``fingerprint`` (the metrics block's); None
+    when it is missing, unreadable (with a warning) or stale (evaluate's check, the report's read)."""
+    per = read_json_or_none(Path(run_dir) / PROMPT_METRICS) or {}
+    return per if fingerprint is not None and per.get("fingerprint") == fingerprint else None
 
 
 def group_runs(runs: Iterable[Run]) -> dict[tuple[str, str, str, str, str], list[Run]]:

@@ -136,7 +136,7 @@ def _cached(kind: str, node: DictConfig, build):
 def _choose_batch_prompts(cfg: DictConfig, method, batch_rows: int) -> int:
     """``batch_prompts``, or for ``auto`` as many prompts as fill the engine's ``batch_rows``."""
     bp = cfg.get("batch_prompts", "auto")
-    if bp in (None, "auto"):
+    if bp == "auto":
         return max(1, batch_rows // max(1, method.rows_per_prompt))
     return int(bp)
 

@@ -315,10 +315,6 @@ class Shards:
         """``03, 07 of 16``."""
         return f"{', '.join(shard_label(i, self.num_shards) for i in shards)} of {self.num_shards}"
 
-    @property
-    def missing(self) -> list[int]:
-        return [i for i in range(self.num_shards) if i not in self.folders]
-
     def unfinished(self) -> list[int]:
         """Shards missing, or whose ``summary.json`` is absent or says incomplete."""
         return [i for i in range(self.num_shards) if i not in self.folders
@@ -326,7 +322,7 @@ class Shards:
 
     def describe(self) -> str:
         """``shards 03, 05, 07 of 16 not complete (03, 07 missing)``; empty when every shard is complete."""
-        todo, missing = self.unfinished(), self.missing
+        todo, missing = self.unfinished(), [i for i in range(self.num_shards) if i not in self.folders]
         gone = f" ({', '.join(shard_label(i, self.num_shards) for i in missing)} missing)" if missing else ""
         return f"shards {self.names(todo)} not complete{gone}" if todo else ""
 
@@ -437,6 +433,11 @@ class Run:
     def complete(self) -> bool:
         """True when ``summary.json`` says the run finished every prompt (a sharded run: every shard)."""
         return bool(self.summary and self.summary.get("complete"))
+
+    @property
+    def unfinished(self) -> str:
+        """``Shards.describe`` of a sharded run that is not complete, else empty."""
+        return self.shards.describe() if self.shards is not None and not self.complete else ""
 
     @property
     def metrics(self) -> dict[str, Any]:

@@ -202,8 +202,8 @@ def build_comparison(protocol: Protocol, runs_a: Sequence[Run], runs_b: Sequence
     trials = []
     for k, (ra, rb) in enumerate(pair_runs(runs_a, runs_b, protocol.trials)):
         for r in (ra, rb):
-            if r.shards is not None and not r.complete:
-                raise UserError(f"{r.path}: {r.shards.describe()}; finish them before judging this run")
+            if r.unfinished:
+                raise UserError(f"{r.path}: {r.unfinished}; finish them before judging this run")
         trials.append(_Trial(k, ra, rb, *build_items(protocol, k, ra, rb)))
     a = runs_a[0]
     out = judge_file(results_dir, a.dataset, a.pair, a.method, runs_b[0].method)

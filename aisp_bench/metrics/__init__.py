@@ -113,7 +113,7 @@ def prompt_coherence(batch: EvalBatch) -> list[float]:
         raise ValueError("the coherence metric needs an encoder (load_encoder('simcse') or 'minilm')")
     from aisp_bench.metrics.coherence import coherence_scores
 
-    return coherence_scores(batch.prompts, batch.responses, batch.encoder) if batch.records else []
+    return coherence_scores(batch.prompts, batch.responses, batch.encoder)
 
 
 # The metrics that are means over prompts: metric name -> (per-prompt name, per-prompt values).
@@ -194,7 +194,7 @@ def metric_values(
         if name in PER_PROMPT:
             key, values = PER_PROMPT[name][0], PER_PROMPT[name][1](batch)
             per_prompt[key] = [_json_number(v) for v in values]
-            out[name] = _json_number(_finite_mean(values)) if values else None
+            out[name] = _json_number(_finite_mean(values))
         else:
             out[name] = _json_number(fn(batch))
         if name == "coherence":

@@ -118,8 +118,7 @@ def paper_order(runs: Iterable[Run]) -> list[Run]:
 def unfinished_shards(runs: Iterable[Run]) -> list[str]:
     """``<dataset>/<pair>/<method>/<variant>/seed<k>: shards 03 of 16 not complete (03 missing)``
     for each sharded run with a shard missing or unfinished (read as an incomplete run)."""
-    return [f"{r.dataset}/{r.pair}/{r.method}/{r.variant}/seed{r.seed}: {r.shards.describe()}"
-            for r in runs if r.shards is not None and not r.complete]
+    return [f"{r.dataset}/{r.pair}/{r.method}/{r.variant}/seed{r.seed}: {r.unfinished}" for r in runs if r.unfinished]
 
 
 STUDIES = ("lambda_sweep", "sensitivity")  # experiments whose variants sweep one method's settings

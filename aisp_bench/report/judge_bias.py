@@ -60,9 +60,10 @@ class RecordWords:
         if shown not in self._runs:
             path, words = self.folder(shown), None
             if path is not None:
-                opts = cleaning_options((Run.at(path).config if Run.at(path) else {}))
+                run = Run.at(path)
+                opts = cleaning_options(run.config if run else {})
                 words = {str(r.get("prompt_id")): len(clean_response(r.get("response"), **opts).split())
-                         for r in read_records(path)}
+                         for r in (run.records if run else read_records(path))}
             self._runs[shown] = words
         return self._runs[shown]
 

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from aisp_bench.rundir import PROMPT_METRICS, Run, read_json_or_none
+from aisp_bench.results import read_prompt_metrics
+from aisp_bench.rundir import Run
 
 from .common import (
     dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_interval, fmt_mean_std, mean_std,
@@ -56,9 +57,8 @@ def prompt_values(run: Run) -> dict[str, dict[str, float]]:
         its = rec.get("iterations") or []
         if its:
             out["kl"][pid] = finite_or_nan(its[-1].get("kl"))
-    per = read_json_or_none(run.path / PROMPT_METRICS) or {}
-    fp = run.metrics.get("fingerprint")
-    if fp is not None and per.get("fingerprint") == fp:
+    per = read_prompt_metrics(run.path, run.metrics.get("fingerprint"))
+    if per is not None:
         ids = [str(p) for p in per.get("prompt_ids") or []]
         for m in ("gold_reward", "diversity", "coherence", "base_logprob"):
             vals = per.get(m)
