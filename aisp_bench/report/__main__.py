@@ -12,8 +12,11 @@ with ``target=all`` it is skipped with a warning line, as long as some run is se
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -33,8 +36,10 @@ class NoInput(RuntimeError):
     """A target's inputs are not on disk."""
 
 
-def build(target: str, cfg: DictConfig, runs: list[Run], select: Selection, boot: Bootstrap) -> list[Path]:
-    """Write one target from ``runs``; raise :class:`NoInput` when its inputs are missing."""
+def build(target: str, cfg: DictConfig, runs: list[Run], select: Selection, boot: Bootstrap,
+          bias: Callable[[], Any]) -> list[Path]:
+    """Write one target from ``runs``; raise :class:`NoInput` when its inputs are missing.
+    ``bias``: the judge bias of every comparison (computed once, for Tables 2-3 and its own table)."""
     from . import figures, judge_bias, sensitivity, table1, table1_extended, tables
 
     out = Path(cfg.out)
@@ -47,11 +52,10 @@ def build(target: str, cfg: DictConfig, runs: list[Run], select: Selection, boot
         b = tables.TABLE_BASELINES[target]
         df = _nonempty(tables.winrate_table(cfg.results_dir, "aisp", b, select, boot),
                        f"no judge file aisp_vs_{b}.json {what}")
-        bias = judge_bias.bias_notes(judge_bias.bias_table(cfg.results_dir, "aisp", [b], select, boot))
-        return tables.write_winrate(df, out / "tables", target, boot=boot, extra_notes=bias)
+        return tables.write_winrate(df, out / "tables", target, boot=boot, extra_notes=judge_bias.bias_notes(bias(), b))
     if target == "judge_bias":
-        df = judge_bias.bias_table(cfg.results_dir, "aisp", list(tables.TABLE_BASELINES.values()), select, boot)
-        print(judge_bias.render_bias(_nonempty(df, f"no judge file aisp_vs_*.json {what}"), boot))
+        df = _nonempty(bias(), f"no judge file aisp_vs_*.json {what}")
+        print(judge_bias.render_bias(df, boot))
         return judge_bias.write_bias(df, out / "tables", boot)
     if target == "lambda_sweep":
         df = tables.lambda_sweep(runs)
@@ -75,15 +79,16 @@ def build(target: str, cfg: DictConfig, runs: list[Run], select: Selection, boot
     return paths
 
 
-def options(cfg: DictConfig) -> Bootstrap:
-    """The bootstrap settings (``bootstrap.*``, checked by ``validate.check``)."""
-    return Bootstrap(int(cfg.bootstrap.resamples), int(cfg.bootstrap.seed), float(cfg.bootstrap.level))
-
-
 def _nonempty(df, message: str):
     if df.empty:
         raise NoInput(message)
     return df
+
+
+def _bias(cfg: DictConfig, select: Selection, boot: Bootstrap):
+    from . import judge_bias, tables
+
+    return judge_bias.bias_table(cfg.results_dir, "aisp", list(tables.TABLE_BASELINES.values()), select, boot)
 
 
 def main(cfg: DictConfig) -> int:
@@ -96,15 +101,16 @@ def main(cfg: DictConfig) -> int:
             raise UserError(f"unknown target {t!r}; known: {', '.join((*TARGETS, 'all'))}")
     if "all" in targets:
         targets = list(TARGETS)
-    boot = options(cfg)
+    boot = Bootstrap(int(cfg.bootstrap.resamples), int(cfg.bootstrap.seed), float(cfg.bootstrap.level))
     select = Selection.from_mapping(OmegaConf.to_container(cfg.select, resolve=True))
     runs = paper_order(select_runs(cfg, allow_none=set(targets) <= {"table2", "table3", "judge_bias"}))  # judge files only
     for note in unfinished_shards(runs):
         print(f"warning: {note}; read as an incomplete run", file=sys.stderr)
+    bias = functools.cache(lambda: _bias(cfg, select, boot))
     status = 0
     for t in targets:
         try:
-            for p in build(t, cfg, runs, select, boot):
+            for p in build(t, cfg, runs, select, boot, bias):
                 print(p)
         except NoInput as exc:
             print(f"{'warning: skipped ' + t if len(targets) > 1 else 'error'}: {exc}", file=sys.stderr)

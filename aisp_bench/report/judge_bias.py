@@ -195,11 +195,11 @@ def render_bias(df: pd.DataFrame, boot: Bootstrap) -> str:
                            align=["l", "l", "l"] + ["r"] * 6)
 
 
-def bias_notes(df: pd.DataFrame) -> list[str]:
-    """One line per comparison, for the notes of Tables 2-3."""
+def bias_notes(df: pd.DataFrame, method_b: str) -> list[str]:
+    """One line per comparison against ``method_b``, for the notes of Tables 2-3."""
     out = []
     for r in df.itertuples():
-        if not r.flips_n and not r.first_position_n:
+        if r.method_b != method_b or (not r.flips_n and not r.first_position_n):
             continue
         out.append(f"Judge bias ({display_dataset(r.dataset)}, {display_pair(r.model, r.reward)}): the verdict "
                    f"changes with the order for {_cell(r, 'flips')} of the prompts with two valid replies; the "

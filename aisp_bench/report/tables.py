@@ -48,18 +48,6 @@ def comparison_files(results_dir: Path | str, method_a: str, method_b: str, sele
     return [found[k] for k in sorted(found, key=lambda k: (dataset_key(k[0]), pair_key((k[1], k[2]))))]
 
 
-def trial_codes(trials: Sequence[dict[str, Any]]) -> list[list[tuple[str, int]]] | None:
-    """Per trial, each judged prompt's (id, outcome as its index in ``OUTCOMES``); None when a
-    trial has no per-prompt judgements (e.g. a file written without them)."""
-    out = []
-    for t in trials:
-        js = t.get("judgements")
-        if not isinstance(js, list) or len(js) != t.get("n") or any(j.get("outcome") not in OUTCOMES for j in js):
-            return None
-        out.append([(str(j.get("prompt_id")), OUTCOMES.index(j["outcome"])) for j in js])
-    return out
-
-
 def winrate_table(results_dir: Path | str, method_a: str, method_b: str,
                   select: Selection | None = None, boot: Bootstrap | None = None) -> pd.DataFrame:
     """Win / draw / loss / invalid (percent, ``method_a``'s view) per dataset × pair,
@@ -67,11 +55,11 @@ def winrate_table(results_dir: Path | str, method_a: str, method_b: str,
     with win and loss swapped).
 
     Columns: dataset, model, reward, method_a, method_b, judge_model, mode, num_prompts,
-    n_trials, n_mean (judged comparisons per trial), win, draw, loss, invalid (mean over
-    trials), ``*_std`` (ddof=1 over trials), ``*_lo``/``*_hi`` (bootstrap interval, the
-    judged prompts resampled: ``Bootstrap.shares`` of :mod:`aisp_bench.report.stats`; NaN
-    without per-prompt judgements), source ("trials" when recomputed from the
-    per-trial counts, "file" when only the file's ``mean`` was usable), path.
+    n_trials (trials with judged comparisons), n_mean (judged comparisons per trial), win,
+    draw, loss, invalid (mean over trials), ``*_std`` (ddof=1 over trials), ``*_lo``/``*_hi``
+    (bootstrap interval, the judged prompts resampled: ``Bootstrap.shares`` of
+    :mod:`aisp_bench.report.stats`; NaN without per-prompt judgements), source (always
+    "trials": the per-trial counts), path.
     """
     boot = boot or Bootstrap()
     rows = []
@@ -80,26 +68,18 @@ def winrate_table(results_dir: Path | str, method_a: str, method_b: str,
         pct = trial_percentages(trials)
         row: dict[str, Any] = dict(dataset=d.get("dataset"), model=d.get("model"), reward=d.get("reward"),
                                    method_a=method_a, method_b=method_b, judge_model=d.get("judge_model"),
-                                   mode=d.get("mode"), num_prompts=d.get("num_prompts"), n_trials=len(pct))
-        if pct:
-            row["n_mean"] = float(np.mean([finite_or_nan(t.get("n")) for t in trials]))
-            for k in OUTCOMES:
-                row[k], row[f"{k}_std"] = mean_std(p[k] for p in pct)
-            row["source"] = "trials"
-        else:
-            mean = d.get("mean") or {}
-            row["n_mean"] = math.nan
-            for k in OUTCOMES:
-                row[k], row[f"{k}_std"] = finite_or_nan(mean.get(k)), math.nan
-            row["source"] = "file"
-        codes = trial_codes(trials) if pct and len(pct) == len(trials) else None
-        ivs = boot.shares(codes or [], len(OUTCOMES))
-        for k, iv in zip(OUTCOMES, ivs, strict=True):
+                                   mode=d.get("mode"), num_prompts=d.get("num_prompts"), n_trials=len(pct),
+                                   n_mean=nanmean(np.array([finite_or_nan(t.get("n")) for t in trials])))
+        for k in OUTCOMES:
+            row[k], row[f"{k}_std"] = mean_std(p[k] for p in pct)
+        codes = [[(str(j["prompt_id"]), OUTCOMES.index(j["outcome"])) for j in t.get("judgements") or []]
+                 for t in trials]
+        for k, iv in zip(OUTCOMES, boot.shares(codes, len(OUTCOMES)), strict=True):
             row[f"{k}_lo"], row[f"{k}_hi"] = iv.lo, iv.hi
         if swap:
             for suffix in ("", "_std", "_lo", "_hi"):
                 row[f"win{suffix}"], row[f"loss{suffix}"] = row[f"loss{suffix}"], row[f"win{suffix}"]
-        row["path"] = str(path)
+        row["source"], row["path"] = "trials", str(path)
         rows.append(row)
     columns = ["dataset", "model", "reward", "method_a", "method_b", "judge_model", "mode", "num_prompts",
                "n_trials", "n_mean"] + list(OUTCOMES) + [f"{k}_{s}" for s in ("std", "lo", "hi") for k in OUTCOMES] \
@@ -142,8 +122,6 @@ def write_winrate(df: pd.DataFrame, out_dir: Path | str, name: str, title: str |
     notes = [f"Percent of judged comparisons, mean over trials ({display_method(a)}'s view: win = "
              f"{display_method(a)} preferred). Invalid = judge answer not parseable; rows need not sum to 100.",
              f"Judge: {', '.join(judges) or 'unknown'}; order mode: {', '.join(modes) or 'unknown'}."]
-    if (df["source"] == "file").any():
-        notes.append("Rows with 0 trials use the file's stored mean (no usable per-trial counts).")
     if df["win_lo"].notna().any():
         notes.append(f"{boot.describe()}; the statistic: each trial's percentage of its judged prompts, averaged "
                      "over trials (rows without per-prompt judgements: no interval).")
