@@ -95,10 +95,11 @@ def _preferences(j: dict[str, Any]) -> list[str | None]:
 Items = dict[str, list[tuple[str, int]]]  # per rate or bucket: (prompt id, code) per item
 
 
-def trial_items(trial: dict[str, Any], lookup: RecordWords) -> Items:
+def trial_items(trial: dict[str, Any], lookup: RecordWords, swap: bool = False) -> Items:
     """One trial's items, coded: per rate (prompt id, 1/0) per item (see the module
     docstring), per length bucket (prompt id, outcome code: index in ``OUTCOMES``);
-    ``words_missing`` lists the judgements without lengths."""
+    ``words_missing`` lists the judgements without lengths. ``swap``: in B's view (win and
+    loss exchanged, A's and B's lengths too; the rates do not change)."""
     out: Items = {k: [] for k in (*RATES, *BUCKETS, "words_missing")}
     for j in trial.get("judgements") or []:
         pid, prefs = str(j.get("prompt_id")), _preferences(j)
@@ -113,6 +114,8 @@ def trial_items(trial: dict[str, Any], lookup: RecordWords) -> Items:
             out["words_missing"].append((pid, 1))
             continue
         res = j.get("outcome")
+        if swap:
+            words, res = words[::-1], {"win": "loss", "loss": "win"}.get(res, res)
         longer = "a_longer" if words[0] > words[1] else "b_longer" if words[1] > words[0] else "equal"
         if res in OUTCOMES:
             out[longer].append((pid, OUTCOMES.index(res)))
@@ -121,23 +124,12 @@ def trial_items(trial: dict[str, Any], lookup: RecordWords) -> Items:
     return out
 
 
-def _swap(items: Items) -> Items:
-    """The same items in B's view: win and loss exchanged, A's and B's length buckets too."""
-    w, lo = OUTCOMES.index("win"), OUTCOMES.index("loss")
-    flip = {w: lo, lo: w}
-    out = dict(items)
-    out["a_longer"], out["b_longer"] = ([(p, flip.get(c, c)) for p, c in items[k]] for k in ("b_longer", "a_longer"))
-    out["equal"] = [(p, flip.get(c, c)) for p, c in items["equal"]]
-    return out
-
-
 # --------------------------------------------------------------------------- tables
 
 
 def comparison_bias(d: dict[str, Any], swap: bool, lookup: RecordWords, boot: Bootstrap) -> dict[str, Any]:
     """One row of :func:`bias_table` from a win-rate file's contents."""
-    trials = [trial_items(t, lookup) for t in d.get("trials") or [] if isinstance(t, dict)]
-    trials = [_swap(t) if swap else t for t in trials]
+    trials = [trial_items(t, lookup, swap) for t in d.get("trials") or [] if isinstance(t, dict)]
     row: dict[str, Any] = dict(dataset=d.get("dataset"), model=d.get("model"), reward=d.get("reward"),
                                method_a=d.get("method_b") if swap else d.get("method_a"),
                                method_b=d.get("method_a") if swap else d.get("method_b"),
@@ -211,6 +203,4 @@ def bias_notes(df: pd.DataFrame, method_b: str) -> list[str]:
 
 def write_bias(df: pd.DataFrame, out_dir: Path | str, boot: Bootstrap, name: str = "judge_bias") -> list[Path]:
     """Write ``<name>.csv`` (every number) and ``<name>.md``."""
-    if df.empty:
-        raise ValueError("the judge bias report has no rows")
     return write_texts(out_dir, name, {"md": render_bias(df, boot), "csv": df.to_csv(index=False)})

@@ -86,8 +86,6 @@ def _notes(df: pd.DataFrame, boot: Bootstrap) -> list[str]:
 def write_sensitivity(df: pd.DataFrame, out_dir: Path | str, fig_dir: Path | str, boot: Bootstrap,
                       name: str = "sensitivity") -> list[Path]:
     """Write ``<name>.csv``, ``<name>.md`` to ``out_dir`` and ``<name>_<dataset>.png`` to ``fig_dir``."""
-    if df.empty:
-        raise ValueError("the sensitivity table has no rows")
     header = ["Dataset", "Models", "n × κ", "σ", "Seeds", "Prompts", "Final reward", "Base log-prob/token",
               "Seconds/prompt", "Tokens/prompt"]
     body = [[display_dataset(r.dataset), display_pair(r.model, r.reward), f"{r.n} × {r.kappa}", f"{r.sigma:g}",

@@ -8,6 +8,7 @@ falls back to the mean over prompts of the chosen response's reward in
 
 from __future__ import annotations
 
+import functools
 import math
 from importlib import resources
 from io import StringIO
@@ -21,8 +22,8 @@ from aisp_bench.rundir import Run
 
 from .common import (
     DASH, as_float_array, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_mean_std,
-    mean_std, method_key, pair_key, render_latex, render_markdown, select_variants, tex_escape, unfinished_shards,
-    write_texts,
+    mean_std, method_key, nanmean, pair_key, render_latex, render_markdown, select_variants, tex_escape,
+    unfinished_shards, write_texts,
 )  # fmt: skip
 
 METRICS = ("reward", "diversity", "coherence")
@@ -35,15 +36,13 @@ PAPER_SOURCE = ('Kanai, Yoshida, Hashimoto, "Inference-time alignment of languag
 # --------------------------------------------------------------------------- paper data
 
 
-def load_paper_table1(path: Path | str | None = None) -> pd.DataFrame:
-    """The paper's Table 1 as data: columns dataset, model, reward, method, metric, mean,
-    std (floats), mean_text, std_text (as printed in the paper) and source."""
-    if path is None:
-        text = resources.files("aisp_bench.report").joinpath("paper_table1.csv").read_text(encoding="utf-8")
-        raw = pd.read_csv(StringIO(text), dtype=str, keep_default_na=False)
-    else:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    df = raw.rename(columns={"mean": "mean_text", "std": "std_text"})
+@functools.cache
+def load_paper_table1() -> pd.DataFrame:
+    """The paper's Table 1 as data (read once; do not modify): columns dataset, model, reward,
+    method, metric, mean, std (floats), mean_text, std_text (as printed in the paper) and source."""
+    text = resources.files("aisp_bench.report").joinpath("paper_table1.csv").read_text(encoding="utf-8")
+    df = pd.read_csv(StringIO(text), dtype=str, keep_default_na=False).rename(
+        columns={"mean": "mean_text", "std": "std_text"})
     df["mean"] = df["mean_text"].astype(float)
     df["std"] = df["std_text"].astype(float)
     return df
@@ -60,30 +59,20 @@ def seed_values(run: Run) -> dict[str, Any]:
     ``summary.mean_reward`` ("summary"). diversity / coherence: ``summary.metrics``
     only (NaN when evaluation has not run).
     """
-    metrics = run.metrics
-    out: dict[str, Any] = {}
-    reward = finite_or_nan(metrics.get("reward_mean"))
-    source = "metrics"
-    n_prompts = len(run.records)
+    metrics, summary = run.metrics, run.summary or {}
+    reward, source, n_prompts = finite_or_nan(metrics.get("reward_mean")), "metrics", len(run.records)
     if not np.isfinite(reward):
-        rewards = as_float_array([r.get("reward") for r in run.records])
-        rewards = rewards[np.isfinite(rewards)]
-        if rewards.size:
-            reward, source = float(rewards.mean()), "records"
-        else:
-            reward, source = finite_or_nan((run.summary or {}).get("mean_reward")), "summary"
-            n_prompts = int((run.summary or {}).get("num_done") or 0)
-    out["reward"], out["reward_source"] = reward, source
-    out["reward_model"] = str(metrics.get("reward_model") or run.reward) if source == "metrics" else run.reward
-    out["coherence_encoder"] = metrics.get("coherence_encoder")
-    out["diversity"] = finite_or_nan(metrics.get("diversity"))
-    out["coherence"] = finite_or_nan(metrics.get("coherence"))
-    out["n_prompts"] = n_prompts
-    out["complete"] = run.complete
-    return out
+        reward, source = nanmean(as_float_array([r.get("reward") for r in run.records])), "records"
+    if not np.isfinite(reward):
+        reward, source = finite_or_nan(summary.get("mean_reward")), "summary"
+        n_prompts = int(summary.get("num_done") or 0)
+    return dict(reward=reward, reward_source=source,
+                reward_model=str(metrics.get("reward_model") or run.reward) if source == "metrics" else run.reward,
+                coherence_encoder=metrics.get("coherence_encoder"), diversity=finite_or_nan(metrics.get("diversity")),
+                coherence=finite_or_nan(metrics.get("coherence")), n_prompts=n_prompts, complete=run.complete)
 
 
-def table1(runs: Sequence[Run], *, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+def table1(runs: Sequence[Run]) -> pd.DataFrame:
     """Table 1: mean (std) over seeds of reward, diversity and coherence per
     dataset × (model, reward) pair × method, with the paper's value beside ours.
 
@@ -99,8 +88,8 @@ def table1(runs: Sequence[Run], *, paper: pd.DataFrame | None = None) -> pd.Data
     only those seeds are averaged; the own-reward fallback is used only when no seed
     of the cell has been evaluated.
     """
-    paper = load_paper_table1() if paper is None else paper
-    paper_idx = {(r.dataset, r.model, r.reward, r.method, r.metric): (r.mean, r.std) for r in paper.itertuples()}
+    paper_idx = {(r.dataset, r.model, r.reward, r.method, r.metric): (r.mean, r.std)
+                 for r in load_paper_table1().itertuples()}
     chosen, notes = select_variants(runs)
     rows = []
     for (dataset, model, reward, method), rs in chosen.items():
@@ -124,14 +113,11 @@ def table1(runs: Sequence[Run], *, paper: pd.DataFrame | None = None) -> pd.Data
             row[f"{m}_paper_mean"], row[f"{m}_paper_std"] = paper_idx.get((dataset, model, reward, method, m),
                                                                          (math.nan, math.nan))
         rows.append(row)
+    rows.sort(key=lambda r: (dataset_key(r["dataset"]), pair_key((r["model"], r["reward"])), method_key(r["method"])))
     columns = ["dataset", "model", "reward", "method", "variant", "seeds", "n_seeds", "n_prompts", "complete",
-               "reward_source", "reward_model", "coherence_encoder"] + [f"{m}_{k}" for m in METRICS for k in ("mean", "std", "n", "paper_mean", "paper_std")]
+               "reward_source", "reward_model", "coherence_encoder"] + [
+        f"{m}_{k}" for m in METRICS for k in ("mean", "std", "n", "paper_mean", "paper_std")]
     df = pd.DataFrame(rows, columns=columns)
-    if len(df):
-        order = sorted(range(len(df)), key=lambda i: (dataset_key(df.iloc[i]["dataset"]),
-                                                      pair_key((df.iloc[i]["model"], df.iloc[i]["reward"])),
-                                                      method_key(df.iloc[i]["method"])))
-        df = df.iloc[order].reset_index(drop=True)
     df.attrs["notes"] = notes + unfinished_shards(r for rs in chosen.values() for r in rs)
     return df
 
@@ -182,9 +168,8 @@ def _table1_notes(df: pd.DataFrame, has_paper: bool, flags: set[str]) -> list[st
 
 def _table1_layout(df: pd.DataFrame, latex: bool) -> tuple[list[tuple[str, str, str]], list[list[str]], list[str]]:
     """Header tuples (dataset, metric, ours|paper), body rows and notes for Table 1."""
-    pt = load_paper_table1()
     paper_text = {(r.dataset, r.model, r.reward, r.method, r.metric): f"{r.mean_text} ({r.std_text})"
-                  for r in pt.itertuples()}
+                  for r in load_paper_table1().itertuples()}
     columns: list[tuple[str, str, str]] = []
     for ds in sorted(df["dataset"].unique(), key=dataset_key):
         sub = df[df["dataset"] == ds]
@@ -210,8 +195,6 @@ def _table1_layout(df: pd.DataFrame, latex: bool) -> tuple[list[tuple[str, str, 
 
 def write_table1(df: pd.DataFrame, out_dir: Path | str, name: str = "table1") -> list[Path]:
     """Write ``<name>.csv`` (the tidy frame), ``<name>.md`` and ``<name>.tex`` (paper layout)."""
-    if df.empty:
-        raise ValueError("table 1 has no rows")
     contents: dict[str, str] = {"csv": df.to_csv(index=False)}
     columns, body, notes = _table1_layout(df, latex=False)
     header = ["Models", "Methods"] + [

@@ -19,7 +19,7 @@ from aisp_bench.rundir import Run, read_json_or_none
 
 from .common import (
     DASH, as_float_array, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_interval,
-    fmt_mean_std, fmt_num, mean_std, nanmean, pair_key, render_latex, render_markdown, tex_escape, tex_text,
+    fmt_mean_std, fmt_num, mean_std, nanmean, pair_key, render_latex, render_markdown, tex_escape,
     write_texts,
 )  # fmt: skip
 from .stats import Bootstrap
@@ -90,32 +90,21 @@ def winrate_table(results_dir: Path | str, method_a: str, method_b: str,
 TABLE_BASELINES = {"table2": "bon_topp", "table3": "bon_gaussian"}  # Table 2: AISP vs BoN (top-p); 3: N(0,σ²I)
 
 
-def write_winrate(df: pd.DataFrame, out_dir: Path | str, name: str, title: str | None = None,
-                  boot: Bootstrap | None = None, extra_notes: Sequence[str] = ()) -> list[Path]:
+def write_winrate(df: pd.DataFrame, out_dir: Path | str, name: str, boot: Bootstrap | None = None,
+                  extra_notes: Sequence[str] = ()) -> list[Path]:
     """Write ``<name>.csv`` (tidy), ``<name>.md`` and ``<name>.tex`` (the paper's layout:
     Datasets | Models | A | Draw | B with their bootstrap intervals, plus Invalid and the
     number of trials); ``extra_notes`` follow the notes (the report: the judge's position
     and length bias, :mod:`aisp_bench.report.judge_bias`)."""
     boot = boot or Bootstrap()
-    if df.empty:
-        raise ValueError(f"{name} has no rows")
     a, b = df["method_a"].iloc[0], df["method_b"].iloc[0]
-    tex_title = tex_text(title) if title else \
-        f"Win rate for {display_method(a, latex=True)} vs {display_method(b, latex=True)}."
-    title = title or f"Win rate for {display_method(a)} vs {display_method(b)}"
 
     def body(latex: bool) -> list[list[str]]:
-        rows, prev = [], None
-        for r in df.itertuples():
-            ds = display_dataset(r.dataset)
-            pair = display_pair(r.model, r.reward)
-            if latex:
-                ds, pair = tex_escape(ds), tex_escape(pair)
-            rates = [fmt_interval(getattr(r, k), getattr(r, f"{k}_lo"), getattr(r, f"{k}_hi"), 1)
-                     for k in ("win", "draw", "loss")]
-            rows.append([ds if r.dataset != prev else "", pair, *rates, fmt_num(r.invalid, 1), str(r.n_trials)])
-            prev = r.dataset
-        return rows
+        esc = tex_escape if latex else str
+        return [[esc(display_dataset(r.dataset)) if r.dataset != prev else "", esc(display_pair(r.model, r.reward)),
+                 *(fmt_interval(getattr(r, k), getattr(r, f"{k}_lo"), getattr(r, f"{k}_hi"), 1)
+                   for k in ("win", "draw", "loss")), fmt_num(r.invalid, 1), str(r.n_trials)]
+                for r, prev in zip(df.itertuples(), [None, *df["dataset"]])]
 
     judges = sorted({str(j) for j in df["judge_model"].dropna()})
     modes = sorted({str(m) for m in df["mode"].dropna()})
@@ -126,15 +115,14 @@ def write_winrate(df: pd.DataFrame, out_dir: Path | str, name: str, title: str |
         notes.append(f"{boot.describe()}; the statistic: each trial's percentage of its judged prompts, averaged "
                      "over trials (rows without per-prompt judgements: no interval).")
     notes += list(extra_notes)
-    contents = {"csv": df.drop(columns=[c for c in df.columns if c.startswith("_")]).to_csv(index=False)}
     header = ["Datasets", "Models", display_method(a), "Draw", display_method(b), "Invalid", "Trials"]
-    contents["md"] = render_markdown(header, body(False), title=title, notes=notes, align=["l", "l"] + ["r"] * 5)
-    levels = [["", "", "Rate", "Rate", "Rate", "", ""],
-              ["Datasets", "Models", display_method(a, latex=True), "Draw", display_method(b, latex=True),
-               "Invalid", "Trials"]]
-    contents["tex"] = render_latex(levels, body(True), caption=tex_title,
-                                   label=f"tab:{name}", notes=notes, align="llrrrrr")
-    return write_texts(out_dir, name, contents)
+    md = render_markdown(header, body(False), title=f"Win rate for {display_method(a)} vs {display_method(b)}",
+                         notes=notes, align=["l", "l"] + ["r"] * 5)
+    ta, tb = display_method(a, latex=True), display_method(b, latex=True)
+    levels = [["", "", "Rate", "Rate", "Rate", "", ""], ["Datasets", "Models", ta, "Draw", tb, "Invalid", "Trials"]]
+    tex = render_latex(levels, body(True), caption=f"Win rate for {ta} vs {tb}.", label=f"tab:{name}", notes=notes,
+                       align="llrrrrr")
+    return write_texts(out_dir, name, {"csv": df.to_csv(index=False), "md": md, "tex": tex})
 
 
 # --------------------------------------------------------------------------- λ sweep
@@ -190,21 +178,15 @@ def lambda_sweep(runs: Sequence[Run], method: str = "aisp") -> pd.DataFrame:
         x = row["std_r_over_lam_first"]
         row["one_digit"] = bool(np.isfinite(x) and 1 <= x < 10)
         rows.append(row)
+    rows.sort(key=lambda r: (dataset_key(r["dataset"]), pair_key((r["model"], r["reward"])),
+                             r["lam"] if np.isfinite(r["lam"]) else math.inf, r["variant"]))
     columns = ["dataset", "model", "reward", "method", "variant", "lam", "n", "seeds", "n_seeds", "n_prompts",
                "reward_mean", "reward_std", "std_r_over_lam_first", "std_r_over_lam_all", "one_digit"]
-    df = pd.DataFrame(rows, columns=columns)
-    if len(df):
-        order = sorted(range(len(df)), key=lambda i: (
-            dataset_key(df.iloc[i]["dataset"]), pair_key((df.iloc[i]["model"], df.iloc[i]["reward"])),
-            df.iloc[i]["lam"] if np.isfinite(df.iloc[i]["lam"]) else math.inf, df.iloc[i]["variant"]))
-        df = df.iloc[order].reset_index(drop=True)
-    return df
+    return pd.DataFrame(rows, columns=columns)
 
 
 def write_lambda_sweep(df: pd.DataFrame, out_dir: Path | str, name: str = "lambda_sweep") -> list[Path]:
     """Write ``<name>.csv`` (tidy) and ``<name>.md``."""
-    if df.empty:
-        raise ValueError("lambda sweep has no rows")
     header = ["Dataset", "Pair", "λ", "Variant", "Seeds", "Prompts", "Final reward", "std(r/λ) first n",
               "std(r/λ) all", "One digit"]
     body = [[display_dataset(r.dataset), display_pair(r.model, r.reward),
