@@ -1,4 +1,5 @@
-"""Figure 2 (reward against AISP iteration k, BoN at N = n·k) and the equal-compute view.
+"""The report's figures: Figure 2 (reward against AISP iteration k, BoN at N = n·k), the
+equal-compute view and the fixed-budget sensitivity plot.
 
 Pure functions of run folders: the per-prompt curves are computed from
 ``records.jsonl``, averaged, returned as tidy DataFrames (also written as CSV next to
@@ -30,6 +31,7 @@ from .curves import (  # noqa: E402
     aisp_curves, average_curves, bon_prefix_curve, compute_curve, nanmean_columns, resolve_band, stack,
 )  # fmt: skip
 
+AISP_CURVES = ("aisp_mean_at_k", "aisp_best_at_k", "aisp_best_so_far")  # aisp_curves' keys
 DEFAULT_N = 32  # the paper's n, used for BoN prefixes only when no AISP run gives n
 BAND_NAMES = {"seeds": "±1 std over seeds (ddof=1)", "prompts": "±1 s.e. over prompts"}
 METHOD_COLORS = {"aisp": "C0", "bon_topp": "C1", "bon_gaussian": "C2"}
@@ -91,30 +93,18 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto", prompts:
     for model, reward in pairs:
         aisp = chosen.get((dataset, model, reward, "aisp"), [])
         n = next((x for x in (_run_n(r) for r in aisp) if x), None)
-        curves: dict[str, tuple[list[dict[Any, np.ndarray]], str, str, int]] = {}
-        K = 0
-        if aisp:
-            by_seed: dict[str, list[dict[Any, np.ndarray]]] = {k: [] for k in
-                                                               ("aisp_mean_at_k", "aisp_best_at_k", "aisp_best_so_far")}
-            for r in aisp:
-                per = {name: {} for name in by_seed}
-                for i, rec in enumerate(filter(use, r.records)):
-                    c = aisp_curves(rec, n)
-                    K = max(K, len(c["aisp_best_so_far"]))
-                    for name in by_seed:
-                        per[name][rec.get("prompt_id", i)] = c[name]
-                for name in by_seed:
-                    by_seed[name].append(per[name])
-            for name, bs in by_seed.items():
-                curves[name] = (bs, "aisp", aisp[0].variant, len(aisp))
+        per_run = [{rec.get("prompt_id", i): aisp_curves(rec, n) for i, rec in enumerate(filter(use, r.records))}
+                   for r in aisp]
+        K = max((len(c["aisp_best_so_far"]) for d in per_run for c in d.values()), default=0)
+        curves: dict[str, tuple[list[dict[Any, np.ndarray]], str, str, int]] = {
+            name: ([{p: c[name] for p, c in d.items()} for d in per_run], "aisp", aisp[0].variant, len(aisp))
+            for name in (AISP_CURVES if aisp else ())}
         n = n or DEFAULT_N
         for method in sorted({c[3] for c in chosen if c[:3] == (dataset, model, reward) and c[3] != "aisp"},
                              key=method_key):
             rs = chosen[(dataset, model, reward, method)]
-            bs = []
-            for r in rs:
-                bs.append({rec.get("prompt_id", i): bon_prefix_curve(rec.get("sample_rewards") or [], n, K or None)
-                           for i, rec in enumerate(filter(use, r.records))})
+            bs = [{rec.get("prompt_id", i): bon_prefix_curve(rec.get("sample_rewards") or [], n, K or None)
+                   for i, rec in enumerate(filter(use, r.records))} for r in rs]
             curves[method] = (bs, method, rs[0].variant, len(rs))
         for name, (bs, method, variant, n_seeds) in curves.items():
             avg = average_curves(bs, band)
@@ -128,47 +118,59 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto", prompts:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
 
-def _grid(npanels: int, ncols_max: int = 4) -> tuple[int, int]:
-    ncols = min(ncols_max, max(1, npanels))
-    return math.ceil(npanels / ncols), ncols
-
-
 def _band_note(band: str, df: pd.DataFrame) -> str:
-    seeds = sorted({int(s) for s in df["n_seeds"]}) if len(df) else []
+    seeds = sorted({int(s) for s in df["n_seeds"]})
     return (f"mean over prompts and seeds; band: {BAND_NAMES.get(band, band)}; "
             f"seeds per curve: {', '.join(map(str, seeds)) or '—'}")
 
 
 def _prompts_note(df: pd.DataFrame) -> str:
     """Which prompts Figure 2 averages (its caption's first words)."""
-    if not len(df):
-        return ""
     used, total, seed = (int(df[c].iloc[0]) for c in ("prompts", "prompts_total", "prompt_seed"))
     if used:
         return f"{used} of {total} prompts drawn with seed {seed} (figure2.prompts=all: every prompt); "
     return f"all {total} prompts; "
 
 
-def _legend_rows(nhandles: int, width: float) -> tuple[int, int]:
-    """(columns, rows) of a bottom legend that fits ``width`` inches (about 2 inches an entry)."""
+def _legend(nhandles: int, width: float) -> tuple[int, float]:
+    """A bottom legend that fits ``width`` inches (about 2 inches an entry): its columns and
+    the inches reserved under the axes for it and the note."""
     ncol = max(1, min(nhandles, int(width // 2.0)))
-    return ncol, math.ceil(max(nhandles, 1) / ncol)
+    return ncol, 0.35 + 0.2 * math.ceil(max(nhandles, 1) / ncol)
 
 
-def _footer_height(nhandles: int, width: float) -> float:
-    """Inches reserved under the axes for the legend and the note."""
-    return 0.35 + 0.2 * _legend_rows(nhandles, width)[1]
+def _figure(nrows: int, ncols: int, width: float, height: float, nhandles: int) -> tuple[Any, np.ndarray]:
+    """A grid of axes ``height`` inches tall plus room for the legend and note at the bottom."""
+    return plt.subplots(nrows, ncols, figsize=(width, height + 0.3 + _legend(nhandles, width)[1]), squeeze=False)
 
 
-def _footer(fig: Any, handles: dict[str, Any], note: str) -> float:
-    """Legend and a one-line note at the bottom of the figure; returns the rect bottom
-    (figure fraction) to pass to ``tight_layout``."""
+def _band(ax: Any, x: pd.Series, c: pd.DataFrame, max_markers: int, **style: Any) -> Any:
+    """The curve ``c["mean"]`` against ``x`` with its ``lo``-``hi`` band; returns the line."""
+    (h,) = ax.plot(x, c["mean"], lw=1.6, marker="o" if len(c) <= max_markers else None, ms=3, **style)
+    if np.isfinite(c["lo"]).any():
+        ax.fill_between(x, c["lo"], c["hi"], color=h.get_color(), alpha=0.15, lw=0)
+    return h
+
+
+def _finish(fig: Any, path: Path | str, title: str, handles: dict[str, Any], note: str) -> Path:
+    """Title, the legend and a one-line note at the bottom, then :func:`save`."""
     h, w = fig.get_figheight(), fig.get_figwidth()
-    ncol, _ = _legend_rows(len(handles), w)
+    ncol, reserved = _legend(len(handles), w)
+    fig.suptitle(title, fontsize=11)
     fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=ncol, fontsize=8,
                frameon=False, bbox_to_anchor=(0.5, 0.2 / h))
     fig.text(0.5, 0.05 / h, note, ha="center", va="bottom", fontsize=7, color="0.35")
-    return (_footer_height(len(handles), w) - 0.05) / h
+    fig.tight_layout(rect=(0, (reserved - 0.05) / h, 1, 0.97))
+    return save(fig, path)
+
+
+def save(fig: Any, path: Path | str) -> Path:
+    """Write ``fig`` as a PNG (130 dpi) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
 
 
 def _log_axis(ax: Any, lo: float, hi: float) -> None:
@@ -184,33 +186,25 @@ def _log_axis(ax: Any, lo: float, hi: float) -> None:
 def plot_figure2(df: pd.DataFrame, path: Path | str) -> Path:
     """Plot :func:`figure2_data` output: one subplot per pair, reward against iteration k
     (top axis: BoN's N = n·k)."""
-    path = Path(path)
-    pairs = list(dict.fromkeys(zip(df["model"], df["reward"])))
-    nrows, ncols = _grid(len(pairs))
-    nh = len(set(df["curve"]))
-    width = max(4.2 * ncols, 7.0)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.4 * nrows + 0.3 + _footer_height(nh, width)),
-                             squeeze=False)
+    pairs = list(df.groupby(["model", "reward"], sort=False))
+    ncols = min(4, len(pairs))
+    nrows = math.ceil(len(pairs) / ncols)
+    fig, axes = _figure(nrows, ncols, max(4.2 * ncols, 7.0), 3.4 * nrows, len(set(df["curve"])))
     handles: dict[str, Any] = {}
-    for ax, (model, reward) in zip(axes.flat, pairs):
-        sub = df[(df["model"] == model) & (df["reward"] == reward)]
+    for ax, ((model, reward), sub) in zip(axes.flat, pairs):
         for name in sorted(sub["curve"].unique(), key=lambda c: list(CURVE_STYLE).index(c) if c in CURVE_STYLE
                            else len(CURVE_STYLE)):
-            c = sub[sub["curve"] == name]
             style = CURVE_STYLE.get(name, dict(ls="-", label=name))
-            (h,) = ax.plot(c["k"], c["mean"], color=style.get("color"), ls=style["ls"], lw=1.6,
-                           marker="o" if len(c) <= 4 else None, ms=3)
-            if np.isfinite(c["lo"]).any():
-                ax.fill_between(c["k"], c["lo"], c["hi"], color=h.get_color(), alpha=0.15, lw=0)
-            handles.setdefault(style["label"], h)
+            c = sub[sub["curve"] == name]
+            handles.setdefault(style["label"], _band(ax, c["k"], c, 4, color=style.get("color"), ls=style["ls"]))
         ax.set_title(display_pair(model, reward), fontsize=10)
         ax.set_xlabel("iteration k")
         ax.set_ylabel("reward")
         ax.grid(alpha=0.3)
-        kmax = int(sub["k"].max()) if len(sub) else 1
+        kmax = int(sub["k"].max())
         ax.set_xlim(1, max(kmax, 2))
         ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
-        n_per_k = sub["N"].iloc[0] / sub["k"].iloc[0] if len(sub) else DEFAULT_N
+        n_per_k = sub["N"].iloc[0] / sub["k"].iloc[0]
         sec = ax.secondary_xaxis("top", functions=(lambda k, m=n_per_k: k * m, lambda N, m=n_per_k: N / m))
         ks = [k for k in ax.xaxis.get_major_locator().tick_values(1, max(kmax, 2)) if 1 <= k <= max(kmax, 2)]
         sec.set_xticks([k * n_per_k for k in ks])  # N at the k ticks
@@ -219,15 +213,8 @@ def plot_figure2(df: pd.DataFrame, path: Path | str) -> Path:
         sec.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(pairs):]:
         ax.set_visible(False)
-    dataset = df["dataset"].iloc[0] if len(df) else ""
-    band = df["band"].iloc[0] if len(df) else "auto"
-    fig.suptitle(f"Reward against iteration on {display_dataset(dataset)}", fontsize=11)
-    bottom = _footer(fig, handles, _prompts_note(df) + _band_note(band, df))
-    fig.tight_layout(rect=(0, bottom, 1, 0.97))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, f"Reward against iteration on {display_dataset(df['dataset'].iloc[0])}", handles,
+                   _prompts_note(df) + _band_note(df["band"].iloc[0], df))
 
 
 # --------------------------------------------------------------------------- equal compute
@@ -277,25 +264,17 @@ def compute_data(runs: Sequence[Run], dataset: str, band: str = "auto") -> pd.Da
 def plot_compute(df: pd.DataFrame, path: Path | str) -> Path:
     """Plot :func:`compute_data`: one row per pair; best reward so far against mean
     cumulative generated tokens (left) and wall seconds (right), log x."""
-    path = Path(path)
-    pairs = list(dict.fromkeys(zip(df["model"], df["reward"])))
-    nh = len(set(df["method"]))
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(9.5, 3.3 * len(pairs) + 0.3 + _footer_height(nh, 9.5)),
-                             squeeze=False)
+    pairs = list(df.groupby(["model", "reward"], sort=False))
+    fig, axes = _figure(len(pairs), 2, 9.5, 3.3 * len(pairs), len(set(df["method"])))
     handles: dict[str, Any] = {}
-    for row, (model, reward) in zip(axes, pairs):
-        sub = df[(df["model"] == model) & (df["reward"] == reward)]
+    for row, ((model, reward), sub) in zip(axes, pairs):
         for ax, xcol, xlabel in ((row[0], "tokens", "generated tokens per prompt (cumulative)"),
                                  (row[1], "seconds", "wall seconds per prompt (cumulative)")):
             for method in sorted(sub["method"].unique(), key=method_key):
                 c = sub[(sub["method"] == method) & np.isfinite(sub[xcol]) & (sub[xcol] > 0)]
                 if c.empty:
                     continue
-                (h,) = ax.plot(c[xcol], c["mean"], color=METHOD_COLORS.get(method), lw=1.6,
-                               marker="o" if len(c) <= 16 else None, ms=3)
-                if np.isfinite(c["lo"]).any():
-                    ax.fill_between(c[xcol], c["lo"], c["hi"], color=h.get_color(), alpha=0.15, lw=0)
-                handles.setdefault(display_method(method), h)
+                handles.setdefault(display_method(method), _band(ax, c[xcol], c, 16, color=METHOD_COLORS.get(method)))
             xs = sub[xcol][np.isfinite(sub[xcol]) & (sub[xcol] > 0)]
             _log_axis(ax, float(xs.min()) if len(xs) else 1.0, float(xs.max()) if len(xs) else 10.0)
             ax.set_xlabel(xlabel)
@@ -303,16 +282,46 @@ def plot_compute(df: pd.DataFrame, path: Path | str) -> Path:
             ax.set_title(display_pair(model, reward), fontsize=10)
             ax.grid(alpha=0.3, which="major")
             ax.grid(alpha=0.08, which="minor")
-    dataset = df["dataset"].iloc[0] if len(df) else ""
-    band = df["band"].iloc[0] if len(df) else "auto"
-    fig.suptitle(f"Best reward against compute on {display_dataset(dataset)}", fontsize=11)
-    bottom = _footer(fig, handles, _band_note(band, df) + "; x: mean over prompts; seconds split over samples "
-                     "pro rata by tokens")
-    fig.tight_layout(rect=(0, bottom, 1, 0.97))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, f"Best reward against compute on {display_dataset(df['dataset'].iloc[0])}", handles,
+                   _band_note(df["band"].iloc[0], df) + "; x: mean over prompts; seconds split over samples "
+                   "pro rata by tokens")
+
+
+# --------------------------------------------------------------------------- fixed-budget sensitivity
+
+
+SENSITIVITY_PANELS = (("final_reward", "final reward"), ("base_logprob", "base log-prob / token"),
+                      ("seconds", "seconds / prompt"))
+
+
+def plot_sensitivity(df: pd.DataFrame, path: Path) -> Path:
+    """One row of panels per pair: final reward, base log-prob and seconds against the split
+    (n × κ, n increasing), one line per σ; bars: the bootstrap intervals."""
+    pairs = list(df.groupby(["model", "reward"], sort=False))
+    fig, axes = plt.subplots(len(pairs), 3, figsize=(12, 3.2 * len(pairs) + 0.6), squeeze=False)
+    for row, ((model, reward), sub) in zip(axes, pairs):
+        splits = sorted({(int(n), int(k)) for n, k in zip(sub["n"], sub["kappa"])})
+        sigmas = sorted(set(sub["sigma"]))
+        for ax, (col, label) in zip(row, SENSITIVITY_PANELS):
+            for i, sigma in enumerate(sigmas):
+                c = sub[sub["sigma"] == sigma].sort_values("n")
+                dodge = 0.04 * (i - (len(sigmas) - 1) / 2)  # the bars of one split side by side
+                x = [splits.index((int(n), int(k))) + dodge for n, k in zip(c["n"], c["kappa"])]
+                y = c[col].to_numpy(float)
+                err = np.abs([y - c[f"{col}_lo"].to_numpy(float), c[f"{col}_hi"].to_numpy(float) - y]) \
+                    if f"{col}_lo" in c else None
+                ax.errorbar(x, y, yerr=None if err is None or not np.isfinite(err).any() else err, marker="o",
+                            ms=4, capsize=3, color=f"C{i}", label=f"σ = {sigma:g}")
+            ax.set_xticks(range(len(splits)), [f"{n}×{k}" for n, k in splits], fontsize=8)
+            ax.set_xlabel("n × κ (samples per iteration × iterations)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        row[0].set_title(display_pair(model, reward), fontsize=10, loc="left")
+        row[0].legend(fontsize=8)
+    fig.suptitle(f"AISP at a fixed budget n·κ on {display_dataset(df['dataset'].iloc[0])} "
+                 "(bars: bootstrap intervals over prompts)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return save(fig, path)
 
 
 # --------------------------------------------------------------------------- entry points

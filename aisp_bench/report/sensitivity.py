@@ -18,21 +18,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from aisp_bench.rundir import Run
 
-from aisp_bench.rundir import Run  # noqa: E402
-
-from .common import (  # noqa: E402
-    as_float_array, dataset_key, display_dataset, display_pair, finite_or_nan, fmt_interval, fmt_num, nanmean,
-    pair_key, render_markdown, write_texts,
+from .common import (
+    as_float_array, dataset_key, display_dataset, display_pair, fmt_interval, fmt_num, nanmean, pair_key,
+    render_markdown, write_texts,
 )  # fmt: skip
-from .stats import Bootstrap  # noqa: E402
-from .table1_extended import prompt_values  # noqa: E402
+from .figures import plot_sensitivity
+from .stats import Bootstrap
+from .table1_extended import prompt_values
 
 PREFIX = "sensitivity"  # the experiment's variants
 
@@ -98,41 +95,3 @@ def write_sensitivity(df: pd.DataFrame, out_dir: Path | str, fig_dir: Path | str
     for ds in sorted(set(df["dataset"]), key=dataset_key):
         paths.append(plot_sensitivity(df[df["dataset"] == ds], Path(fig_dir) / f"{name}_{ds}.png"))
     return paths
-
-
-PANELS = (("final_reward", "final reward"), ("base_logprob", "base log-prob / token"), ("seconds", "seconds / prompt"))
-
-
-def plot_sensitivity(df: pd.DataFrame, path: Path) -> Path:
-    """One row of panels per pair: final reward, base log-prob and seconds against the split
-    (n × κ, n increasing), one line per σ; bars: the bootstrap intervals."""
-    pairs = list(dict.fromkeys(zip(df["model"], df["reward"])))
-    fig, axes = plt.subplots(len(pairs), 3, figsize=(12, 3.2 * len(pairs) + 0.6), squeeze=False)
-    for row, (model, reward) in zip(axes, pairs):
-        sub = df[(df["model"] == model) & (df["reward"] == reward)]
-        splits = sorted({(int(n), int(k)) for n, k in zip(sub["n"], sub["kappa"])})
-        for ax, (col, label) in zip(row, PANELS):
-            sigmas = sorted(set(sub["sigma"]))
-            for i, sigma in enumerate(sigmas):
-                c = sub[sub["sigma"] == sigma].sort_values("n")
-                dodge = 0.04 * (i - (len(sigmas) - 1) / 2)  # the bars of one split side by side
-                x = [splits.index((int(n), int(k))) + dodge for n, k in zip(c["n"], c["kappa"])]
-                y = np.array([finite_or_nan(v) for v in c[col]])
-                err = None
-                if f"{col}_lo" in c:
-                    err = np.abs(np.vstack([y - c[f"{col}_lo"].to_numpy(float), c[f"{col}_hi"].to_numpy(float) - y]))
-                ax.errorbar(x, y, yerr=None if err is None or not np.isfinite(err).any() else err, marker="o",
-                            ms=4, capsize=3, color=f"C{i}", label=f"σ = {sigma:g}")
-            ax.set_xticks(range(len(splits)), [f"{n}×{k}" for n, k in splits], fontsize=8)
-            ax.set_xlabel("n × κ (samples per iteration × iterations)")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-        row[0].set_title(display_pair(model, reward), fontsize=10, loc="left")
-        row[0].legend(fontsize=8)
-    fig.suptitle(f"AISP at a fixed budget n·κ on {display_dataset(df['dataset'].iloc[0])} "
-                 "(bars: bootstrap intervals over prompts)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
