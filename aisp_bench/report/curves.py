@@ -60,12 +60,8 @@ def bon_prefix_curve(sample_rewards: Sequence[float], n: int, K: int | None = No
     r = as_float_array(list(sample_rewards))
     K = len(r) // n if K is None else K
     out = np.full(K, math.nan)
-    if len(r) == 0 or n <= 0:
-        return out
-    run_max = np.fmax.accumulate(r)  # fmax: a NaN reward never hides the best so far
-    for k in range(1, K + 1):
-        if n * k <= len(r):
-            out[k - 1] = run_max[n * k - 1]
+    k = min(K, len(r) // n)  # k with all n·k samples on disk
+    out[:k] = np.fmax.accumulate(r)[n - 1:n * k:n]  # fmax: a NaN reward never hides the best so far
     return out
 
 

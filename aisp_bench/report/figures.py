@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -235,27 +236,18 @@ def compute_data(runs: Sequence[Run], dataset: str, band: str = "auto") -> pd.Da
     frames = []
     for (ds, model, reward, method) in sorted(chosen, key=lambda c: (pair_key((c[1], c[2])), method_key(c[3]))):
         rs = chosen[(ds, model, reward, method)]
-        best_bs, tok_rows, sec_rows = [], [], []
-        for r in rs:
-            n = _run_n(r)
-            cs = {rec.get("prompt_id", i): compute_curve(rec, n) for i, rec in enumerate(r.records)}
-            if not cs:
-                continue
-            L = min(len(c["best"]) for c in cs.values())
-            best_bs.append({pid: c["best"][:L] for pid, c in cs.items()})
-            tok_rows.append(nanmean_columns(stack([c["tokens"][:L] for c in cs.values()])))
-            sec_rows.append(nanmean_columns(stack([c["seconds"][:L] for c in cs.values()])))
-        if not best_bs:
+        per_run = [{rec.get("prompt_id", i): compute_curve(rec, _run_n(r)) for i, rec in enumerate(r.records)}
+                   for r in rs]
+        per_run = [cs for cs in per_run if cs]
+        if not per_run:
             continue
-        L = min(len(t) for t in tok_rows)
-        best_bs = [{pid: c[:L] for pid, c in d.items()} for d in best_bs]
-        avg = average_curves(best_bs, band)
-        tokens = nanmean_columns(stack([t[:L] for t in tok_rows]))
-        seconds = nanmean_columns(stack([s[:L] for s in sec_rows]))
+        L = min(len(c["best"]) for cs in per_run for c in cs.values())
+        avg = average_curves([{pid: c["best"][:L] for pid, c in cs.items()} for cs in per_run], band)
+        x = {k: nanmean_columns(stack([nanmean_columns(stack([c[k][:L] for c in cs.values()])) for cs in per_run]))
+             for k in ("tokens", "seconds")}
         frames.append(pd.DataFrame(dict(dataset=ds, model=model, reward=reward, method=method, variant=rs[0].variant,
-                                        sample=np.arange(1, L + 1), tokens=tokens, seconds=seconds,
-                                        mean=avg["mean"], lo=avg["lo"], hi=avg["hi"], count=avg["count"],
-                                        n_seeds=len(rs), band=band)))
+                                        sample=np.arange(1, L + 1), **x, mean=avg["mean"], lo=avg["lo"],
+                                        hi=avg["hi"], count=avg["count"], n_seeds=len(rs), band=band)))
     cols = ["dataset", "model", "reward", "method", "variant", "sample", "tokens", "seconds", "mean", "lo", "hi",
             "count", "n_seeds", "band"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
@@ -332,25 +324,21 @@ def write_figure2(runs: Sequence[Run], out_dir: Path | str, band: str = "auto", 
     """``figure2_<dataset>.png`` (+ ``.csv`` with the plotted numbers) for every dataset
     with an AISP run, averaged over ``prompts`` prompts drawn with ``seed`` (None: all);
     returns the written paths."""
-    data = lambda rs, ds, b: figure2_data(rs, ds, b, prompts, seed)  # noqa: E731
-    return _write_per_dataset(runs, out_dir, "figure2", data, plot_figure2, band, needs="aisp")
+    datasets = sorted({r.dataset for r in runs if r.method == "aisp"}, key=dataset_key)
+    return _write(out_dir, "figure2", (figure2_data(runs, ds, band, prompts, seed) for ds in datasets), plot_figure2)
 
 
 def write_compute(runs: Sequence[Run], out_dir: Path | str, band: str = "auto") -> list[Path]:
     """``compute_<dataset>.png`` (+ ``.csv``) for every dataset with runs."""
-    return _write_per_dataset(runs, out_dir, "compute", compute_data, plot_compute, band)
+    datasets = sorted({r.dataset for r in runs}, key=dataset_key)
+    return _write(out_dir, "compute", (compute_data(runs, ds, band) for ds in datasets), plot_compute)
 
 
-def _write_per_dataset(runs, out_dir, name, data, plot, band, needs: str | None = None) -> list[Path]:
+def _write(out_dir: Path | str, name: str, frames: Iterable[pd.DataFrame], plot: Callable) -> list[Path]:
     paths = []
-    for ds in sorted({r.dataset for r in runs}, key=dataset_key):
-        if needs is not None and not any(r.method == needs and r.dataset == ds for r in runs):
-            continue
-        df = data(runs, ds, band)
-        if df.empty:
-            continue
-        out = Path(out_dir) / f"{name}_{ds}.png"
-        paths.append(plot(df, out))
+    for df in (df for df in frames if len(df)):
+        out = Path(out_dir) / f"{name}_{df['dataset'].iloc[0]}.png"
+        paths.append(plot(df, out))  # creates out_dir
         df.to_csv(out.with_suffix(".csv"), index=False)
         paths.append(out.with_suffix(".csv"))
     return paths
