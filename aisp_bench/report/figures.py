@@ -114,9 +114,7 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto", prompts:
                                             variant=variant, k=k, N=n * k, mean=avg["mean"], lo=avg["lo"],
                                             hi=avg["hi"], count=avg["count"], n_seeds=n_seeds, band=band,
                                             prompts=len(keep or ()), prompts_total=total, prompt_seed=seed)))
-    cols = ["dataset", "model", "reward", "curve", "method", "variant", "k", "N", "mean", "lo", "hi", "count",
-            "n_seeds", "band", "prompts", "prompts_total", "prompt_seed"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _band_note(band: str, df: pd.DataFrame) -> str:
@@ -248,9 +246,7 @@ def compute_data(runs: Sequence[Run], dataset: str, band: str = "auto") -> pd.Da
         frames.append(pd.DataFrame(dict(dataset=ds, model=model, reward=reward, method=method, variant=rs[0].variant,
                                         sample=np.arange(1, L + 1), **x, mean=avg["mean"], lo=avg["lo"],
                                         hi=avg["hi"], count=avg["count"], n_seeds=len(rs), band=band)))
-    cols = ["dataset", "model", "reward", "method", "variant", "sample", "tokens", "seconds", "mean", "lo", "hi",
-            "count", "n_seeds", "band"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def plot_compute(df: pd.DataFrame, path: Path | str) -> Path:

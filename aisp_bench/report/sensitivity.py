@@ -64,10 +64,7 @@ def sensitivity_table(runs: Sequence[Run], boot: Bootstrap | None = None) -> pd.
         for m, field in (("seconds", "seconds"), ("tokens", "num_tokens")):
             row[m] = nanmean(np.concatenate([as_float_array([x.get(field) for x in r.records]) for r in rs]))
         rows.append(row)
-    columns = ["dataset", "model", "reward", "n", "kappa", "sigma", "budget", "n_seeds", "seeds", "n_prompts",
-               "final_reward", "final_reward_lo", "final_reward_hi", "base_logprob", "base_logprob_lo", "base_logprob_hi",
-               "seconds", "tokens"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows)
 
 
 def _notes(df: pd.DataFrame, boot: Bootstrap) -> list[str]:

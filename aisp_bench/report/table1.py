@@ -114,10 +114,7 @@ def table1(runs: Sequence[Run]) -> pd.DataFrame:
                                                                          (math.nan, math.nan))
         rows.append(row)
     rows.sort(key=lambda r: (dataset_key(r["dataset"]), pair_key((r["model"], r["reward"])), method_key(r["method"])))
-    columns = ["dataset", "model", "reward", "method", "variant", "seeds", "n_seeds", "n_prompts", "complete",
-               "reward_source", "reward_model", "coherence_encoder"] + [
-        f"{m}_{k}" for m in METRICS for k in ("mean", "std", "n", "paper_mean", "paper_std")]
-    df = pd.DataFrame(rows, columns=columns)
+    df = pd.DataFrame(rows)
     df.attrs["notes"] = notes + unfinished_shards(r for rs in chosen.values() for r in rs)
     return df
 

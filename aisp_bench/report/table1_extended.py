@@ -117,9 +117,7 @@ def table1_extended(runs: Sequence[Run], boot: Bootstrap | None = None) -> pd.Da
         if COMPARED in vals:
             for b in (m for m in methods if m != COMPARED):
                 rows += _difference_rows((ds, model, reward, COMPARED), vals[COMPARED], vals[b], b, boot, scorers)
-    columns = ["dataset", "model", "reward", "method", "row", "baseline", "metric", "mean", "std", "lo", "hi",
-               "n_seeds", "n_prompts", "scored_by"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows)
 
 
 def _layout(df: pd.DataFrame, latex: bool) -> list[list[str]]:

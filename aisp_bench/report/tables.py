@@ -180,9 +180,7 @@ def lambda_sweep(runs: Sequence[Run], method: str = "aisp") -> pd.DataFrame:
         rows.append(row)
     rows.sort(key=lambda r: (dataset_key(r["dataset"]), pair_key((r["model"], r["reward"])),
                              r["lam"] if np.isfinite(r["lam"]) else math.inf, r["variant"]))
-    columns = ["dataset", "model", "reward", "method", "variant", "lam", "n", "seeds", "n_seeds", "n_prompts",
-               "reward_mean", "reward_std", "std_r_over_lam_first", "std_r_over_lam_all", "one_digit"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows)
 
 
 def write_lambda_sweep(df: pd.DataFrame, out_dir: Path | str, name: str = "lambda_sweep") -> list[Path]:
@@ -232,8 +230,7 @@ def compare(runs: Sequence[Run]) -> pd.DataFrame:
             tokens=nanmean(as_float_array([x.get("num_tokens") for x in recs])),
             seconds=nanmean(as_float_array([x.get("seconds") for x in recs])),
         ))
-    return pd.DataFrame(rows, columns=["dataset", "pair", "method", "variant", "seeds", "prompts", "reward",
-                                       "first_sample", "samples", "tokens", "seconds"])
+    return pd.DataFrame(rows)
 
 
 def render_compare(df: pd.DataFrame) -> str:
