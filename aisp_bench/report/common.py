@@ -67,23 +67,20 @@ def display_pair(model: str, reward: str) -> str:
     return f"{MODEL_NAMES.get(model, model)} & {REWARD_NAMES.get(reward, reward)}"
 
 
-def _rank(value: str, order: Iterable) -> tuple[int, str]:
-    order = list(order)
+def _rank(value: Any, order: Sequence) -> tuple[int, str]:
     return (order.index(value), "") if value in order else (len(order), str(value))
 
 
+# Sort keys: the paper's order (methods, pairs, datasets: SHP then HH-RLHF), then unknown names alphabetically.
 def method_key(name: str) -> tuple[int, str]:
-    """Sort key: the paper's method order, then unknown names alphabetically."""
     return _rank(name, METHOD_ORDER)
 
 
 def pair_key(pair: tuple[str, str]) -> tuple[int, str]:
-    """Sort key: the paper's pair order, then unknown pairs alphabetically."""
     return _rank(tuple(pair), PAIR_ORDER)
 
 
 def dataset_key(name: str) -> tuple[int, str]:
-    """Sort key: SHP, HH-RLHF, then unknown datasets alphabetically."""
     return _rank(name, DATASET_ORDER)
 
 
@@ -100,10 +97,9 @@ def as_float_array(values: Any) -> np.ndarray:
 def finite_or_nan(value: Any) -> float:
     """``value`` as a float, NaN when it is missing or not a number."""
     try:
-        x = float(value)
+        return float(value)
     except (TypeError, ValueError):
         return math.nan
-    return x
 
 
 # --------------------------------------------------------------------------- runs
@@ -140,10 +136,7 @@ def select_variants(runs: Iterable[Run]) -> tuple[dict[tuple[str, str, str, str]
     chosen: dict[tuple[str, str, str, str], list[Run]] = {}
     notes: list[str] = []
     for cell, variants in by_cell.items():
-        if "default" in variants:
-            name = "default"
-        else:
-            name = sorted(variants, key=lambda v: (-len(variants[v]), v))[0]
+        name = "default" if "default" in variants else min(variants, key=lambda v: (-len(variants[v]), v))
         chosen[cell] = variants[name]
         if len(variants) > 1:
             others = ", ".join(sorted(v for v in variants if v != name))
@@ -154,7 +147,6 @@ def select_variants(runs: Iterable[Run]) -> tuple[dict[tuple[str, str, str, str]
 # --------------------------------------------------------------------------- formats and rendering
 
 DASH = "—"
-
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -248,11 +240,9 @@ def render_latex(header_levels: Sequence[Sequence[str]], rows: Sequence[Sequence
 
 
 def write_texts(out_dir: Path | str, name: str, contents: dict[str, str]) -> list[Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext, text in contents.items():
-        p = out_dir / f"{name}.{ext}"
+    """Write ``<name>.<ext>`` per item of ``contents`` in that order; returns the paths."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    paths = [Path(out_dir) / f"{name}.{ext}" for ext in contents]
+    for p, text in zip(paths, contents.values()):
         p.write_text(text, encoding="utf-8")
-        paths.append(p)
     return paths

@@ -119,8 +119,11 @@ def table1(runs: Sequence[Run]) -> pd.DataFrame:
     return df
 
 
-def _table1_cell(c: Any, m: str, flags: set[str]) -> str:
-    """One of our Table 1 cells, with its marks (flags collects the marks used)."""
+def _table1_cell(cell: pd.DataFrame, m: str, flags: set[str]) -> str:
+    """One of our Table 1 cells (``cell``: its row, if any), with its marks (flags collects the marks used)."""
+    if cell.empty:
+        return DASH
+    c = cell.iloc[0]
     text = fmt_mean_std(c[f"{m}_mean"], c[f"{m}_std"], METRIC_DECIMALS[m])
     if m != "reward" and not np.isfinite(c[f"{m}_mean"]):
         flags.add("missing_metric")
@@ -163,51 +166,37 @@ def _table1_notes(df: pd.DataFrame, has_paper: bool, flags: set[str]) -> list[st
     return notes + list(df.attrs.get("notes", []))
 
 
-def _table1_layout(df: pd.DataFrame, latex: bool) -> tuple[list[tuple[str, str, str]], list[list[str]], list[str]]:
-    """Header tuples (dataset, metric, ours|paper), body rows and notes for Table 1."""
+def write_table1(df: pd.DataFrame, out_dir: Path | str, name: str = "table1") -> list[Path]:
+    """Write ``<name>.csv`` (the tidy frame), ``<name>.md`` and ``<name>.tex`` (the paper's layout:
+    per dataset and metric our value, and the paper's where it has one)."""
     paper_text = {(r.dataset, r.model, r.reward, r.method, r.metric): f"{r.mean_text} ({r.std_text})"
                   for r in load_paper_table1().itertuples()}
-    columns: list[tuple[str, str, str]] = []
+    columns: list[tuple[str, str, str]] = []  # (dataset, metric, "ours" | "paper")
     for ds in sorted(df["dataset"].unique(), key=dataset_key):
         sub = df[df["dataset"] == ds]
         for m in METRICS:
             columns += [(ds, m, "ours")] + ([(ds, m, "paper")] if sub[f"{m}_paper_mean"].notna().any() else [])
-    body: list[list[str]] = []
+    body: list[tuple[str, str, list[str]]] = []  # (pair on a block's first row, method, cells)
     flags: set[str] = set()
     for model, reward in sorted({(m, r) for m, r in zip(df["model"], df["reward"])}, key=pair_key):
         sub = df[(df["model"] == model) & (df["reward"] == reward)]
         for i, method in enumerate(sorted(sub["method"].unique(), key=method_key)):
-            label = display_pair(model, reward)
-            row = [(tex_escape(label) if latex else label) if i == 0 else "", display_method(method, latex=latex)]
-            for ds, m, kind in columns:
-                cell = sub[(sub["method"] == method) & (sub["dataset"] == ds)]
-                if kind == "paper":
-                    text = paper_text.get((ds, model, reward, method, m), DASH)
-                else:
-                    text = DASH if cell.empty else _table1_cell(cell.iloc[0], m, flags)
-                row.append(text.replace("†", r"$^\dagger$").replace("*", r"$^*$") if latex else text)
-            body.append(row)
-    return columns, body, _table1_notes(df, any(k == "paper" for _, _, k in columns), flags)
-
-
-def write_table1(df: pd.DataFrame, out_dir: Path | str, name: str = "table1") -> list[Path]:
-    """Write ``<name>.csv`` (the tidy frame), ``<name>.md`` and ``<name>.tex`` (paper layout)."""
-    contents: dict[str, str] = {"csv": df.to_csv(index=False)}
-    columns, body, notes = _table1_layout(df, latex=False)
+            mine = sub[sub["method"] == method]
+            cells = [paper_text.get((ds, model, reward, method, m), DASH) if kind == "paper"
+                     else _table1_cell(mine[mine["dataset"] == ds], m, flags) for ds, m, kind in columns]
+            body.append((display_pair(model, reward) if i == 0 else "", method, cells))
+    has_paper = any(k == "paper" for _, _, k in columns)
+    notes = _table1_notes(df, has_paper, flags)
     header = ["Models", "Methods"] + [
         f"{display_dataset(ds)} {METRIC_NAMES[m]}" + (" (paper)" if k == "paper" else "") for ds, m, k in columns
     ]
-    contents["md"] = render_markdown(header, body, title="Table 1: Average reward, diversity and coherence",
-                                     notes=notes, align=["l", "l"] + ["r"] * len(columns))
-    columns, body, notes = _table1_layout(df, latex=True)
-    has_paper = any(k == "paper" for _, _, k in columns)
-    levels = [["", ""] + [tex_escape(display_dataset(ds)) for ds, _, _ in columns],
-              ["Models", "Methods"] + [METRIC_NAMES[m] for _, m, _ in columns]]
-    if has_paper:
-        levels[1] = ["", ""] + [METRIC_NAMES[m] for _, m, _ in columns]
-        levels.append(["Models", "Methods"] + [k for _, _, k in columns])
-    contents["tex"] = render_latex(levels, body, caption="Average rewards, diversity, and coherence of BoN and AISP.",
-                                   label="tab:table1", notes=notes, align="ll" + "r" * len(columns))
-    return write_texts(out_dir, name, contents)
-
-
+    md = render_markdown(header, [[pair, display_method(m), *cells] for pair, m, cells in body], notes=notes,
+                         title="Table 1: Average reward, diversity and coherence", align="ll" + "r" * len(columns))
+    levels = [[tex_escape(display_dataset(ds)) for ds, _, _ in columns], [METRIC_NAMES[m] for _, m, _ in columns]]
+    levels += [[k for _, _, k in columns]] if has_paper else []
+    levels = [["", ""] + lv for lv in levels[:-1]] + [["Models", "Methods"] + levels[-1]]
+    tex_body = [[tex_escape(pair), display_method(m, latex=True),
+                 *(c.replace("†", r"$^\dagger$").replace("*", r"$^*$") for c in cells)] for pair, m, cells in body]
+    tex = render_latex(levels, tex_body, caption="Average rewards, diversity, and coherence of BoN and AISP.",
+                       label="tab:table1", notes=notes, align="ll" + "r" * len(columns))
+    return write_texts(out_dir, name, {"csv": df.to_csv(index=False), "md": md, "tex": tex})

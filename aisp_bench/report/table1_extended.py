@@ -74,27 +74,26 @@ def _scorers(rs: Sequence[Run]) -> dict[str, str]:
     return {"reward": rs[0].reward, "gold_reward": ",".join(gold), "base_logprob": ",".join(base)}
 
 
-def _method_rows(cell: tuple, vals: dict[int, dict], scorers: dict[str, str]) -> list[dict[str, Any]]:
+def _rows(cell: tuple, a: dict[int, dict], scorers: dict[str, str], boot: Bootstrap, baseline: str = "",
+          b: dict[int, dict] | None = None) -> list[dict[str, Any]]:
+    """Per metric, the method row of ``a`` (``{seed: prompt_values}``), or with ``b`` the
+    difference row of ``a`` minus ``b``."""
     rows = []
     for m in METRICS:
-        per_seed = [float(np.mean(list(v[m].values()))) for v in vals.values() if v[m]]
-        mean, std = mean_std(per_seed)
-        rows.append(dict(zip(("dataset", "model", "reward", "method"), cell), row="method", baseline="", metric=m,
-                         mean=mean, std=std, lo=math.nan, hi=math.nan, n_seeds=len(per_seed),
-                         n_prompts=len({p for v in vals.values() for p in v[m]}), scored_by=scorers.get(m, "")))
-    return rows
-
-
-def _difference_rows(cell: tuple, a: dict[int, dict], b: dict[int, dict], baseline: str, boot: Bootstrap,
-                     scorers: dict[str, str]) -> list[dict[str, Any]]:
-    rows = []
-    for m in METRICS:
-        sa, sb = {s: v[m] for s, v in a.items()}, {s: v[m] for s, v in b.items()}
-        iv = boot.paired_difference(sa, sb)
-        seeds = sum(1 for s in set(sa) & set(sb) if set(sa[s]) & set(sb[s]))
-        rows.append(dict(zip(("dataset", "model", "reward", "method"), cell), row="difference", baseline=baseline,
-                         metric=m, mean=iv.mean, std=math.nan, lo=iv.lo, hi=iv.hi, n_seeds=seeds, n_prompts=iv.n,
-                         scored_by=scorers.get(m, "")))
+        sa = {s: v[m] for s, v in a.items()}
+        if b is None:
+            per_seed = [float(np.mean(list(v.values()))) for v in sa.values() if v]
+            mean, std = mean_std(per_seed)
+            stats = dict(mean=mean, std=std, lo=math.nan, hi=math.nan, n_seeds=len(per_seed),
+                         n_prompts=len({p for v in sa.values() for p in v}))
+        else:
+            sb = {s: v[m] for s, v in b.items()}
+            iv = boot.paired_difference(sa, sb)
+            stats = dict(mean=iv.mean, std=math.nan, lo=iv.lo, hi=iv.hi,
+                         n_seeds=sum(1 for s in set(sa) & set(sb) if set(sa[s]) & set(sb[s])), n_prompts=iv.n)
+        kind = "method" if b is None else "difference"
+        rows.append(dict(zip(("dataset", "model", "reward", "method"), cell), row=kind, baseline=baseline, metric=m,
+                         **stats, scored_by=scorers.get(m, "")))
     return rows
 
 
@@ -113,10 +112,9 @@ def table1_extended(runs: Sequence[Run], boot: Bootstrap | None = None) -> pd.Da
         vals = {m: {r.seed: prompt_values(r) for r in chosen[(ds, model, reward, m)]} for m in methods}
         scorers = _scorers([r for m in methods for r in chosen[(ds, model, reward, m)]])
         for m in methods:
-            rows += _method_rows((ds, model, reward, m), vals[m], scorers)
-        if COMPARED in vals:
-            for b in (m for m in methods if m != COMPARED):
-                rows += _difference_rows((ds, model, reward, COMPARED), vals[COMPARED], vals[b], b, boot, scorers)
+            rows += _rows((ds, model, reward, m), vals[m], scorers, boot)
+        for b in (m for m in methods if m != COMPARED and COMPARED in vals):
+            rows += _rows((ds, model, reward, COMPARED), vals[COMPARED], scorers, boot, b, vals[b])
     return pd.DataFrame(rows)
 
 
@@ -128,8 +126,7 @@ def _layout(df: pd.DataFrame, latex: bool) -> list[list[str]]:
                                                                            sort=False)):
             name = display_method(method, latex)
             if kind == "difference":
-                name = f"{name} − {display_method(baseline, latex)}" if not latex else \
-                    f"{name} $-$ {display_method(baseline, latex)}"
+                name += f" {'$-$' if latex else '−'} {display_method(baseline, latex)}"
             cells = {r.metric: (fmt_interval(r.mean, r.lo, r.hi, DECIMALS, sign=True) if kind == "difference"
                                 else fmt_mean_std(r.mean, r.std, DECIMALS)) for r in rows.itertuples()}
             first = (tex_escape(label) if latex else label) if i == 0 else ""
