@@ -85,13 +85,8 @@ def _nonempty(df, message: str):
     return df
 
 
-def _bias(cfg: DictConfig, select: Selection, boot: Bootstrap):
-    from . import judge_bias, tables
-
-    return judge_bias.bias_table(cfg.results_dir, "aisp", list(tables.TABLE_BASELINES.values()), select, boot)
-
-
 def main(cfg: DictConfig) -> int:
+    from . import judge_bias, tables
     from .common import paper_order, unfinished_shards
 
     check(cfg)
@@ -106,7 +101,8 @@ def main(cfg: DictConfig) -> int:
     runs = paper_order(select_runs(cfg, allow_none=set(targets) <= {"table2", "table3", "judge_bias"}))  # judge files only
     for note in unfinished_shards(runs):
         print(f"warning: {note}; read as an incomplete run", file=sys.stderr)
-    bias = functools.cache(lambda: _bias(cfg, select, boot))
+    bias = functools.cache(lambda: judge_bias.bias_table(cfg.results_dir, "aisp", list(tables.TABLE_BASELINES.values()),
+                                                         select, boot))
     status = 0
     for t in targets:
         try:

@@ -46,11 +46,8 @@ CURVE_STYLE = {
 
 
 def _run_n(run: Run) -> int | None:
-    n = run.method_param("n")
-    try:
-        return int(n) if n else None
-    except (TypeError, ValueError):
-        return None
+    """AISP's n (samples per iteration) from the run's manifest; None without one."""
+    return int(run.method_param("n") or 0) or None
 
 
 # --------------------------------------------------------------------------- figure 2
@@ -60,11 +57,7 @@ def sample_prompt_ids(runs: Sequence[Run], num: int | None, seed: int = 0) -> tu
     """(``num`` prompt ids drawn without replacement by ``numpy.random.default_rng(seed)``
     from the sorted ids every run in ``runs`` has, or None: all of them; how many there are).
     With ``num`` None or at least their number, every prompt is used (None)."""
-    common: set[str] | None = None
-    for r in runs:
-        ids = {str(rec.get("prompt_id")) for rec in r.records}
-        common = ids if common is None else common & ids
-    pool = sorted(common or ())
+    pool = sorted(set.intersection(*({str(rec.get("prompt_id")) for rec in r.records} for r in runs)) if runs else ())
     if num is None or num >= len(pool):
         return None, len(pool)
     picked = np.random.default_rng(seed).choice(len(pool), size=num, replace=False)

@@ -51,10 +51,6 @@ class Interval:
     n: int  # clusters (prompts)
     items: int  # values over all clusters (e.g. (prompt, seed) pairs, judged prompts over trials)
 
-    @classmethod
-    def empty(cls) -> Interval:
-        return cls(math.nan, math.nan, math.nan, 0, 0)
-
 
 @dataclass(frozen=True)
 class Clusters:
@@ -98,12 +94,6 @@ def ratio(weights: np.ndarray, c: Clusters) -> np.ndarray:
 def distribution(c: Clusters, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
     """(resamples, C): the statistic over ``resamples`` cluster resamples."""
     return np.concatenate([ratio(w, c) for w in resample_weights(len(c.ids), resamples, seed)])
-
-
-def percentile_interval(stats: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
-    """The ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of ``stats``."""
-    lo, hi = np.quantile(np.asarray(stats, dtype=float), [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------- the clusters
@@ -163,11 +153,12 @@ class Bootstrap:
         """Per statistic (the last axis of ``c.sums``): the point estimate and its interval."""
         C = c.sums.shape[-1] if c.sums.ndim == 3 else 1
         if not len(c.ids) or not c.counts.sum():
-            return [Interval.empty()] * C
+            return [Interval(math.nan, math.nan, math.nan, 0, 0)] * C
         point = ratio(np.ones((1, len(c.ids))), c)[0]
-        dist = distribution(c, self.resamples, self.seed)
-        n, items = len(c.ids), int(c.counts.sum())
-        return [Interval(float(point[k]), *percentile_interval(dist[:, k], self.level), n, items) for k in range(C)]
+        lo, hi = np.quantile(distribution(c, self.resamples, self.seed), [(1 - self.level) / 2, (1 + self.level) / 2],
+                             axis=0)  # the percentile interval, per statistic
+        return [Interval(float(point[k]), float(lo[k]), float(hi[k]), len(c.ids), int(c.counts.sum()))
+                for k in range(C)]
 
     def pooled_mean(self, values: Values) -> Interval:
         """Mean over the (prompt, seed) values (``{seed: {prompt_id: value}}``)."""
