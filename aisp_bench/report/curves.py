@@ -159,29 +159,28 @@ def nanstd_columns(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def average_curves(by_seed: Sequence[dict[str, np.ndarray]], band: str = "seeds") -> dict[str, np.ndarray]:
     """Average per-prompt curves over prompts and seeds.
 
-    ``by_seed``: one ``{prompt_id: curve}`` per seed. Returns ``mean`` (mean over seeds
-    of the per-seed mean over prompts when ``band="seeds"``; mean over prompts of the
-    per-prompt mean over seeds when ``band="prompts"``; equal when every seed has every
-    prompt and full-length curves), ``lo``/``hi`` (mean ∓ the band; NaN where it is
-    undefined) and ``count`` (seeds or prompts contributing at each point).
+    ``by_seed``: one ``{prompt_id: curve}`` per seed; ``band``: "seeds" or "prompts"
+    (:func:`resolve_band`). Returns ``mean`` (mean over seeds of the per-seed mean over
+    prompts when ``band="seeds"``; mean over prompts of the per-prompt mean over seeds when
+    ``band="prompts"``; equal when every seed has every prompt and full-length curves),
+    ``lo``/``hi`` (mean ∓ the band; NaN where it is undefined) and ``count`` (seeds or
+    prompts contributing at each point).
     """
     if band == "seeds":
-        per_seed = stack([nanmean_columns(stack(list(d.values()))) for d in by_seed if d])
-        mean = nanmean_columns(per_seed)
-        sd, cnt = nanstd_columns(per_seed)
-        return {"mean": mean, "lo": mean - sd, "hi": mean + sd, "count": cnt}
-    if band == "prompts":
+        rows = [nanmean_columns(stack(list(d.values()))) for d in by_seed if d]
+    else:
         ids: dict[Any, list[np.ndarray]] = {}
         for d in by_seed:
             for pid, c in d.items():
                 ids.setdefault(pid, []).append(c)
-        per_prompt = stack([nanmean_columns(stack(cs)) for cs in ids.values()])
-        mean = nanmean_columns(per_prompt)
-        sd, cnt = nanstd_columns(per_prompt)
+        rows = [nanmean_columns(stack(cs)) for cs in ids.values()]
+    per = stack(rows)  # per seed or per prompt
+    mean = nanmean_columns(per)
+    sd, cnt = nanstd_columns(per)
+    if band == "prompts":
         with np.errstate(all="ignore"):
-            se = sd / np.sqrt(cnt)
-        return {"mean": mean, "lo": mean - se, "hi": mean + se, "count": cnt}
-    raise ValueError(f"band must be 'seeds' or 'prompts', got {band!r}")
+            sd = sd / np.sqrt(cnt)  # the standard error
+    return {"mean": mean, "lo": mean - sd, "hi": mean + sd, "count": cnt}
 
 
 def resolve_band(band: str, seed_counts: Iterable[int]) -> str:

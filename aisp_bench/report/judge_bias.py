@@ -20,7 +20,8 @@ prompts resampled as clusters: ``Bootstrap.shares`` of :mod:`aisp_bench.report.s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,38 +42,29 @@ RATES = ("flips", "reversed", "first_position", "longer_wins")
 # --------------------------------------------------------------------------- answer lengths
 
 
-class RecordWords:
-    """Words of the cleaned responses of the runs a judge file names (for files without ``words``)."""
+def record_words(results_dir: Path | str) -> Callable[[str], dict[str, int] | None]:
+    """For files without ``words``: per prompt, the words of the cleaned response of the run a
+    win-rate file names (as shown then: maybe relative to another cwd); None if not found."""
 
-    def __init__(self, results_dir: Path | str) -> None:
-        self.results_dir = results_dir
-        self._runs: dict[str, dict[str, int] | None] = {}
-
-    def folder(self, shown: str) -> Path | None:
-        """The run folder a win-rate file names (as shown then: maybe relative to another cwd)."""
+    @functools.cache
+    def of(shown: str) -> dict[str, int] | None:
         p = Path(shown)
-        for cand in (p, runs_root(self.results_dir).joinpath(*p.parts[-5:])):
-            if (cand / RECORDS).is_file() or (cand / SHARDS).is_dir():
-                return cand
-        return None
-
-    def of(self, shown: str) -> dict[str, int] | None:
-        if shown not in self._runs:
-            path, words = self.folder(shown), None
-            if path is not None:
+        for path in (p, runs_root(results_dir).joinpath(*p.parts[-5:])):
+            if (path / RECORDS).is_file() or (path / SHARDS).is_dir():
                 run = Run.at(path)
                 opts = cleaning_options(run.config if run else {})
-                words = {str(r.get("prompt_id")): len(clean_response(r.get("response"), **opts).split())
-                         for r in (run.records if run else read_records(path))}
-            self._runs[shown] = words
-        return self._runs[shown]
+                return {str(r.get("prompt_id")): len(clean_response(r.get("response"), **opts).split())
+                        for r in (run.records if run else read_records(path))}
+        return None
+
+    return of
 
 
-def _words(j: dict[str, Any], trial: dict[str, Any], lookup: RecordWords) -> tuple[int, int] | None:
+def _words(j: dict[str, Any], trial: dict[str, Any], lookup: Callable) -> tuple[int, int] | None:
     w = j.get("words")
     if isinstance(w, list) and len(w) == 2:
         return int(w[0]), int(w[1])
-    a, b = lookup.of(str(trial.get("run_a", ""))), lookup.of(str(trial.get("run_b", "")))
+    a, b = lookup(str(trial.get("run_a", ""))), lookup(str(trial.get("run_b", "")))
     pid = str(j.get("prompt_id"))
     return (a[pid], b[pid]) if a and b and pid in a and pid in b else None
 
@@ -95,7 +87,7 @@ def _preferences(j: dict[str, Any]) -> list[str | None]:
 Items = dict[str, list[tuple[str, int]]]  # per rate or bucket: (prompt id, code) per item
 
 
-def trial_items(trial: dict[str, Any], lookup: RecordWords, swap: bool = False) -> Items:
+def trial_items(trial: dict[str, Any], lookup: Callable, swap: bool = False) -> Items:
     """One trial's items, coded: per rate (prompt id, 1/0) per item (see the module
     docstring), per length bucket (prompt id, outcome code: index in ``OUTCOMES``);
     ``words_missing`` lists the judgements without lengths. ``swap``: in B's view (win and
@@ -127,7 +119,7 @@ def trial_items(trial: dict[str, Any], lookup: RecordWords, swap: bool = False) 
 # --------------------------------------------------------------------------- tables
 
 
-def comparison_bias(d: dict[str, Any], swap: bool, lookup: RecordWords, boot: Bootstrap) -> dict[str, Any]:
+def comparison_bias(d: dict[str, Any], swap: bool, lookup: Callable, boot: Bootstrap) -> dict[str, Any]:
     """One row of :func:`bias_table` from a win-rate file's contents."""
     trials = [trial_items(t, lookup, swap) for t in d.get("trials") or [] if isinstance(t, dict)]
     row: dict[str, Any] = dict(dataset=d.get("dataset"), model=d.get("model"), reward=d.get("reward"),
@@ -153,7 +145,7 @@ def bias_table(results_dir: Path | str, method_a: str, methods_b: Sequence[str],
     docstring (``<rate>``, ``<rate>_lo``, ``<rate>_hi``, ``<rate>_n``) and per length bucket
     ``<bucket>_n`` and ``<bucket>_{win,draw,loss}`` with intervals. Files without per-prompt
     judgements are left out."""
-    boot, lookup = boot or Bootstrap(), RecordWords(results_dir)
+    boot, lookup = boot or Bootstrap(), record_words(results_dir)
     rows = [comparison_bias(d, swap, lookup, boot)
             for b in methods_b for d, swap, _ in comparison_files(results_dir, method_a, b, select)
             if any(isinstance(t, dict) and t.get("judgements") for t in d.get("trials") or [])]
