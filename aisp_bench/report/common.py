@@ -164,6 +164,11 @@ def nanmean(x: np.ndarray) -> float:
     return float(x.mean()) if x.size else math.nan
 
 
+def records_mean(records: Iterable[dict[str, Any]], key: str) -> float:
+    """Mean of the records' finite ``key`` values (NaN when there are none)."""
+    return nanmean(as_float_array([r.get(key) for r in records]))
+
+
 def fmt_num(x: float, decimals: int) -> str:
     """Fixed decimals, "—" for NaN."""
     return DASH if x is None or not np.isfinite(x) else f"{x:.{decimals}f}"

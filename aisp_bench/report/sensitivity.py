@@ -18,14 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 
 from aisp_bench.rundir import Run
 
 from .common import (
-    as_float_array, dataset_key, display_dataset, display_pair, fmt_interval, fmt_num, nanmean, pair_key,
-    render_markdown, write_texts,
+    dataset_key, display_dataset, display_pair, fmt_interval, fmt_num, pair_key, records_mean, render_markdown,
+    write_texts,
 )  # fmt: skip
 from .figures import plot_sensitivity
 from .stats import Bootstrap
@@ -62,7 +61,7 @@ def sensitivity_table(runs: Sequence[Run], boot: Bootstrap | None = None) -> pd.
             iv = boot.pooled_mean({s: v[m] for s, v in vals.items()})
             row.update({col: iv.mean, f"{col}_lo": iv.lo, f"{col}_hi": iv.hi})
         for m, field in (("seconds", "seconds"), ("tokens", "num_tokens")):
-            row[m] = nanmean(np.concatenate([as_float_array([x.get(field) for x in r.records]) for r in rs]))
+            row[m] = records_mean([x for r in rs for x in r.records], field)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -21,9 +21,9 @@ import pandas as pd
 from aisp_bench.rundir import Run
 
 from .common import (
-    DASH, as_float_array, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_mean_std,
-    mean_std, method_key, nanmean, pair_key, render_latex, render_markdown, select_variants, tex_escape,
-    unfinished_shards, write_texts,
+    DASH, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_mean_std, mean_std,
+    method_key, pair_key, records_mean, render_latex, render_markdown, select_variants, tex_escape, unfinished_shards,
+    write_texts,
 )  # fmt: skip
 
 METRICS = ("reward", "diversity", "coherence")
@@ -62,7 +62,7 @@ def seed_values(run: Run) -> dict[str, Any]:
     metrics, summary = run.metrics, run.summary or {}
     reward, source, n_prompts = finite_or_nan(metrics.get("reward_mean")), "metrics", len(run.records)
     if not np.isfinite(reward):
-        reward, source = nanmean(as_float_array([r.get("reward") for r in run.records])), "records"
+        reward, source = records_mean(run.records, "reward"), "records"
     if not np.isfinite(reward):
         reward, source = finite_or_nan(summary.get("mean_reward")), "summary"
         n_prompts = int(summary.get("num_done") or 0)

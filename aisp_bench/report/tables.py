@@ -19,7 +19,7 @@ from aisp_bench.rundir import Run, read_json_or_none
 
 from .common import (
     DASH, as_float_array, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_interval,
-    fmt_mean_std, fmt_num, mean_std, nanmean, pair_key, render_latex, render_markdown, tex_escape,
+    fmt_mean_std, fmt_num, mean_std, nanmean, pair_key, records_mean, render_latex, render_markdown, tex_escape,
     write_texts,
 )  # fmt: skip
 from .stats import Bootstrap
@@ -34,11 +34,10 @@ def comparison_files(results_dir: Path | str, method_a: str, method_b: str, sele
     found: dict[tuple[str, str, str], tuple[dict[str, Any], bool, Path]] = {}
     select = select or Selection()
     for path in judge_files(results_dir):
-        d = read_json_or_none(path)
-        pair = f"{d.get('model')}__{d.get('reward')}" if d is not None else ""
-        if d is None or not (select.accepts("dataset", str(d.get("dataset"))) and select.accepts("pair", pair)):
-            continue
-        if (d.get("method_a"), d.get("method_b")) not in ((method_a, method_b), (method_b, method_a)):
+        d = read_json_or_none(path) or {}
+        if (d.get("method_a"), d.get("method_b")) not in ((method_a, method_b), (method_b, method_a)) or not (
+                select.accepts("dataset", str(d.get("dataset")))
+                and select.accepts("pair", f"{d.get('model')}__{d.get('reward')}")):
             continue
         swap = d["method_a"] == method_b
         key = (d.get("dataset"), d.get("model"), d.get("reward"))
@@ -144,8 +143,7 @@ def run_lambda_stats(run: Run) -> dict[str, float]:
         r = as_float_array(rec.get("sample_rewards"))
         iters = rec.get("iterations") or []
         nn = int(n) if n else (len(r) // len(iters) if iters else len(r))
-        total = nn * len(iters) if iters else len(r)
-        body = r[: min(total, len(r))]
+        body = r[:nn * len(iters)] if iters else r
         final.append(finite_or_nan(rec.get("reward")))
         for dst, x in ((first, body[:nn]), (all_, body)):
             x = x[np.isfinite(x)] / lam if np.isfinite(lam) and lam != 0 else np.zeros(0)
@@ -156,16 +154,15 @@ def run_lambda_stats(run: Run) -> dict[str, float]:
                 std_r_over_lam_all=nanmean(np.array(all_, float)))
 
 
-def lambda_sweep(runs: Sequence[Run], method: str = "aisp") -> pd.DataFrame:
+def lambda_sweep(runs: Sequence[Run]) -> pd.DataFrame:
     """One row per AISP variant (dataset, pair, override dirname) with its λ: the mean
     over seeds of each run's mean final reward (and its std over seeds, ddof=1), and
     the mean over seeds of ``std_r_over_lam_first`` / ``std_r_over_lam_all`` (see
     :func:`run_lambda_stats`). ``one_digit``: 1 ≤ std_r_over_lam_first < 10, the
     paper's target. Sorted by dataset, pair, λ.
     """
-    runs = [r for r in runs if r.method == method]
     rows = []
-    for (dataset, model, reward, meth, variant), rs in group_runs(runs).items():
+    for (dataset, model, reward, meth, variant), rs in group_runs(r for r in runs if r.method == "aisp").items():
         stats = [run_lambda_stats(r) for r in rs]
         lams = {s["lam"] for s in stats if np.isfinite(s["lam"])}
         row: dict[str, Any] = dict(dataset=dataset, model=model, reward=reward, method=meth, variant=variant,
@@ -220,15 +217,13 @@ def compare(runs: Sequence[Run]) -> pd.DataFrame:
         recs = [rec for r in rs for rec in r.records]
         if not recs:
             continue
-        per_seed = [nanmean(as_float_array([x.get("reward") for x in r.records])) for r in rs if r.records]
         rows.append(dict(
             dataset=dataset, pair=f"{model}__{reward}", method=method, variant=variant,
             seeds=",".join(str(r.seed) for r in rs), prompts=len(recs),
-            reward=nanmean(np.array(per_seed)),
+            reward=nanmean(np.array([records_mean(r.records, "reward") for r in rs if r.records])),
             first_sample=nanmean(as_float_array([(x.get("sample_rewards") or [np.nan])[0] for x in recs])),
-            samples=nanmean(as_float_array([x.get("num_samples") for x in recs])),
-            tokens=nanmean(as_float_array([x.get("num_tokens") for x in recs])),
-            seconds=nanmean(as_float_array([x.get("seconds") for x in recs])),
+            samples=records_mean(recs, "num_samples"), tokens=records_mean(recs, "num_tokens"),
+            seconds=records_mean(recs, "seconds"),
         ))
     return pd.DataFrame(rows)
 
