@@ -25,32 +25,13 @@ from .common import as_float_array, finite_or_nan
 # --------------------------------------------------------------------------- per-prompt curves
 
 
-def aisp_curves(record: dict[str, Any], n: int | None = None) -> dict[str, np.ndarray]:
-    """AISP's per-iteration curves for one prompt, k = 1..K.
-
-    From ``iterations`` when present: ``mean`` (Mean at k = 1/n Σ_i r(x, y(V^i))),
-    ``max`` (Best at k = max_i r(x, y(V^i))) and ``best_so_far`` (y_best of Algorithm 1
-    at k). Without ``iterations``, computed from ``sample_rewards`` in chunks of ``n``
-    (the final y(U*) candidate, a trailing partial chunk, is ignored).
-    """
-    iters = record.get("iterations") or []
-    if iters:
-        its = sorted(iters, key=lambda it: it.get("k", 0))
-        mean = np.array([finite_or_nan(it.get("mean")) for it in its])
-        best = np.array([finite_or_nan(it.get("max")) for it in its])
-        bsf = np.array([finite_or_nan(it.get("best_so_far")) for it in its])
-        if not np.isfinite(bsf).any():  # not recorded: the running max of Best at k
-            bsf = np.fmax.accumulate(best) if len(best) else bsf
-        return {"aisp_mean_at_k": mean, "aisp_best_at_k": best, "aisp_best_so_far": bsf}
-    if not n:
-        raise ValueError("no iterations in the record and no n to chunk sample_rewards")
-    r = as_float_array(record.get("sample_rewards"))
-    K = len(r) // n
-    chunks = r[: n * K].reshape(K, n) if K else np.zeros((0, n))
-    with np.errstate(all="ignore"):
-        mean = np.array([np.nanmean(c) if np.isfinite(c).any() else math.nan for c in chunks])
-        best = np.array([np.nanmax(c) if np.isfinite(c).any() else math.nan for c in chunks])
-    return {"aisp_mean_at_k": mean, "aisp_best_at_k": best, "aisp_best_so_far": np.fmax.accumulate(best)}
+def aisp_curves(record: dict[str, Any]) -> dict[str, np.ndarray]:
+    """AISP's per-iteration curves for one prompt, k = 1..K, from its record's ``iterations``:
+    Mean at k = 1/n Σ_i r(x, y(V^i)) (``mean``), Best at k = max_i r(x, y(V^i)) (``max``) and
+    Best so far (``best_so_far``: y_best of Algorithm 1 at k)."""
+    its = sorted(record.get("iterations") or [], key=lambda it: it.get("k", 0))
+    keys = {"aisp_mean_at_k": "mean", "aisp_best_at_k": "max", "aisp_best_so_far": "best_so_far"}
+    return {name: np.array([finite_or_nan(it.get(key)) for it in its]) for name, key in keys.items()}
 
 
 def bon_prefix_curve(sample_rewards: Sequence[float], n: int, K: int | None = None) -> np.ndarray:

@@ -87,7 +87,7 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto", prompts:
     for model, reward in pairs:
         aisp = chosen.get((dataset, model, reward, "aisp"), [])
         n = next((x for x in (_run_n(r) for r in aisp) if x), None)
-        per_run = [{rec.get("prompt_id", i): aisp_curves(rec, n) for i, rec in enumerate(filter(use, r.records))}
+        per_run = [{rec.get("prompt_id", i): aisp_curves(rec) for i, rec in enumerate(filter(use, r.records))}
                    for r in aisp]
         K = max((len(c["aisp_best_so_far"]) for d in per_run for c in d.values()), default=0)
         curves: dict[str, tuple[list[dict[Any, np.ndarray]], str, str, int]] = {

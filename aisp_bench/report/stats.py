@@ -125,12 +125,10 @@ def category_clusters(trials: Sequence[Sequence[tuple[str, int]]], categories: i
     ids = sorted({str(p) for t in trials for p, _ in t})
     row = {p: i for i, p in enumerate(ids)}
     sums = np.zeros((len(ids), len(trials), categories))
-    counts = np.zeros((len(ids), len(trials)))
     for s, t in enumerate(trials):
         for p, code in t:
             sums[row[str(p)], s, int(code)] += 1
-            counts[row[str(p)], s] += 1
-    return Clusters(ids, sums, counts)
+    return Clusters(ids, sums, sums.sum(axis=2))
 
 
 # --------------------------------------------------------------------------- the intervals
@@ -151,7 +149,7 @@ class Bootstrap:
 
     def intervals(self, c: Clusters) -> list[Interval]:
         """Per statistic (the last axis of ``c.sums``): the point estimate and its interval."""
-        C = c.sums.shape[-1] if c.sums.ndim == 3 else 1
+        C = c.sums.shape[-1]
         if not len(c.ids) or not c.counts.sum():
             return [Interval(math.nan, math.nan, math.nan, 0, 0)] * C
         point = ratio(np.ones((1, len(c.ids))), c)[0]
