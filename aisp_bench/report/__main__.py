@@ -58,8 +58,8 @@ def build(target: str, cfg: DictConfig, runs: list[Run], select: Selection, boot
         print(judge_bias.render_bias(df, boot))
         return judge_bias.write_bias(df, out / "tables", boot)
     if target == "lambda_sweep":
-        df = tables.lambda_sweep(runs)
-        return tables.write_lambda_sweep(_nonempty(df, f"no AISP run folders {what}"), out / "tables")
+        return tables.write_lambda_sweep(_nonempty(tables.lambda_sweep(runs), f"no AISP run folders {what}"),
+                                         out / "tables")
     if target == "sensitivity":
         df = _nonempty(sensitivity.sensitivity_table(runs, boot),
                        f"no AISP run folders of experiment=sensitivity {what}")

@@ -138,15 +138,11 @@ def nanstd_columns(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def average_curves(by_seed: Sequence[dict[str, np.ndarray]], band: str = "seeds") -> dict[str, np.ndarray]:
-    """Average per-prompt curves over prompts and seeds.
-
-    ``by_seed``: one ``{prompt_id: curve}`` per seed; ``band``: "seeds" or "prompts"
-    (:func:`resolve_band`). Returns ``mean`` (mean over seeds of the per-seed mean over
-    prompts when ``band="seeds"``; mean over prompts of the per-prompt mean over seeds when
-    ``band="prompts"``; equal when every seed has every prompt and full-length curves),
-    ``lo``/``hi`` (mean ∓ the band; NaN where it is undefined) and ``count`` (seeds or
-    prompts contributing at each point).
-    """
+    """Average per-prompt curves (``by_seed``: one ``{prompt_id: curve}`` per seed) with ``band``
+    "seeds" or "prompts": ``mean`` (the mean over seeds of the per-seed means over prompts, or
+    over prompts of the per-prompt means over seeds; equal when every seed has every prompt and
+    full-length curves), ``lo``/``hi`` (mean ∓ the band; NaN where undefined) and ``count``
+    (seeds or prompts contributing at each point)."""
     if band == "seeds":
         rows = [nanmean_columns(stack(list(d.values()))) for d in by_seed if d]
     else:

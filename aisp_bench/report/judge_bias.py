@@ -181,16 +181,11 @@ def render_bias(df: pd.DataFrame, boot: Bootstrap) -> str:
 
 def bias_notes(df: pd.DataFrame, method_b: str) -> list[str]:
     """One line per comparison against ``method_b``, for the notes of Tables 2-3."""
-    out = []
-    for r in df.itertuples():
-        if r.method_b != method_b or (not r.flips_n and not r.first_position_n):
-            continue
-        out.append(f"Judge bias ({display_dataset(r.dataset)}, {display_pair(r.model, r.reward)}): the verdict "
-                   f"changes with the order for {_cell(r, 'flips')} of the prompts with two valid replies; the "
-                   f"answer shown first is preferred in {_cell(r, 'first_position')} of the decisive replies; the "
-                   f"longer answer wins {_cell(r, 'longer_wins')} of the decisive outcomes, in percent "
-                   "(judge_bias.md).")
-    return out
+    return [f"Judge bias ({display_dataset(r.dataset)}, {display_pair(r.model, r.reward)}): the verdict changes "
+            f"with the order for {_cell(r, 'flips')} of the prompts with two valid replies; the answer shown first "
+            f"is preferred in {_cell(r, 'first_position')} of the decisive replies; the longer answer wins "
+            f"{_cell(r, 'longer_wins')} of the decisive outcomes, in percent (judge_bias.md)."
+            for r in df.itertuples() if r.method_b == method_b and (r.flips_n or r.first_position_n)]
 
 
 def write_bias(df: pd.DataFrame, out_dir: Path | str, boot: Bootstrap, name: str = "judge_bias") -> list[Path]:
