@@ -77,32 +77,17 @@ def compute_curve(record: dict[str, Any], n: int | None = None) -> dict[str, np.
     the prompt's ``seconds`` are split over all samples pro rata by tokens.
     """
     r = as_float_array(record.get("sample_rewards"))
-    L = len(r)
-    tokens = _sample_tokens(record, L)
-    total_sec = finite_or_nan(record.get("seconds"))
+    tokens = _sample_tokens(record, len(r))
+    total = finite_or_nan(record.get("seconds"))
     iters = sorted(record.get("iterations") or [], key=lambda it: it.get("k", 0))
-    secs = None
-    if iters and n and all(np.isfinite(finite_or_nan(it.get("seconds"))) for it in iters):
-        secs = np.zeros(L)
-        used = 0.0
-        for i, it in enumerate(iters):
-            lo, hi = i * n, min((i + 1) * n, L)
-            if lo >= L:
-                break
-            s = finite_or_nan(it.get("seconds"))
-            secs[lo:hi] = _pro_rata(s, tokens[lo:hi])
-            used += s
-        rest = n * len(iters)
-        if rest < L:
-            remaining = max(0.0, total_sec - used) if np.isfinite(total_sec) else 0.0
-            secs[rest:] = _pro_rata(remaining, tokens[rest:])
-    elif np.isfinite(total_sec):
-        secs = _pro_rata(total_sec, tokens)
-    return {
-        "best": np.fmax.accumulate(r) if L else r,
-        "tokens": np.cumsum(tokens),
-        "seconds": np.cumsum(secs) if secs is not None else np.full(L, math.nan),
-    }
+    it_secs = [finite_or_nan(it.get("seconds")) for it in iters]
+    if iters and n and np.isfinite(it_secs).all():
+        rest = max(0.0, total - sum(it_secs)) if np.isfinite(total) else 0.0  # the y(U*) candidate, overheads
+        secs = np.concatenate([_pro_rata(s, tokens[i * n:(i + 1) * n]) for i, s in enumerate(it_secs)]
+                              + [_pro_rata(rest, tokens[n * len(iters):])])
+    else:
+        secs = _pro_rata(total, tokens)
+    return {"best": np.fmax.accumulate(r), "tokens": np.cumsum(tokens), "seconds": np.cumsum(secs)}
 
 
 # --------------------------------------------------------------------------- averaging
