@@ -11,8 +11,8 @@ The curves and their averaging (the bands): :mod:`aisp_bench.report.curves`.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import matplotlib
