@@ -51,9 +51,7 @@ def _sample_tokens(record: dict[str, Any], num: int) -> np.ndarray:
     st = as_float_array(record.get("sample_tokens"))
     if len(st) >= num:
         return np.nan_to_num(st[:num])
-    total = finite_or_nan(record.get("num_tokens"))
-    per = total / num if np.isfinite(total) and num else math.nan
-    return np.full(num, per)
+    return np.full(num, finite_or_nan(record.get("num_tokens")) / max(num, 1))
 
 
 def _pro_rata(seconds: float, tokens: np.ndarray) -> np.ndarray:

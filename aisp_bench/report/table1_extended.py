@@ -57,13 +57,9 @@ def prompt_values(run: Run) -> dict[str, dict[str, float]]:
         its = rec.get("iterations") or []
         if its:
             out["kl"][pid] = finite_or_nan(its[-1].get("kl"))
-    per = read_prompt_metrics(run.path, run.metrics.get("fingerprint"))
-    if per is not None:
-        ids = [str(p) for p in per.get("prompt_ids") or []]
-        for m in ("gold_reward", "diversity", "coherence", "base_logprob"):
-            vals = per.get(m)
-            if isinstance(vals, list) and len(vals) == len(ids):
-                out[m] = {p: float(v) for p, v in zip(ids, vals) if v is not None}
+    per = read_prompt_metrics(run.path, run.metrics.get("fingerprint")) or {}  # lists aligned with prompt_ids
+    for m in ("gold_reward", "diversity", "coherence", "base_logprob"):
+        out[m] = {str(p): float(v) for p, v in zip(per.get("prompt_ids") or [], per.get(m) or []) if v is not None}
     return {m: {p: v for p, v in d.items() if math.isfinite(v)} for m, d in out.items()}
 
 
