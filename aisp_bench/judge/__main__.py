@@ -42,9 +42,9 @@ def main(cfg: DictConfig) -> int:
     check(cfg)
     runs = select_runs(cfg)
     protocol = Protocol(cfg.mode, cfg.num_prompts, cfg.trials, cfg.sample_seed)
-    methods_b = OmegaConf.to_container(cfg.method_b) if OmegaConf.is_list(cfg.method_b) else [cfg.method_b]
+    methods_b = [str(m) for m in (cfg.method_b if OmegaConf.is_list(cfg.method_b) else [cfg.method_b])]
     comps = [build_comparison(protocol, a, b, cfg.results_dir)
-             for a, b in find_comparisons(runs, str(cfg.method_a), [str(m) for m in methods_b])]
+             for a, b in find_comparisons(runs, str(cfg.method_a), methods_b)]
     judge = instantiate_node(cfg.judge, "judge")
     try:
         plan, results = run_comparisons(judge, protocol, comps, dry_run=cfg.dry_run, progress=print_progress)

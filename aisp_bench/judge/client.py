@@ -17,7 +17,8 @@ What it adds:
   doubling, at most 8 s, with jitter) or the server's ``Retry-After``; other errors
   (400, 401, 403, 404) are not. A reply that is not a chat completion (a body that is not
   JSON, or has no ``choices``: a server or proxy answering 200 with garbage) is a server
-  failure too, retried here up to ``max_retries`` times with the same backoff. An
+  failure too, retried here up to ``max_retries`` times with the same backoff (no retry
+  counts against ``max_requests``: a judgement counts once). An
   authentication, permission, not-found or bad-request error stops the whole batch at
   once; any other request that still fails is returned with its ``error`` set (and not
   cached), so a re-run retries only those.
@@ -28,6 +29,7 @@ The protocol (which prompts, both orders, trials) is :mod:`aisp_bench.judge.winr
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -38,7 +40,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 from urllib.parse import urlsplit
 
-from aisp_bench.judge.base import BudgetExceededError, CachedJudge, JudgeError, JudgeReply, JudgeRequest, Progress
+from aisp_bench.judge.base import CachedJudge, JudgeError, JudgeReply, JudgeRequest, Progress
 from aisp_bench.judge.prompts import PROMPT_VERSION
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -78,8 +80,6 @@ class PairwiseJudge(CachedJudge):
         timeout: float = 60.0,
         max_retries: int = 5,
     ) -> None:
-        if int(concurrency) < 1:
-            raise ValueError("concurrency must be at least 1")
         super().__init__(cache_dir, max_requests)
         self.model = str(model)
         self.base_url = str(base_url).rstrip("/") if base_url else OPENAI_BASE_URL
@@ -88,7 +88,6 @@ class PairwiseJudge(CachedJudge):
         self.concurrency = int(concurrency)
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
-        self._lock = threading.Lock()
         self._client: Any = None
         self._key: str | None = None
 
@@ -127,17 +126,10 @@ class PairwiseJudge(CachedJudge):
         if stop.is_set():  # a fatal error or an interrupt elsewhere: send nothing more
             raise _Stopped()
         try:
-            return self._send_one(key, request)
+            resp, choice = self._complete(request)
         except fatal:
             stop.set()
             raise
-
-    def _send_one(self, key: str, request: JudgeRequest) -> JudgeReply:
-        with self._lock:
-            if self.requests_sent >= self.max_requests:  # belt and braces: plan() checked already
-                raise BudgetExceededError(f"max_requests={self.max_requests} reached")
-            self.requests_sent += 1
-        resp, choice = self._complete(request)
         return self._store(
             key,
             request,
@@ -151,7 +143,7 @@ class PairwiseJudge(CachedJudge):
         """(completion, its first choice); a malformed reply is retried ``max_retries`` times."""
         from openai import APIResponseValidationError
 
-        for attempt in range(self.max_retries + 1):
+        for attempt in itertools.count():
             try:
                 resp = self._openai().chat.completions.create(
                     model=self.model, messages=request.messages(), temperature=self.temperature,
@@ -162,20 +154,18 @@ class PairwiseJudge(CachedJudge):
                 if attempt == self.max_retries:
                     raise
                 time.sleep(min(8.0, self.retry_delay * 2**attempt) * random.uniform(0.75, 1.0))
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _answer(self, todo: dict[str, JudgeRequest], progress: Progress | None) -> dict[str, JudgeReply]:
         """Send ``todo`` with ``concurrency`` threads; a fatal API error stops the batch (``JudgeError``),
         other failures come back as replies with ``error`` set."""
         from openai import AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError
 
-        fatal = (AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError, BudgetExceededError)
+        fatal = (AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError)
         self._openai()  # fail on a missing key before starting threads
         stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")
         futures: dict[Future[JudgeReply], str] = {pool.submit(self._send, k, r, stop, fatal): k for k, r in todo.items()}
         done: dict[str, JudgeReply] = {}
-        finished = 0
         try:
             pending = set(futures)
             while pending:
@@ -187,9 +177,8 @@ class PairwiseJudge(CachedJudge):
                     if isinstance(exc, fatal):
                         raise JudgeError(f"judge request failed: {self._scrub(f'{type(exc).__name__}: {exc}')}")
                     done[k] = fut.result() if exc is None else JudgeReply(key=k, error=self._scrub(f"{type(exc).__name__}: {exc}"))
-                    finished += 1
                     if progress is not None:
-                        progress(finished, len(todo))
+                        progress(len(done), len(todo))
         finally:
             stop.set()  # queued requests are dropped; those in flight finish and are cached
             pool.shutdown(wait=True, cancel_futures=True)

@@ -11,7 +11,7 @@ every cache key, so old replies are never reused for a new prompt.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PROMPT_VERSION = "aisp-pairwise-v1"
 
@@ -57,8 +57,7 @@ def build_messages(question: str, answer1: str, answer2: str) -> list[dict[str, 
     ]
 
 
-@dataclass(frozen=True)
-class Scores:
+class Scores(NamedTuple):
     first: float  # Assistant 1 (the answer shown first)
     second: float
 

@@ -63,7 +63,7 @@ class RewardModelJudge(CachedJudge):
 
     Args:
         reward: a ``RewardModel`` (``score(prompts, responses) -> tensor`` and ``load()``).
-        tie_margin: rewards this close (reward units, >= 0) are a tie.
+        tie_margin: rewards this close (reward units, >= 0, checked by ``validate.check``) are a tie.
         cache_dir: the verdict cache (see :mod:`aisp_bench.judge.base`).
     """
 
@@ -73,14 +73,11 @@ class RewardModelJudge(CachedJudge):
     def __init__(self, reward: Any, tie_margin: float = 0.0, cache_dir: str = "results/judge_cache") -> None:
         if reward is None:
             raise ValueError("judge=reward_model needs a reward model: reward=NAME (e.g. reward=minilm_similarity)")
-        tie_margin = float(tie_margin)
-        if not math.isfinite(tie_margin) or tie_margin < 0:
-            raise ValueError(f"tie_margin must be a finite number >= 0, got {tie_margin!r}")
         super().__init__(cache_dir)
         self.reward = reward
         self.name = str(getattr(reward, "name", None) or type(reward).__name__)
-        self.tie_margin = tie_margin
-        self.model = rm_model_name(self.name, tie_margin)
+        self.tie_margin = float(tie_margin)
+        self.model = rm_model_name(self.name, self.tie_margin)
 
     def settings(self) -> dict[str, Any]:
         return {"prompt_version": self.version, "model": self.model}
