@@ -93,9 +93,3 @@ def diversity_of_tokens(tokens: Sequence[str], orders: Iterable[int] = NGRAM_ORD
 def diversity(text: str) -> float:
     """Diversity of one (cleaned) response; see the module docstring."""
     return diversity_of_tokens(word_tokenize(text))
-
-
-def mean_diversity(texts: Iterable[str]) -> float:
-    """Average of :func:`diversity` over texts (one per prompt); NaN for no texts."""
-    values = [diversity(t) for t in texts]
-    return math.fsum(values) / len(values) if values else math.nan
