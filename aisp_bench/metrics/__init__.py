@@ -171,12 +171,6 @@ def metric_values(
     return out, per_prompt
 
 
-def compute_metrics(
-    records: Sequence[dict[str, Any]],
-    *,
-    config: dict[str, Any] | None = None,
-    encoder: Encoder | None = None,
-    names: Sequence[str] = DEFAULT_METRICS,
-) -> dict[str, Any]:
+def compute_metrics(records: Sequence[dict[str, Any]], **kw: Any) -> dict[str, Any]:
     """The ``metrics`` block of :func:`metric_values` alone."""
-    return metric_values(records, config=config, encoder=encoder, names=names)[0]
+    return metric_values(records, **kw)[0]

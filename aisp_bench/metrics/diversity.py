@@ -50,38 +50,18 @@ def _sentence_tokenizer():
     return PunktSentenceTokenizer(params)
 
 
-@lru_cache(maxsize=1)
-def _word_tokenizer():
+def word_tokenize(text: str) -> list[str]:
+    """``nltk.word_tokenize(text)`` (English, ``preserve_line=False``: sentences split first, so a
+    period that ends a sentence inside the text becomes its own token), offline."""
     from nltk.tokenize import NLTKWordTokenizer
 
-    return NLTKWordTokenizer()
-
-
-def sent_tokenize(text: str) -> list[str]:
-    """``nltk.sent_tokenize(text)`` (English), offline."""
-    return _sentence_tokenizer().tokenize(text)
-
-
-def word_tokenize(text: str, preserve_line: bool = False) -> list[str]:
-    """``nltk.word_tokenize(text, preserve_line=...)`` (English), offline.
-
-    As in NLTK: with ``preserve_line=False`` (the default, and what the lineage used)
-    the text is split into sentences first, so a period that ends a sentence inside the
-    text becomes its own token; with ``True`` the whole text is one "sentence".
-    """
-    sentences = [text] if preserve_line else sent_tokenize(text)
-    tok = _word_tokenizer()
-    return [t for s in sentences for t in tok.tokenize(s)]
-
-
-def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    """All contiguous n-grams of ``tokens`` (empty when there are fewer than n tokens)."""
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    tok = NLTKWordTokenizer()
+    return [t for s in _sentence_tokenizer().tokenize(text) for t in tok.tokenize(s)]
 
 
 def rep_n(tokens: Sequence[str], n: int) -> float:
     """Repetition of order n: 1 - |unique n-grams| / (|n-grams| + 1), in [0, 1]."""
-    grams = ngrams(tokens, n)
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return 1.0 - len(set(grams)) / (len(grams) + 1)
 
 
