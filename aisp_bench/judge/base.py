@@ -27,14 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aisp_bench.judge.prompts import Scores, build_messages, parse_scores
-from aisp_bench.rundir import RunFolderError, read_json, write_json_atomic
+from aisp_bench.rundir import read_json_or_none, write_json_atomic
 from aisp_bench.types import Prompt
 
 CHARS_PER_TOKEN = 4.0  # rough English average, for the dry-run estimate only
@@ -66,7 +65,6 @@ class JudgeRequest:
 class JudgeReply:
     key: str
     content: str | None = None  # the judge's text (None if the request failed)
-    cached: bool = False  # served from the cache (no request sent this time)
     error: str | None = None  # why the request failed after retries (never cached)
 
     @property
@@ -135,18 +133,6 @@ class CachedJudge:
     def cache_path(self, key: str) -> Path:
         return self.cache_dir / key[:2] / f"{key}.json"
 
-    def cached(self, key: str) -> dict[str, Any] | None:
-        """The cache entry for ``key``, or None (an unreadable entry counts as missing)."""
-        path = self.cache_path(key)
-        if not path.is_file():
-            return None
-        try:
-            entry = read_json(path)
-        except (OSError, RunFolderError) as e:
-            warnings.warn(f"ignoring unreadable judge cache entry {path}: {e}", stacklevel=2)
-            return None
-        return entry if isinstance(entry, dict) and entry.get("key") == key else None
-
     def _store(self, key: str, request: JudgeRequest, content: str | None, **extra: Any) -> JudgeReply:
         """Write one reply to the cache and return it."""
         entry = {
@@ -168,11 +154,11 @@ class CachedJudge:
         for r in requests:
             k = self.cache_key(r)
             if k not in done and k not in todo:
-                entry = self.cached(k)
-                if entry is None:
+                entry = read_json_or_none(self.cache_path(k))  # an unreadable entry counts as missing
+                if entry is None or entry.get("key") != k:
                     todo[k] = r
                 else:
-                    done[k] = JudgeReply(key=k, content=entry.get("reply"), cached=True)
+                    done[k] = JudgeReply(key=k, content=entry["reply"])
         return done, todo
 
     def plan(self, requests: Sequence[JudgeRequest]) -> Plan:

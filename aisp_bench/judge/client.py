@@ -123,13 +123,26 @@ class PairwiseJudge(CachedJudge):
         return text.replace(self._key, "***") if self._key else text
 
     def _send(self, key: str, request: JudgeRequest, stop: threading.Event, fatal: tuple[type, ...]) -> JudgeReply:
+        """One request; a malformed reply is retried ``max_retries`` times (backoff as the client's)."""
+        from openai import APIResponseValidationError
+
         if stop.is_set():  # a fatal error or an interrupt elsewhere: send nothing more
             raise _Stopped()
-        try:
-            resp, choice = self._complete(request)
-        except fatal:
-            stop.set()
-            raise
+        for attempt in itertools.count():
+            try:
+                resp = self._openai().chat.completions.create(
+                    model=self.model, messages=request.messages(), temperature=self.temperature,
+                    max_tokens=self.max_tokens,
+                )
+                choice = _first_choice(resp)
+                break
+            except fatal:
+                stop.set()
+                raise
+            except (MalformedReplyError, json.JSONDecodeError, APIResponseValidationError):
+                if attempt == self.max_retries:
+                    raise
+                time.sleep(min(8.0, self.retry_delay * 2**attempt) * random.uniform(0.75, 1.0))
         return self._store(
             key,
             request,
@@ -138,22 +151,6 @@ class PairwiseJudge(CachedJudge):
             response_model=getattr(resp, "model", None),
             usage=resp.usage.model_dump() if getattr(resp, "usage", None) is not None else None,
         )
-
-    def _complete(self, request: JudgeRequest) -> tuple[Any, Any]:
-        """(completion, its first choice); a malformed reply is retried ``max_retries`` times."""
-        from openai import APIResponseValidationError
-
-        for attempt in itertools.count():
-            try:
-                resp = self._openai().chat.completions.create(
-                    model=self.model, messages=request.messages(), temperature=self.temperature,
-                    max_tokens=self.max_tokens,
-                )
-                return resp, _first_choice(resp)
-            except (MalformedReplyError, json.JSONDecodeError, APIResponseValidationError):
-                if attempt == self.max_retries:
-                    raise
-                time.sleep(min(8.0, self.retry_delay * 2**attempt) * random.uniform(0.75, 1.0))
 
     def _answer(self, todo: dict[str, JudgeRequest], progress: Progress | None) -> dict[str, JudgeReply]:
         """Send ``todo`` with ``concurrency`` threads; a fatal API error stops the batch (``JudgeError``),

@@ -26,11 +26,7 @@ MAPPING_VERSION = "rm-judge-v1"  # bump when the mapping or the reply changes
 
 
 def verdict_scores(r1: float, r2: float, tie_margin: float = 0.0) -> tuple[int, int]:
-    """The two 1-10 scores for rewards r1 (answer 1) and r2 (answer 2).
-
-    ``(5, 5)`` when ``|r1 - r2| <= tie_margin``, else ``(7, 3)`` or ``(3, 7)``, the 7 to
-    the higher reward. Symmetric: swapping the answers swaps the scores.
-    """
+    """The two 1-10 scores for rewards r1 (answer 1) and r2 (answer 2) (see the module docstring)."""
     if abs(r1 - r2) <= tie_margin:
         return TIE_SCORE, TIE_SCORE
     return (WIN_SCORE, LOSE_SCORE) if r1 > r2 else (LOSE_SCORE, WIN_SCORE)
@@ -50,11 +46,8 @@ def reply_text(name: str, r1: float, r2: float, tie_margin: float = 0.0) -> str:
 
 
 def rm_model_name(reward_name: str, tie_margin: float = 0.0) -> str:
-    """The judge model name: ``rm:<name>``, plus ``@tie=<margin>`` for a non-zero margin.
-
-    The name is part of every cache key and of the win-rate files, so verdicts under
-    another reward model or another margin are never mixed up.
-    """
+    """``rm:<name>``, plus ``@tie=<margin>`` for a non-zero margin: part of every cache key and
+    win-rate file, so verdicts under another reward model or margin are never mixed up."""
     return f"rm:{reward_name}" if tie_margin == 0 else f"rm:{reward_name}@tie={tie_margin:g}"
 
 

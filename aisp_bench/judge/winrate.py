@@ -42,6 +42,7 @@ from aisp_bench.results import OUTCOMES, judge_file, trial_percentages
 from aisp_bench.rundir import Run, read_records, record_prompt, write_json_atomic
 from aisp_bench.seeding import derive_seed
 
+
 @dataclass(frozen=True)
 class Protocol:
     """What to ask: the keys ``mode``, ``num_prompts``, ``trials``, ``sample_seed`` of conf/judge.yaml
