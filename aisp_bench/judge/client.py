@@ -1,30 +1,21 @@
-"""The GPT-4 judge: an OpenAI-compatible chat-completions client (a ``CachedJudge``).
+"""The GPT-4 judge: an OpenAI-compatible chat-completions client (a ``CachedJudge``; its
+arguments are the keys of ``conf/judge/gpt4.yaml``). What it adds to the cache, budget and
+dry run of :mod:`aisp_bench.judge.base`:
 
-``PairwiseJudge`` is built from ``conf/judge/gpt4.yaml`` (its constructor arguments are
-that file's keys, one to one). Cache, budget and dry run: :mod:`aisp_bench.judge.base`.
-What it adds:
-
-* **Any OpenAI-compatible server**: ``model``, ``base_url`` (``null`` = OpenAI's own
-  endpoint; the ``OPENAI_BASE_URL`` variable is ignored so the config is the only
-  source), ``temperature``, ``max_tokens``, ``timeout`` come from the config. A local
-  vLLM or llama.cpp server works with ``base_url=http://127.0.0.1:8000/v1``.
-* **The key**: read from the ``OPENAI_API_KEY`` environment variable, only when a
-  request must actually be sent, and handed to the client; never stored, written to
-  the cache or printed (error messages are scrubbed of it). A server without auth still
-  needs the variable set to any value.
-* **Retries**: the ``openai`` client's own: rate limits (429), server errors (5xx),
-  408/409, timeouts and connection errors are retried with exponential backoff (0.5 s
-  doubling, at most 8 s, with jitter) or the server's ``Retry-After``; other errors
-  (400, 401, 403, 404) are not. A reply that is not a chat completion (a body that is not
-  JSON, or has no ``choices``: a server or proxy answering 200 with garbage) is a server
-  failure too, retried here up to ``max_retries`` times with the same backoff (no retry
-  counts against ``max_requests``: a judgement counts once). An
-  authentication, permission, not-found or bad-request error stops the whole batch at
-  once; any other request that still fails is returned with its ``error`` set (and not
-  cached), so a re-run retries only those.
+* **Any OpenAI-compatible server** at ``base_url`` (``null`` = OpenAI's; the
+  ``OPENAI_BASE_URL`` variable is ignored so the config is the only source), e.g. a local
+  vLLM or llama.cpp server at ``http://127.0.0.1:8000/v1``.
+* **The key**: read from ``OPENAI_API_KEY`` only when a request must be sent (a server
+  without auth needs it set to any value); never stored, cached or printed (error
+  messages are scrubbed of it).
+* **Retries**: the ``openai`` client's own for 429, 5xx, 408/409, timeouts and connection
+  errors (backoff 0.5 s doubling to 8 s, with jitter, or the server's ``Retry-After``);
+  400/401/403/404 are not retried. A 200 reply that is not a chat completion (not JSON,
+  no ``choices``) is a server failure too, retried here the same way. An authentication,
+  permission, not-found or bad-request error stops the whole batch; any other request
+  that still fails comes back with ``error`` set (not cached), so a re-run retries only
+  those. No retry counts against ``max_requests`` (a judgement counts once).
 * **Concurrency**: at most ``concurrency`` requests in flight (a thread pool).
-
-The protocol (which prompts, both orders, trials) is :mod:`aisp_bench.judge.winrate`'s.
 """
 
 from __future__ import annotations

@@ -52,13 +52,8 @@ def rm_model_name(reward_name: str, tie_margin: float = 0.0) -> str:
 
 
 class RewardModelJudge(CachedJudge):
-    """A reward model as a pairwise judge; arguments are the keys of ``conf/judge/reward_model.yaml``.
-
-    Args:
-        reward: a ``RewardModel`` (``score(prompts, responses) -> tensor`` and ``load()``).
-        tie_margin: rewards this close (reward units, >= 0, checked by ``validate.check``) are a tie.
-        cache_dir: the verdict cache (see :mod:`aisp_bench.judge.base`).
-    """
+    """A reward model (``score(prompts, responses) -> tensor``, ``load()``) as a pairwise judge;
+    arguments are the keys of ``conf/judge/reward_model.yaml``."""
 
     version = MAPPING_VERSION
     base_url_host = "in-process"

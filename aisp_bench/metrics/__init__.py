@@ -21,12 +21,9 @@ num_records            records the numbers were computed from
 =====================  ==========================================================
 
 A metric returns one number, or the per-prompt values (one per record) whose finite mean
-it is: reward, diversity and coherence; ``metric_values`` returns those values too (the
-report's bootstrap intervals resample them). ``python -m aisp_bench.evaluate
-reward=NAME`` then replaces ``reward_mean`` by the mean under another reward model
-(Table 1's UltraRM) and adds ``reward_model``, ``reward_source`` and
-``run_reward_mean``, a held-out ``gold_reward_mean`` and the base policy's
-``base_logprob`` (see :mod:`aisp_bench.evaluate`).
+it is (reward, diversity, coherence); ``metric_values`` returns those values too, for the
+report's bootstrap intervals. ``python -m aisp_bench.evaluate`` adds the evaluation and gold
+reward models' keys and ``base_logprob`` (see :mod:`aisp_bench.evaluate`).
 
 Heavy imports (torch, transformers, NLTK) happen inside the metric functions, so this
 package imports quickly.
@@ -61,11 +58,7 @@ class EvalBatch:
     def from_records(
         cls, records: Sequence[dict[str, Any]], config: dict[str, Any] | None = None, encoder: Encoder | None = None
     ) -> EvalBatch:
-        """Clean each record's response with the run's model settings (stop strings, roles).
-
-        ``response`` is already the generated text after the prompt (the engine never
-        includes the prompt), so no prompt prefix is stripped.
-        """
+        """Each record's response cleaned with the run's model settings (stop strings, roles)."""
         opts = cleaning_options(config)
         prompts = [str(r.get("prompt", "")) for r in records]
         responses = [clean_response(r.get("response"), **opts) for r in records]
@@ -141,9 +134,7 @@ DEFAULT_METRICS: tuple[str, ...] = (
 
 def _json_number(x: Any) -> Any:
     """NaN/inf -> None, so summary.json stays strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def metric_values(

@@ -58,11 +58,8 @@ def clean_response(
 
 
 def cleaning_options(config: dict[str, Any] | None) -> dict[str, tuple[str, ...]]:
-    """``roles`` and ``stop_strings`` for :func:`clean_response` from a run's resolved config.
-
-    Reads ``model.turn_roles`` (default ``DEFAULT_TURN_ROLES``) and
-    ``model.stop_strings`` (default none).
-    """
+    """``roles`` (``model.turn_roles``, default ``DEFAULT_TURN_ROLES``) and ``stop_strings``
+    (``model.stop_strings``, default none) for :func:`clean_response` from a run's resolved config."""
     model = (config or {}).get("model") or {}
     roles = model.get("turn_roles")
     stops = model.get("stop_strings") or ()
