@@ -117,10 +117,6 @@ class Comparison:
     out: Path
     trials: list[_Trial]
 
-    @property
-    def requests(self) -> list[JudgeRequest]:
-        return [req for t in self.trials for it in t.items for _, req in it.orders]
-
 
 def find_comparisons(runs: Sequence[Run], method_a: str, methods_b: Sequence[str]) -> list[tuple[list[Run], list[Run]]]:
     """(A's runs, B's runs) per dataset, pair and method B, in the one variant both have.
@@ -262,7 +258,7 @@ def run_comparisons(
     ``JudgeError``/``BudgetExceededError`` from the judge, and ``JudgeError`` if some
     request still failed after retries (replies received so far stay cached).
     """
-    requests = [req for c in comps for req in c.requests]
+    requests = [req for c in comps for t in c.trials for it in t.items for _, req in it.orders]
     plan = judge.plan(requests)
     if dry_run:
         return plan, []
