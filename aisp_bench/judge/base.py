@@ -1,11 +1,7 @@
-"""The pairwise judge interface: requests, replies, and the disk cache, budget and dry run
-that both judges share (``CachedJudge``).
-
-A judge answers ``JudgeRequest`` (a record's prompt and two answers, ``answer1`` shown
-first) with a ``JudgeReply`` whose first line holds two 1-10 scores (``parse_scores``).
-Judges: :class:`~aisp_bench.judge.client.PairwiseJudge` (an OpenAI-compatible chat
-model, GPT-4) and :class:`~aisp_bench.judge.reward_judge.RewardModelJudge` (a reward
-model, in process). ``CachedJudge`` gives both:
+"""The pairwise judge interface: a ``JudgeRequest`` (a record's prompt and two answers,
+``answer1`` shown first) gets a ``JudgeReply`` whose first line holds two 1-10 scores
+(``parse_scores``). ``CachedJudge`` gives both judges (``client.PairwiseJudge``, an
+OpenAI-compatible chat model; ``reward_judge.RewardModelJudge``, a reward model in process):
 
 * a **cache**: one JSON file per request, ``cache_dir/<2 hex>/<sha256>.json``, keyed by
   ``settings()`` (the judge's version, model, ...) and the request's chat messages

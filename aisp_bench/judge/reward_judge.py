@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from aisp_bench.cli import first_line
 from aisp_bench.judge.base import CachedJudge, JudgeError, JudgeReply, JudgeRequest, Progress
 
 TIE_SCORE, WIN_SCORE, LOSE_SCORE = 5, 7, 3
@@ -74,8 +75,7 @@ class RewardModelJudge(CachedJudge):
         try:
             self.reward.load()
         except Exception as e:  # noqa: BLE001 - missing weights, no hub: one line, stop
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise JudgeError(f"reward model judge {self.name}: {msg}") from None
+            raise JudgeError(f"reward model judge {self.name}: {first_line(e)}") from None
         pairs: dict[tuple, tuple] = {}  # (messages, answer) -> (prompt, answer), each scored once
         for req in todo.values():
             for answer in (req.answer1, req.answer2):

@@ -37,12 +37,6 @@ class EncoderUnavailableError(RuntimeError):
     """An encoder whose weights cannot be loaded (message is one line and says what to do)."""
 
 
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else ""
-    return f"{type(exc).__name__}: {line[:limit]}"
-
-
 class Encoder:
     """Texts -> unit-norm embeddings (float32, CPU), batched, with an in-memory memo.
 
@@ -85,7 +79,8 @@ class Encoder:
                 self.tokenizer = AutoTokenizer.from_pretrained(name, **kw)
                 model = AutoModel.from_pretrained(name, **kw)
             except Exception as e:  # noqa: BLE001 - any load failure gets the same advice
-                raise EncoderUnavailableError(self._unavailable(_first_line(e))) from None
+                line = (str(e).strip().splitlines() or [""])[0][:160]
+                raise EncoderUnavailableError(self._unavailable(f"{type(e).__name__}: {line}")) from None
             self.model = model.to(self.device).eval()
         return self
 
