@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -79,7 +80,6 @@ class PairwiseJudge(CachedJudge):
         self.concurrency = int(concurrency)
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
-        self._client: Any = None
         self._key: str | None = None
 
     @property
@@ -95,20 +95,18 @@ class PairwiseJudge(CachedJudge):
             "max_tokens": self.max_tokens,
         }
 
-    def _openai(self) -> Any:
-        if self._client is None:
-            key = os.environ.get("OPENAI_API_KEY")
-            if not key:
-                raise JudgeError(
-                    "OPENAI_API_KEY is not set (for a local server without authentication set it to any value)"
-                )
-            from openai import OpenAI
-
-            self._key = key
-            self._client = OpenAI(
-                api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries
+    @cached_property
+    def _client(self) -> Any:
+        """The ``openai`` client, made on first use (a missing key: ``JudgeError``)."""
+        key = os.environ.get("OPENAI_API_KEY")
+        if not key:
+            raise JudgeError(
+                "OPENAI_API_KEY is not set (for a local server without authentication set it to any value)"
             )
-        return self._client
+        from openai import OpenAI
+
+        self._key = key
+        return OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
@@ -121,7 +119,7 @@ class PairwiseJudge(CachedJudge):
             raise _Stopped()
         for attempt in itertools.count():
             try:
-                resp = self._openai().chat.completions.create(
+                resp = self._client.chat.completions.create(
                     model=self.model, messages=request.messages(), temperature=self.temperature,
                     max_tokens=self.max_tokens,
                 )
@@ -149,7 +147,7 @@ class PairwiseJudge(CachedJudge):
         from openai import AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError
 
         fatal = (AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError)
-        self._openai()  # fail on a missing key before starting threads
+        self._client  # noqa: B018 - fail on a missing key before starting threads
         stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")
         futures: dict[Future[JudgeReply], str] = {pool.submit(self._send, k, r, stop, fatal): k for k, r in todo.items()}

@@ -65,8 +65,7 @@ class EvalBatch:
         return cls(records=records, prompts=prompts, responses=responses, encoder=encoder)
 
 
-Metric = Callable[[EvalBatch], Any]
-METRICS: Registry[Metric] = Registry("metric")
+METRICS: Registry[Callable[[EvalBatch], Any]] = Registry("metric")
 
 
 def _mean(values: Sequence[float]) -> float:
