@@ -173,12 +173,9 @@ class CachedJudge:
         )
 
     def judge(self, requests: Sequence[JudgeRequest], *, progress: Progress | None = None) -> list[JudgeReply]:
-        """Replies for ``requests`` (same order), from the cache or the judge.
-
-        Raises ``BudgetExceededError`` (before sending anything) when the uncached
-        requests exceed the budget left, and ``JudgeError`` when the judge cannot answer
-        at all. A request that failed comes back with ``error`` set (and is not cached).
-        """
+        """Replies for ``requests`` (same order), from the cache or the judge: ``BudgetExceededError``
+        (nothing sent) over the budget left, ``JudgeError`` when the judge cannot answer at all; a
+        request that failed comes back with ``error`` set (not cached)."""
         done, todo = self._lookup(requests)
         left = self.budget_left
         if left is not None and len(todo) > left:

@@ -119,11 +119,8 @@ class Comparison:
 
 
 def find_comparisons(runs: Sequence[Run], method_a: str, methods_b: Sequence[str]) -> list[tuple[list[Run], list[Run]]]:
-    """(A's runs, B's runs) per dataset, pair and method B, in the one variant both have.
-
-    A dataset and pair where A or B has no run is left out (with a warning when A has
-    some); where several variants have both, ``select.variant`` must choose.
-    """
+    """(A's runs, B's runs) per dataset, pair and method B, in the one variant both have (a cell
+    without A or B is left out, with a warning when A has runs; several such variants: an error)."""
     cells: dict[tuple[str, str], dict[tuple[str, str], list[Run]]] = {}
     for r in runs:
         cells.setdefault((r.dataset, r.pair), {}).setdefault((r.method, r.variant), []).append(r)
@@ -252,12 +249,9 @@ def run_comparisons(
     judge: CachedJudge, protocol: Protocol, comps: Sequence[Comparison], *, dry_run: bool = False,
     progress: Progress | None = None,
 ) -> tuple[Plan, list[dict[str, Any]]]:
-    """Judge every comparison (one batch), write and return their win-rate dicts.
-
-    With ``dry_run`` nothing is sent or written: returns (plan, []). Raises
-    ``JudgeError``/``BudgetExceededError`` from the judge, and ``JudgeError`` if some
-    request still failed after retries (replies received so far stay cached).
-    """
+    """Judge every comparison (one batch), write and return their win-rate dicts; ``dry_run``:
+    (plan, []), nothing sent or written. ``JudgeError`` also when some request still failed
+    after retries (nothing written; the replies received stay cached)."""
     requests = [req for c in comps for t in c.trials for it in t.items for _, req in it.orders]
     plan = judge.plan(requests)
     if dry_run:
