@@ -58,8 +58,6 @@ def test_mapping_ties_and_winner_in_both_orders():
         assert f"r1 = {r1:.6g}, r2 = {r2:.6g}" in text.splitlines()[1]
     assert parse_scores(reply_text("x", math.nan, 1.0)) is None  # invalid, never a made-up score
     assert rm_model_name("ultrarm") == "rm:ultrarm" and rm_model_name("ultrarm", 0.25) == "rm:ultrarm@tie=0.25"
-    with pytest.raises(ValueError, match="tie_margin"):
-        RewardModelJudge(WordCountReward(), tie_margin=-1)
     with pytest.raises(ValueError, match="reward=NAME"):
         RewardModelJudge(None)
 

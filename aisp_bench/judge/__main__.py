@@ -1,25 +1,12 @@
 """``python -m aisp_bench.judge [key=value ...]``: pairwise win rates (Tables 2-3).
 
-Examples::
-
-    # what it would cost: distinct requests, cached, to send, estimated tokens; sends nothing
-    python -m aisp_bench.judge select.pair=llama3_8b__ultrarm select.variant=table1 dry_run=true
-
-    # judge AISP against both BoN baselines (OPENAI_API_KEY must be set); writes
-    # results/judge/<dataset>/llama3_8b__ultrarm/aisp_vs_bon_topp.json (and ..._vs_bon_gaussian.json)
-    python -m aisp_bench.judge select.pair=llama3_8b__ultrarm select.variant=table1
-
-    # any OpenAI-compatible server: the judge group's keys
-    python -m aisp_bench.judge judge.base_url=http://127.0.0.1:8000/v1 judge.model=Qwen2.5-7B-Instruct
-
-    # offline: a reward model judges in process (judge_model rm:smollm2_judge), no key needed
-    python -m aisp_bench.judge judge=reward_model reward=smollm2_judge judge.tie_margin=0.1
-
-The config is ``conf/judge.yaml`` (``--help`` lists it): ``results_dir`` and ``select``
-pick the runs, ``method_a``/``method_b`` the methods, ``mode``/``num_prompts``/
+The config is ``conf/judge.yaml`` (``--help`` lists it, with examples): ``results_dir`` and
+``select`` pick the runs, ``method_a``/``method_b`` the methods, ``mode``/``num_prompts``/
 ``trials``/``sample_seed`` what to ask (:mod:`aisp_bench.judge.winrate`), the ``judge``
-group who answers. Exit codes: 0 done, 1 the judge failed (missing key, budget, API
-errors, a reward model that cannot load), 2 bad input.
+group who answers (``gpt4``: any OpenAI-compatible server, ``OPENAI_API_KEY``;
+``reward_model``: a reward model in process, offline). ``dry_run=true`` prints what it
+would cost and sends nothing. Exit codes: 0 done, 1 the judge failed (missing key,
+budget, API errors, a reward model that cannot load), 2 bad input.
 """
 
 from __future__ import annotations
@@ -42,9 +29,9 @@ def main(cfg: DictConfig) -> int:
     check(cfg)
     runs = select_runs(cfg)
     protocol = Protocol(cfg.mode, cfg.num_prompts, cfg.trials, cfg.sample_seed)
-    methods_b = OmegaConf.to_container(cfg.method_b) if OmegaConf.is_list(cfg.method_b) else [cfg.method_b]
+    methods_b = [str(m) for m in (cfg.method_b if OmegaConf.is_list(cfg.method_b) else [cfg.method_b])]
     comps = [build_comparison(protocol, a, b, cfg.results_dir)
-             for a, b in find_comparisons(runs, str(cfg.method_a), [str(m) for m in methods_b])]
+             for a, b in find_comparisons(runs, str(cfg.method_a), methods_b)]
     judge = instantiate_node(cfg.judge, "judge")
     try:
         plan, results = run_comparisons(judge, protocol, comps, dry_run=cfg.dry_run, progress=print_progress)
@@ -52,11 +39,11 @@ def main(cfg: DictConfig) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(("dry run: " if cfg.dry_run else "") + plan.describe())
+    if cfg.dry_run:
+        print("\n".join(f"would write {comp.out}" for comp in comps))
+        return 0
     fmt = lambda x: "n/a" if x is None else f"{x:.1f}%"  # noqa: E731
-    for comp, res in zip(comps, results or [None] * len(comps), strict=True):
-        if res is None:
-            print(f"would write {comp.out}")
-            continue
+    for comp, res in zip(comps, results, strict=True):
         m = res["mean"]
         print(f"{res['dataset']}: {res['method_a']} vs {res['method_b']} ({res['mode']}, {len(res['trials'])} "
               f"trial(s)): win {fmt(m['win'])}, draw {fmt(m['draw'])}, loss {fmt(m['loss'])}, "

@@ -1,18 +1,17 @@
-"""The pairwise judge interface: requests, replies, and the disk cache, budget and dry run
-that both judges share (``CachedJudge``).
-
-A judge answers ``JudgeRequest`` (a record's prompt and two answers, ``answer1`` shown
-first) with a ``JudgeReply`` whose first line holds two 1-10 scores (``parse_scores``).
-Judges: :class:`~aisp_bench.judge.client.PairwiseJudge` (an OpenAI-compatible chat
-model, GPT-4) and :class:`~aisp_bench.judge.reward_judge.RewardModelJudge` (a reward
-model, in process). ``CachedJudge`` gives both:
+"""The pairwise judge interface: a ``JudgeRequest`` (a record's prompt and two answers,
+``answer1`` shown first) gets a ``JudgeReply`` whose first line holds two 1-10 scores
+(``parse_scores``). ``CachedJudge`` gives both judges (``client.PairwiseJudge``, an
+OpenAI-compatible chat model; ``reward_judge.RewardModelJudge``, a reward model in process):
 
 * a **cache**: one JSON file per request, ``cache_dir/<2 hex>/<sha256>.json``, keyed by
   ``settings()`` (the judge's version, model, ...) and the request's chat messages
   (question, both answers, their order), written as each reply arrives, so a re-run
   asks only what is missing;
-* a **budget** (``max_requests``; None: none) over the object's life: a batch that needs
-  more than what is left is refused before anything is sent;
+* a **budget** (``max_requests``; None: none) over the object's life. It counts
+  *judgements*: each distinct uncached request counts once, however many HTTP attempts
+  it takes (the client's retries of 429/5xx/timeouts and ``PairwiseJudge``'s retries of a
+  malformed reply are not counted; at most ``max_requests * (max_retries + 1)`` calls). A
+  batch that needs more than what is left is refused before anything is sent;
 * a **dry run**: :meth:`CachedJudge.plan` counts requests, cached ones and tokens.
 
 A subclass sets ``model`` (the win-rate files' ``judge_model``), ``version`` and
@@ -24,14 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aisp_bench.judge.prompts import Scores, build_messages, parse_scores
-from aisp_bench.rundir import RunFolderError, read_json, write_json_atomic
+from aisp_bench.rundir import read_json_or_none, write_json_atomic
 from aisp_bench.types import Prompt
 
 CHARS_PER_TOKEN = 4.0  # rough English average, for the dry-run estimate only
@@ -54,20 +52,15 @@ class JudgeRequest:
     answer1: str
     answer2: str
 
-    @property
-    def question(self) -> str:
-        """The prompt as the judge reads it (``Prompt.transcript``, the records' ``prompt``)."""
-        return self.prompt.transcript()
-
     def messages(self) -> list[dict[str, str]]:
-        return build_messages(self.question, self.answer1, self.answer2)
+        """The chat messages; the question is ``Prompt.transcript`` (the records' ``prompt``)."""
+        return build_messages(self.prompt.transcript(), self.answer1, self.answer2)
 
 
 @dataclass
 class JudgeReply:
     key: str
     content: str | None = None  # the judge's text (None if the request failed)
-    cached: bool = False  # served from the cache (no request sent this time)
     error: str | None = None  # why the request failed after retries (never cached)
 
     @property
@@ -92,7 +85,6 @@ class Plan:
     budget_left: int | None  # None: no budget
     model: str = ""
     base_url_host: str = ""
-    keys_to_send: list[str] = field(default_factory=list, repr=False)
 
     def describe(self) -> str:
         budget = "" if self.budget_left is None else f" (budget left {self.budget_left})"
@@ -115,7 +107,11 @@ class CachedJudge:
     def __init__(self, cache_dir: str, max_requests: int | None = None) -> None:
         self.cache_dir = Path(cache_dir)
         self.max_requests = None if max_requests is None else int(max_requests)
-        self.requests_sent = 0  # requests sent by this object (the budget counter)
+        self.requests_sent = 0  # judgements asked of the judge by this object (the budget counter)
+
+    @property
+    def budget_left(self) -> int | None:
+        return None if self.max_requests is None else self.max_requests - self.requests_sent
 
     def settings(self) -> dict[str, Any]:  # pragma: no cover - abstract
         """Everything besides the messages that shapes a reply (part of the cache key)."""
@@ -133,18 +129,6 @@ class CachedJudge:
     def cache_path(self, key: str) -> Path:
         return self.cache_dir / key[:2] / f"{key}.json"
 
-    def cached(self, key: str) -> dict[str, Any] | None:
-        """The cache entry for ``key``, or None (an unreadable entry counts as missing)."""
-        path = self.cache_path(key)
-        if not path.is_file():
-            return None
-        try:
-            entry = read_json(path)
-        except (OSError, RunFolderError) as e:
-            warnings.warn(f"ignoring unreadable judge cache entry {path}: {e}", stacklevel=2)
-            return None
-        return entry if isinstance(entry, dict) and entry.get("key") == key else None
-
     def _store(self, key: str, request: JudgeRequest, content: str | None, **extra: Any) -> JudgeReply:
         """Write one reply to the cache and return it."""
         entry = {
@@ -159,48 +143,48 @@ class CachedJudge:
         write_json_atomic(self.cache_path(key), entry)
         return JudgeReply(key=key, content=content)
 
+    def _lookup(self, requests: Sequence[JudgeRequest]) -> tuple[dict[str, JudgeReply], dict[str, JudgeRequest]]:
+        """(cached replies, requests to send), each keyed by cache key, one per distinct request."""
+        done: dict[str, JudgeReply] = {}
+        todo: dict[str, JudgeRequest] = {}
+        for r in requests:
+            k = self.cache_key(r)
+            if k not in done and k not in todo:
+                entry = read_json_or_none(self.cache_path(k))  # an unreadable entry counts as missing
+                if entry is None or entry.get("key") != k:
+                    todo[k] = r
+                else:
+                    done[k] = JudgeReply(key=k, content=entry["reply"])
+        return done, todo
+
     def plan(self, requests: Sequence[JudgeRequest]) -> Plan:
         """Count what a batch would send, without sending anything or writing any file."""
-        distinct: dict[str, JudgeRequest] = {}
-        for r in requests:
-            distinct.setdefault(self.cache_key(r), r)
-        to_send = [k for k in distinct if self.cached(k) is None]
-        chars = sum(len(m["content"]) for k in to_send for m in distinct[k].messages())
+        done, todo = self._lookup(requests)
+        chars = sum(len(m["content"]) for r in todo.values() for m in r.messages())
         return Plan(
-            num_requests=len(distinct),
-            num_cached=len(distinct) - len(to_send),
-            num_to_send=len(to_send),
-            est_input_tokens=int(chars / CHARS_PER_TOKEN) + 8 * len(to_send),
-            max_output_tokens=None if self.max_tokens is None else self.max_tokens * len(to_send),
-            budget_left=None if self.max_requests is None else self.max_requests - self.requests_sent,
+            num_requests=len(done) + len(todo),
+            num_cached=len(done),
+            num_to_send=len(todo),
+            est_input_tokens=int(chars / CHARS_PER_TOKEN) + 8 * len(todo),
+            max_output_tokens=None if self.max_tokens is None else self.max_tokens * len(todo),
+            budget_left=self.budget_left,
             model=self.model,
             base_url_host=self.base_url_host,
-            keys_to_send=to_send,
         )
 
     def judge(self, requests: Sequence[JudgeRequest], *, progress: Progress | None = None) -> list[JudgeReply]:
-        """Replies for ``requests`` (same order), from the cache or the judge.
-
-        Raises ``BudgetExceededError`` (before sending anything) when the uncached
-        requests exceed the budget left, and ``JudgeError`` when the judge cannot answer
-        at all. A request that failed comes back with ``error`` set (and is not cached).
-        """
-        plan = self.plan(requests)
-        if plan.budget_left is not None and plan.num_to_send > plan.budget_left:
+        """Replies for ``requests`` (same order), from the cache or the judge: ``BudgetExceededError``
+        (nothing sent) over the budget left, ``JudgeError`` when the judge cannot answer at all; a
+        request that failed comes back with ``error`` set (not cached)."""
+        done, todo = self._lookup(requests)
+        left = self.budget_left
+        if left is not None and len(todo) > left:
             raise BudgetExceededError(
-                f"{plan.num_to_send} requests to send but max_requests leaves {plan.budget_left} "
+                f"{len(todo)} requests to send but max_requests leaves {left} "
                 f"(max_requests={self.max_requests}); nothing was sent. Raise judge.max_requests "
                 "or lower num_prompts/trials"
             )
-        keys = [self.cache_key(r) for r in requests]
-        by_key = dict(zip(keys, requests, strict=True))
-        done: dict[str, JudgeReply] = {}
-        to_send = set(plan.keys_to_send)
-        for k in by_key:
-            entry = None if k in to_send else self.cached(k)
-            if entry is not None:
-                done[k] = JudgeReply(key=k, content=entry.get("reply"), cached=True)
-        todo = {k: r for k, r in by_key.items() if k not in done}
         if todo:
+            self.requests_sent += len(todo)
             done.update(self._answer(todo, progress))
-        return [done[k] for k in keys]
+        return [done[self.cache_key(r)] for r in requests]

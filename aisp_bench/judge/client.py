@@ -1,33 +1,26 @@
-"""The GPT-4 judge: an OpenAI-compatible chat-completions client (a ``CachedJudge``).
+"""The GPT-4 judge: an OpenAI-compatible chat-completions client (a ``CachedJudge``; its
+arguments are the keys of ``conf/judge/gpt4.yaml``). What it adds to the cache, budget and
+dry run of :mod:`aisp_bench.judge.base`:
 
-``PairwiseJudge`` is built from ``conf/judge/gpt4.yaml`` (its constructor arguments are
-that file's keys, one to one). Cache, budget and dry run: :mod:`aisp_bench.judge.base`.
-What it adds:
-
-* **Any OpenAI-compatible server**: ``model``, ``base_url`` (``null`` = OpenAI's own
-  endpoint; the ``OPENAI_BASE_URL`` variable is ignored so the config is the only
-  source), ``temperature``, ``max_tokens``, ``timeout`` come from the config. A local
-  vLLM or llama.cpp server works with ``base_url=http://127.0.0.1:8000/v1``.
-* **The key**: read from the ``OPENAI_API_KEY`` environment variable, only when a
-  request must actually be sent, and handed to the client; never stored, written to
-  the cache or printed (error messages are scrubbed of it). A server without auth still
-  needs the variable set to any value.
-* **Retries**: the ``openai`` client's own: rate limits (429), server errors (5xx),
-  408/409, timeouts and connection errors are retried with exponential backoff (0.5 s
-  doubling, at most 8 s, with jitter) or the server's ``Retry-After``; other errors
-  (400, 401, 403, 404) are not. A reply that is not a chat completion (a body that is not
-  JSON, or has no ``choices``: a server or proxy answering 200 with garbage) is a server
-  failure too, retried here up to ``max_retries`` times with the same backoff. An
-  authentication, permission, not-found or bad-request error stops the whole batch at
-  once; any other request that still fails is returned with its ``error`` set (and not
-  cached), so a re-run retries only those.
+* **Any OpenAI-compatible server** at ``base_url`` (``null`` = OpenAI's; the
+  ``OPENAI_BASE_URL`` variable is ignored so the config is the only source), e.g. a local
+  vLLM or llama.cpp server at ``http://127.0.0.1:8000/v1``.
+* **The key**: read from ``OPENAI_API_KEY`` only when a request must be sent (a server
+  without auth needs it set to any value); never stored, cached or printed (error
+  messages are scrubbed of it).
+* **Retries**: the ``openai`` client's own for 429, 5xx, 408/409, timeouts and connection
+  errors (backoff 0.5 s doubling to 8 s, with jitter, or the server's ``Retry-After``);
+  400/401/403/404 are not retried. A 200 reply that is not a chat completion (not JSON,
+  no ``choices``) is a server failure too, retried here the same way. An authentication,
+  permission, not-found or bad-request error stops the whole batch; any other request
+  that still fails comes back with ``error`` set (not cached), so a re-run retries only
+  those. No retry counts against ``max_requests`` (a judgement counts once).
 * **Concurrency**: at most ``concurrency`` requests in flight (a thread pool).
-
-The protocol (which prompts, both orders, trials) is :mod:`aisp_bench.judge.winrate`'s.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -35,10 +28,11 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
-from aisp_bench.judge.base import BudgetExceededError, CachedJudge, JudgeError, JudgeReply, JudgeRequest, Progress
+from aisp_bench.judge.base import CachedJudge, JudgeError, JudgeReply, JudgeRequest, Progress
 from aisp_bench.judge.prompts import PROMPT_VERSION
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -78,8 +72,6 @@ class PairwiseJudge(CachedJudge):
         timeout: float = 60.0,
         max_retries: int = 5,
     ) -> None:
-        if int(concurrency) < 1:
-            raise ValueError("concurrency must be at least 1")
         super().__init__(cache_dir, max_requests)
         self.model = str(model)
         self.base_url = str(base_url).rstrip("/") if base_url else OPENAI_BASE_URL
@@ -88,8 +80,6 @@ class PairwiseJudge(CachedJudge):
         self.concurrency = int(concurrency)
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
-        self._lock = threading.Lock()
-        self._client: Any = None
         self._key: str | None = None
 
     @property
@@ -105,39 +95,43 @@ class PairwiseJudge(CachedJudge):
             "max_tokens": self.max_tokens,
         }
 
-    def _openai(self) -> Any:
-        if self._client is None:
-            key = os.environ.get("OPENAI_API_KEY")
-            if not key:
-                raise JudgeError(
-                    "OPENAI_API_KEY is not set (for a local server without authentication set it to any value)"
-                )
-            from openai import OpenAI
-
-            self._key = key
-            self._client = OpenAI(
-                api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries
+    @cached_property
+    def _client(self) -> Any:
+        """The ``openai`` client, made on first use (a missing key: ``JudgeError``)."""
+        key = os.environ.get("OPENAI_API_KEY")
+        if not key:
+            raise JudgeError(
+                "OPENAI_API_KEY is not set (for a local server without authentication set it to any value)"
             )
-        return self._client
+        from openai import OpenAI
+
+        self._key = key
+        return OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
     def _send(self, key: str, request: JudgeRequest, stop: threading.Event, fatal: tuple[type, ...]) -> JudgeReply:
+        """One request; a malformed reply is retried ``max_retries`` times (backoff as the client's)."""
+        from openai import APIResponseValidationError
+
         if stop.is_set():  # a fatal error or an interrupt elsewhere: send nothing more
             raise _Stopped()
-        try:
-            return self._send_one(key, request)
-        except fatal:
-            stop.set()
-            raise
-
-    def _send_one(self, key: str, request: JudgeRequest) -> JudgeReply:
-        with self._lock:
-            if self.requests_sent >= self.max_requests:  # belt and braces: plan() checked already
-                raise BudgetExceededError(f"max_requests={self.max_requests} reached")
-            self.requests_sent += 1
-        resp, choice = self._complete(request)
+        for attempt in itertools.count():
+            try:
+                resp = self._client.chat.completions.create(
+                    model=self.model, messages=request.messages(), temperature=self.temperature,
+                    max_tokens=self.max_tokens,
+                )
+                choice = _first_choice(resp)
+                break
+            except fatal:
+                stop.set()
+                raise
+            except (MalformedReplyError, json.JSONDecodeError, APIResponseValidationError):
+                if attempt == self.max_retries:
+                    raise
+                time.sleep(min(8.0, self.retry_delay * 2**attempt) * random.uniform(0.75, 1.0))
         return self._store(
             key,
             request,
@@ -147,35 +141,17 @@ class PairwiseJudge(CachedJudge):
             usage=resp.usage.model_dump() if getattr(resp, "usage", None) is not None else None,
         )
 
-    def _complete(self, request: JudgeRequest) -> tuple[Any, Any]:
-        """(completion, its first choice); a malformed reply is retried ``max_retries`` times."""
-        from openai import APIResponseValidationError
-
-        for attempt in range(self.max_retries + 1):
-            try:
-                resp = self._openai().chat.completions.create(
-                    model=self.model, messages=request.messages(), temperature=self.temperature,
-                    max_tokens=self.max_tokens,
-                )
-                return resp, _first_choice(resp)
-            except (MalformedReplyError, json.JSONDecodeError, APIResponseValidationError):
-                if attempt == self.max_retries:
-                    raise
-                time.sleep(min(8.0, self.retry_delay * 2**attempt) * random.uniform(0.75, 1.0))
-        raise AssertionError("unreachable")  # pragma: no cover
-
     def _answer(self, todo: dict[str, JudgeRequest], progress: Progress | None) -> dict[str, JudgeReply]:
         """Send ``todo`` with ``concurrency`` threads; a fatal API error stops the batch (``JudgeError``),
         other failures come back as replies with ``error`` set."""
         from openai import AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError
 
-        fatal = (AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError, BudgetExceededError)
-        self._openai()  # fail on a missing key before starting threads
+        fatal = (AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError)
+        self._client  # noqa: B018 - fail on a missing key before starting threads
         stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")
         futures: dict[Future[JudgeReply], str] = {pool.submit(self._send, k, r, stop, fatal): k for k, r in todo.items()}
         done: dict[str, JudgeReply] = {}
-        finished = 0
         try:
             pending = set(futures)
             while pending:
@@ -187,9 +163,8 @@ class PairwiseJudge(CachedJudge):
                     if isinstance(exc, fatal):
                         raise JudgeError(f"judge request failed: {self._scrub(f'{type(exc).__name__}: {exc}')}")
                     done[k] = fut.result() if exc is None else JudgeReply(key=k, error=self._scrub(f"{type(exc).__name__}: {exc}"))
-                    finished += 1
                     if progress is not None:
-                        progress(finished, len(todo))
+                        progress(len(done), len(todo))
         finally:
             stop.set()  # queued requests are dropped; those in flight finish and are cached
             pool.shutdown(wait=True, cancel_futures=True)

@@ -11,7 +11,7 @@ every cache key, so old replies are never reused for a new prompt.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PROMPT_VERSION = "aisp-pairwise-v1"
 
@@ -57,8 +57,7 @@ def build_messages(question: str, answer1: str, answer2: str) -> list[dict[str, 
     ]
 
 
-@dataclass(frozen=True)
-class Scores:
+class Scores(NamedTuple):
     first: float  # Assistant 1 (the answer shown first)
     second: float
 
@@ -70,15 +69,9 @@ def parse_scores(reply: str | None) -> Scores | None:
     (e.g. "Assistant 1: 8", "8", "8 7 6", prose), or a score outside 1-10. Never
     guessed from later lines: an unparsable verdict is reported as invalid, not a draw.
     """
-    if not reply:
+    lines = (reply or "").strip().splitlines()
+    m = _SCORE_LINE.match(lines[0].strip()) if lines else None
+    if m is None:
         return None
-    for line in reply.splitlines():
-        if line.strip():
-            m = _SCORE_LINE.match(line.strip())
-            if not m:
-                return None
-            a, b = float(m.group(1)), float(m.group(2))
-            if not (SCORE_MIN <= a <= SCORE_MAX and SCORE_MIN <= b <= SCORE_MAX):
-                return None
-            return Scores(a, b)
-    return None
+    a, b = float(m.group(1)), float(m.group(2))
+    return Scores(a, b) if SCORE_MIN <= a <= SCORE_MAX and SCORE_MIN <= b <= SCORE_MAX else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from aisp_bench.cli import first_line
 from aisp_bench.judge.base import CachedJudge, JudgeError, JudgeReply, JudgeRequest, Progress
 
 TIE_SCORE, WIN_SCORE, LOSE_SCORE = 5, 7, 3
@@ -26,11 +27,7 @@ MAPPING_VERSION = "rm-judge-v1"  # bump when the mapping or the reply changes
 
 
 def verdict_scores(r1: float, r2: float, tie_margin: float = 0.0) -> tuple[int, int]:
-    """The two 1-10 scores for rewards r1 (answer 1) and r2 (answer 2).
-
-    ``(5, 5)`` when ``|r1 - r2| <= tie_margin``, else ``(7, 3)`` or ``(3, 7)``, the 7 to
-    the higher reward. Symmetric: swapping the answers swaps the scores.
-    """
+    """The two 1-10 scores for rewards r1 (answer 1) and r2 (answer 2) (see the module docstring)."""
     if abs(r1 - r2) <= tie_margin:
         return TIE_SCORE, TIE_SCORE
     return (WIN_SCORE, LOSE_SCORE) if r1 > r2 else (LOSE_SCORE, WIN_SCORE)
@@ -41,31 +38,20 @@ def reply_text(name: str, r1: float, r2: float, tie_margin: float = 0.0) -> str:
     if not (math.isfinite(r1) and math.isfinite(r2)):
         return f"Reward model {name} returned a non-finite reward: r1 = {r1}, r2 = {r2}; no verdict."
     s1, s2 = verdict_scores(r1, r2, tie_margin)
-    diff = abs(r1 - r2)
-    if s1 == s2:
-        why = f"|r1 - r2| = {diff:.4g} <= tie margin {tie_margin:g}: a tie"
-    else:
-        why = f"|r1 - r2| = {diff:.4g} > tie margin {tie_margin:g}: Assistant {1 if s1 > s2 else 2} is better"
-    return f"{s1} {s2}\nReward model {name}: r1 = {r1:.6g}, r2 = {r2:.6g}; {why}."
+    why = (f"<= tie margin {tie_margin:g}: a tie" if s1 == s2
+           else f"> tie margin {tie_margin:g}: Assistant {1 if s1 > s2 else 2} is better")
+    return f"{s1} {s2}\nReward model {name}: r1 = {r1:.6g}, r2 = {r2:.6g}; |r1 - r2| = {abs(r1 - r2):.4g} {why}."
 
 
 def rm_model_name(reward_name: str, tie_margin: float = 0.0) -> str:
-    """The judge model name: ``rm:<name>``, plus ``@tie=<margin>`` for a non-zero margin.
-
-    The name is part of every cache key and of the win-rate files, so verdicts under
-    another reward model or another margin are never mixed up.
-    """
+    """``rm:<name>``, plus ``@tie=<margin>`` for a non-zero margin: part of every cache key and
+    win-rate file, so verdicts under another reward model or margin are never mixed up."""
     return f"rm:{reward_name}" if tie_margin == 0 else f"rm:{reward_name}@tie={tie_margin:g}"
 
 
 class RewardModelJudge(CachedJudge):
-    """A reward model as a pairwise judge; arguments are the keys of ``conf/judge/reward_model.yaml``.
-
-    Args:
-        reward: a ``RewardModel`` (``score(prompts, responses) -> tensor`` and ``load()``).
-        tie_margin: rewards this close (reward units, >= 0) are a tie.
-        cache_dir: the verdict cache (see :mod:`aisp_bench.judge.base`).
-    """
+    """A reward model (``score(prompts, responses) -> tensor``, ``load()``) as a pairwise judge;
+    arguments are the keys of ``conf/judge/reward_model.yaml``."""
 
     version = MAPPING_VERSION
     base_url_host = "in-process"
@@ -73,14 +59,11 @@ class RewardModelJudge(CachedJudge):
     def __init__(self, reward: Any, tie_margin: float = 0.0, cache_dir: str = "results/judge_cache") -> None:
         if reward is None:
             raise ValueError("judge=reward_model needs a reward model: reward=NAME (e.g. reward=minilm_similarity)")
-        tie_margin = float(tie_margin)
-        if not math.isfinite(tie_margin) or tie_margin < 0:
-            raise ValueError(f"tie_margin must be a finite number >= 0, got {tie_margin!r}")
         super().__init__(cache_dir)
         self.reward = reward
         self.name = str(getattr(reward, "name", None) or type(reward).__name__)
-        self.tie_margin = tie_margin
-        self.model = rm_model_name(self.name, tie_margin)
+        self.tie_margin = float(tie_margin)
+        self.model = rm_model_name(self.name, self.tie_margin)
 
     def settings(self) -> dict[str, Any]:
         return {"prompt_version": self.version, "model": self.model}
@@ -89,8 +72,7 @@ class RewardModelJudge(CachedJudge):
         try:
             self.reward.load()
         except Exception as e:  # noqa: BLE001 - missing weights, no hub: one line, stop
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise JudgeError(f"reward model judge {self.name}: {msg}") from None
+            raise JudgeError(f"reward model judge {self.name}: {first_line(e)}") from None
         pairs: dict[tuple, tuple] = {}  # (messages, answer) -> (prompt, answer), each scored once
         for req in todo.values():
             for answer in (req.answer1, req.answer2):

@@ -37,31 +37,21 @@ from typing import Any
 
 from aisp_bench.cli import UserError
 from aisp_bench.judge.base import CachedJudge, JudgeError, JudgeReply, JudgeRequest, Plan, Progress
-from aisp_bench.judge.prompts import Scores
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
 from aisp_bench.results import OUTCOMES, judge_file, trial_percentages
 from aisp_bench.rundir import Run, read_records, record_prompt, write_json_atomic
 from aisp_bench.seeding import derive_seed
 
-MODES = ("both_orders", "random_order")
-
 
 @dataclass(frozen=True)
 class Protocol:
-    """What to ask: the keys ``mode``, ``num_prompts``, ``trials``, ``sample_seed`` of conf/judge.yaml."""
+    """What to ask: the keys ``mode``, ``num_prompts``, ``trials``, ``sample_seed`` of conf/judge.yaml
+    (checked by ``validate.check``)."""
 
-    mode: str = "both_orders"
+    mode: str = "both_orders"  # or "random_order"
     num_prompts: int = 100
     trials: int = 3
     sample_seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise UserError(f"unknown judge mode {self.mode!r}; known: {', '.join(MODES)}")
-        for key in ("num_prompts", "trials", "sample_seed"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "sample_seed" else 1):
-                raise UserError(f"{key} must be an integer >= {0 if key == 'sample_seed' else 1}, got {v!r}")
 
 
 # -- seeded choices -------------------------------------------------------------------
@@ -78,11 +68,11 @@ def a_shown_first(sample_seed: int, trial: int, prompt_id: str) -> bool:
 
 
 # -- verdicts -------------------------------------------------------------------------
-def preference(scores: Scores | None, a_first: bool) -> str | None:
-    """'A', 'B' or 'tie' from one reply's scores (None if invalid)."""
+def preference(scores: Sequence[float] | None, a_first: bool) -> str | None:
+    """'A', 'B' or 'tie' from one reply's two scores (first shown, second shown); None if invalid."""
     if scores is None:
         return None
-    sa, sb = (scores.first, scores.second) if a_first else (scores.second, scores.first)
+    sa, sb = scores if a_first else scores[::-1]
     return "A" if sa > sb else "B" if sb > sa else "tie"
 
 
@@ -127,17 +117,10 @@ class Comparison:
     out: Path
     trials: list[_Trial]
 
-    @property
-    def requests(self) -> list[JudgeRequest]:
-        return [req for t in self.trials for it in t.items for _, req in it.orders]
-
 
 def find_comparisons(runs: Sequence[Run], method_a: str, methods_b: Sequence[str]) -> list[tuple[list[Run], list[Run]]]:
-    """(A's runs, B's runs) per dataset, pair and method B, in the one variant both have.
-
-    A dataset and pair where A or B has no run is left out (with a warning when A has
-    some); where several variants have both, ``select.variant`` must choose.
-    """
+    """(A's runs, B's runs) per dataset, pair and method B, in the one variant both have (a cell
+    without A or B is left out, with a warning when A has runs; several such variants: an error)."""
     cells: dict[tuple[str, str], dict[tuple[str, str], list[Run]]] = {}
     for r in runs:
         cells.setdefault((r.dataset, r.pair), {}).setdefault((r.method, r.variant), []).append(r)
@@ -211,16 +194,21 @@ def build_comparison(protocol: Protocol, runs_a: Sequence[Run], runs_b: Sequence
 
 
 # -- tallies --------------------------------------------------------------------------
-def _tally(items: Sequence[_Item], replies: dict[int, JudgeReply]) -> dict[str, Any]:
+def _display_path(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _tally(t: _Trial, replies: dict[int, JudgeReply]) -> dict[str, Any]:
+    """One trial of the win-rate file (see the module docstring)."""
     counts = dict.fromkeys(OUTCOMES, 0)
     agree = both = 0
     judgements = []
-    for it in items:
-        prefs, scores = [], []
-        for a_first, req in it.orders:
-            s = replies[id(req)].scores
-            prefs.append(preference(s, a_first))
-            scores.append(None if s is None else [s.first, s.second])
+    for it in t.items:
+        scores = [replies[id(req)].scores for _, req in it.orders]
+        prefs = [preference(s, a_first) for (a_first, _), s in zip(it.orders, scores, strict=True)]
         res = outcome(prefs)
         counts[res] += 1
         if len(prefs) == 2 and None not in prefs:
@@ -231,42 +219,29 @@ def _tally(items: Sequence[_Item], replies: dict[int, JudgeReply]) -> dict[str, 
                 "prompt_id": it.prompt_id,
                 "outcome": res,
                 "orders": ["AB" if f else "BA" for f, _ in it.orders],
-                "scores": scores,  # [first shown, second shown] per order; null = invalid
+                "scores": [None if s is None else list(s) for s in scores],  # per order; null = invalid
                 "words": list(it.words),  # [A, B]: the cleaned answers' lengths (the bias report)
                 "cache_keys": [replies[id(r)].key for _, r in it.orders],
             }
         )
-    return {**counts, "n": len(items), "order_agreement": (agree / both) if both else None, "judgements": judgements}
-
-
-def mean_percentages(trials: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """Percent of n per trial for each outcome, averaged over trials with n > 0."""
-    pct = trial_percentages(trials)
-    return {k: math.fsum(p[k] for p in pct) / len(pct) if pct else None for k in OUTCOMES}
-
-
-def _display_path(p: Path) -> str:
-    try:
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(p)
+    return {"trial": t.trial, "run_a": _display_path(t.run_a.path), "run_b": _display_path(t.run_b.path),
+            "seed": t.run_a.seed, **counts, "n": len(t.items), "num_common": t.num_common,
+            "order_agreement": (agree / both) if both else None, "judgements": judgements}  # fmt: skip
 
 
 def result(judge: CachedJudge, protocol: Protocol, comp: Comparison, replies: dict[int, JudgeReply]) -> dict:
-    """The win-rate file's contents (see the module docstring)."""
-    trials = []
-    for t in comp.trials:
-        tally = _tally(t.items, replies)
-        trials.append({"trial": t.trial, "run_a": _display_path(t.run_a.path), "run_b": _display_path(t.run_b.path),
-                       "seed": t.run_a.seed, **{k: tally[k] for k in (*OUTCOMES, "n")}, "num_common": t.num_common,
-                       "order_agreement": tally["order_agreement"], "judgements": tally["judgements"]})
+    """The win-rate file's contents (see the module docstring); ``mean``: percent of n per trial
+    for each outcome, averaged over the trials with n > 0."""
+    trials = [_tally(t, replies) for t in comp.trials]
+    pct = trial_percentages(trials)
     a = comp.trials[0].run_a
     return {
         "dataset": a.dataset, "model": a.model, "reward": a.reward, "method_a": comp.method_a,
         "method_b": comp.method_b, "judge_model": judge.model, "base_url_host": judge.base_url_host,
         "mode": protocol.mode, "num_prompts": protocol.num_prompts, "prompt_version": judge.version,
         "temperature": getattr(judge, "temperature", None), "max_tokens": judge.max_tokens,
-        "sample_seed": protocol.sample_seed, "trials": trials, "mean": mean_percentages(trials),
+        "sample_seed": protocol.sample_seed, "trials": trials,
+        "mean": {k: math.fsum(p[k] for p in pct) / len(pct) if pct else None for k in OUTCOMES},
     }  # fmt: skip
 
 
@@ -274,13 +249,10 @@ def run_comparisons(
     judge: CachedJudge, protocol: Protocol, comps: Sequence[Comparison], *, dry_run: bool = False,
     progress: Progress | None = None,
 ) -> tuple[Plan, list[dict[str, Any]]]:
-    """Judge every comparison (one batch), write and return their win-rate dicts.
-
-    With ``dry_run`` nothing is sent or written: returns (plan, []). Raises
-    ``JudgeError``/``BudgetExceededError`` from the judge, and ``JudgeError`` if some
-    request still failed after retries (replies received so far stay cached).
-    """
-    requests = [req for c in comps for req in c.requests]
+    """Judge every comparison (one batch), write and return their win-rate dicts; ``dry_run``:
+    (plan, []), nothing sent or written. ``JudgeError`` also when some request still failed
+    after retries (nothing written; the replies received stay cached)."""
+    requests = [req for c in comps for t in c.trials for it in t.items for _, req in it.orders]
     plan = judge.plan(requests)
     if dry_run:
         return plan, []

