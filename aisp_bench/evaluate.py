@@ -333,9 +333,8 @@ def evaluate_run(
     label = encoder.label if encoder is not None else None
     fp = fingerprint(run.path, label, names, run.config, _name(reward), _name(gold_reward),
                      BasePolicy.label(run) if "base_logprob" in names else None)
-    old = (read_json_or_none(run.path / SUMMARY) or {}).get("metrics")
-    per_old = read_prompt_metrics(run.path, fp)
-    if not force and isinstance(old, dict) and old.get("fingerprint") == fp and per_old is not None:
+    old = run.metrics
+    if not force and isinstance(old, dict) and old.get("fingerprint") == fp and read_prompt_metrics(run.path, fp):
         return "up to date", old
     records = _records(run)
     metrics, per = metric_values(records, config=run.config, encoder=encoder,
@@ -370,13 +369,12 @@ def _report(run: Run, status: str, m: dict[str, Any]) -> str:
 
 
 def _base_policy(p: DictConfig) -> BasePolicy:
-    """The ``policy`` block checked (bad values: ``UserError``) as a ``BasePolicy``."""
-    from aisp_bench.models.loading import resolve_device, resolve_dtype
+    """The ``policy`` block as a ``BasePolicy``; an unusable device is a ``UserError``."""
+    from aisp_bench.models.loading import resolve_device
 
-    try:  # policy.batch_rows and the dtype's name: validate.check
-        device = resolve_device(p.device) if p.device is not None else None
-        if p.dtype is not None:
-            resolve_dtype(p.dtype, device or resolve_device("auto"))
+    try:  # policy.batch_rows and policy.dtype: validate.check
+        if p.device is not None:
+            resolve_device(p.device)
     except ValueError as e:
         raise UserError(f"policy: {e}") from None
     return BasePolicy({"device": p.device, "dtype": p.dtype}, int(p.batch_rows))
@@ -411,31 +409,29 @@ def main(cfg: DictConfig) -> int:
     runs = select_runs(cfg)
     names, encoder, reward, gold, policy = _setup(cfg)
     counts = dict.fromkeys(("updated", "up to date", "skipped", "failed"), 0)
-    try:  # base_logprob: every run's responses at once, each prompt prefilled once
-        if policy is not None:
+    unavailable = (EncoderUnavailableError, RewardUnavailableError, PolicyUnavailableError)  # stop everything
+    try:
+        if policy is not None:  # base_logprob: every run's responses at once, each prompt prefilled once
             policy.prepare(runs, force=bool(cfg.force))
-    except PolicyUnavailableError as e:
+        for run in runs:
+            try:
+                status, m = evaluate_run(run, encoder, names=names, force=bool(cfg.force), reward=reward,
+                                         gold_reward=gold, policy=policy)
+            except (UserError, *unavailable):
+                raise
+            except Exception as e:  # noqa: BLE001 - report and go on with the other runs
+                counts["failed"] += 1
+                print(f"error: {run.path}: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            if status.startswith("skipped"):
+                counts["skipped"] += 1
+                print(f"warning: {run.path}: {status}", file=sys.stderr)
+                continue
+            counts[status] += 1
+            print(_report(run, status, m or {}))
+    except unavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for run in runs:
-        try:
-            status, m = evaluate_run(run, encoder, names=names, force=bool(cfg.force), reward=reward,
-                                     gold_reward=gold, policy=policy)
-        except (EncoderUnavailableError, RewardUnavailableError, PolicyUnavailableError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - report and go on with the other runs
-            counts["failed"] += 1
-            print(f"error: {run.path}: {type(e).__name__}: {e}", file=sys.stderr)
-            continue
-        if status.startswith("skipped"):
-            counts["skipped"] += 1
-            print(f"warning: {run.path}: {status}", file=sys.stderr)
-            continue
-        counts[status] += 1
-        print(_report(run, status, m or {}))
     print(f"{len(runs)} run(s): " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return 1 if counts["failed"] else 0
 
