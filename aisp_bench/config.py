@@ -34,12 +34,10 @@ def semantic_config(cfg: dict) -> dict:
     """A resolved config (a plain dict, as in ``manifest.json``) without the ``NON_SEMANTIC`` keys."""
     c = copy.deepcopy(cfg)
     for key in NON_SEMANTIC:
-        parts = key.split(".")
-        node = c
-        for p in parts[:-1]:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
+        parent, _, leaf = key.rpartition(".")
+        node = get_path(c, parent) if parent else c
         if isinstance(node, dict):
-            node.pop(parts[-1], None)
+            node.pop(leaf, None)
     return c
 
 

@@ -414,7 +414,7 @@ class Run:
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
-        """``manifest.json`` (a corrupt one is a ``RunFolderError``); a sharded run's: its first shard's (the shards share one config)."""
+        """``manifest.json`` (corrupt: a ``RunFolderError``); a sharded run's: its first shard's (one config)."""
         if self.shards is None:
             return read_json(self.path / MANIFEST, missing_ok=True) or {}
         return next((m for m in self.shards.manifests.values() if m), {})
