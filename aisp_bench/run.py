@@ -181,7 +181,7 @@ def prepare(cfg: DictConfig) -> Job:
     resolved.pop("hydra", None)
     root, shard, k = Path(cfg.run_dir), dataset.shard, dataset.num_shards
     return Job(root if k == 1 else shard_dir(root, shard, k), resolved, method, prompts, policy, reward,
-               bool(cfg.get("overwrite", False)), root, shard, k)
+               bool(cfg.overwrite), root, shard, k)
 
 
 def in_other_layout(job: Job) -> bool:
@@ -272,15 +272,13 @@ def load(cfg: DictConfig, job: Job):
     from aisp_bench.models.policy import build_engine
 
     gen = cfg.generation
-    # how the engine decodes (``generation.decode_step``, ``attention``, ``sync_every``)
-    engine_options = {k: gen.get(k, "auto" if k != "decode_step" else "eager")
-                      for k in ("decode_step", "attention", "sync_every")}
     try:
         policy = _cached("model", cfg.model, lambda: _loaded(job.policy))
         reward = _cached("reward", cfg.reward, lambda: job.reward.load())
         # built after the reward model is on its device: batch_rows=auto sizes from the memory left
         engine = build_engine(policy, max_new_tokens=int(gen.max_new_tokens), batch_rows=gen.batch_rows,
-                              prompt_overflow=str(gen.prompt_overflow), **engine_options)
+                              prompt_overflow=str(gen.prompt_overflow), decode_step=gen.decode_step,
+                              attention=gen.attention, sync_every=gen.sync_every)
     except (OSError, RuntimeError, ValueError) as e:  # errors here still leave the folder untouched
         raise UserError(first_line(e)) from None
     if engine.context_length and int(engine.context_length) <= engine.max_new_tokens:
@@ -344,7 +342,7 @@ def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipp
     """
     from tqdm.auto import tqdm
 
-    bp = cfg.get("batch_prompts", "auto")
+    bp = cfg.batch_prompts
     size = max(1, engine.max_batch_rows // max(1, job.method.rows_per_prompt)) if bp == "auto" else int(bp)
     with RecordWriter(job.run_dir) as writer:
         if writer.repaired:
@@ -355,7 +353,7 @@ def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipp
                  len(done), sum(p.id not in done for b in batches for p in b), skipped, truncated)
         rewards = [float(r["reward"]) for r in writer.existing]
         with tqdm(total=sum(len(b) for b in batches), desc=job.method.name, unit="prompt",
-                  disable=not cfg.get("progress", True), dynamic_ncols=True) as bar:
+                  disable=not cfg.progress, dynamic_ncols=True) as bar:
             for chunk in batches:
                 t0 = time.perf_counter()
                 results = job.method(chunk, engine, reward, int(cfg.seed))

@@ -147,28 +147,23 @@ def scan_records(path: str | Path) -> RecordScan:
     naming file and line; blank lines are ignored, a complete last record without its newline is kept."""
     path = Path(path)
     records: list[dict] = []
-    good_end = 0
     lines = path.read_bytes().split(b"\n")
-    offset = 0
+    good_end = 0  # after every line but the last, whatever it holds (a bad line returns or raises)
     for i, raw in enumerate(lines):
-        end = offset + len(raw) + 1
-        last = i == len(lines) - 1
         if raw.strip():
             try:
                 rec = json.loads(raw)
                 if not isinstance(rec, dict):
                     raise ValueError("not an object")
             except ValueError:
-                if last or all(not x.strip() for x in lines[i + 1 :]):
-                    return RecordScan(records, good_end, dropped_tail=True, needs_repair=True)
-                raise RunFolderError(f"{path}: line {i + 1} is corrupt and is not the last line") from None
+                if any(x.strip() for x in lines[i + 1 :]):
+                    raise RunFolderError(f"{path}: line {i + 1} is corrupt and is not the last line") from None
+                return RecordScan(records, good_end, dropped_tail=True, needs_repair=True)
             records.append(rec)
-            if last:  # a complete record whose "\n" never reached the disk: keep it
-                return RecordScan(records, offset + len(raw), dropped_tail=False, needs_repair=True)
-            good_end = end
-        elif not last:
-            good_end = end
-        offset = end
+            if i == len(lines) - 1:  # a complete record whose "\n" never reached the disk: keep it
+                return RecordScan(records, good_end + len(raw), dropped_tail=False, needs_repair=True)
+        if i < len(lines) - 1:
+            good_end += len(raw) + 1
     return RecordScan(records, good_end, dropped_tail=False, needs_repair=False)
 
 
