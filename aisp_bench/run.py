@@ -136,7 +136,7 @@ class Existing:
 
     manifest: dict | None = None
     summary: dict | None = None  # None also when summary.json is corrupt: rebuilt at the end
-    records: list[dict] = field(default_factory=list)
+    done: set[str] = field(default_factory=set)  # the recorded prompts' ids
 
 
 def run(cfg: DictConfig) -> Path:
@@ -251,15 +251,14 @@ def resume_check(job: Job, records: bool = True) -> Existing:
     except RunFolderError as e:
         log.warning("%s; it is rebuilt from the records", e)
         summary = None
-    return Existing(manifest, summary, found)
+    return Existing(manifest, summary, {r["prompt_id"] for r in found})
 
 
 def is_complete(job: Job, existing: Existing) -> bool:
     """True when the folder already holds every prompt of this config (or skipped it) and a summary."""
     if existing.manifest is None or existing.summary is None:
         return False
-    done = {r["prompt_id"] for r in existing.records}
-    return {p.id for p in job.prompts} - set(existing.summary.get("skipped_ids") or []) <= done
+    return {p.id for p in job.prompts} - set(existing.summary.get("skipped_ids") or []) <= existing.done
 
 
 def _loaded(policy):
@@ -394,11 +393,11 @@ def close(job: Job, manifest: dict, existing: Existing, skipped: list[str], trun
 
 
 def _attach_log_file(run_dir: Path) -> None:
-    root = logging.getLogger()
-    path = str(run_dir / RUN_LOG)
-    if any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path) for h in root.handlers):
+    root, path = logging.getLogger(), os.path.abspath(run_dir / RUN_LOG)
+    logs = [h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename.endswith(RUN_LOG)]
+    if any(h.baseFilename == path for h in logs):
         return
-    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename.endswith(RUN_LOG)]:
+    for h in logs:  # the previous job's of a multirun
         root.removeHandler(h)
         h.close()
     fh = logging.FileHandler(path)
