@@ -34,12 +34,10 @@ def semantic_config(cfg: dict) -> dict:
     """A resolved config (a plain dict, as in ``manifest.json``) without the ``NON_SEMANTIC`` keys."""
     c = copy.deepcopy(cfg)
     for key in NON_SEMANTIC:
-        parts = key.split(".")
-        node = c
-        for p in parts[:-1]:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
+        parent, _, leaf = key.rpartition(".")
+        node = get_path(c, parent) if parent else c
         if isinstance(node, dict):
-            node.pop(parts[-1], None)
+            node.pop(leaf, None)
     return c
 
 
@@ -72,14 +70,6 @@ def run_segment(experiment_name: str | None, override_dirname: str) -> str:
     return ",".join(parts) or "default"
 
 
-def _mul(a, b) -> int:
-    return int(a) * int(b)
-
-
-def _scale(x, factor) -> float:
-    return float(x) * float(factor)
-
-
 def _div(total, n) -> int:
     """κ = total / n for a budget n·κ held fixed (``experiment=sensitivity``); n must divide it."""
     total, n = int(total), int(n)
@@ -88,14 +78,11 @@ def _div(total, n) -> int:
     return total // n
 
 
-def _variant_exclude_keys() -> list[str]:
-    """``hydra.job.config.override_dirname.exclude_keys`` (conf/hydra/default.yaml)."""
-    return [*FOLDER_KEYS, *NON_SEMANTIC]
-
-
 def register_resolvers() -> None:
-    for name, fn in (("aisp_run_segment", run_segment), ("aisp_mul", _mul), ("aisp_scale", _scale), ("aisp_div", _div),
-                     ("aisp_variant_exclude_keys", _variant_exclude_keys)):
+    for name, fn in (("aisp_run_segment", run_segment), ("aisp_mul", lambda a, b: int(a) * int(b)),
+                     ("aisp_scale", lambda x, factor: float(x) * float(factor)), ("aisp_div", _div),
+                     # hydra.job.config.override_dirname.exclude_keys (conf/hydra/default.yaml)
+                     ("aisp_variant_exclude_keys", lambda: [*FOLDER_KEYS, *NON_SEMANTIC])):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

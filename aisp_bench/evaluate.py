@@ -63,8 +63,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from aisp_bench.cli import UserError, first_line, instantiate_node, launch, run_app, select_runs
 from aisp_bench.config import CONF_DIR, get_path
-from aisp_bench.metrics import DEFAULT_METRICS, METRICS, metric_values
-from aisp_bench.metrics.cleaning import clean_response, cleaning_options
+from aisp_bench.metrics import DEFAULT_METRICS, METRICS, EvalBatch, metric_values
+from aisp_bench.metrics.cleaning import cleaning_options
 from aisp_bench.results import read_prompt_metrics
 from aisp_bench.rundir import (
     PROMPT_METRICS, SUMMARY, Run, read_json_or_none, read_summary, record_prompt, records_sha256, write_json_atomic,
@@ -108,21 +108,20 @@ def _pairs(records: Sequence[dict[str, Any]], responses: Sequence[str]) -> tuple
 
 
 def cached_scores(path: Path, header: dict[str, str], records: Sequence[dict[str, Any]], responses: Sequence[str],
-                  score: Callable[[list, list], list], *, field: str, force: bool = False,
-                  chunk: int = REWARD_CHUNK) -> list[float | None]:
+                  score: Callable[[list, list], list], *, field: str, force: bool = False) -> list[float | None]:
     """``score``'s value of each (record prompt, response), via the cache file ``path``.
 
     Cached values (keyed by a hash of the messages and the response, under ``field``)
     are reused unless ``force``; the rest go to ``score(prompts, responses)`` (a list of
-    floats or None) in chunks of ``chunk`` pairs, the file being rewritten after each (it
+    floats or None) in chunks of ``REWARD_CHUNK`` pairs, the file being rewritten after each (it
     keeps the current records' entries only). Non-finite values are ``None``.
     """
     prompts, keys = _pairs(records, responses)
     cache = None if force else read_json_or_none(path)
     known = {k: v.get(field) for k, v in (cache or {}).get("scores", {}).items() if isinstance(v, dict)}
     todo = [i for i, k in enumerate(keys) if k not in known]
-    for s in range(0, len(todo), max(1, int(chunk))):
-        idx = todo[s : s + chunk]
+    for s in range(0, len(todo), REWARD_CHUNK):
+        idx = todo[s : s + REWARD_CHUNK]
         for i, v in zip(idx, score([prompts[i] for i in idx], [responses[i] for i in idx]), strict=True):
             known[keys[i]] = float(v) if v is not None and math.isfinite(v) else None
         entries = {k: {"prompt_id": str(rec.get("prompt_id", "")), field: known[k]}
@@ -132,10 +131,10 @@ def cached_scores(path: Path, header: dict[str, str], records: Sequence[dict[str
 
 
 def evaluation_rewards(run_dir: Path, records: Sequence[dict[str, Any]], responses: Sequence[str], reward: Any,
-                       reward_name: str, *, force: bool = False, chunk: int = REWARD_CHUNK) -> list[float | None]:
+                       force: bool) -> list[float | None]:
     """``reward``'s score of each (record prompt, response), cached in ``eval_rewards_<name>.json``
     (:func:`cached_scores`). Raises ``RewardUnavailableError`` when the model cannot be loaded."""
-    loaded = []
+    loaded, reward_name = [], _name(reward)
 
     def score(prompts, resps):
         if not loaded:
@@ -147,7 +146,7 @@ def evaluation_rewards(run_dir: Path, records: Sequence[dict[str, Any]], respons
         return [float(x) for x in reward.score(prompts, resps).tolist()]
 
     return cached_scores(eval_rewards_path(run_dir, reward_name), {"reward": reward_name}, records, responses, score,
-                         field="reward", force=force, chunk=chunk)
+                         field="reward", force=force)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -278,16 +277,15 @@ def _name(model: Any) -> str | None:
     return None if model is None else str(getattr(model, "name", None) or type(model).__name__)
 
 
-def _reward_metrics(run: Run, metrics: dict, per: dict, records: list, reward: Any, gold: Any, force: bool) -> dict:
+def _reward_metrics(run: Run, metrics: dict, per: dict, batch: EvalBatch, reward: Any, gold: Any, force: bool) -> dict:
     """``metrics`` with reward_mean (the run's own, or ``reward``'s) and its provenance keys right
     after it, then the gold reward's; ``per`` gets the per-prompt scores."""
     run_mean, model, source, mean = metrics.get("reward_mean"), get_path(run.config, "reward.name"), "run", None
-    opts = cleaning_options(run.config)
-    responses = [clean_response(r.get("response"), **opts) for r in records]
+    records, responses = batch.records, batch.responses
     if reward is None:
         mean, model = run_mean, None if model is None else str(model)
     else:
-        per["eval_reward"] = evaluation_rewards(run.path, records, responses, reward, _name(reward), force=force)
+        per["eval_reward"] = evaluation_rewards(run.path, records, responses, reward, force)
         mean, model, source = _mean(per["eval_reward"]), _name(reward), "evaluated"
     out: dict[str, Any] = {}
     for k, v in metrics.items():
@@ -299,7 +297,7 @@ def _reward_metrics(run: Run, metrics: dict, per: dict, records: list, reward: A
         if _name(gold) == get_path(run.config, "reward.name"):
             warnings.warn(f"{run.path}: gold_reward={_name(gold)} is the reward this run optimised (not held out)",
                           stacklevel=2)
-        per["gold_reward"] = evaluation_rewards(run.path, records, responses, gold, _name(gold), force=force)
+        per["gold_reward"] = evaluation_rewards(run.path, records, responses, gold, force)
         out.update(gold_reward_mean=_mean(per["gold_reward"]), gold_reward_model=_name(gold))
     return out
 
@@ -333,15 +331,14 @@ def evaluate_run(
     label = encoder.label if encoder is not None else None
     fp = fingerprint(run.path, label, names, run.config, _name(reward), _name(gold_reward),
                      BasePolicy.label(run) if "base_logprob" in names else None)
-    old = (read_json_or_none(run.path / SUMMARY) or {}).get("metrics")
-    per_old = read_prompt_metrics(run.path, fp)
-    if not force and isinstance(old, dict) and old.get("fingerprint") == fp and per_old is not None:
+    old = run.metrics
+    if not force and isinstance(old, dict) and old.get("fingerprint") == fp and read_prompt_metrics(run.path, fp):
         return "up to date", old
     records = _records(run)
-    metrics, per = metric_values(records, config=run.config, encoder=encoder,
-                                 names=[n for n in names if n not in POLICY_METRICS])
+    batch = EvalBatch.from_records(records, run.config, encoder)  # the responses cleaned once
+    metrics, per = metric_values(batch, [n for n in names if n not in POLICY_METRICS])
     if "reward_mean" in metrics:
-        metrics = _reward_metrics(run, metrics, per, records, reward, gold_reward, force)
+        metrics = _reward_metrics(run, metrics, per, batch, reward, gold_reward, force)
     if "base_logprob" in names:
         per["base_logprob"] = policy.logprobs(run, records, force)
         metrics.update(base_logprob=_mean(per["base_logprob"]), base_logprob_model=BasePolicy.label(run))
@@ -370,13 +367,12 @@ def _report(run: Run, status: str, m: dict[str, Any]) -> str:
 
 
 def _base_policy(p: DictConfig) -> BasePolicy:
-    """The ``policy`` block checked (bad values: ``UserError``) as a ``BasePolicy``."""
-    from aisp_bench.models.loading import resolve_device, resolve_dtype
+    """The ``policy`` block as a ``BasePolicy``; an unusable device is a ``UserError``."""
+    from aisp_bench.models.loading import resolve_device
 
-    try:  # policy.batch_rows and the dtype's name: validate.check
-        device = resolve_device(p.device) if p.device is not None else None
-        if p.dtype is not None:
-            resolve_dtype(p.dtype, device or resolve_device("auto"))
+    try:  # policy.batch_rows and policy.dtype: validate.check
+        if p.device is not None:
+            resolve_device(p.device)
     except ValueError as e:
         raise UserError(f"policy: {e}") from None
     return BasePolicy({"device": p.device, "dtype": p.dtype}, int(p.batch_rows))
@@ -411,31 +407,29 @@ def main(cfg: DictConfig) -> int:
     runs = select_runs(cfg)
     names, encoder, reward, gold, policy = _setup(cfg)
     counts = dict.fromkeys(("updated", "up to date", "skipped", "failed"), 0)
-    try:  # base_logprob: every run's responses at once, each prompt prefilled once
-        if policy is not None:
+    unavailable = (EncoderUnavailableError, RewardUnavailableError, PolicyUnavailableError)  # stop everything
+    try:
+        if policy is not None:  # base_logprob: every run's responses at once, each prompt prefilled once
             policy.prepare(runs, force=bool(cfg.force))
-    except PolicyUnavailableError as e:
+        for run in runs:
+            try:
+                status, m = evaluate_run(run, encoder, names=names, force=bool(cfg.force), reward=reward,
+                                         gold_reward=gold, policy=policy)
+            except (UserError, *unavailable):
+                raise
+            except Exception as e:  # noqa: BLE001 - report and go on with the other runs
+                counts["failed"] += 1
+                print(f"error: {run.path}: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            if status.startswith("skipped"):
+                counts["skipped"] += 1
+                print(f"warning: {run.path}: {status}", file=sys.stderr)
+                continue
+            counts[status] += 1
+            print(_report(run, status, m or {}))
+    except unavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for run in runs:
-        try:
-            status, m = evaluate_run(run, encoder, names=names, force=bool(cfg.force), reward=reward,
-                                     gold_reward=gold, policy=policy)
-        except (EncoderUnavailableError, RewardUnavailableError, PolicyUnavailableError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - report and go on with the other runs
-            counts["failed"] += 1
-            print(f"error: {run.path}: {type(e).__name__}: {e}", file=sys.stderr)
-            continue
-        if status.startswith("skipped"):
-            counts["skipped"] += 1
-            print(f"warning: {run.path}: {status}", file=sys.stderr)
-            continue
-        counts[status] += 1
-        print(_report(run, status, m or {}))
     print(f"{len(runs)} run(s): " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return 1 if counts["failed"] else 0
 

@@ -30,7 +30,6 @@ output says so. Exit codes: 0, 2 bad input.
 
 from __future__ import annotations
 
-import itertools
 import math
 import sys
 from collections import defaultdict
@@ -40,8 +39,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from aisp_bench.cli import UserError, first_line, instantiate_node, run_app
-from aisp_bench.config import CONF_DIR
+from aisp_bench.cli import UserError, _compose, first_line, instantiate_node, run_app
 from aisp_bench.data.datasets import shard_of
 from aisp_bench.rundir import read_json_or_none
 from aisp_bench.validate import check
@@ -59,7 +57,7 @@ def sampling(method: Any, batch_rows: Any) -> tuple[int, int]:
         return method.n * method.kappa + final, method.kappa + final
     if hasattr(method, "num_samples"):
         n = int(method.num_samples)
-        rows = batch_rows if isinstance(batch_rows, int) and not isinstance(batch_rows, bool) and batch_rows > 0 else n
+        rows = batch_rows if isinstance(batch_rows, int) else n  # a number >= 1 (validate.check), or "auto"
         return n, -(-n // min(rows, n))
     raise UserError(f"plan does not know how method {getattr(method, 'name', method)!r} samples")
 
@@ -98,19 +96,15 @@ def job_counts(prompt_tokens: list[int], samples: int, groups: int, max_new_toke
 def expand(parser: Any, overrides: list[str], params: dict[str, str], multirun: bool) -> list[list[str]]:
     """The jobs' overrides, as Hydra's basic sweeper makes them (sweeper params, then the
     command line; the later wins per key; crossed). Without ``-m`` a sweep is refused."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
     parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)
-    by_key: dict[str, list[str]] = {}
-    for o in parsed:
-        key = o.get_key_element()
-        if not o.is_sweep_override():
-            by_key[key] = [f"{key}={o.get_value_element_as_str()}"]
-        elif not multirun:
+    for o in (o for o in parsed if o.is_sweep_override()):
+        if not multirun:
             raise UserError(f"{o.input_line} is a sweep: add -m, as for python -m aisp_bench -m")
-        elif not o.is_discrete_sweep():
+        if not o.is_discrete_sweep():
             raise UserError(f"{o.input_line}: only lists and range() sweeps can be planned")
-        else:
-            by_key[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
-    return [list(job) for job in itertools.product(*by_key.values())]
+    return BasicSweeper.split_arguments(parsed, None)[0]
 
 
 def group_shards(jobs: list[list[str]]) -> dict[tuple[str, ...], list[str]]:
@@ -149,11 +143,20 @@ class Tokens:
 
     def counts(self, cfg: DictConfig) -> list[int]:
         """Tokens of each of the run's prompts, as the policy renders them (or estimated)."""
-        prompts = self.prompts(cfg)
         key = OmegaConf.to_yaml(cfg.model) + OmegaConf.to_yaml(cfg.dataset)
-        if key not in self._cache:
-            self._cache[key] = self._count(cfg, prompts)
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        prompts, (policy, tok, why) = self.prompts(cfg), self._tokenizer(cfg)
+        if tok is not None:
+            self.notes.add(f"prompt tokens: counted with the tokenizer of {policy.name} (the reward model's "
+                           "prompts too, a stand-in)")
+            out = [len(tok(policy.render(p), add_special_tokens=policy.add_special_tokens)["input_ids"])
+                   for p in prompts]
+        else:
+            self.notes.add(f"prompt tokens: ESTIMATED at {self.chars_per_token:g} characters per token ({why})")
+            out = [math.ceil(sum(len(m.content) for m in p.messages) / self.chars_per_token) for p in prompts]
+        self._cache[key] = out
+        return out
 
     def _tokenizer(self, cfg: DictConfig) -> tuple[Any, Any, str]:
         """(policy, its tokenizer or None, why not), tried once per model."""
@@ -167,16 +170,6 @@ class Tokens:
                     why = f"the tokenizer of {policy.name} did not load: {first_line(e)[:160]}"
             self._tokenizers[key] = (policy, tok, why)
         return self._tokenizers[key]
-
-    def _count(self, cfg: DictConfig, prompts: list) -> list[int]:
-        policy, tok, why = self._tokenizer(cfg)
-        if tok is not None:
-            self.notes.add(f"prompt tokens: counted with the tokenizer of {policy.name} (the reward model's "
-                           "prompts too, a stand-in)")
-            return [len(tok(policy.render(p), add_special_tokens=policy.add_special_tokens)["input_ids"])
-                    for p in prompts]
-        self.notes.add(f"prompt tokens: ESTIMATED at {self.chars_per_token:g} characters per token ({why})")
-        return [math.ceil(sum(len(m.content) for m in p.messages) / self.chars_per_token) for p in prompts]
 
 
 # -- throughput -----------------------------------------------------------------------------
@@ -202,7 +195,6 @@ def throughput(plan: DictConfig, method: Any) -> tuple[float | None, str]:
 # -- the command ----------------------------------------------------------------------------
 def plan_runs(args: list[str]) -> tuple[dict[tuple[str, str, str], Counts], list[str]]:
     """(counts per (dataset, pair, method), notes) of the jobs the command line names."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -215,21 +207,17 @@ def plan_runs(args: list[str]) -> tuple[dict[tuple[str, str, str], Counts], list
     rows: dict[tuple[str, str, str], Counts] = defaultdict(Counts)
     notes: list[str] = []
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            parser = OverridesParser.create()
-            fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
-            base = compose("plan", fixed, return_hydra_config=True)
-            params = base.hydra.sweeper.params
-            params = OmegaConf.to_container(params) if multirun and params else {}
-            tokens = Tokens(bool(base.plan.tokenizer), float(base.plan.chars_per_token))
-            for run, shards in group_shards(expand(parser, overrides, params, multirun)).items():
-                cfg = compose("plan", list(run), return_hydra_config=True)
-                HydraConfig.instance().set_config(cfg)  # the run's own ${hydra:...} resolve
-                check(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-                counts, source = run_counts(cfg, shards, tokens)
-                rows[(cfg.dataset.name, f"{cfg.model.name}__{cfg.reward.name}", cfg.method.name)].add(counts)
-                notes += [source] if source not in notes else []
-            timeout = OmegaConf.select(base, "hydra.launcher.timeout_min")
+        parser = OverridesParser.create()
+        fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+        base, params = _compose("plan", fixed)
+        timeout = OmegaConf.select(HydraConfig.get(), "launcher.timeout_min")
+        tokens = Tokens(bool(base.plan.tokenizer), float(base.plan.chars_per_token))
+        for run, shards in group_shards(expand(parser, overrides, params if multirun else {}, multirun)).items():
+            cfg = _compose("plan", list(run))[0]  # the run's own ${hydra:...} resolve
+            check(cfg)
+            counts, source = run_counts(cfg, shards, tokens)
+            rows[(cfg.dataset.name, f"{cfg.model.name}__{cfg.reward.name}", cfg.method.name)].add(counts)
+            notes += [source] if source not in notes else []
     except HydraException as e:
         raise UserError(first_line(e)) from None
     longest = max((c.longest_job_hours for c in rows.values()), default=math.nan)

@@ -70,12 +70,8 @@ class Selection:
 
     def describe(self) -> str:
         """``select.dataset=shp select.seed=[0, 1]`` (empty when everything is selected)."""
-        parts = []
-        for key in SELECT_KEYS:
-            v = getattr(self, key)
-            if v is not None:
-                parts.append(f"select.{key}={v[0] if len(v) == 1 else list(v)}")
-        return " ".join(parts)
+        chosen = ((key, getattr(self, key)) for key in SELECT_KEYS)
+        return " ".join(f"select.{key}={v[0] if len(v) == 1 else list(v)}" for key, v in chosen if v is not None)
 
 
 def runs_root(results_dir: str | Path) -> Path:
@@ -88,14 +84,9 @@ def discover_runs(results_dir: str | Path, select: Selection | None = None) -> l
     """Every run folder under ``results_dir`` (or ``results_dir/runs``) that holds a
     ``records.jsonl``, a ``summary.json`` or shards, and matches ``select``, sorted by path."""
     select = select or Selection()
-    found = []
-    for path in sorted(runs_root(results_dir).glob("*/*/*/*/seed*")):
-        if not ((path / RECORDS).is_file() or (path / SUMMARY).is_file() or (path / SHARDS).is_dir()):
-            continue
-        run = Run.at(path)
-        if run is not None and select.matches(run):
-            found.append(run)
-    return found
+    runs = (Run.at(p) for p in sorted(runs_root(results_dir).glob("*/*/*/*/seed*"))
+            if (p / RECORDS).is_file() or (p / SUMMARY).is_file() or (p / SHARDS).is_dir())
+    return [run for run in runs if run is not None and select.matches(run)]
 
 
 def read_prompt_metrics(run_dir: str | Path, fingerprint: str | None) -> dict[str, Any] | None:

@@ -10,14 +10,14 @@ A prompt shard (``dataset.num_shards=K dataset.shard=i``) is the same, in the ru
 folder's ``shards/<i>-of-<K>/``. The folder being written is held with ``run.lock``
 (``runlock.RunLock``), so two processes never write one folder.
 
-The run folder's life cycle (``FolderState``; nothing is written before every
+The run folder's life cycle (read by ``resume_check``; nothing is written before every
 check has passed, and nothing the resume depends on exists before the manifest)::
 
     NEW       (no folder, or only run.log, run.lock, temp files)
       -> mkdir, remove stale temp files, manifest.json {finished: null}, then run.log  => STARTED
-    STARTED   (same config, records parse) -> append the missing records -> summary.json,
+    STARTED   (a manifest, not finished; same config, records parse) -> append the missing records -> summary.json,
               then the manifest's finished                                            => FINISHED
-    STARTED or FINISHED, every prompt recorded, summary.json readable
+    STARTED or FINISHED (the manifest says finished), every prompt recorded, summary.json readable
               -> rewrite the summary if stale, close the manifest; no model loaded   => FINISHED
     FOREIGN   (files, no manifest), another config, a corrupt manifest or records   -> refused
               (``overwrite=true``: the folder's files are removed                     => NEW)
@@ -30,7 +30,6 @@ each ``_phase`` through ``$AISP_BENCH_KILL_AT``, and at random times).
 from __future__ import annotations
 
 import datetime as _dt
-import enum
 import logging
 import os
 import platform
@@ -57,24 +56,6 @@ from aisp_bench.types import Prompt
 from aisp_bench.validate import check
 
 log = logging.getLogger("aisp_bench")
-
-class FolderState(enum.Enum):
-    """Where a run folder is in its life cycle, read from its files alone (``folder_state``)."""
-
-    NEW = "new"  # no folder, or only a log, a lock or temp files: nothing to resume
-    FOREIGN = "foreign"  # other files but no manifest.json: not a run folder of this code
-    STARTED = "started"  # a manifest whose last session did not finish
-    FINISHED = "finished"  # a manifest that says finished
-
-
-def folder_state(run_dir: Path) -> FolderState:
-    """The state of ``run_dir``; a manifest that is not a JSON object raises ``RunFolderError``."""
-    manifest = read_json(run_dir / MANIFEST, missing_ok=True)
-    if manifest is not None:
-        return FolderState.FINISHED if manifest.get("finished") else FolderState.STARTED
-    names = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
-    ok = all(n == RUN_LOG or is_lock_file(n) or is_temp_file(n) for n in names)
-    return FolderState.NEW if ok else FolderState.FOREIGN
 
 
 def clean_temp_files(run_dir: Path) -> None:
@@ -133,14 +114,6 @@ def _cached(kind: str, node: DictConfig, build):
     return _LOADED[key]
 
 
-def _choose_batch_prompts(cfg: DictConfig, method, batch_rows: int) -> int:
-    """``batch_prompts``, or for ``auto`` as many prompts as fill the engine's ``batch_rows``."""
-    bp = cfg.get("batch_prompts", "auto")
-    if bp == "auto":
-        return max(1, batch_rows // max(1, method.rows_per_prompt))
-    return int(bp)
-
-
 @dataclass
 class Job:
     """One configuration, checked and built (nothing loaded, no file touched yet)."""
@@ -161,10 +134,9 @@ class Job:
 class Existing:
     """What the run folder holds before the run writes anything (empty for a NEW folder or ``overwrite``)."""
 
-    state: FolderState = FolderState.NEW
     manifest: dict | None = None
     summary: dict | None = None  # None also when summary.json is corrupt: rebuilt at the end
-    records: list[dict] = field(default_factory=list)
+    done: set[str] = field(default_factory=set)  # the recorded prompts' ids
 
 
 def run(cfg: DictConfig) -> Path:
@@ -175,7 +147,7 @@ def run(cfg: DictConfig) -> Path:
         return job.run_root
     existing = resume_check(job)
     if is_complete(job, existing):  # nothing to load, nothing to generate
-        if existing.state is FolderState.FINISHED:
+        if existing.manifest.get("finished"):
             log.info("%s: complete (%d prompts); nothing to do", job.run_dir, len(job.prompts))
         else:  # killed between summary.json and the manifest's last update
             log.warning("%s: complete, closing the manifest left open by an interrupted run", job.run_dir)
@@ -186,7 +158,7 @@ def run(cfg: DictConfig) -> Path:
     engine, reward = load(cfg, job)
     fit, skipped, truncated = fit_prompts(engine, job.prompts, str(cfg.generation.prompt_overflow))
     with RunLock(job.run_dir):
-        existing = resume_check(job)  # again, now that no other process writes the folder
+        existing = resume_check(job, records=False)  # again, now that no other process writes the folder
         manifest = open_folder(job, existing, engine, reward)
         done_before = generate(cfg, job, engine, reward, fit, len(skipped), len(truncated))
         close(job, manifest, existing, skipped, truncated, done_before)
@@ -209,7 +181,7 @@ def prepare(cfg: DictConfig) -> Job:
     resolved.pop("hydra", None)
     root, shard, k = Path(cfg.run_dir), dataset.shard, dataset.num_shards
     return Job(root if k == 1 else shard_dir(root, shard, k), resolved, method, prompts, policy, reward,
-               bool(cfg.get("overwrite", False)), root, shard, k)
+               bool(cfg.overwrite), root, shard, k)
 
 
 def in_other_layout(job: Job) -> bool:
@@ -225,20 +197,18 @@ def in_other_layout(job: Job) -> bool:
         if sharded and shards.num_shards != job.num_shards:
             raise UserError(f"run folder {root} holds shards of dataset.num_shards={shards.num_shards}; run with "
                             "that count, or delete the folder to reshard the run")
-        theirs = next((m for m in shards.manifests().values() if m), {})
+        theirs = next((m for m in shards.manifests.values() if m), {})
     elif sharded and ((root / RECORDS).is_file() or (root / MANIFEST).is_file()):
-        theirs = read_json(root / MANIFEST) if (root / MANIFEST).is_file() else {}
+        theirs = read_json(root / MANIFEST, missing_ok=True) or {}
     else:
         return False  # the unsharded layout for an unsharded job (resume_check's), or a fresh folder
-    diff = config_diff(semantic_config(theirs.get("config", {})), semantic_config(job.resolved))
-    if diff:
-        raise UserError(f"run folder {root} was made with a different config ({'; '.join(diff[:3])}); delete it, "
-                        "or use another results_dir")
+    _same_config(root, theirs, job, "; delete it, or use another results_dir")
     if sharded and shards is not None:
         return False  # a shard beside its own kind
     what = f"{shards.num_shards} prompt shards" if shards else "an unsharded run"
-    summary = read_summary(root) or {}
-    done = {r["prompt_id"] for r in read_records(root)} | set(summary.get("skipped_ids") or [])
+    summary = (shards.summary if shards else read_summary(root)) or {}
+    records = shards.records if shards else read_records(root)
+    done = {r["prompt_id"] for r in records} | set(summary.get("skipped_ids") or [])
     if summary.get("complete") and {p.id for p in job.prompts} <= done:
         log.info("%s: complete (as %s); nothing to do", root, what)
         return True
@@ -246,44 +216,49 @@ def in_other_layout(job: Job) -> bool:
     raise UserError(f"run folder {root} holds {what}, not complete: finish it {how}, or delete the folder")
 
 
-def resume_check(job: Job) -> Existing:
+def _same_config(folder: Path, manifest: dict, job: Job, advice: str) -> None:
+    """Refuse ``folder`` when its manifest's config differs from the job's (``NON_SEMANTIC`` keys aside)."""
+    diff = config_diff(semantic_config(manifest.get("config", {})), semantic_config(job.resolved))
+    if diff:
+        raise UserError(f"run folder {folder} was made with a different config ({'; '.join(diff[:3])}"
+                        f"{'; ...' if len(diff) > 3 else ''}){advice}")
+
+
+def resume_check(job: Job, records: bool = True) -> Existing:
     """Read the run folder (nothing written): what it holds when it was made with this config.
 
     Refused unless ``overwrite=true`` (then the folder is replaced, so nothing is read): a
-    folder holding files but no manifest, a manifest of another config or one that is not
-    JSON, a records file corrupt before its last line. A corrupt ``summary.json`` is rebuilt.
+    FOREIGN folder, a manifest of another config or one that is not JSON, a records file
+    corrupt before its last line (not read with ``records=False``). A corrupt ``summary.json``
+    is rebuilt.
     """
     if job.overwrite:
         return Existing()
     hint = "; pass overwrite=true to replace the folder"
     try:
-        state = folder_state(job.run_dir)
-        if state is FolderState.NEW:
-            return Existing()
-        if state is FolderState.FOREIGN:
+        manifest = read_json(job.run_dir / MANIFEST, missing_ok=True)
+        if manifest is None:  # NEW (nothing but a log, a lock or temp files), else FOREIGN
+            names = [p.name for p in job.run_dir.iterdir()] if job.run_dir.is_dir() else []
+            if all(n == RUN_LOG or is_lock_file(n) or is_temp_file(n) for n in names):
+                return Existing()
             raise UserError(f"run folder {job.run_dir} exists without a {MANIFEST}{hint}")
-        manifest = read_json(job.run_dir / MANIFEST)
-        records = read_records(job.run_dir)
+        found = read_records(job.run_dir) if records else []
     except RunFolderError as e:
         raise RunFolderError(f"{e}{hint}") from None
-    diff = config_diff(semantic_config(manifest.get("config", {})), semantic_config(job.resolved))
-    if diff:
-        raise UserError(f"run folder {job.run_dir} was made with a different config ({'; '.join(diff[:3])}"
-                        f"{'; ...' if len(diff) > 3 else ''}){hint}")
+    _same_config(job.run_dir, manifest, job, hint)
     try:
         summary = read_json(job.run_dir / SUMMARY, missing_ok=True)
     except RunFolderError as e:
         log.warning("%s; it is rebuilt from the records", e)
         summary = None
-    return Existing(state, manifest, summary, records)
+    return Existing(manifest, summary, {r["prompt_id"] for r in found})
 
 
 def is_complete(job: Job, existing: Existing) -> bool:
     """True when the folder already holds every prompt of this config (or skipped it) and a summary."""
     if existing.manifest is None or existing.summary is None:
         return False
-    done = {r["prompt_id"] for r in existing.records}
-    return {p.id for p in job.prompts} - set(existing.summary.get("skipped_ids") or []) <= done
+    return {p.id for p in job.prompts} - set(existing.summary.get("skipped_ids") or []) <= existing.done
 
 
 def _loaded(policy):
@@ -296,15 +271,13 @@ def load(cfg: DictConfig, job: Job):
     from aisp_bench.models.policy import build_engine
 
     gen = cfg.generation
-    # how the engine decodes (``generation.decode_step``, ``attention``, ``sync_every``)
-    engine_options = {k: gen.get(k, "auto" if k != "decode_step" else "eager")
-                      for k in ("decode_step", "attention", "sync_every")}
     try:
         policy = _cached("model", cfg.model, lambda: _loaded(job.policy))
         reward = _cached("reward", cfg.reward, lambda: job.reward.load())
         # built after the reward model is on its device: batch_rows=auto sizes from the memory left
         engine = build_engine(policy, max_new_tokens=int(gen.max_new_tokens), batch_rows=gen.batch_rows,
-                              prompt_overflow=str(gen.prompt_overflow), **engine_options)
+                              prompt_overflow=str(gen.prompt_overflow), decode_step=gen.decode_step,
+                              attention=gen.attention, sync_every=gen.sync_every)
     except (OSError, RuntimeError, ValueError) as e:  # errors here still leave the folder untouched
         raise UserError(first_line(e)) from None
     if engine.context_length and int(engine.context_length) <= engine.max_new_tokens:
@@ -316,15 +289,12 @@ def load(cfg: DictConfig, job: Job):
 def fit_prompts(engine, prompts: list[Prompt], overflow: str) -> tuple[list[Prompt], list[str], list[str]]:
     """(prompts to run, skipped ids, truncated ids): prompts longer than the engine allows are
     skipped (``overflow="skip"``) or truncated, and counted."""
-    fit, skipped, truncated = [], [], []
     limit = engine.max_prompt_tokens
-    for p in prompts:
-        if limit is not None and len(engine.prompt_ids(p)) > limit:
-            (skipped if overflow == "skip" else truncated).append(p.id)
-            if overflow == "skip":
-                continue
-        fit.append(p)
-    return fit, skipped, truncated
+    long = [p.id for p in prompts if limit is not None and len(engine.prompt_ids(p)) > limit]
+    if overflow == "skip":
+        too_long = set(long)
+        return [p for p in prompts if p.id not in too_long], long, []
+    return list(prompts), [], long
 
 
 def open_folder(job: Job, existing: Existing, engine, reward) -> dict:
@@ -367,18 +337,34 @@ def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipp
     Batches are fixed slices of ``fit``, whichever prompts are done: a batch a kill left half
     recorded is decoded whole again (its recorded prompts are not written twice), so every
     record is computed in the same batch as in an uninterrupted run, and equals it bit for bit.
+    ``batch_prompts=auto``: as many prompts as fill the engine's ``batch_rows``.
     """
+    from tqdm.auto import tqdm
+
+    bp = cfg.batch_prompts
+    size = max(1, engine.max_batch_rows // max(1, job.method.rows_per_prompt)) if bp == "auto" else int(bp)
     with RecordWriter(job.run_dir) as writer:
         if writer.repaired:
             log.warning("%s: cut off a torn last line left by an interrupted run", writer.path)
         done = {r["prompt_id"] for r in writer.existing}
-        size = _choose_batch_prompts(cfg, job.method, engine.max_batch_rows)
         batches = [b for b in (fit[s : s + size] for s in range(0, len(fit), size)) if any(p.id not in done for p in b)]
         log.info("%s: %d prompts, %d done, %d to run, %d skipped, %d truncated", job.run_dir, len(job.prompts),
                  len(done), sum(p.id not in done for b in batches for p in b), skipped, truncated)
         rewards = [float(r["reward"]) for r in writer.existing]
-        _run_batches(job.method, engine, reward, batches, done, int(cfg.seed), writer, rewards,
-                     cfg.get("progress", True))
+        with tqdm(total=sum(len(b) for b in batches), desc=job.method.name, unit="prompt",
+                  disable=not cfg.progress, dynamic_ncols=True) as bar:
+            for chunk in batches:
+                t0 = time.perf_counter()
+                results = job.method(chunk, engine, reward, int(cfg.seed))
+                per_prompt = (time.perf_counter() - t0) / len(chunk)
+                for p, res in zip(chunk, results):
+                    if p.id in done:  # decoded again only to keep the batch as it was
+                        continue
+                    writer.write(make_record(p, res, per_prompt))
+                    _phase("record_written")
+                    rewards.append(res.reward)
+                bar.update(len(chunk))
+                bar.set_postfix(mean_reward=f"{sum(rewards) / len(rewards):.4f}")
     return len(done)
 
 
@@ -406,34 +392,12 @@ def close(job: Job, manifest: dict, existing: Existing, skipped: list[str], trun
     log.info("done: %d/%d prompts, mean reward %s -> %s", summary["num_done"], len(job.prompts), mean, job.run_dir)
 
 
-def _run_batches(method, engine, reward, batches, done, seed, writer, rewards, progress) -> None:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=sum(len(b) for b in batches), desc=method.name, unit="prompt", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        for chunk in batches:
-            t0 = time.perf_counter()
-            results = method(chunk, engine, reward, seed)
-            per_prompt = (time.perf_counter() - t0) / len(chunk)
-            for p, res in zip(chunk, results):
-                if p.id in done:  # decoded again only to keep the batch as it was
-                    continue
-                writer.write(make_record(p, res, per_prompt))
-                _phase("record_written")
-                rewards.append(res.reward)
-            bar.update(len(chunk))
-            bar.set_postfix(mean_reward=f"{sum(rewards) / len(rewards):.4f}")
-    finally:
-        bar.close()
-
-
 def _attach_log_file(run_dir: Path) -> None:
-    root = logging.getLogger()
-    path = str(run_dir / RUN_LOG)
-    if any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path) for h in root.handlers):
+    root, path = logging.getLogger(), os.path.abspath(run_dir / RUN_LOG)
+    logs = [h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename.endswith(RUN_LOG)]
+    if any(h.baseFilename == path for h in logs):
         return
-    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename.endswith(RUN_LOG)]:
+    for h in logs:  # the previous job's of a multirun
         root.removeHandler(h)
         h.close()
     fh = logging.FileHandler(path)

@@ -143,36 +143,27 @@ class RecordScan:
 
 
 def scan_records(path: str | Path) -> RecordScan:
-    """Parse a records file, tolerating a torn last line only.
-
-    A bad line followed by good ones is corruption (``RunFolderError`` naming the file
-    and line). Blank lines are ignored. A complete record whose newline never reached the
-    disk is kept.
-    """
+    """Parse a records file: a torn last line is left out, a bad line before it is a ``RunFolderError``
+    naming file and line; blank lines are ignored, a complete last record without its newline is kept."""
     path = Path(path)
     records: list[dict] = []
-    good_end = 0
     lines = path.read_bytes().split(b"\n")
-    offset = 0
+    good_end = 0  # after every line but the last, whatever it holds (a bad line returns or raises)
     for i, raw in enumerate(lines):
-        end = offset + len(raw) + 1
-        last = i == len(lines) - 1
         if raw.strip():
             try:
                 rec = json.loads(raw)
                 if not isinstance(rec, dict):
                     raise ValueError("not an object")
             except ValueError:
-                if last or all(not x.strip() for x in lines[i + 1 :]):
-                    return RecordScan(records, good_end, dropped_tail=True, needs_repair=True)
-                raise RunFolderError(f"{path}: line {i + 1} is corrupt and is not the last line") from None
+                if any(x.strip() for x in lines[i + 1 :]):
+                    raise RunFolderError(f"{path}: line {i + 1} is corrupt and is not the last line") from None
+                return RecordScan(records, good_end, dropped_tail=True, needs_repair=True)
             records.append(rec)
-            if last:  # a complete record whose "\n" never reached the disk: keep it
-                return RecordScan(records, offset + len(raw), dropped_tail=False, needs_repair=True)
-            good_end = end
-        elif not last:
-            good_end = end
-        offset = end
+            if i == len(lines) - 1:  # a complete record whose "\n" never reached the disk: keep it
+                return RecordScan(records, good_end + len(raw), dropped_tail=False, needs_repair=True)
+        if i < len(lines) - 1:
+            good_end += len(raw) + 1
     return RecordScan(records, good_end, dropped_tail=False, needs_repair=False)
 
 
@@ -186,20 +177,22 @@ def record_files(run_dir: str | Path) -> list[Path]:
 def read_records(run_dir: str | Path) -> list[dict]:
     """Every record of a run folder in file order, a sharded run's in the dataset's order; a torn
     last line is dropped with a warning, a corrupt line before it raises ``RunFolderError``."""
+    shards = Shards.of(run_dir)
+    if shards is not None:
+        return shards.records
     out: list[dict] = []
     for path in record_files(run_dir):
         scan = scan_records(path)
         if scan.dropped_tail:
             warnings.warn(f"{path}: dropping a torn last line", stacklevel=2)
         out += scan.records
-    shards = Shards.of(run_dir)
-    return out if shards is None else shards.in_run_order(out)
+    return out
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
     """``summary.json`` of a run; a sharded run's is summed over its shards (``Shards.summary``)."""
     shards = Shards.of(run_dir)
-    return read_json(Path(run_dir) / SUMMARY, missing_ok=True) if shards is None else shards.summary()
+    return read_json(Path(run_dir) / SUMMARY, missing_ok=True) if shards is None else shards.summary
 
 
 def records_sha256(run_dir: str | Path) -> str:
@@ -235,14 +228,11 @@ class RecordWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
 
-    def close(self) -> None:
-        self._f.close()
-
     def __enter__(self) -> RecordWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self._f.close()
 
 
 def summarize(records: Iterable[dict], num_prompts: int, skipped: list[str], truncated: list[str]) -> dict:
@@ -304,8 +294,8 @@ class Shards:
         if not found:
             return None
         if len(found) > 1:
-            counts = ", ".join(str(k) for k in sorted(found))
-            raise RunFolderError(f"{root} holds shards of different dataset.num_shards ({counts}); keep one set")
+            raise RunFolderError(f"{root} holds shards of different dataset.num_shards "
+                                 f"({', '.join(map(str, sorted(found)))}); keep one set")
         if (run_dir / RECORDS).is_file() or (run_dir / MANIFEST).is_file():
             raise RunFolderError(f"{run_dir} holds both an unsharded run and shards in {SHARDS}/; keep one")
         (k, folders), = found.items()
@@ -317,8 +307,7 @@ class Shards:
 
     def unfinished(self) -> list[int]:
         """Shards missing, or whose ``summary.json`` is absent or says incomplete."""
-        return [i for i in range(self.num_shards) if i not in self.folders
-                or not (read_json_or_none(self.folders[i] / SUMMARY) or {}).get("complete")]
+        return [i for i in range(self.num_shards) if not (self.summaries.get(i) or {}).get("complete")]
 
     def describe(self) -> str:
         """``shards 03, 05, 07 of 16 not complete (03, 07 missing)``; empty when every shard is complete."""
@@ -326,6 +315,7 @@ class Shards:
         gone = f" ({', '.join(shard_label(i, self.num_shards) for i in missing)} missing)" if missing else ""
         return f"shards {self.names(todo)} not complete{gone}" if todo else ""
 
+    @cached_property
     def manifests(self) -> dict[int, dict[str, Any]]:
         """Each shard's manifest; shards whose semantic configs differ from the first are a ``RunFolderError``."""
         out = {i: read_json(p / MANIFEST, missing_ok=True) or {} for i, p in self.folders.items()}
@@ -338,25 +328,32 @@ class Shards:
                                  "rerun or delete them")
         return out
 
-    def in_run_order(self, records: list[dict]) -> list[dict]:
+    @cached_property
+    def summaries(self) -> dict[int, dict[str, Any] | None]:
+        return {i: read_json(p / SUMMARY, missing_ok=True) for i, p in self.folders.items()}
+
+    @cached_property
+    def records(self) -> list[dict]:
         """The shards' records in the dataset's order: shard i's j-th prompt is the run's
         (j·K + i)-th (each manifest lists its shard's prompt ids); a prompt twice is an error."""
-        pos = {pid: j * self.num_shards + i for i, m in self.manifests().items()
+        records = [r for p in self.folders.values() for r in read_records(p)]
+        pos = {pid: j * self.num_shards + i for i, m in self.manifests.items()
                for j, pid in enumerate(get_path(m, "shard.prompt_ids", []))}
         twice = [pid for pid, n in Counter(r.get("prompt_id") for r in records).items() if n > 1]
         if twice:
             raise RunFolderError(f"{self.run_dir}: prompt {twice[0]!r} is in the records of more than one shard")
         return sorted(records, key=lambda r: pos.get(r.get("prompt_id"), math.inf))
 
+    @cached_property
     def summary(self) -> dict[str, Any] | None:
         """``summarize`` over the shards' records, ``complete`` when every shard is, plus
         ``num_shards``, ``unfinished_shards``, and the evaluation ``metrics`` of the run
         folder's own ``summary.json`` while its record count is the shards'."""
-        parts = [s for s in (read_json(p / SUMMARY, missing_ok=True) for p in self.folders.values()) if s]
+        parts = [s for s in self.summaries.values() if s]
         if not parts:
             return None
         ids = lambda key: [x for s in parts for x in s.get(key) or []]  # noqa: E731
-        out = summarize(read_records(self.run_dir), sum(int(s.get("num_prompts") or 0) for s in parts),
+        out = summarize(self.records, sum(int(s.get("num_prompts") or 0) for s in parts),
                         ids("skipped_ids"), ids("truncated_ids"))
         unfinished = self.unfinished()
         out.update(complete=not unfinished, num_shards=self.num_shards, unfinished_shards=unfinished)
@@ -386,12 +383,9 @@ class Run:
     def at(cls, path: str | Path) -> Run | None:
         """The run at ``.../<dataset>/<model>__<reward>/<method>/<variant>/seed<k>``, else None."""
         path = Path(path)
-        m = _SEED_RE.match(path.name)
-        parts = path.parts
-        if m is None or len(parts) < 5:
-            return None
-        model, sep, reward = parts[-4].partition("__")
-        if not (sep and model and reward):
+        m, parts = _SEED_RE.match(path.name), path.parts
+        model, sep, reward = parts[-4].partition("__") if len(parts) >= 5 else ("", "", "")
+        if m is None or not (sep and model and reward):
             return None
         return cls(path, parts[-5], model, reward, parts[-3], parts[-2], int(m.group(1)))
 
@@ -406,7 +400,7 @@ class Run:
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:
-        return read_records(self.path)
+        return read_records(self.path) if self.shards is None else self.shards.records
 
     @cached_property
     def shards(self) -> Shards | None:
@@ -415,10 +409,10 @@ class Run:
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
-        """``manifest.json`` (a corrupt one is a ``RunFolderError``); a sharded run's: its first shard's (the shards share one config)."""
+        """``manifest.json`` (corrupt: a ``RunFolderError``); a sharded run's: its first shard's (one config)."""
         if self.shards is None:
             return read_json(self.path / MANIFEST, missing_ok=True) or {}
-        return next((m for m in self.shards.manifests().values() if m), {})
+        return next((m for m in self.shards.manifests.values() if m), {})
 
     @property
     def config(self) -> dict[str, Any]:
@@ -427,7 +421,7 @@ class Run:
 
     @cached_property
     def summary(self) -> dict[str, Any] | None:
-        return read_summary(self.path)
+        return read_summary(self.path) if self.shards is None else self.shards.summary
 
     @property
     def complete(self) -> bool:

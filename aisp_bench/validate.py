@@ -78,11 +78,8 @@ class Rule:
         number = (int,) if self.kind == "int" else (int, float)
         if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
             return False
-        return self._in_range(value)
-
-    def _in_range(self, v: float) -> bool:
-        lo_ok = self.low is None or (v > self.low if self.open_low else v >= self.low)
-        return lo_ok and (self.high is None or (v < self.high if self.open_high else v <= self.high))
+        lo_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        return lo_ok and (self.high is None or (value < self.high if self.open_high else value <= self.high))
 
 
 def integer(low: int = 1, *, null: bool = False, words: tuple[str, ...] = ()) -> Rule:

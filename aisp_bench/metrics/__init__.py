@@ -136,18 +136,11 @@ def _json_number(x: Any) -> Any:
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
-def metric_values(
-    records: Sequence[dict[str, Any]],
-    *,
-    config: dict[str, Any] | None = None,
-    encoder: Encoder | None = None,
-    names: Sequence[str] = DEFAULT_METRICS,
-) -> tuple[dict[str, Any], dict[str, list]]:
+def metric_values(batch: EvalBatch, names: Sequence[str] = DEFAULT_METRICS) -> tuple[dict[str, Any], dict[str, list]]:
     """The ``metrics`` block for one run (undefined values, e.g. no records, are ``None``)
     and, for the metrics that are means over prompts, the per-prompt values they average
     (one per record, in the records' order; None where undefined)."""
     fns = {name: METRICS.get(name) for name in names}  # fail on a typo before any work
-    batch = EvalBatch.from_records(records, config, encoder)
     out: dict[str, Any] = {}
     per_prompt: dict[str, list] = {}
     for name, fn in fns.items():
@@ -157,10 +150,11 @@ def metric_values(
             value = _finite_mean(value)
         out[name] = _json_number(value)
         if name == "coherence":
-            out["coherence_encoder"] = encoder.label if encoder is not None else None
+            out["coherence_encoder"] = batch.encoder.label if batch.encoder is not None else None
     return out, per_prompt
 
 
-def compute_metrics(records: Sequence[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+def compute_metrics(records: Sequence[dict[str, Any]], *, config: dict[str, Any] | None = None,
+                    encoder: Encoder | None = None, names: Sequence[str] = DEFAULT_METRICS) -> dict[str, Any]:
     """The ``metrics`` block of :func:`metric_values` alone."""
-    return metric_values(records, **kw)[0]
+    return metric_values(EvalBatch.from_records(records, config, encoder), names)[0]
