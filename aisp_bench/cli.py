@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -82,6 +83,7 @@ def preflight(config_name: str, argv: Sequence[str]) -> None:
         return
     try:
         parsed = _parse_overrides(args.overrides)
+        _refuse_key_deletions(parsed)
         first = _sweep_jobs(parsed)[0] if args.multirun else list(args.overrides)
         cfg, params = _compose(config_name, first)
         check(cfg)
@@ -111,6 +113,15 @@ def _parse_overrides(overrides: Sequence[str]) -> list:
         except OverrideParseException as e:
             raise UserError(f"bad override {text!r}: {first_line(e)}") from None
     return out
+
+
+def _refuse_key_deletions(parsed: Sequence[Any]) -> None:
+    """``~key`` would leave the command without a key it reads: refused (a group, ``~group``, and
+    Hydra's own ``~hydra...`` keys stay Hydra's business)."""
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_delete() and key.split(".")[0] != "hydra" and not Path(CONF_DIR, *key.split(".")).is_dir():
+            raise UserError(f"{o.input_line!r} deletes {key}, which the command reads: set it instead ({key}=...)")
 
 
 def _sweep_jobs(parsed: Sequence[Any]) -> list[list[str]]:

@@ -186,6 +186,7 @@ ENTRY_POINTS = [
     ("aisp_bench", ["method=aspi"], "method/aspi"),  # an unknown option: Hydra's message, in one line
     ("aisp_bench", ["method.nosuch=1"], "method.nosuch"),
     ("aisp_bench", ["method.lam=[1"], "method.lam=[1"),
+    ("aisp_bench", ["~progress"], "deletes progress"),  # a key the run reads, deleted
     ("aisp_bench", ["-m", "method.lam=0.1,-1"], "method.lam"),  # the second job of a sweep, before the first runs
     ("aisp_bench", ["results_dir={tmp}/afile/results"], "results_dir"),
     ("aisp_bench.evaluate", ["reward=nosuch"], "reward/nosuch"),
