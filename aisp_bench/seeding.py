@@ -19,39 +19,19 @@ def derive_seed(run_seed: int, prompt_id: str, stream: str, *index: int) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    g = torch.Generator(device=torch.device(device))
-    g.manual_seed(seed)
-    return g
-
-
-def gaussian_rows(
-    run_seed: int,
-    prompt_id: str,
-    stream: str,
-    rows: range | list[int],
-    shape: tuple[int, ...],
-    device: torch.device | str,
-    *index: int,
-) -> torch.Tensor:
+def gaussian_rows(run_seed: int, prompt_id: str, stream: str, rows: range | list[int], shape: tuple[int, ...],
+                  device: torch.device | str, *index: int) -> torch.Tensor:
     """Standard normal draws, one generator per row: shape (len(rows), *shape), float32.
 
     Row ``i`` depends only on (run_seed, prompt_id, stream, *index, i), so any chunking of
     a prompt's rows into batches reproduces the same noise.
     """
-    out = torch.empty((len(rows), *shape), dtype=torch.float32, device=device)
-    for j, i in enumerate(rows):
-        g = generator(derive_seed(run_seed, prompt_id, stream, *index, i), device)
-        out[j] = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
-    return out
+    gens = [torch.Generator(device).manual_seed(derive_seed(run_seed, prompt_id, stream, *index, i)) for i in rows]
+    return torch.stack([torch.randn(shape, generator=g, device=device, dtype=torch.float32) for g in gens])
 
 
-def uniform_rows(
-    run_seed: int, prompt_id: str, stream: str, rows: range | list[int], length: int, *index: int
-) -> torch.Tensor:
+def uniform_rows(run_seed: int, prompt_id: str, stream: str, rows: range | list[int], length: int,
+                 *index: int) -> torch.Tensor:
     """Uniform [0, 1) draws on the CPU, one generator per row: shape (len(rows), length), float64."""
-    out = torch.empty((len(rows), length), dtype=torch.float64)
-    for j, i in enumerate(rows):
-        g = generator(derive_seed(run_seed, prompt_id, stream, *index, i))
-        out[j] = torch.rand(length, generator=g, dtype=torch.float64)
-    return out
+    gens = [torch.Generator().manual_seed(derive_seed(run_seed, prompt_id, stream, *index, i)) for i in rows]
+    return torch.stack([torch.rand(length, generator=g, dtype=torch.float64) for g in gens])

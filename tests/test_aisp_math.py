@@ -93,23 +93,6 @@ def test_shape_errors_are_clear():
         aisp_update(torch.zeros(2, 3), torch.zeros(4, 3, 3), torch.zeros(4), 1.0, 0.9, 0.5)
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(n=0), "method.n"),
-        (dict(kappa=-1), "method.kappa"),
-        (dict(tau=0), "method.tau"),
-        (dict(lam=0), "method.lam"),
-        (dict(sigma=-0.5), "method.sigma"),
-        (dict(alpha=0.0), "method.alpha"),
-        (dict(alpha=1.5), "method.alpha"),
-    ],
-)
-def test_bad_hyperparameters_are_named(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        AISP(**kwargs)
-
-
 # ---------------------------------------------------------------------------- toy model
 class ToyEngine:
     """A linear 'lm_head' over a fixed pre-logit: y_t = argmax W (z0 + v_t).

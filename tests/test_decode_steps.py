@@ -208,9 +208,7 @@ def test_engine_settings_are_checked(tiny):
     model, tok, *_ = tiny
     eng = Engine(model, tok, check_prelogit=False, max_batch_rows="auto")
     assert eng.max_batch_rows == 64 and eng.sync_every == 1  # the CPU's
-    for kw, match in ((dict(max_batch_rows=0), "max_batch_rows"), (dict(decode_step="graphs"), "decode_step"),
-                      (dict(decode_step="cuda_graph"), "CUDA"), (dict(decode_step="static", attention="copy"), "copy"),
-                      (dict(sync_every=0), "sync_every")):
+    for kw, match in ((dict(decode_step="cuda_graph"), "CUDA"), (dict(decode_step="static", attention="copy"), "copy")):
         with pytest.raises(ValueError, match=match):
             Engine(model, tok, check_prelogit=False, **kw)
 

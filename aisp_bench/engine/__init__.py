@@ -15,20 +15,13 @@ How it is fast:
 * ``prefill`` runs each prompt once (several prompts left-padded in one batch) and keeps
   its KV cache and its last pre-logit; ``decode`` can be called many times on one prefix
   (all of AISP's κ iterations reuse one prefill);
-* the prompt's KV cache is shared by its rows, not copied (``shared_prefix``): each
-  decode step attends to one copy of the prompt KV per prompt and to a preallocated
-  per-row buffer of generated tokens. ``attention="copy"`` copies the prompt cache to
-  each row instead (models the shared-prefix attention does not cover, and where its
-  few large kernels are faster: ``Engine.attention_for``);
-* the host does not wait for the device at every step: generated tokens stay on the
-  device and are read every ``sync_every`` steps, where EOS ids are found in one
-  vectorised pass and stop strings are searched only in rows whose new token can
-  complete one (``stop_candidates``);
+* the prompt's KV cache is shared by its rows, not copied (``shared_prefix``), unless
+  ``attention="copy"`` (``Engine.attention_for``); per-chunk decode states: ``engine.rows``;
+* the host reads the generated tokens only every ``sync_every`` steps (``engine.stopping``);
 * rows that finish (EOS, a stop string, ``max_new_tokens``) leave the batch: the cache
   and every per-row tensor are compacted, so finished rows cost nothing more;
-* ``decode_step="static"`` runs the same attention on preallocated buffers with fixed
-  shapes per batch-size bucket, which ``decode_step="cuda_graph"`` captures in CUDA
-  graphs (one replay per step instead of hundreds of kernel launches);
+* ``decode_step="static"`` runs on fixed shapes per batch-size bucket, which
+  ``decode_step="cuda_graph"`` captures in CUDA graphs (``StaticRows``);
 * rows beyond ``max_batch_rows`` are decoded in successive chunks.
 
 ``Engine.response_logprobs`` (``engine.scoring``) runs the other direction: the
@@ -38,18 +31,14 @@ Randomness never comes from here: callers pass noise and uniforms drawn from gen
 seeded per (run seed, prompt id, iteration, row), so results do not depend on batching.
 """
 
-from aisp_bench.engine.core import (
-    DECODE_STEPS, EncodedPrompt, Engine, Prefix, PromptTooLongError, eos_ids,
-)  # fmt: skip
-from aisp_bench.engine.rows import BUCKETS, SPAN, CopyRows, SharedRows, StaticRows
+from aisp_bench.engine.core import Engine, Prefix, PromptTooLongError
+from aisp_bench.engine.rows import SPAN, StaticRows
 from aisp_bench.engine.sampling import sample_top_p, top_p_filter
-from aisp_bench.engine.scoring import ResponseLogProb, response_logprobs
-from aisp_bench.engine.sizing import auto_attention, auto_batch_rows, kv_bytes_per_token
-from aisp_bench.engine.stopping import StopRules, stop_candidates
+from aisp_bench.engine.scoring import ResponseLogProb
+from aisp_bench.engine.sizing import auto_attention
+from aisp_bench.engine.stopping import stop_candidates
 
 __all__ = [
-    "BUCKETS", "DECODE_STEPS", "SPAN", "CopyRows", "EncodedPrompt", "Engine", "Prefix", "PromptTooLongError",
-    "ResponseLogProb", "response_logprobs",
-    "SharedRows", "StaticRows", "StopRules", "auto_attention", "eos_ids", "sample_top_p", "stop_candidates",
-    "top_p_filter", "auto_batch_rows", "kv_bytes_per_token",
+    "SPAN", "Engine", "Prefix", "PromptTooLongError", "ResponseLogProb", "StaticRows", "auto_attention",
+    "sample_top_p", "stop_candidates", "top_p_filter",
 ]  # fmt: skip

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from aisp_bench import shared_prefix
 from aisp_bench.engine.rows import CopyRows, SharedRows, StaticRows
@@ -15,18 +16,9 @@ from aisp_bench.engine.sizing import auto_attention, auto_batch_rows, kv_bytes_p
 from aisp_bench.engine.stopping import StopRules
 from aisp_bench.types import Prompt, Sample
 
-DECODE_STEPS = ("eager", "static", "cuda_graph")
-
 
 class PromptTooLongError(ValueError):
     pass
-
-
-@dataclass
-class EncodedPrompt:
-    ids: list[int]
-    num_tokens: int  # before truncation
-    truncated: bool
 
 
 @dataclass
@@ -51,22 +43,8 @@ class Prefix:
     prompt_tokens: list[int]
     # static decode states (buffers, CUDA graphs) by chunk layout, reused by later decodes
     decoders: dict = field(default_factory=dict, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-def _check_options(max_new_tokens, overflow, attention, decode_step, sync_every) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if overflow not in ("truncate_left", "error"):
-        raise ValueError(f"overflow must be 'truncate_left' or 'error', got {overflow!r}")
-    if attention not in ("auto", "shared_prefix", "copy"):
-        raise ValueError(f"attention must be 'auto', 'shared_prefix' or 'copy', got {attention!r}")
-    if decode_step not in DECODE_STEPS:
-        raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}, got {decode_step!r}")
-    if sync_every != "auto" and (isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1):
-        raise ValueError(f"sync_every must be 'auto' or an integer >= 1, got {sync_every!r}")
+    # (present prompts, k, v, bias): the last prompt KV laid out for shared-prefix attention
+    layout: tuple | None = field(default=None, repr=False)
 
 
 def eos_ids(model, tokenizer, extra: Sequence[int] = ()) -> list[int]:
@@ -83,15 +61,16 @@ def eos_ids(model, tokenizer, extra: Sequence[int] = ()) -> list[int]:
 class Engine:
     """Batched decoding with a shared prompt KV cache and pre-logit noise.
 
+    Option values are checked where the config is (``validate.RULES``, ``generation.*``);
+    here only what depends on the model and device.
+
     Args:
-        model: a ``transformers`` causal LM (``model.get_decoder()`` gives the backbone,
-            ``model.get_output_embeddings()`` the ``lm_head``).
-        tokenizer: its tokenizer.
+        model, tokenizer: a ``transformers`` causal LM (``model.get_decoder()`` gives the
+            backbone, ``model.get_output_embeddings()`` the ``lm_head``) and its tokenizer.
         render: callable turning a ``Prompt`` into the text the model is fed.
         max_new_tokens: decoding stops a row after this many tokens.
         max_batch_rows: rows decoded together at most; more are decoded in chunks.
-            ``auto``: 64 on the CPU; on a GPU as many as its free memory holds when first
-            used (``auto_batch_rows``), at most 512.
+            ``auto``: resolved when first used (``engine.sizing.auto_batch_rows``).
         stop_strings: a row ends when its text contains one; the text is cut before it.
         eos_token_ids: extra ids that end a row, beside the model's own EOS ids.
         add_special_tokens: passed to the tokenizer when encoding rendered prompts.
@@ -101,11 +80,7 @@ class Engine:
             ``max_position_embeddings`` (None: no limit).
         attention: ``shared_prefix`` (one prompt KV per prompt, per-row buffers for the
             generated tokens), ``copy`` (the prompt cache copied to each row, the model's
-            own attention) or ``auto``: per decode call, ``copy`` where shared-prefix
-            attention does not support the model, and on a GPU with the eager step where
-            the prompts are unpadded and the copies take at most the weights' bytes (the
-            copy path's few large kernels then beat shared-prefix attention's many small
-            ones: H200 measurement in BENCHMARKS.md); else ``shared_prefix``.
+            own attention) or ``auto``: chosen per decode call (``engine.sizing.auto_attention``).
         decode_step: ``eager`` (the model's forward on shapes that shrink as rows finish),
             ``static`` (shared-prefix attention on preallocated buffers: fixed shapes per
             batch-size bucket, rows padded up to the bucket after rows finish) or
@@ -117,27 +92,12 @@ class Engine:
             1 on the CPU, 8 on a GPU.
     """
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        render=None,
-        *,
-        max_new_tokens: int = 128,
-        max_batch_rows: int | str = 64,
-        stop_strings: Sequence[str] = (),
-        eos_token_ids: Sequence[int] = (),
-        add_special_tokens: bool = False,
-        context_length: int | None = None,
-        overflow: str = "truncate_left",
-        check_prelogit: bool = True,
-        attention: str = "auto",
-        decode_step: str = "eager",
-        sync_every: int | str = "auto",
-    ) -> None:
-        _check_options(max_new_tokens, overflow, attention, decode_step, sync_every)
+    def __init__(self, model, tokenizer, render=None, *, max_new_tokens: int = 128, max_batch_rows: int | str = 64,
+                 stop_strings: Sequence[str] = (), eos_token_ids: Sequence[int] = (), add_special_tokens: bool = False,
+                 context_length: int | None = None, overflow: str = "truncate_left", check_prelogit: bool = True,
+                 attention: str = "auto", decode_step: str = "eager", sync_every: int | str = "auto") -> None:
         self.model = model.eval()
-        self.max_batch_rows = max_batch_rows
+        self._max_batch_rows = max_batch_rows
         self._shared_ok = shared_prefix.supported(model.config)
         if attention == "shared_prefix" and not self._shared_ok:
             raise ValueError(f"shared-prefix attention does not support model type {model.config.model_type!r}")
@@ -152,6 +112,8 @@ class Engine:
         self.overflow = overflow
         self.backbone = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
+        self.device, self.dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
+        self.hidden_size = int(self.lm_head.weight.shape[1])
         if decode_step == "cuda_graph" and self.device.type != "cuda":
             raise ValueError(f"decode_step='cuda_graph' needs the model on a CUDA device, it is on {self.device}")
         self.sync_every = (1 if self.device.type == "cpu" else 8) if sync_every == "auto" else int(sync_every)
@@ -169,22 +131,6 @@ class Engine:
 
     # ------------------------------------------------------------------ properties
     @property
-    def stop_strings(self) -> tuple[str, ...]:
-        return self.stops.stop_strings
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.lm_head.weight.shape[1])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
-
-    @property
     def max_prompt_tokens(self) -> int | None:
         """Longest prompt that leaves room for ``max_new_tokens`` (None: no limit)."""
         return None if not self.context_length else max(1, int(self.context_length) - self.max_new_tokens)
@@ -194,50 +140,32 @@ class Engine:
         """Rows decoded together; ``auto`` is resolved on first use (after other models,
         e.g. the reward, took their share of the device)."""
         if self._max_batch_rows == "auto":
-            self._max_batch_rows = self.auto_batch_rows()
+            self._max_batch_rows = auto_batch_rows(self.device, max_new_tokens=self.max_new_tokens,
+                                                   kv_bytes_per_token=self.kv_bytes_per_token,
+                                                   vocab_size=int(self.lm_head.weight.shape[0]),
+                                                   hidden_size=self.hidden_size)
         return self._max_batch_rows
-
-    @max_batch_rows.setter
-    def max_batch_rows(self, value: int | str) -> None:
-        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"max_batch_rows must be 'auto' or an integer >= 1, got {value!r}")
-        self._max_batch_rows = value
-
-    def auto_batch_rows(self) -> int:
-        """``max_batch_rows="auto"``: see ``engine.sizing.auto_batch_rows``."""
-        return auto_batch_rows(self.device, max_new_tokens=self.max_new_tokens, kv_bytes_per_token=self.kv_bytes_per_token,
-                               vocab_size=int(self.lm_head.weight.shape[0]), hidden_size=self.hidden_size)
 
     # ------------------------------------------------------------------ encoding
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """Token ids of the rendered prompt, before any truncation."""
         return self.tokenizer(self.render(prompt), add_special_tokens=self.add_special_tokens)["input_ids"]
 
-    def encode(self, prompt: Prompt) -> EncodedPrompt:
-        ids = self.prompt_ids(prompt)
-        n = len(ids)
-        limit = self.max_prompt_tokens
-        if limit is not None and n > limit:
+    def encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids, truncated from the left to ``max_prompt_tokens`` (or refused)."""
+        ids, limit = self.prompt_ids(prompt), self.max_prompt_tokens
+        if limit is not None and len(ids) > limit:
             if self.overflow == "error":
-                raise PromptTooLongError(f"prompt {prompt.id!r} has {n} tokens, more than {limit}")
-            return EncodedPrompt(ids=ids[n - limit :], num_tokens=n, truncated=True)
-        return EncodedPrompt(ids=ids, num_tokens=n, truncated=False)
+                raise PromptTooLongError(f"prompt {prompt.id!r} has {len(ids)} tokens, more than {limit}")
+            return ids[len(ids) - limit :]
+        return ids
 
     # ------------------------------------------------------------------ forward
     def backbone_forward(self, input_ids, mask, pos, cache) -> torch.Tensor:
-        out = self.backbone(
-            input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self._cache_kw: cache}
-        )
+        out = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                            **{self._cache_kw: cache})
         self.stats["forward_calls"] += 1
         return out.last_hidden_state
-
-    def _new_cache(self):
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:  # older transformers
-            return DynamicCache()
 
     @torch.inference_mode()
     def _check_prelogit(self) -> None:
@@ -248,10 +176,8 @@ class Engine:
         logits = self.model(input_ids=ids).logits[0, -1].float()
         mine = self.lm_head(self.backbone(input_ids=ids).last_hidden_state[0, -1]).float()
         if not torch.allclose(logits, mine, rtol=1e-3, atol=1e-3 * float(logits.abs().max())):
-            raise ValueError(
-                f"{type(self.model).__name__}: logits are not lm_head(final hidden state); "
-                "pre-logit noise needs such a model"
-            )
+            raise ValueError(f"{type(self.model).__name__}: logits are not lm_head(final hidden state); "
+                             "pre-logit noise needs such a model")
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Prompt]) -> Prefix:
@@ -259,37 +185,23 @@ class Engine:
         if not prompts:
             raise ValueError("prefill needs at least one prompt")
         encoded = [self.encode(p) for p in prompts]
-        lengths = [len(e.ids) for e in encoded]
+        lengths = [len(e) for e in encoded]
         width = max(lengths)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, e in enumerate(encoded):
-            ids[i, width - len(e.ids) :] = torch.tensor(e.ids, dtype=torch.long)
-            mask[i, width - len(e.ids) :] = 1
+            ids[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+            mask[i, width - len(e) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-        cache = self._new_cache()
+        cache = DynamicCache(config=self.model.config)
         hidden = self.backbone_forward(ids, mask, pos, cache)
         self.stats["prefill_tokens"] += sum(lengths)
-        return Prefix(
-            prompts=list(prompts),
-            cache=cache,
-            mask=mask,
-            last_hidden=hidden[:, -1].clone(),
-            next_pos=mask.sum(-1),
-            prompt_tokens=lengths,
-        )
+        return Prefix(prompts=list(prompts), cache=cache, mask=mask, last_hidden=hidden[:, -1].clone(),
+                      next_pos=mask.sum(-1), prompt_tokens=lengths)
 
-    def decode(
-        self,
-        prefix: Prefix,
-        slots: Sequence[int] | torch.Tensor,
-        *,
-        noise: torch.Tensor | None = None,
-        uniforms: torch.Tensor | None = None,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-    ) -> list[Sample]:
+    def decode(self, prefix: Prefix, slots: Sequence[int] | torch.Tensor, *, noise: torch.Tensor | None = None,
+               uniforms: torch.Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0) -> list[Sample]:
         """Decode one row per entry of ``slots`` (the prompt index in ``prefix``).
 
         ============  =============  =================================================
@@ -315,22 +227,11 @@ class Engine:
         out: list[Sample] = []
         for start in range(0, B, self.max_batch_rows):
             sl = slice(start, start + self.max_batch_rows)
-            out.extend(
-                self._decode_chunk(
-                    prefix,
-                    slots[sl],
-                    None if noise is None else noise[sl],
-                    None if uniforms is None else uniforms[sl],
-                    temperature,
-                    top_p,
-                )
-            )
+            noise_sl, uniforms_sl = (None if x is None else x[sl] for x in (noise, uniforms))
+            out += self._decode_chunk(prefix, slots[sl], noise_sl, uniforms_sl, temperature, top_p)
         return out
 
-    def response_logprobs(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]], *,
-                          max_rows: int | None = None):
-        """log p of given responses under the noise-free policy (``engine.scoring.response_logprobs``)."""
-        return response_logprobs(self, prompts, responses, max_rows=max_rows)
+    response_logprobs = response_logprobs  # log p of given responses under the noise-free policy (engine.scoring)
 
     def attention_for(self, prefix: Prefix, rows: int) -> str:
         """The attention path a decode of ``rows`` rows of ``prefix`` takes (see ``attention``)."""

@@ -1,13 +1,7 @@
-"""Per-chunk decode states: how one decode step attends to the prompt and the rows' own tokens.
-
-Each has ``forward(tok, pos, t) -> z`` (one step for the live rows) and ``keep(live,
-filled)`` (drop finished rows; returns the new batch size, or None when the layout is
-kept):
-
-* ``CopyRows``: the prompt cache copied to each row and the model's own attention;
-* ``SharedRows``: shared-prefix attention (``aisp_bench.shared_prefix``), eager;
-* ``StaticRows``: shared-prefix attention on fixed shapes per batch-size bucket, which
-  CUDA graphs can capture.
+"""Per-chunk decode states (``CopyRows``, ``SharedRows``, ``StaticRows``): how one decode
+step attends to the prompt and the rows' own tokens. Each has ``forward(tok, pos, t) -> z``
+(one step for the live rows) and ``keep(live, filled)`` (drop finished rows; returns the
+new batch size, or None when the layout is kept).
 """
 
 from __future__ import annotations
@@ -49,17 +43,27 @@ class CopyRows:
         return int(live.numel())
 
 
-class SharedRows:
-    """Shared-prefix attention, eager: one KV copy per prompt (of the prompts present),
-    each row's generated KV in a preallocated buffer; finished rows are dropped at once."""
+class _PromptRows:
+    """Shared-prefix setup: ``local``, each row's index among the P prompts present; their KV,
+    (H_kv, P, L, D) per layer, and padding bias, laid out once for all decodes of these prompts."""
 
     def __init__(self, engine: Engine, prefix: Prefix, slots: torch.Tensor) -> None:
         present, self.local = torch.unique(slots, return_inverse=True)
-        present_d = present.to(engine.device)
-        self.engine = engine
-        self.P = int(present.numel())
-        self.k, self.v = shared_prefix.prompt_kv(prefix.cache, present_d)
-        self.bias = shared_prefix.padding_bias(prefix.mask.index_select(0, present_d), engine.dtype)
+        self.engine, self.P = engine, int(present.numel())
+        key = tuple(present.tolist())
+        if prefix.layout is None or prefix.layout[0] != key:
+            present_d = present.to(engine.device)
+            k, v = shared_prefix.prompt_kv(prefix.cache, present_d)
+            prefix.layout = key, k, v, shared_prefix.padding_bias(prefix.mask.index_select(0, present_d), engine.dtype)
+        _, self.k, self.v, self.bias = prefix.layout
+
+
+class SharedRows(_PromptRows):
+    """Shared-prefix attention, eager: each row's generated KV in a preallocated buffer;
+    finished rows are dropped at once."""
+
+    def __init__(self, engine: Engine, prefix: Prefix, slots: torch.Tensor) -> None:
+        super().__init__(engine, prefix, slots)
         self.cache = shared_prefix.RowKV(len(self.k), engine.max_new_tokens)
         self._layout()
 
@@ -83,7 +87,7 @@ class SharedRows:
         return int(live.numel())
 
 
-class StaticRows:
+class StaticRows(_PromptRows):
     """Shared-prefix attention on static shapes, for CUDA graphs.
 
     All inputs of a step live in buffers allocated once per chunk layout (tokens,
@@ -98,13 +102,9 @@ class StaticRows:
     """
 
     def __init__(self, engine: Engine, prefix: Prefix, slots: torch.Tensor, graphs: bool) -> None:
+        super().__init__(engine, prefix, slots)
         dev, T = engine.device, engine.max_new_tokens
-        present, self.local0 = torch.unique(slots, return_inverse=True)
-        present_d = present.to(dev)
-        self.engine, self.graphs = engine, graphs
-        self.P, self.B0 = int(present.numel()), int(slots.numel())
-        k, v = shared_prefix.prompt_kv(prefix.cache, present_d)
-        self.bias = shared_prefix.padding_bias(prefix.mask.index_select(0, present_d), engine.dtype)
+        self.graphs, self.local0, self.B0 = graphs, self.local, int(slots.numel())
         self.R = shared_prefix.group_rows(self.local0, self.P)[2]
         self.step = torch.zeros(1, dtype=torch.long, device=dev)
         self.tok = torch.full((self.B0,), engine.pad_token_id, dtype=torch.long, device=dev)
@@ -114,8 +114,7 @@ class StaticRows:
         self.bias_rows = self.bias.index_select(0, self.local0.to(dev))
         self.steps = torch.arange(T, device=dev)
         self.suffix_zeros = torch.zeros(T, dtype=engine.dtype, device=dev)
-        self.cache = shared_prefix.RowKV(len(k), T, step=self.step)
-        self.k, self.v = k, v
+        self.cache = shared_prefix.RowKV(len(self.k), T, step=self.step)
         self.captured: dict[tuple[int, int], tuple] = {}
         self.reset()
 

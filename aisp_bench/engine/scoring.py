@@ -5,21 +5,16 @@ log p(y | x) = Σ_t log softmax(lm_head(z_t))[y_t] at temperature 1, no noise, n
 where z_t is the pre-logit after the prompt x and y_<t.
 
 Each prompt is prefilled once (``Engine.prefill``: the same rendering and left
-truncation as for generation); its responses are then run as one batch of suffixes,
-right padded, against that prompt KV: through shared-prefix attention
-(``shared_prefix.forward_suffix``, the prompt KV read in place, as the decoder rewards
-score their responses) where it supports the model, else (or with the engine's
-``attention="copy"``) against a copy of the prompt's cache per row, the engine's
-``CopyRows``. The first token's logits come from the prefill's last pre-logit, token t's
-from the suffix pass at position t - 1. Log-softmax is taken row by row, so only one
-row's (tokens x vocabulary) logits are in memory at a time.
+truncation as for generation); its responses then run as one batch of right-padded
+suffixes against that prompt KV, through shared-prefix attention where it supports the
+model (as the decoder rewards score), else against per-row copies (``CopyRows``).
+Log-softmax is taken row by row, so one row's (tokens x vocabulary) logits are in memory
+at a time.
 
-The responses' token ids: records keep the response text (and per-sample token counts,
-not ids), so the text is re-tokenised the way the tokenizer encodes it
-(``add_special_tokens=False``). This is the canonical tokenisation of the recorded text,
-which can differ from the ids the engine generated where a model produced a
-non-canonical split (rare; it then scores the text's usual spelling). The end-of-text
-token is not scored: the recorded text is what readers, rewards and judges see.
+Records keep the response text, not its ids, so the text is re-tokenised
+(``add_special_tokens=False``): its canonical tokenisation, which can differ from the
+ids the engine generated where a model produced a non-canonical split (rare). The
+end-of-text token is not scored: the recorded text is what readers, rewards and judges see.
 """
 
 from __future__ import annotations
@@ -51,23 +46,12 @@ class ResponseLogProb:
         return self.total / self.tokens if self.tokens else None
 
 
-def response_ids(engine: Engine, text: str, room: int | None) -> list[int]:
-    """The response's token ids (re-tokenised, see the module docstring), at most ``room``."""
-    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-    return list(ids if room is None else ids[: max(0, room)])
-
-
 @torch.inference_mode()
 def response_logprobs(engine: Engine, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]], *,
                       max_rows: int | None = None) -> list[list[ResponseLogProb]]:
-    """``responses[i]``'s log-probabilities given ``prompts[i]``, as ``ResponseLogProb`` lists.
-
-    ``responses[i]`` lists the responses to score after ``prompts[i]``; each prompt is
-    prefilled once and ``max_rows`` responses (default ``engine.max_batch_rows``) go
-    through one forward pass.
-
-    A response longer than the context leaves after its (truncated) prompt is cut there.
-    """
+    """``responses[i]``'s log-probabilities given ``prompts[i]``, ``max_rows`` responses
+    (default ``engine.max_batch_rows``) per forward pass. A response longer than the
+    context leaves after its (truncated) prompt is cut there."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} response lists")
     rows = max(1, int(max_rows or engine.max_batch_rows))
@@ -94,8 +78,9 @@ def _score_prompts(engine: Engine, prompts, responses, rows: int, out: list[list
     for s in range(0, len(jobs), rows):
         chunk = jobs[s : s + rows]
         slots = torch.tensor([i for i, _ in chunk], dtype=torch.long)
-        room = [None if not limit else int(limit) - prefix.prompt_tokens[i] for i, _ in chunk]
-        ids = [response_ids(engine, text, r) for (_, text), r in zip(chunk, room)]
+        ids = [engine.tokenizer(text, add_special_tokens=False)["input_ids"] if text else [] for _, text in chunk]
+        if limit:  # at most the room the context leaves after the prompt
+            ids = [x[: max(0, int(limit) - prefix.prompt_tokens[i])] for x, (i, _) in zip(ids, chunk)]
         for (i, _), scored in zip(chunk, _score_rows(engine, prefix, kv, slots, ids)):
             out[i].append(scored)
 

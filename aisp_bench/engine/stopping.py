@@ -8,10 +8,18 @@ only in rows whose new token can complete one (``stop_candidates``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 
 from aisp_bench.types import Sample
+
+
+def _decode_rows(tokenizer, rows: list[list[int]]) -> list[str]:
+    """The texts of token-id rows, special tokens skipped (stand-in tokenizers may lack ``batch_decode``)."""
+    if hasattr(tokenizer, "batch_decode"):
+        return tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
 
 
 def stop_candidates(tokenizer, stop_strings: Sequence[str], vocab_size: int) -> torch.Tensor | None:
@@ -29,28 +37,15 @@ def stop_candidates(tokenizer, stop_strings: Sequence[str], vocab_size: int) -> 
     mask = torch.ones(vocab_size, dtype=torch.bool)
     if any(c.isspace() for c in lasts):
         return mask
-    try:
-        n = min(vocab_size, len(tokenizer))
-    except TypeError:  # a tokenizer without a length: decode the model's whole vocabulary
-        n = vocab_size
-    ids = [[i] for i in range(n)]
-    if hasattr(tokenizer, "batch_decode"):
-        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    else:
-        texts = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    n = min(vocab_size, len(tokenizer))
+    texts = _decode_rows(tokenizer, [[i] for i in range(n)])
     mask[:n] = torch.tensor([("\ufffd" in x) or any(c in x for c in lasts) for x in texts], dtype=torch.bool)
     return mask
 
 
 class StopRules:
-    """The end-of-row rules of one engine.
-
-    Args:
-        tokenizer: the policy's tokenizer (decodes texts).
-        stop_strings: a row ends when its text contains one; the text is cut before it.
-        eos_token_ids: ids that end a row (kept in the row's tokens).
-        vocab_size: size of the model's vocabulary (for the stop-candidate mask).
-    """
+    """The end-of-row rules of one engine: EOS ids (kept in the row's tokens) and stop
+    strings (the text is cut before them)."""
 
     def __init__(self, tokenizer, stop_strings: Sequence[str], eos_token_ids: Sequence[int], vocab_size: int) -> None:
         self.tokenizer = tokenizer
@@ -59,14 +54,11 @@ class StopRules:
         self.vocab_size = int(vocab_size)
         # stop strings are searched in the text of the last few tokens only
         self.window = max((len(s) for s in self.stop_strings), default=0) + 2
-        self._candidates: torch.Tensor | None = None
 
-    @property
+    @cached_property
     def candidates(self) -> torch.Tensor:
         """(V,) bool, built on first use: the tokens after which a row's text is searched."""
-        if self._candidates is None:
-            self._candidates = stop_candidates(self.tokenizer, self.stop_strings, self.vocab_size)
-        return self._candidates
+        return stop_candidates(self.tokenizer, self.stop_strings, self.vocab_size)
 
     def collect(self, gen: torch.Tensor, gen_host: torch.Tensor, alive: torch.Tensor, start: int, t: int,
                 last: bool) -> list[tuple[int, Sample]]:
@@ -86,7 +78,9 @@ class StopRules:
             for i, j in cand.nonzero().tolist():  # row by row, steps in order
                 if reason[i] != "stop_string" and j < end[i]:
                     row, s = int(live[i]), start + j
-                    if self.hits_stop(gen_host[row, max(0, s + 1 - self.window) : s + 1].tolist()):
+                    tail = self.tokenizer.decode(gen_host[row, max(0, s + 1 - self.window) : s + 1].tolist(),
+                                                 skip_special_tokens=True)
+                    if any(x in tail for x in self.stop_strings):
                         end[i], reason[i] = j, "stop_string"
         done = [i for i in range(len(end)) if end[i] < k or last]
         ids = [gen_host[int(live[i]), : start + min(end[i], k - 1) + 1].tolist() for i in done]
@@ -95,18 +89,11 @@ class StopRules:
             alive[row] = False
         return finished
 
-    def hits_stop(self, ids: list[int]) -> bool:
-        tail = self.tokenizer.decode(ids[-self.window :], skip_special_tokens=True)
-        return any(s in tail for s in self.stop_strings)
-
     def finish(self, rows: list[list[int]], reasons: list[str]) -> list[Sample]:
         """Samples of finished rows: the text decoded, cut before a stop string, stripped."""
         if not rows:
             return []
-        if hasattr(self.tokenizer, "batch_decode"):
-            texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        else:
-            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+        texts = _decode_rows(self.tokenizer, rows)
         out = []
         for ids, text, reason in zip(rows, texts, reasons):
             if self.stop_strings:

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 
 import torch
 
-from aisp_bench.methods.base import METHODS, Method, Tracker, check_positive
+from aisp_bench.methods.base import METHODS, Method, Tracker
 from aisp_bench.seeding import gaussian_rows
 from aisp_bench.types import Prompt, Result
 
@@ -96,33 +96,18 @@ def diagnostics(k: int, r: torch.Tensor, w: torch.Tensor, U: torch.Tensor, lam: 
 class AISP(Method):
     """Adaptive importance sampling of the pre-logit noise mean (Algorithm 1).
 
-    Args (the YAML keys of ``conf/method/aisp.yaml``):
-        name: run-folder name of the method.
-        n: samples per iteration.
-        kappa: κ, iterations.
-        tau: τ, noisy steps.
-        lam: λ > 0.
-        alpha: α in (0, 1].
-        sigma: σ > 0, the noise standard deviation.
-        final_candidate: decode y(U*) after the last iteration.
+    Args, the YAML keys of ``conf/method/aisp.yaml``: ``name`` (of the run folder), the
+    symbols of the table above (n, kappa, tau, lam, alpha, sigma) and ``final_candidate``
+    (decode y(U*) after the last iteration).
     """
 
     def __init__(self, name: str = "aisp", n: int = 32, kappa: int = 32, tau: int = 128, lam: float = 0.7,
                  alpha: float = 0.9999, sigma: float = 0.5, final_candidate: bool = True) -> None:
-        for key, val in (("n", n), ("kappa", kappa), ("tau", tau)):
-            check_positive(key, val, integer=True)
-        check_positive("lam", lam)
-        check_positive("sigma", sigma)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
-            raise ValueError(f"method.alpha must be in (0, 1], got {alpha!r}")
         self.name = name
         self.n, self.kappa, self.tau = n, kappa, tau
+        self.rows_per_prompt = n
         self.lam, self.alpha, self.sigma = float(lam), float(alpha), float(sigma)
         self.final_candidate = bool(final_candidate)
-
-    @property
-    def rows_per_prompt(self) -> int:
-        return self.n
 
     def draw_V(self, U: torch.Tensor, seed: int, prompt_id: str, k: int) -> torch.Tensor:
         """V^i ~ N(Û, σ²I) for i = 1..n, row i seeded by (seed, prompt, k, i): (n, τ, d)."""
@@ -161,6 +146,3 @@ class AISP(Method):
                 extra[p] = {"final_candidate_reward": float(r[p]),
                             "final_candidate_seconds": (time.perf_counter() - t0) / P}
         return [t.result(iterations[p], tau=tau, **extra[p]) for p, t in enumerate(trackers)]
-
-
-__all__ = ["AISP", "aisp_update", "aisp_weights", "diagnostics"]

@@ -2,7 +2,8 @@
 
 A method is a pure algorithm: ``method(prompts, engine, reward, seed) -> list[Result]``.
 It reaches the policy only through the engine and the reward model only through
-``reward.score``; it never loads a model, writes a file or reads the config.
+``reward.score``; it never loads a model, writes a file or reads the config. Its
+hyperparameters are checked where the config is (``validate.RULES``, ``method.*``).
 """
 
 from __future__ import annotations
@@ -19,24 +20,11 @@ from aisp_bench.types import Prompt, Result, Sample
 METHODS: Registry[type] = Registry("method")
 
 
-def check_positive(name: str, value, *, integer: bool = False) -> None:
-    """One-line errors that name the bad value (``method.n must be >= 1, got 0``)."""
-    if integer:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"method.{name} must be an integer >= 1, got {value!r}")
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"method.{name} must be > 0, got {value!r}")
-
-
 class Method(ABC):
-    """Base class: subclasses set ``name`` and implement ``__call__``."""
+    """Base class: subclasses set ``name`` and ``rows_per_prompt`` and implement ``__call__``."""
 
     name: str
-
-    @property
-    @abstractmethod
-    def rows_per_prompt(self) -> int:
-        """Rows one prompt wants decoded together (used to pick how many prompts to batch)."""
+    rows_per_prompt: int  # rows one prompt wants decoded together (picks how many prompts to batch)
 
     @abstractmethod
     def __call__(self, prompts: Sequence[Prompt], engine, reward, seed: int) -> list[Result]: ...
