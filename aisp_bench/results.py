@@ -107,6 +107,14 @@ def group_runs(runs: Iterable[Run]) -> dict[tuple[str, str, str, str, str], list
 OUTCOMES = ("win", "draw", "loss", "invalid")  # of method A, per judged prompt
 
 
+def preference(scores: Sequence[float] | None, a_first: bool) -> str | None:
+    """'A', 'B' or 'tie' from one judge reply's two scores (first shown, second shown); None if invalid."""
+    if scores is None:
+        return None
+    sa, sb = scores if a_first else scores[::-1]
+    return "A" if sa > sb else "B" if sb > sa else "tie"
+
+
 def trial_percentages(trials: Iterable[dict[str, Any]]) -> list[dict[str, float]]:
     """Per trial of a win-rate file, each outcome in percent of the trial's ``n`` (trials
     with ``n`` = 0, or whose counts do not sum to ``n``, are left out)."""

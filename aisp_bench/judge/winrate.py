@@ -38,7 +38,7 @@ from typing import Any
 from aisp_bench.cli import UserError
 from aisp_bench.judge.base import CachedJudge, JudgeError, JudgeReply, JudgeRequest, Plan, Progress
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
-from aisp_bench.results import OUTCOMES, judge_file, trial_percentages
+from aisp_bench.results import OUTCOMES, judge_file, preference, trial_percentages
 from aisp_bench.rundir import Run, read_records, record_prompt, write_json_atomic
 from aisp_bench.seeding import derive_seed
 
@@ -68,14 +68,6 @@ def a_shown_first(sample_seed: int, trial: int, prompt_id: str) -> bool:
 
 
 # -- verdicts -------------------------------------------------------------------------
-def preference(scores: Sequence[float] | None, a_first: bool) -> str | None:
-    """'A', 'B' or 'tie' from one reply's two scores (first shown, second shown); None if invalid."""
-    if scores is None:
-        return None
-    sa, sb = scores if a_first else scores[::-1]
-    return "A" if sa > sb else "B" if sb > sa else "tie"
-
-
 def outcome(prefs: Sequence[str | None]) -> str:
     """'win'/'draw'/'loss' for A, or 'invalid', from the verdicts of every order asked.
 

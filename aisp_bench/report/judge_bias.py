@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
-from aisp_bench.results import OUTCOMES, Selection, runs_root
+from aisp_bench.results import OUTCOMES, Selection, preference, runs_root
 from aisp_bench.rundir import RECORDS, SHARDS, Run, read_records
 
 from .common import display_dataset, display_method, display_pair, fmt_interval, render_markdown, write_texts
@@ -74,14 +74,8 @@ def _words(j: dict[str, Any], trial: dict[str, Any], lookup: Callable) -> tuple[
 
 def _preferences(j: dict[str, Any]) -> list[str | None]:
     """'A', 'B', 'tie' or None (invalid) per order asked."""
-    out = []
-    for order, s in zip(j.get("orders") or [], j.get("scores") or []):
-        if not isinstance(s, list) or len(s) != 2:
-            out.append(None)
-            continue
-        a, b = (s[0], s[1]) if order == "AB" else (s[1], s[0])
-        out.append("A" if a > b else "B" if b > a else "tie")
-    return out
+    return [preference(s if isinstance(s, list) and len(s) == 2 else None, order == "AB")
+            for order, s in zip(j.get("orders") or [], j.get("scores") or [])]
 
 
 Items = dict[str, list[tuple[str, int]]]  # per rate or bucket: (prompt id, code) per item
