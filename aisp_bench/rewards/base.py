@@ -36,6 +36,12 @@ class RewardModel(ABC):
     name: str = "reward"
     batch_size: int = 16
 
+    def _settings(self, name: str, batch_size: int, max_length: int | None, device: str, dtype: str) -> None:
+        """The settings every model-based reward has; no model loaded yet."""
+        self.name, self.batch_size, self.max_length = name, batch_size, max_length
+        self.device, self.dtype = device, dtype
+        self.model = self.tokenizer = None
+
     def load(self) -> RewardModel:
         return self
 
@@ -147,13 +153,9 @@ class DecoderReward(RewardModel):
 
     * ``name``: short name used in run folder names;
     * ``batch_size``: rows per forward at most;
-    * ``max_batch_tokens``: padded tokens per forward, about (a prefill: prompts x longest
-      shared prefix; a suffix forward or a full one: rows x longest row; a row longer
-      than this goes alone);
+    * ``max_batch_tokens``: padded tokens per forward, about (``batching``, point 4);
     * ``share_prefix``: run the tokens a prompt's responses share once and score the
-      rest against that KV (exact, tested to 1e-5 in fp32); models that
-      ``shared_prefix.supported`` does not cover, or that sit on several devices, are
-      scored in full whatever this says;
+      rest against that KV (exact, tested to 1e-5 in fp32; ``batching``, points 1-3);
     * ``max_length``: tokens; longer inputs lose tokens after the fixed head, so the end
       of the response survives;
     * ``add_special_tokens``: ``null``: add them unless the rendered text already starts
@@ -174,16 +176,10 @@ class DecoderReward(RewardModel):
         device: str = "auto",
         dtype: str = "auto",
     ) -> None:
-        self.name = name
-        self.batch_size = batch_size
+        self._settings(name, batch_size, max_length, device, dtype)
         self.max_batch_tokens = max_batch_tokens
         self.share_prefix = share_prefix
-        self.max_length = max_length
         self.add_special_tokens = add_special_tokens
-        self.device = device
-        self.dtype = dtype
-        self.tokenizer = None
-        self.model = None
         self.stats = {"rows": 0, "forwards": 0, "padded_tokens": 0, "prefix_tokens_saved": 0}  # summed over calls
 
     @abstractmethod

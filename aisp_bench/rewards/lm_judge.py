@@ -12,11 +12,8 @@ nats), but it does not check facts and it can prefer fluent-looking gibberish to
 short answer (both misses were gibberish). It is a stand-in that lets the pipeline run
 end to end on a CPU, not a substitute for UltraRM or Eurus-RM.
 
-Batching: the judge text starts with the instruction and the conversation and ends with
-the response, so rows that share a prompt share a long token prefix. As for the other
-decoder rewards (``rewards/batching.py``), each prompt's shared tokens run once and its
-responses are scored against that KV without copying it (``share_prefix``); forwards
-are packed by tokens (``max_batch_tokens``).
+The judge text starts with the instruction and the conversation and ends with the
+response, so a prompt's rows share a long token prefix, run once (``rewards/batching.py``).
 """
 
 from __future__ import annotations

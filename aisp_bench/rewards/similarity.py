@@ -65,17 +65,11 @@ class EmbeddingSimilarityReward(RewardModel):
         device: str = "auto",
         dtype: str = "auto",
     ) -> None:
-        self.name = name
+        self._settings(name, batch_size, max_length, device, dtype)
         self.context_format = context_format
         self.last_turn_only = last_turn_only
         self.name_or_path = name_or_path
         self.empty_score = empty_score
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.device = device
-        self.dtype = dtype
-        self.model = None
-        self.tokenizer = None
 
     def attach(self, model, tokenizer) -> EmbeddingSimilarityReward:
         self.model, self.tokenizer = model.eval(), tokenizer
