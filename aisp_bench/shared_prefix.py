@@ -1,34 +1,26 @@
 """Shared-prefix attention: many rows attend to one prefilled copy of their prompt's KV.
 
-Used by the engine's decode steps (one query per row) and by the decoder reward models
-(``rewards/batching.py``), which run each response (a multi-token suffix) against its
-prompt's KV prefilled once (``prefill``, ``forward_suffix``).
+Used by the engine's decode steps (one query per row) and by the decoder rewards
+(``rewards/batching.py``: each response, a multi-token suffix, runs against its prompt's
+KV prefilled once, ``prefill`` and ``forward_suffix``). Rather than copying a prompt's
+KV n times (``generate`` with repeated inputs) and re-concatenating it at every step
+(``DynamicCache``):
 
-While decoding, the n rows of a prompt all attend to the same prompt keys and values.
-Copying that prompt KV cache n times (what ``generate`` with repeated inputs does, and a
-plain ``DynamicCache.batch_repeat_interleave``) multiplies its memory and the bytes read
-at every step by n; concatenating each new token onto it (``DynamicCache``) copies it
-again at every step. Here instead:
+* the prompt part stays as prefilled, one copy per prompt, (H_kv, P, L, D) per layer,
+  its left padding masked;
+* each row's own part (generated or suffix tokens) lives in a preallocated buffer
+  (rows, H_kv, T, D) written in place (``RowKV``, the model's cache while decoding);
+* attention scores against the prompt (one matrix product per prompt for all its rows,
+  query heads and positions; grouped-query heads share their KV head) and against the
+  row's own tokens (causal, right padding masked) share one softmax, so
+  out = (Σ exp(s_p − m) V_p + Σ exp(s_s − m) V_s) / (Σ exp(s_p − m) + Σ exp(s_s − m))
+  is exactly the model's attention over [prompt | own].
 
-* the prompt part stays as prefilled, one copy per prompt: K_p, V_p of shape
-  (P, H_kv, L_p, D), with the left padding masked;
-* each row's generated part lives in a preallocated buffer (rows, H_kv, T, D), written
-  in place (``RowKV``, the object the model sees as its cache while decoding);
-* attention is computed in two parts and merged exactly with a shared softmax: scores
-  against the prompt, as one matrix product per prompt for all of its rows, query heads
-  and query positions (grouped-query heads share their KV head); scores against the
-  row's own tokens (causal, its right padding masked); then
-  out = (Σ exp(s_p − m) V_p + Σ exp(s_s − m) V_s) / (Σ exp(s_p − m) + Σ exp(s_s − m)).
-  A decode step is the case of one query per row (no mask needed: it is the newest
-  token); a reward's suffix batch has q_len > 1, masked causally and on its right
-  padding (``suffix_bias``).
-
-It plugs into ``transformers`` as an attention implementation registered under
-``ATTN_NAME`` (``AttentionInterface``), switched on only around the forwards that use it.
-Models for which this is exact: decoder-only Llama-style attention without softcapping
-or attention sinks, and without a sliding window shorter than the sequences
-(``supported``); the engine falls back to the plain cache copy for others, the rewards
-to full scoring.
+It is switched on (``active``) as the ``transformers`` attention implementation
+``ATTN_NAME`` around the forwards that use it. Exact for decoder-only Llama-style
+attention without softcapping or attention sinks, and without a sliding window shorter
+than the sequences (``supported``); otherwise the engine copies the cache and the
+rewards score in full.
 """
 
 from __future__ import annotations
@@ -38,6 +30,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface, DynamicCache
 
 ATTN_NAME = "aisp_shared_prefix"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -60,23 +53,19 @@ def supported(config, max_tokens: int | None = None) -> bool:
     return getattr(config, "attn_logit_softcapping", None) is None
 
 
-# ---------------------------------------------------------------------------- row layout
-# The prompt KV is laid out (H_kv, P, L, D), so that each prompt's rows are one matrix
-# product without any copy of the cache; few kernels per layer (eager decoding is bound
-# by kernel launches on a GPU); and a form with static shapes (``RowKV`` with a device
-# ``step``) that a CUDA graph can capture.
+# The prompt KV is laid out (H_kv, P, L, D): each prompt's rows are one matrix product with
+# no copy of the cache, and few kernels per layer (eager decoding is bound by kernel launches).
 
 
 class RowKV:
     """Per layer, each row's generated keys and values: a preallocated (rows, H_kv, T, D)
-    buffer written in place (zero-filled in the static form).
+    buffer written in place.
 
     Eager (``step`` is None): ``update`` writes at the count of tokens so far and returns
-    views of the filled part. Static (``step`` a (1,) long tensor on the device):
-    ``update`` writes at ``step`` and returns the first ``span`` positions of the first
-    rows (as many as the keys it is given); the attention masks the part not written
-    yet. The static form reads no device value on the host, so its forward can be
-    captured in a CUDA graph.
+    views of the filled part. Static (``step`` a (1,) long tensor on the device, buffers
+    zero-filled): ``update`` writes at ``step`` and returns the first ``span`` positions
+    of the first rows; the attention masks the part not written yet. The static form
+    reads no device value on the host, so a CUDA graph can capture its forward.
     """
 
     def __init__(self, num_layers: int, capacity: int, step: torch.Tensor | None = None) -> None:
@@ -225,13 +214,7 @@ def attention(module, query, key, value, attention_mask=None, scaling=None, drop
     return out.view(B, Hkv, g // q_len, q_len, -1).permute(0, 3, 1, 2, 4).reshape(B, q_len, H, -1), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTN_NAME, attention)
-
-
-_register()
+AttentionInterface.register(ATTN_NAME, attention)
 
 
 @contextlib.contextmanager
@@ -256,8 +239,6 @@ def cache_keyword(backbone) -> str:
 def prefill(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
     """Run left-padded prompts once through a decoder ``backbone`` (the model's own
     attention); returns their keys and values, (H_kv, P, L, D) per layer (``prompt_kv``)."""
-    from transformers import DynamicCache
-
     cache = DynamicCache()  # full layers: callers check ``supported`` for sliding windows
     backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
              **{cache_keyword(backbone): cache})

@@ -22,7 +22,7 @@ import torch
 from test_rewards import direct_reward, reward_from_yaml, tiny_config
 
 from aisp_bench import shared_prefix as sp
-from aisp_bench.rewards import RegressionHeadModel, RegressionHeadReward
+from aisp_bench.rewards import RegressionHeadModel
 from aisp_bench.rewards.batching import common_prefix_len, plan
 from aisp_bench.types import Message, Prompt
 
@@ -98,8 +98,6 @@ def test_plan_shares_each_prompt_once_and_packs_by_tokens():
     group_a = [pk for pk in p.packs if tuple(pre) in map(tuple, pk.prefixes)]
     assert len(group_a) == 1 and [len(ch) for ch in group_a[0].chunks] == [2, 1]  # one prefill, two suffix forwards
     assert plan(seqs, keys, 12, 2, share=False).packs == []
-    with pytest.raises(ValueError, match="max_batch_tokens must be at least 1, got 0"):
-        RegressionHeadReward(name="x", name_or_path="unused", template=None, max_batch_tokens=0)
 
 
 # ---------------------------------------------------------------------------- attention

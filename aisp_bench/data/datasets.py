@@ -41,36 +41,36 @@ class DatasetError(ValueError):
 # ----------------------------------------------------------------------------- files
 def read_rows(path: str | Path) -> list[dict]:
     """Rows of a ``.jsonl``, ``.jsonl.gz`` or ``.json`` (a list of objects) file."""
-    p = Path(path).expanduser()
+    p, where = Path(path).expanduser(), f"dataset.path {str(path)!r}"
     if not p.is_file():
-        raise DatasetError(f"dataset.path {str(path)!r} does not exist or is not a file")
+        raise DatasetError(f"{where} does not exist or is not a file")
     name = p.name.lower()
-    opener = gzip.open if name.endswith(".gz") else open
+    if not name.endswith((".json", ".jsonl", ".jsonl.gz")):
+        raise DatasetError(f"{where}: unsupported file type; use .jsonl, .jsonl.gz or .json")
     try:
-        with opener(p, "rt", encoding="utf-8") as f:
-            if name.endswith(".json"):
-                try:
-                    rows = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"dataset.path {str(path)!r} is not valid JSON: {e.msg} (line {e.lineno})") from None
-                if not isinstance(rows, list):
-                    raise DatasetError(f"dataset.path {str(path)!r} must hold a JSON list of rows")
-            elif name.endswith((".jsonl", ".jsonl.gz")):
-                rows = []
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DatasetError(f"dataset.path {str(path)!r}: line {i} is not valid JSON ({e.msg})") from None
-            else:
-                raise DatasetError(f"dataset.path {str(path)!r}: unsupported file type; use .jsonl, .jsonl.gz or .json")
+        with (gzip.open if name.endswith(".gz") else open)(p, "rt", encoding="utf-8") as f:
+            text = f.read()
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:  # zlib: a gzip file with corrupt data
-        raise DatasetError(f"dataset.path {str(path)!r} cannot be read: {e}") from None
+        raise DatasetError(f"{where} cannot be read: {e}") from None
+    if name.endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{where} is not valid JSON: {e.msg} (line {e.lineno})") from None
+        if not isinstance(rows, list):
+            raise DatasetError(f"{where} must hold a JSON list of rows")
+    else:
+        rows = []
+        for i, line in enumerate(text.split("\n"), 1):  # text mode: every line ending is \n
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{where}: line {i} is not valid JSON ({e.msg})") from None
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DatasetError(f"dataset.path {str(path)!r}: row {i} is not a JSON object")
+            raise DatasetError(f"{where}: row {i} is not a JSON object")
     return rows
 
 
@@ -84,17 +84,20 @@ def _field(row: dict, key: str, i: int, where: str, kind: str) -> str:
 
 
 # ----------------------------------------------------------------------------- parsers
+def _first_of_each_id(prompts: Iterable[Prompt]) -> list[Prompt]:
+    unique: dict[str, Prompt] = {}
+    for p in prompts:
+        unique.setdefault(p.id, p)
+    return list(unique.values())
+
+
 @PARSERS.register("shp")
 def parse_shp(rows: Iterable[dict], where: str) -> list[Prompt]:
-    out, seen = [], set()
-    for i, row in enumerate(rows):
-        text = _field(row, "history", i, where, "SHP")
-        pid = str(row.get("post_id") or row.get("__index_level_0__") or i)
-        if pid in seen:
-            continue
-        seen.add(pid)
-        out.append(Prompt(id=pid, messages=(Message("user", text.strip()),)))
-    return out
+    return _first_of_each_id(
+        Prompt(id=str(row.get("post_id") or row.get("__index_level_0__") or i),
+               messages=(Message("user", _field(row, "history", i, where, "SHP").strip()),))
+        for i, row in enumerate(rows)
+    )
 
 
 _TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
@@ -104,17 +107,15 @@ def split_hh(transcript: str) -> tuple[Message, ...]:
     r"""``\n\nHuman: a\n\nAssistant: b\n\nHuman: c`` -> (user a, assistant b, user c)."""
     text = transcript if transcript.startswith("\n\n") else "\n\n" + transcript
     parts = _TURN.split(text)
-    msgs = []
-    for role, content in zip(parts[1::2], parts[2::2]):
-        msgs.append(Message("user" if role == "Human" else "assistant", content.strip()))
-    return tuple(msgs)
+    return tuple(Message("user" if role == "Human" else "assistant", content.strip())
+                 for role, content in zip(parts[1::2], parts[2::2]))
 
 
 @PARSERS.register("hh_rlhf")
 def parse_hh(rows: Iterable[dict], where: str) -> list[Prompt]:
     """Rows whose transcript is malformed (a few in the real test split run a Human turn
     into the Assistant's text without the blank line) are left out with a warning."""
-    out, seen, malformed = [], set(), []
+    out, malformed = [], []
     for i, row in enumerate(rows):
         chosen = _field(row, "chosen", i, where, "HH-RLHF")
         cut = chosen.rfind("\n\nAssistant:")
@@ -125,15 +126,11 @@ def parse_hh(rows: Iterable[dict], where: str) -> list[Prompt]:
         if not msgs or msgs[-1].role != "user" or not msgs[-1].content:
             malformed.append(i)
             continue
-        pid = "hh-" + hashlib.blake2b(prompt_text.encode(), digest_size=6).hexdigest()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        out.append(Prompt(id=pid, messages=msgs))
+        out.append(Prompt(id="hh-" + hashlib.blake2b(prompt_text.encode(), digest_size=6).hexdigest(), messages=msgs))
     if malformed:
         log.warning("%s: left out %d row(s) whose prompt does not end with a Human turn (rows %s)",
                     where, len(malformed), ", ".join(map(str, malformed[:10])))
-    return out
+    return _first_of_each_id(out)
 
 
 @PARSERS.register("prompts")
@@ -178,15 +175,7 @@ class PromptDataset:
     def __init__(self, name: str, kind: str, hub_id: str | None = None, hub_data_dir: str | None = None,
                  split: str = "test", path: str | None = None, num_prompts: int | None = None,
                  sample_seed: int = 0, num_shards: int = 1, shard: int = 0) -> None:
-        PARSERS.get(kind)  # unknown kinds fail here, listing the known ones
-        if num_prompts is not None and (isinstance(num_prompts, bool) or not isinstance(num_prompts, int)
-                                        or num_prompts < 1):
-            raise DatasetError(f"dataset.num_prompts must be an integer >= 1 or null, got {num_prompts!r}")
-        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-            raise DatasetError(f"dataset.num_shards must be an integer >= 1, got {num_shards!r}")
-        if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
-            raise DatasetError(f"dataset.shard must be an integer in [0, {num_shards - 1}] "
-                               f"(dataset.num_shards={num_shards}), got {shard!r}")
+        PARSERS.get(kind)  # unknown kinds fail here, listing the known ones (numbers: validate.py)
         if path is None and hub_id is None:
             raise DatasetError(f"dataset {name!r} needs dataset.path or dataset.hub_id")
         self.name, self.kind = name, kind

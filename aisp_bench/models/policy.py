@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from aisp_bench.models.loading import gguf_safetensors_cache, package_file, resolve_device, resolve_dtype
 from aisp_bench.models.templates import ChatTemplateFormat, TranscriptFormat
@@ -20,6 +22,7 @@ POLICIES: Registry[type] = Registry("model class")
 
 
 @POLICIES.register("hf")
+@dataclass(kw_only=True, eq=False)
 class Policy:
     """A ``transformers`` causal LM from the hub or a local folder.
 
@@ -38,35 +41,23 @@ class Policy:
         attn_implementation: passed to ``from_pretrained`` (e.g. ``sdpa``).
     """
 
-    def __init__(
-        self,
-        name: str,
-        name_or_path: str,
-        prompt_format: TranscriptFormat | ChatTemplateFormat,
-        stop_strings: Sequence[str] = (),
-        eos_tokens: Sequence[str] = (),
-        add_special_tokens: bool = True,
-        dtype: str = "auto",
-        device: str = "auto",
-        device_map: str | None = None,
-        revision: str | None = None,
-        max_context: int | None = None,
-        attn_implementation: str | None = None,
-    ) -> None:
-        self.name = name
-        self.name_or_path = name_or_path
-        self.prompt_format = prompt_format
-        self.stop_strings = list(stop_strings)
-        self.eos_tokens = list(eos_tokens)
-        self.add_special_tokens = add_special_tokens
-        self.dtype = dtype
-        self.device = device
-        self.device_map = device_map
-        self.revision = revision
-        self.max_context = max_context
-        self.attn_implementation = attn_implementation
-        self.model = None
-        self.tokenizer = None
+    name: str
+    name_or_path: str
+    prompt_format: TranscriptFormat | ChatTemplateFormat
+    stop_strings: Sequence[str] = ()
+    eos_tokens: Sequence[str] = ()
+    add_special_tokens: bool = True
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    revision: str | None = None
+    max_context: int | None = None
+    attn_implementation: str | None = None
+    model: Any = field(default=None, init=False, repr=False)
+    tokenizer: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stop_strings, self.eos_tokens = list(self.stop_strings), list(self.eos_tokens)
 
     # where the weights come from; subclasses override
     def _source(self) -> tuple[str, dict]:
@@ -122,6 +113,7 @@ class Policy:
 
 
 @POLICIES.register("gguf_package")
+@dataclass(kw_only=True, eq=False)
 class GGUFPackagePolicy(Policy):
     """A GGUF checkpoint shipped inside a pip package (the offline default, SmolLM2).
 
@@ -130,14 +122,16 @@ class GGUFPackagePolicy(Policy):
     Args:
         package: the installed package holding the file (found without importing it).
         gguf_file: the file's name inside the package.
-        (the rest as ``Policy``; ``name_or_path`` is informational)
+        (the rest as ``Policy``; ``name_or_path`` is informational: package/gguf_file)
     """
 
-    def __init__(self, package: str, gguf_file: str, **kwargs) -> None:
-        kwargs.setdefault("name_or_path", f"{package}/{gguf_file}")
-        super().__init__(**kwargs)
-        self.package = package
-        self.gguf_file = gguf_file
+    package: str
+    gguf_file: str
+    name_or_path: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.name_or_path = self.name_or_path or f"{self.package}/{self.gguf_file}"
 
     def _source(self) -> tuple[str, dict]:
         return str(gguf_safetensors_cache(package_file(self.package, self.gguf_file))), {}

@@ -16,10 +16,12 @@ Both render a conversation for generation (ending with the generation prompt) or
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from aisp_bench.types import Message
 
 
+@dataclass(eq=False)
 class TranscriptFormat:
     """Plain-text turns.
 
@@ -32,22 +34,16 @@ class TranscriptFormat:
         system: text put first (e.g. Vicuna's system line); empty for none.
     """
 
-    def __init__(
-        self,
-        user: str = "\n\nHuman: {content}",
-        assistant: str = "\n\nAssistant: {content}",
-        generation_prompt: str = "\n\nAssistant:",
-        response: str = " {content}",
-        system: str = "",
-    ) -> None:
-        for name, tpl in (("user", user), ("assistant", assistant), ("response", response)):
-            if "{content}" not in tpl:
-                raise ValueError(f"template {name}={tpl!r} has no {{content}} slot")
-        self.user = user
-        self.assistant = assistant
-        self.generation_prompt = generation_prompt
-        self.response = response
-        self.system = system
+    user: str = "\n\nHuman: {content}"
+    assistant: str = "\n\nAssistant: {content}"
+    generation_prompt: str = "\n\nAssistant:"
+    response: str = " {content}"
+    system: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("user", "assistant", "response"):
+            if "{content}" not in getattr(self, name):
+                raise ValueError(f"template {name}={getattr(self, name)!r} has no {{content}} slot")
 
     def render(self, messages: Sequence[Message], response: str | None = None, tokenizer=None) -> str:
         parts = [self.system]
@@ -64,6 +60,7 @@ class TranscriptFormat:
         return "".join(parts)
 
 
+@dataclass(eq=False)
 class ChatTemplateFormat:
     """The tokenizer's chat template (``tokenizer.apply_chat_template``).
 
@@ -72,8 +69,7 @@ class ChatTemplateFormat:
             leaves the template's default.
     """
 
-    def __init__(self, system: str | None = None) -> None:
-        self.system = system
+    system: str | None = None
 
     def render(self, messages: Sequence[Message], response: str | None = None, tokenizer=None) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -81,7 +77,6 @@ class ChatTemplateFormat:
         conv = [{"role": m.role, "content": m.content} for m in messages]
         if self.system is not None and conv[0]["role"] != "system":
             conv.insert(0, {"role": "system", "content": self.system})
-        if response is None:
-            return tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        conv.append({"role": "assistant", "content": response})
-        return tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=False)
+        if response is not None:
+            conv.append({"role": "assistant", "content": response})
+        return tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=response is None)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from aisp_bench.registry import Registry
-from aisp_bench.rewards.batching import SequenceScorer, check_padding_side, last_token_index, pad_batch
+from aisp_bench.rewards.batching import SequenceScorer, last_token_index, pad_batch
 from aisp_bench.types import Prompt
 
 log = logging.getLogger(__name__)
@@ -37,6 +36,12 @@ class RewardModel(ABC):
     name: str = "reward"
     batch_size: int = 16
 
+    def _settings(self, name: str, batch_size: int, max_length: int | None, device: str, dtype: str) -> None:
+        """The settings every model-based reward has; no model loaded yet."""
+        self.name, self.batch_size, self.max_length = name, batch_size, max_length
+        self.device, self.dtype = device, dtype
+        self.model = self.tokenizer = None
+
     def load(self) -> RewardModel:
         return self
 
@@ -44,15 +49,13 @@ class RewardModel(ABC):
     def _score_batch(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
         """Rewards of one batch, in its order."""
 
-    def _length_key(self, prompt: Prompt, response: str) -> Any:
-        """Sort key that puts pairs of similar length (and so little padding) together."""
-        return sum(len(m.content) for m in prompt.messages) + len(response)
-
     def _batches(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[list[int]]:
-        """The pair indices of each ``_score_batch`` call."""
-        order = sorted(range(len(responses)), key=lambda i: self._length_key(prompts[i], responses[i]))
-        bs = max(1, int(self.batch_size))
-        return [order[s : s + bs] for s in range(0, len(order), bs)]
+        """The pair indices of each ``_score_batch`` call: similar lengths together (little padding)."""
+        def length(i: int) -> int:
+            return sum(len(m.content) for m in prompts[i].messages) + len(responses[i])
+
+        order = sorted(range(len(responses)), key=length)
+        return [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
         if len(prompts) != len(responses):
@@ -74,51 +77,39 @@ class RewardModel(ABC):
 # ---------------------------------------------------------------------------- helpers
 
 
-def check_local_path(reward: str, name_or_path: str) -> None:
-    """Fail early, in one line, on a local path that does not exist.
+def load_pretrained(reward: RewardModel, src: str, build: Callable, revision: str | None = None,
+                    device_map: str | dict | None = None, attn_implementation: str | None = None) -> RewardModel:
+    """``reward.attach(*build(src, dtype, hub, place))`` on ``reward.device`` in ``reward.dtype``.
 
-    Something that looks like a path (absolute, ``./``, ``~``) but is missing would
-    otherwise be taken for a hub id and fail deep inside ``huggingface_hub``.
-    """
-    s = str(name_or_path)
-    if s.startswith(("/", "./", "../", "~")) or Path(s).expanduser().exists():
-        if not Path(s).expanduser().exists():
-            raise FileNotFoundError(f"cannot load reward model {reward!r}: no such folder {s!r}")
-
-
-def pretrained_args(reward: str, src: str, device: str, dtype: str, device_map: str | None = None,
-                    revision: str | None = None, attn_implementation: str | None = None):
-    """(dtype, hub kwargs, placement kwargs) for ``from_pretrained`` of a reward model.
-
-    Checks a local path first; places the model straight onto its device (a 13B model
-    never passes through CPU memory) unless ``device_map`` says otherwise.
+    ``build`` returns (model, tokenizer) from ``from_pretrained`` calls given ``hub``
+    (revision) and ``place`` (device_map, attention). A local path (absolute, ``./``,
+    ``~``) that does not exist fails first, in one line: it would otherwise be taken for
+    a hub id and fail deep inside ``huggingface_hub``; so does any load error. The model
+    is placed straight onto its device (a 13B model never passes through CPU memory)
+    unless ``device_map`` says otherwise.
     """
     from aisp_bench.models.loading import resolve_device, resolve_dtype
 
-    check_local_path(reward, src)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    if src.startswith(("/", "./", "../", "~")) and not Path(src).expanduser().exists():
+        raise FileNotFoundError(f"cannot load reward model {reward.name!r}: no such folder {src!r}")
+    dev = resolve_device(reward.device)
+    dtype = resolve_dtype(reward.dtype, dev)
     hub = {"revision": revision} if revision else {}
     place = {"device_map": device_map or {"": str(dev)}}
     if attn_implementation:
         place["attn_implementation"] = attn_implementation
-    log.info("loading reward model %s from %s (%s on %s)", reward, src, torch_dtype, device_map or dev)
-    return torch_dtype, hub, place
-
-
-def load_error(reward: str, src: str, err: BaseException) -> RuntimeError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return RuntimeError(f"cannot load reward model {reward!r} from {src!r}: {first}")
+    log.info("loading reward model %s from %s (%s on %s)", reward.name, src, dtype, device_map or dev)
+    try:
+        model, tokenizer = build(src, dtype, hub, place)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"cannot load reward model {reward.name!r} from {src!r}: {first}") from None
+    return reward.attach(model, tokenizer)
 
 
 def leading_special_count(ids: Sequence[int], special_ids: set[int]) -> int:
     """Number of special tokens (BOS, a chat template's header) at the start of ``ids``."""
-    n = 0
-    for i in ids:
-        if i not in special_ids:
-            break
-        n += 1
-    return n
+    return next((n for n, i in enumerate(ids) if i not in special_ids), len(ids))
 
 
 def truncate_keep_end(ids: list[int], max_length: int | None, keep_head: int = 0) -> list[int]:
@@ -137,10 +128,8 @@ def truncate_keep_end(ids: list[int], max_length: int | None, keep_head: int = 0
 
 def pad_token_id(tokenizer) -> int:
     """The tokenizer's pad id, else its EOS, else 0 (padding is masked out anyway)."""
-    for v in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if v is not None:
-            return int(v if not isinstance(v, (list, tuple)) else v[0])
-    return 0
+    v = next(v for v in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if v is not None)
+    return int(v[0] if isinstance(v, (list, tuple)) else v)
 
 
 def model_device(model) -> torch.device:
@@ -159,17 +148,14 @@ class DecoderReward(RewardModel):
     prompt's responses share run once, forwards packed by tokens. Subclasses implement
     ``encode`` and call ``_use_model`` from ``attach``.
 
-    Settings every such reward has (constructor arguments and YAML keys):
+    Settings every such reward has (constructor arguments and YAML keys, checked by
+    ``validate.py``):
 
     * ``name``: short name used in run folder names;
     * ``batch_size``: rows per forward at most;
-    * ``max_batch_tokens``: padded tokens per forward, about (a prefill: prompts x longest
-      shared prefix; a suffix forward or a full one: rows x longest row; a row longer
-      than this goes alone);
+    * ``max_batch_tokens``: padded tokens per forward, about (``batching``, point 4);
     * ``share_prefix``: run the tokens a prompt's responses share once and score the
-      rest against that KV (exact, tested to 1e-5 in fp32); models that
-      ``shared_prefix.supported`` does not cover, or that sit on several devices, are
-      scored in full whatever this says;
+      rest against that KV (exact, tested to 1e-5 in fp32; ``batching``, points 1-3);
     * ``max_length``: tokens; longer inputs lose tokens after the fixed head, so the end
       of the response survives;
     * ``add_special_tokens``: ``null``: add them unless the rendered text already starts
@@ -190,22 +176,10 @@ class DecoderReward(RewardModel):
         device: str = "auto",
         dtype: str = "auto",
     ) -> None:
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
-        if int(max_batch_tokens) < 1:
-            raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens!r}")
-        if max_length is not None and int(max_length) < 2:
-            raise ValueError(f"max_length must be at least 2 tokens (or null), got {max_length!r}")
-        self.name = name
-        self.batch_size = int(batch_size)
-        self.max_batch_tokens = int(max_batch_tokens)
-        self.share_prefix = bool(share_prefix)
-        self.max_length = None if max_length is None else int(max_length)
+        self._settings(name, batch_size, max_length, device, dtype)
+        self.max_batch_tokens = max_batch_tokens
+        self.share_prefix = share_prefix
         self.add_special_tokens = add_special_tokens
-        self.device = device
-        self.dtype = dtype
-        self.tokenizer = None
-        self.model = None
         self.stats = {"rows": 0, "forwards": 0, "padded_tokens": 0, "prefix_tokens_saved": 0}  # summed over calls
 
     @abstractmethod
@@ -243,8 +217,9 @@ class TextPairReward(DecoderReward):
     ``device_map`` (``auto``: spread over the visible GPUs; overrides ``device``),
     ``attn_implementation`` (passed to ``from_pretrained``) and ``padding_side`` (of the
     rows scored in full; shared prompts are always left padded and their responses
-    right padded: the reward does not depend on it). Subclasses give
-    ``_from_pretrained`` and ``attach``.
+    right padded: the reward does not depend on it). Subclasses give ``attach`` (use an
+    already built model and tokenizer: tests, or a model shared with other code) and
+    ``_from_pretrained`` (the ``build`` of ``load_pretrained``).
     """
 
     def __init__(
@@ -255,65 +230,34 @@ class TextPairReward(DecoderReward):
         revision: str | None = None,
         device_map: str | dict | None = None,
         attn_implementation: str | None = None,
+        padding_side: str = "right",
         batch_size: int = 64,
         max_batch_tokens: int = 8192,
-        share_prefix: bool = True,
-        max_length: int | None = 2048,
-        padding_side: str = "right",
-        add_special_tokens: bool | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
+        **kwargs,  # the rest of DecoderReward's settings
     ) -> None:
-        super().__init__(name, batch_size, max_batch_tokens, share_prefix, max_length, add_special_tokens, device,
-                         dtype)
+        super().__init__(name, batch_size, max_batch_tokens, **kwargs)
         self.name_or_path = str(name_or_path)
         self.template = template
         self.revision = revision
         self.device_map = device_map
         self.attn_implementation = attn_implementation
-        self.padding_side = check_padding_side(padding_side)
-
-    @abstractmethod
-    def attach(self, model, tokenizer) -> TextPairReward:
-        """Use an already built model and tokenizer (tests, or a model shared with other code)."""
-
-    @abstractmethod
-    def _from_pretrained(self, src: str, dtype: torch.dtype, hub: dict, place: dict):
-        """(model, tokenizer) from ``src``; ``hub``: revision, ``place``: device_map, attention."""
+        self.padding_side = padding_side
 
     def load(self) -> TextPairReward:
-        if self.model is not None:
-            return self
-        src = self.name_or_path
-        dtype, hub, place = pretrained_args(self.name, src, self.device, self.dtype, self.device_map, self.revision,
-                                            self.attn_implementation)
-        try:
-            model, tok = self._from_pretrained(src, dtype, hub, place)
-        except (OSError, ValueError, KeyError) as e:
-            raise load_error(self.name, src, e) from None
-        return self.attach(model, tok)
+        if self.model is None:
+            load_pretrained(self, self.name_or_path, self._from_pretrained, self.revision, self.device_map,
+                            self.attn_implementation)
+        return self
 
     def render(self, prompt: Prompt, response: str) -> str:
         """The exact text the model reads for this pair."""
         return self.template.render(prompt.messages, response=response, tokenizer=self.tokenizer)
 
     def encode(self, prompt: Prompt, response: str) -> list[int]:
-        """Token ids of the rendered pair, truncated to ``max_length`` keeping the end."""
+        """Token ids of the rendered pair, truncated to ``max_length`` keeping the special head and the end."""
         ids = self._tokenize(self.render(prompt, response))
-        if self.max_length is not None and len(ids) > self.max_length:
-            head = leading_special_count(ids, set(self.tokenizer.all_special_ids))
-            ids = truncate_keep_end(ids, self.max_length, keep_head=head)
-        return ids
+        return truncate_keep_end(ids, self.max_length, leading_special_count(ids, set(self.tokenizer.all_special_ids)))
 
 
-__all__ = [
-    "REWARDS",
-    "RewardModel",
-    "DecoderReward",
-    "TextPairReward",
-    "truncate_keep_end",
-    "pad_batch",
-    "last_token_index",
-    "pad_token_id",
-    "model_device",
-]
+__all__ = ["REWARDS", "RewardModel", "DecoderReward", "TextPairReward", "load_pretrained", "truncate_keep_end",
+           "pad_batch", "last_token_index", "pad_token_id", "model_device"]

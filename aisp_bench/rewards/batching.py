@@ -35,26 +35,18 @@ import torch
 
 from aisp_bench import shared_prefix
 
-PADDING_SIDES = ("left", "right")
 MIN_SHARED = 4  # a group sharing fewer tokens is scored in full: the prefill would save almost nothing
-
-
-def check_padding_side(padding_side: str) -> str:
-    if padding_side not in PADDING_SIDES:
-        raise ValueError(f"unknown padding_side {padding_side!r}; use left or right")
-    return padding_side
 
 
 def pad_batch(
     seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right", device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad token lists to one (B, L) tensor.
+    """Pad token lists to one (B, L) tensor on the ``right`` or ``left``.
 
     Returns ``input_ids``, ``attention_mask`` and ``position_ids``; the latter count real
     tokens only (0 at each row's first real token), so a decoder sees the same positions
     whichever side the padding is on.
     """
-    check_padding_side(side)
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -78,13 +70,8 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix all ``seqs`` share."""
-    first = seqs[0]
     n = min(len(s) for s in seqs)
-    for i in range(n):
-        t = first[i]
-        if any(s[i] != t for s in seqs):
-            return i
-    return n
+    return next((i for i in range(n) if any(s[i] != seqs[0][i] for s in seqs)), n)
 
 
 # ---------------------------------------------------------------------------- plan
@@ -198,10 +185,6 @@ class SequenceScorer:
         one_device = backbone is not None and len({p.device for p in backbone.parameters()}) == 1
         self._config = backbone.config if one_device and forward is None else None
 
-    def can_share(self, max_tokens: int) -> bool:
-        """Whether sequences of up to ``max_tokens`` tokens may share prefixes exactly."""
-        return self._config is not None and shared_prefix.supported(self._config, max_tokens)
-
     def score(
         self,
         seqs: Sequence[Sequence[int]],
@@ -209,31 +192,32 @@ class SequenceScorer:
         *,
         max_batch_tokens: int,
         max_rows: int,
-        share_prefix: bool = True,
-        padding_side: str = "right",
-        stats: dict | None = None,
+        share_prefix: bool,
+        padding_side: str,
+        stats: dict,
     ) -> torch.Tensor:
         """Rewards (len(seqs),) float32 on the CPU, in input order; ``keys[i]`` names the
-        prompt of sequence i (equal keys: candidates for a shared prefix)."""
+        prompt of sequence i (equal keys: candidates for a shared prefix). Adds this
+        call's rows, forwards, padded tokens and prefix tokens saved to ``stats``."""
         out = torch.empty(len(seqs), dtype=torch.float32)
-        if not seqs:
-            return out
-        share = share_prefix and self.can_share(max(len(s) for s in seqs))
+        # shared-prefix attention is exact for these sequences (``shared_prefix.supported``)
+        share = (share_prefix and self._config is not None
+                 and shared_prefix.supported(self._config, max(len(s) for s in seqs)))
         todo = plan(seqs, keys, max_batch_tokens, max_rows, share=share)
-        st = {"rows": len(seqs), "forwards": 0, "padded_tokens": 0, "prefix_tokens_saved": 0}
+        stats["rows"] += len(seqs)
         side = padding_side if self.forward is None else "right"
         for batch in todo.full:
             ids, mask, pos = pad_batch([seqs[i] for i in batch], self.pad_id, side, self.device)
             out[torch.tensor(batch)] = self._full(ids, mask, pos).float().cpu()
-            st["forwards"] += 1
-            st["padded_tokens"] += ids.numel()
+            stats["forwards"] += 1
+            stats["padded_tokens"] += ids.numel()
         for pack in todo.packs:
             ids, mask, pos = pad_batch(pack.prefixes, self.pad_id, "left", self.device)
             kv = shared_prefix.prefill(self.backbone, ids, mask, pos)  # once per pack, read by every chunk
-            st["forwards"] += 1
-            st["padded_tokens"] += ids.numel()
+            stats["forwards"] += 1
+            stats["padded_tokens"] += ids.numel()
             rows_c = sum(len(pack.prefixes[p]) for chunk in pack.chunks for _, p in chunk)
-            st["prefix_tokens_saved"] += rows_c - sum(len(p) for p in pack.prefixes)
+            stats["prefix_tokens_saved"] += rows_c - sum(len(p) for p in pack.prefixes)
             for chunk in pack.chunks:
                 rows = [i for i, _ in chunk]
                 starts = [len(pack.prefixes[p]) for _, p in chunk]
@@ -243,12 +227,9 @@ class SequenceScorer:
                 slots = torch.tensor([p for _, p in chunk], device=mask.device)
                 hidden = shared_prefix.forward_suffix(self.backbone, kv, mask, slots, sids, spos, smask)
                 out[torch.tensor(rows)] = self._read(hidden, smask).float().cpu()
-                st["forwards"] += 1
-                st["padded_tokens"] += sids.numel()
+                stats["forwards"] += 1
+                stats["padded_tokens"] += sids.numel()
             del kv
-        if stats is not None:
-            for k, v in st.items():
-                stats[k] = stats.get(k, 0) + v
         return out
 
     def _full(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -261,16 +242,3 @@ class SequenceScorer:
         ends = last_token_index(mask).to(hidden.device)
         return self.readout(hidden[torch.arange(hidden.shape[0], device=hidden.device), ends]).reshape(-1)
 
-
-__all__ = [
-    "MIN_SHARED",
-    "Pack",
-    "Plan",
-    "SequenceScorer",
-    "check_padding_side",
-    "common_prefix_len",
-    "last_token_index",
-    "pack_by_tokens",
-    "pad_batch",
-    "plan",
-]

@@ -18,14 +18,10 @@ How the logit is read:
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from aisp_bench.models.templates import ChatTemplateFormat
 from aisp_bench.rewards.base import REWARDS, TextPairReward, pad_token_id
-
-log = logging.getLogger(__name__)
 
 
 @REWARDS.register("hf_classifier")
@@ -39,9 +35,7 @@ class HFClassifierReward(TextPairReward):
             model's own chat template.
         fallback_template: used instead of a ``ChatTemplateFormat`` ``template`` when the
             tokenizer has no chat template (``null``: that is an error).
-        (the rest as ``TextPairReward``: revision, device_map, attn_implementation,
-        batch_size, max_batch_tokens, share_prefix, max_length, padding_side (encoders
-        are always right padded), add_special_tokens, device, dtype)
+        (the rest as ``TextPairReward``; encoders are always right padded)
     """
 
     def __init__(self, name: str, name_or_path: str, template=None, fallback_template=None, **kwargs) -> None:
@@ -50,7 +44,6 @@ class HFClassifierReward(TextPairReward):
         self.fallback_template = fallback_template
 
     def attach(self, model, tokenizer) -> HFClassifierReward:
-        """Use an already built classifier and tokenizer (tests, shared models)."""
         n = getattr(model.config, "num_labels", None)
         if n != 1:
             raise ValueError(f"reward model {self.name!r} must have one output, got num_labels={n}")

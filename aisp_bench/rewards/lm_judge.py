@@ -12,24 +12,17 @@ nats), but it does not check facts and it can prefer fluent-looking gibberish to
 short answer (both misses were gibberish). It is a stand-in that lets the pipeline run
 end to end on a CPU, not a substitute for UltraRM or Eurus-RM.
 
-Batching: the judge text starts with the instruction and the conversation and ends with
-the response, so rows that share a prompt share a long token prefix. As for the other
-decoder rewards (``rewards/batching.py``), each prompt's shared tokens run once and its
-responses are scored against that KV without copying it (``share_prefix``); forwards
-are packed by tokens (``max_batch_tokens``).
+The judge text starts with the instruction and the conversation and ends with the
+response, so a prompt's rows share a long token prefix, run once (``rewards/batching.py``).
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from aisp_bench.models.loading import gguf_safetensors_cache, package_file, resolve_device, resolve_dtype
-from aisp_bench.rewards.base import REWARDS, DecoderReward, check_local_path, load_error, truncate_keep_end
+from aisp_bench.models.loading import gguf_safetensors_cache, package_file
+from aisp_bench.rewards.base import REWARDS, DecoderReward, load_pretrained, truncate_keep_end
 from aisp_bench.types import Message, Prompt
-
-log = logging.getLogger(__name__)
 
 _MARK = "\x00CONVERSATION\x00"
 
@@ -52,14 +45,10 @@ class LMJudgeReward(DecoderReward):
         package, gguf_file: a GGUF checkpoint inside a pip package (the offline SmolLM2);
             or ``name_or_path``: a ``transformers`` causal LM (hub id or folder).
         revision: hub revision to pin (``name_or_path`` only).
-        batch_size: rows per forward at most.
-        max_batch_tokens: padded tokens per forward, about.
         max_length: tokens; longer inputs lose tokens right after the shared instruction
             (the start of the conversation first), keeping the response's end.
-        share_prefix: run the tokens a prompt's rows share once and score the rest
-            against that KV (``DecoderReward``).
-        add_special_tokens: ``null``: add BOS unless the rendered text starts with it.
-        device, dtype: where the judge runs (may differ from the policy's device).
+        (the rest as ``DecoderReward``: batch_size, max_batch_tokens, share_prefix,
+        add_special_tokens, device, dtype; the judge may sit on another device than the policy)
     """
 
     def __init__(
@@ -109,47 +98,35 @@ class LMJudgeReward(DecoderReward):
         self._answer_ids = torch.tensor(ids)
         self._head = model.get_output_embeddings()
         self._use_model(model, tokenizer, model.get_decoder(), self._answer_margin)
-        head_text = self._render_text(Prompt.single("_", _MARK), "").split(_MARK)[0]
+        head_text = self.render(Prompt.single("_", _MARK), "").split(_MARK)[0]
         # tokens of the fixed instruction (less one: the boundary token may merge)
         self._keep_head = max(0, len(self._tokenize(head_text)) - 1)
         return self
 
     def load(self) -> LMJudgeReward:
-        if self.model is not None:
-            return self
+        if self.model is None:
+            src = self.name_or_path or gguf_safetensors_cache(package_file(self.package, self.gguf_file))
+            load_pretrained(self, str(src), self._from_pretrained, self.revision if self.name_or_path else None)
+        return self
+
+    @staticmethod
+    def _from_pretrained(src: str, dtype, hub: dict, place: dict):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype, device)
-        kw = {}
-        if self.package is not None:
-            src = str(gguf_safetensors_cache(package_file(self.package, self.gguf_file)))
-        else:
-            src = str(self.name_or_path)
-            check_local_path(self.name, src)
-            kw = {"revision": self.revision} if self.revision else {}
-        log.info("loading judge %s from %s (%s on %s)", self.name, src, dtype, device)
-        try:
-            tok = AutoTokenizer.from_pretrained(src, **kw)
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw).to(device)
-        except (OSError, ValueError, KeyError) as e:
-            raise load_error(self.name, src, e) from None
-        return self.attach(model, tok)
+        tokenizer = AutoTokenizer.from_pretrained(src, **hub)
+        return AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **hub, **place), tokenizer
 
     # ------------------------------------------------------------------ text
-    def _render_text(self, prompt: Prompt, response: str) -> str:
-        conversation = self.conversation_format.render(prompt.messages)
-        content = self.judge_prompt.replace("{conversation}", conversation).replace("{response}", response)
-        return self.judge_format.render((Message("user", content),), tokenizer=self.tokenizer)
-
     def render(self, prompt: Prompt, response: str) -> str:
         """The exact text the judge reads; its next token is Yes or No."""
         if self.tokenizer is None:
             self.load()
-        return self._render_text(prompt, response)
+        conversation = self.conversation_format.render(prompt.messages)
+        content = self.judge_prompt.replace("{conversation}", conversation).replace("{response}", response)
+        return self.judge_format.render((Message("user", content),), tokenizer=self.tokenizer)
 
     def encode(self, prompt: Prompt, response: str) -> list[int]:
-        ids = self._tokenize(self._render_text(prompt, response))
+        ids = self._tokenize(self.render(prompt, response))
         return truncate_keep_end(ids, self.max_length, keep_head=self._keep_head)
 
     # ------------------------------------------------------------------ scoring

@@ -12,15 +12,11 @@ same module built for any backbone config through ``AutoModel.from_config``, so 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from aisp_bench.rewards.base import REWARDS, TextPairReward, last_token_index
-
-log = logging.getLogger(__name__)
 
 
 class RegressionHeadModel(PreTrainedModel):
@@ -96,9 +92,7 @@ class RegressionHeadReward(TextPairReward):
         name_or_path: hub id or local folder holding ``config.json`` and the weights.
         template: how (prompt, response) becomes the text the RM reads (from config).
         tokenizer_name_or_path: where the tokenizer is, if not beside the weights.
-        (the rest as ``TextPairReward``: revision, device_map, attn_implementation,
-        batch_size, max_batch_tokens, share_prefix, max_length, padding_side,
-        add_special_tokens, device, dtype)
+        (the rest as ``TextPairReward``)
     """
 
     def __init__(self, name: str, name_or_path: str, template, tokenizer_name_or_path: str | None = None,
@@ -107,19 +101,15 @@ class RegressionHeadReward(TextPairReward):
         self.tokenizer_name_or_path = tokenizer_name_or_path
 
     def attach(self, model: RegressionHeadModel, tokenizer) -> RegressionHeadReward:
-        """Use an already built model and tokenizer (tests, or a model shared with other code)."""
         self._use_model(model, tokenizer, model.model, model.reward_from_hidden)
         return self
 
     def _from_pretrained(self, src: str, dtype: torch.dtype, hub: dict, place: dict):
         from transformers import AutoTokenizer
 
-        config = AutoConfig.from_pretrained(src, **hub)
-        model, info = RegressionHeadModel.from_pretrained(
-            src, config=config, dtype=dtype, output_loading_info=True, **hub, **place
-        )
-        tok_src = self.tokenizer_name_or_path or src
-        tok = AutoTokenizer.from_pretrained(tok_src, **({} if self.tokenizer_name_or_path else hub))
+        model, info = RegressionHeadModel.from_pretrained(src, dtype=dtype, output_loading_info=True, **hub, **place)
+        tok = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path or src,
+                                            **({} if self.tokenizer_name_or_path else hub))
         missing = [k for k in info.get("missing_keys", []) if k]
         if missing:
             raise RuntimeError(

