@@ -1,8 +1,9 @@
 """``run.lock``: one writer per run folder (or per prompt shard's folder), and who it is.
 
 ``with RunLock(folder):`` creates ``folder/run.lock`` atomically and whole (a complete
-draft hard-linked into place, which fails where the lock exists) holding its holder: host, pid, Slurm job (``SLURM_JOB_ID``, array job and task) when
-there is one, and the start time; it is removed on the way out, exception or not. A
+draft hard-linked into place, which fails where the lock exists) holding its holder: host,
+pid, Slurm job (``SLURM_JOB_ID``, array job and task) when there is one, and the start
+time; it is removed on the way out, exception or not. A
 second process on the same folder is refused with a ``RunLockError`` (one line naming
 the holder), unless the holder is gone:
 
@@ -13,8 +14,9 @@ the holder), unless the holder is gone:
 Anything else is refused: a live process here, or a process on another host whose
 liveness cannot be checked from here (delete the file by hand if it is certainly gone).
 An unreadable lock (a damaged file) counts as held for ``FRESH_S`` seconds. A kill
-leaves at most a whole lock and a draft or aside file (``.run.lock.*``, ``is_lock_file``). A takeover renames the stale file aside and checks it was the one judged
-stale, so two processes taking over the same stale lock cannot both win.
+leaves at most a whole lock and a draft or aside file (``.run.lock.*``, ``is_lock_file``).
+A takeover renames the stale file aside and checks it was the one judged stale, so two
+processes taking over the same stale lock cannot both win.
 """
 
 from __future__ import annotations
