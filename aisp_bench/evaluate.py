@@ -7,43 +7,40 @@ Usage::
     python -m aisp_bench.evaluate encoder=minilm                         # offline coherence stand-in
     python -m aisp_bench.evaluate reward=ultrarm gold_reward=eurus policy.device=cuda:0  # on a GPU
 
-For each selected run (runs without ``summary.json``, still going or crashed, are
-skipped) the ``metrics`` block of :func:`aisp_bench.metrics.compute_metrics` is written
-into ``summary.json``, its other keys kept. A sharded run (``dataset.num_shards``) is
-evaluated as one run once every shard is complete (until then it is skipped with a
-warning naming the shards to finish); its metrics go into the run folder's own
-``summary.json``, beside the counts summed over its shards.
+Each selected run with a ``summary.json`` (others are skipped: still going or crashed)
+gets a ``metrics`` block in it, its other keys kept. A sharded run is evaluated as one
+once every shard is complete (until then skipped with a warning naming the shards to
+finish), into the run folder's own ``summary.json``.
 
-**Which reward.** The paper's Table 1 reports every row's reward under one model,
-UltraRM. ``reward=NAME`` (the ``reward`` group, as for runs) re-scores each record's
-(messages, cleaned response): ``reward_mean`` is then that model's mean,
-``reward_model`` its name, ``reward_source`` ``"evaluated"`` and ``run_reward_mean``
-the run's own mean. Without it, ``reward_mean`` is the run's own mean and
-``reward_source`` ``"run"``. Scores are cached per run in ``eval_rewards_<name>.json``,
-so only new (prompt, response) pairs are scored; ``force=true`` rescores.
+**Which reward.** Table 1 reports every row's reward under one model, UltraRM.
+``reward=NAME`` (the ``reward`` group) re-scores each record's (messages, cleaned
+response): ``reward_mean`` is that model's mean, ``reward_model`` its name,
+``reward_source`` ``"evaluated"``, ``run_reward_mean`` the run's own mean. Without it
+``reward_mean`` is the run's own mean, ``reward_source`` ``"run"``. Scores are cached per
+run in ``eval_rewards_<name>.json`` (only new (prompt, response) pairs are scored;
+``force=true`` rescores).
 
-**Held-out gold reward** (``gold_reward=NAME``, the same options as ``reward``): the
-same cleaned responses scored by a reward model the run did not optimise,
-``gold_reward_mean`` and ``gold_reward_model`` (cached likewise; one equal to the run's
-own gives a warning). **Closeness to the base model** (``base_logprob``): the mean over
-prompts of the response's mean per-token log-probability under the run's own policy
-without noise (``BasePolicy``; cached in ``eval_logprobs_<model>.json``). See
-docs/statistics.md.
+**Held-out gold reward** (``gold_reward=NAME``): the same cleaned responses scored by a
+reward model the run did not optimise, ``gold_reward_mean`` and ``gold_reward_model``
+(cached likewise; the run's own reward gives a warning). **Closeness to the base model**
+(``base_logprob``): the mean over prompts of the response's mean per-token log-probability
+under the run's own policy without noise (``BasePolicy``; cached in
+``eval_logprobs_<model>.json``). See docs/statistics.md.
 
-**Per prompt.** Beside the block, ``metrics_per_prompt.json`` holds the values the
-means average, one per record (``reward``: the run's own; ``eval_reward``,
-``gold_reward``, ``base_logprob``, ``diversity``, ``coherence``), under the same
-fingerprint: the report's bootstrap intervals resample them.
+**Per prompt.** ``metrics_per_prompt.json`` holds the values the means average, one per
+record (``reward``: the run's own; ``eval_reward``, ``gold_reward``, ``base_logprob``,
+``diversity``, ``coherence``), under the block's fingerprint: the report's bootstrap
+intervals resample them.
 
-**Idempotent**: the block's ``fingerprint`` hashes what it was computed from (the
-records' bytes, the encoder, the evaluation and gold rewards, the base_logprob policy,
-the metric names, the cleaning settings, ``EVALUATE_VERSION``); a run whose
-fingerprint matches (and whose per-prompt file has it) is left alone.
+**Idempotent**: the ``fingerprint`` hashes what the block was computed from (records'
+bytes, encoder, evaluation and gold rewards, base_logprob policy, metric names, cleaning
+settings, ``EVALUATE_VERSION``); a run whose fingerprint matches (in its per-prompt file
+too) is left alone.
 
-**Coherence** needs SimCSE from the hub (``encoder=simcse``); where it cannot load, the
-error says so and ``encoder=minilm`` is the labelled offline stand-in, never a silent
-fallback. Exit codes: 0 done, 1 a run, the encoder, a reward model or the policy
-failed, 2 bad input.
+**Coherence** needs SimCSE from the hub (``encoder=simcse``); where it cannot load the
+error says so, and ``encoder=minilm`` is the labelled offline stand-in, never a silent
+fallback. Exit codes: 0 done, 1 a run, the encoder, a reward model or the policy failed,
+2 bad input.
 """
 
 from __future__ import annotations
@@ -87,7 +84,7 @@ def _safe(name: str) -> str:
 
 
 def eval_rewards_path(run_dir: Path, reward_name: str) -> Path:
-    """``run_dir/eval_rewards_<name>.json`` (characters unsafe in a file name become ``_``)."""
+    """``run_dir/eval_rewards_<name>.json`` (unsafe characters become ``_``)."""
     return Path(run_dir) / f"eval_rewards_{_safe(reward_name)}.json"
 
 
@@ -109,13 +106,10 @@ def _pairs(records: Sequence[dict[str, Any]], responses: Sequence[str]) -> tuple
 
 def cached_scores(path: Path, header: dict[str, str], records: Sequence[dict[str, Any]], responses: Sequence[str],
                   score: Callable[[list, list], list], *, field: str, force: bool = False) -> list[float | None]:
-    """``score``'s value of each (record prompt, response), via the cache file ``path``.
-
-    Cached values (keyed by a hash of the messages and the response, under ``field``)
-    are reused unless ``force``; the rest go to ``score(prompts, responses)`` (a list of
-    floats or None) in chunks of ``REWARD_CHUNK`` pairs, the file being rewritten after each (it
-    keeps the current records' entries only). Non-finite values are ``None``.
-    """
+    """``score(prompts, responses)`` of each (record prompt, response), cached in ``path`` under
+    ``field`` by a hash of (messages, response) and reused unless ``force``. New pairs are scored
+    ``REWARD_CHUNK`` at a time, the file rewritten after each chunk with the current records'
+    entries only. Non-finite values are ``None``."""
     prompts, keys = _pairs(records, responses)
     cache = None if force else read_json_or_none(path)
     known = {k: v.get(field) for k, v in (cache or {}).get("scores", {}).items() if isinstance(v, dict)}
@@ -132,8 +126,7 @@ def cached_scores(path: Path, header: dict[str, str], records: Sequence[dict[str
 
 def evaluation_rewards(run_dir: Path, records: Sequence[dict[str, Any]], responses: Sequence[str], reward: Any,
                        force: bool) -> list[float | None]:
-    """``reward``'s score of each (record prompt, response), cached in ``eval_rewards_<name>.json``
-    (:func:`cached_scores`). Raises ``RewardUnavailableError`` when the model cannot be loaded."""
+    """``reward``'s scores via ``cached_scores``; ``RewardUnavailableError`` when it cannot be loaded."""
     loaded, reward_name = [], _name(reward)
 
     def score(prompts, resps):
@@ -160,11 +153,10 @@ class PolicyUnavailableError(RuntimeError):
 
 
 class BasePolicy:
-    """``base_logprob`` on the runs' own policies (their manifests' model configs), each
-    loaded once; ``overrides`` (``policy.device``, ``policy.dtype``; None keeps the run's)
-    change where it runs, ``batch_rows`` responses go through one pass. ``prepare`` scores
-    many runs at once, each prompt prefilled once for all of their responses (Table 1:
-    every method and seed answers the same prompts); ``logprobs`` reads them from memory."""
+    """``base_logprob`` on the runs' own policies (their manifests' model configs), each loaded
+    once; ``overrides`` (``policy.device``/``dtype``; None keeps the run's) say where. ``prepare``
+    scores many runs at once, each prompt prefilled once for all their responses (every method
+    and seed answers the same prompts); ``logprobs`` then reads them from memory."""
 
     def __init__(self, overrides: dict[str, Any] | None = None, batch_rows: int = 16) -> None:
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -175,7 +167,7 @@ class BasePolicy:
 
     @staticmethod
     def label(run: Run) -> str:
-        """The policy's name (the run's ``model.name``), as the fingerprint and cache file record it."""
+        """The run's ``model.name``, as the fingerprint and cache file record it."""
         return str(get_path(run.config, "model.name") or run.model)
 
     def _key(self, run: Run) -> str:
@@ -210,8 +202,7 @@ class BasePolicy:
             memo.update({_pair_key(prompt.to_json(), t): g.mean for t, g in zip(texts, got)})
 
     def prepare(self, runs: Sequence[Run], force: bool = False) -> None:
-        """Score every response of ``runs`` (ready to evaluate) missing from their caches (all
-        of them with ``force``), one batch per engine, grouped by prompt."""
+        """Score the responses of ``runs`` missing from their caches (all with ``force``), by prompt."""
         todo: dict[str, tuple[Run, dict[str, tuple[Prompt, dict[str, str]]]]] = {}
         for run in (r for r in runs if not _unready(r)):
             cached = {} if force else (read_json_or_none(eval_logprobs_path(run.path, self.label(run))) or {})
@@ -280,24 +271,21 @@ def _name(model: Any) -> str | None:
 def _reward_metrics(run: Run, metrics: dict, per: dict, batch: EvalBatch, reward: Any, gold: Any, force: bool) -> dict:
     """``metrics`` with reward_mean (the run's own, or ``reward``'s) and its provenance keys right
     after it, then the gold reward's; ``per`` gets the per-prompt scores."""
-    run_mean, model, source, mean = metrics.get("reward_mean"), get_path(run.config, "reward.name"), "run", None
-    records, responses = batch.records, batch.responses
+    run_mean, own = metrics.get("reward_mean"), get_path(run.config, "reward.name")
     if reward is None:
-        mean, model = run_mean, None if model is None else str(model)
+        mean, model, source = run_mean, None if own is None else str(own), "run"
     else:
-        per["eval_reward"] = evaluation_rewards(run.path, records, responses, reward, force)
+        per["eval_reward"] = evaluation_rewards(run.path, batch.records, batch.responses, reward, force)
         mean, model, source = _mean(per["eval_reward"]), _name(reward), "evaluated"
+    provenance = dict(reward_mean=mean, reward_model=model, reward_source=source, run_reward_mean=run_mean)
     out: dict[str, Any] = {}
     for k, v in metrics.items():
-        if k == "reward_mean":
-            out.update(reward_mean=mean, reward_model=model, reward_source=source, run_reward_mean=run_mean)
-        else:
-            out[k] = v
+        out.update(provenance if k == "reward_mean" else {k: v})
     if gold is not None:
-        if _name(gold) == get_path(run.config, "reward.name"):
+        if _name(gold) == own:
             warnings.warn(f"{run.path}: gold_reward={_name(gold)} is the reward this run optimised (not held out)",
                           stacklevel=2)
-        per["gold_reward"] = evaluation_rewards(run.path, records, responses, gold, force)
+        per["gold_reward"] = evaluation_rewards(run.path, batch.records, batch.responses, gold, force)
         out.update(gold_reward_mean=_mean(per["gold_reward"]), gold_reward_model=_name(gold))
     return out
 
@@ -312,14 +300,9 @@ def evaluate_run(
     gold_reward: Any = None,
     policy: BasePolicy | None = None,
 ) -> tuple[str, dict[str, Any] | None]:
-    """Write the metrics block into the run's ``summary.json`` and its per-prompt values
-    into ``metrics_per_prompt.json``.
-
-    ``reward`` (a ``RewardModel``, named by its ``name``) re-scores the records for
-    ``reward_mean``, ``gold_reward`` adds a held-out reward's mean, ``policy`` computes
-    ``base_logprob`` when it is in ``names`` (see the module docstring). Returns
-    (status, metrics): status is ``"updated"``, ``"up to date"`` or ``"skipped: <why>"``.
-    """
+    """Write the metrics block into ``summary.json`` and its per-prompt values into
+    ``metrics_per_prompt.json`` (``reward``, ``gold_reward``, ``policy``: the module docstring).
+    Returns (status, metrics), status ``"updated"``, ``"up to date"`` or ``"skipped: <why>"``."""
     run = run if isinstance(run, Run) else Run.at(run)
     if reward is not None and "reward_mean" not in names:
         raise UserError(f"reward={_name(reward)} needs the reward_mean metric in metrics")
@@ -366,22 +349,10 @@ def _report(run: Run, status: str, m: dict[str, Any]) -> str:
             f"({m.get('num_records')} records)")
 
 
-def _base_policy(p: DictConfig) -> BasePolicy:
-    """The ``policy`` block as a ``BasePolicy``; an unusable device is a ``UserError``."""
-    from aisp_bench.models.loading import resolve_device
-
-    try:  # policy.batch_rows and policy.dtype: validate.check
-        if p.device is not None:
-            resolve_device(p.device)
-    except ValueError as e:
-        raise UserError(f"policy: {e}") from None
-    return BasePolicy({"device": p.device, "dtype": p.dtype}, int(p.batch_rows))
-
-
 def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any, Any, BasePolicy | None]:
-    """(metric names, encoder, evaluation reward, gold reward, base policy; None where unused);
-    bad input raises."""
+    """(metric names, encoder, evaluation reward, gold reward, base policy; None where unused)."""
     from aisp_bench.metrics.coherence import ENCODERS
+    from aisp_bench.models.loading import resolve_device
 
     names = [str(n) for n in (cfg.metrics if OmegaConf.is_list(cfg.metrics) else [cfg.metrics])]
     for n in names:
@@ -392,7 +363,15 @@ def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any, Any, BasePolicy | None
     gold = None if cfg.get("gold_reward") is None else instantiate_node(cfg.gold_reward, "gold_reward")
     if gold is not None and "reward_mean" not in names:
         raise UserError(f"gold_reward={_name(gold)} needs the reward_mean metric in metrics")
-    policy = _base_policy(cfg.policy) if "base_logprob" in names else None
+    policy = None
+    if "base_logprob" in names:
+        p = cfg.policy
+        try:  # policy.batch_rows and policy.dtype: validate.check
+            if p.device is not None:
+                resolve_device(p.device)
+        except ValueError as e:
+            raise UserError(f"policy: {e}") from None
+        policy = BasePolicy({"device": p.device, "dtype": p.dtype}, int(p.batch_rows))
     try:  # constructed now (its label is known), loaded on first use
         encoder = encoder_class(device=cfg.device, batch_size=cfg.batch_size) if "coherence" in names else None
     except ValueError as e:

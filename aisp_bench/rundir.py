@@ -177,16 +177,15 @@ def record_files(run_dir: str | Path) -> list[Path]:
 def read_records(run_dir: str | Path) -> list[dict]:
     """Every record of a run folder in file order, a sharded run's in the dataset's order; a torn
     last line is dropped with a warning, a corrupt line before it raises ``RunFolderError``."""
-    shards = Shards.of(run_dir)
+    shards, path = Shards.of(run_dir), Path(run_dir) / RECORDS
     if shards is not None:
         return shards.records
-    out: list[dict] = []
-    for path in record_files(run_dir):
-        scan = scan_records(path)
-        if scan.dropped_tail:
-            warnings.warn(f"{path}: dropping a torn last line", stacklevel=2)
-        out += scan.records
-    return out
+    if not path.is_file():
+        return []
+    scan = scan_records(path)
+    if scan.dropped_tail:
+        warnings.warn(f"{path}: dropping a torn last line", stacklevel=2)
+    return scan.records
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
