@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -169,11 +170,8 @@ def hydra_message(e: BaseException) -> str:
     text = next((ln for ln in lines if ln), type(e).__name__).rstrip(".")
     for i, ln in enumerate(lines):
         if ln.startswith("Available options in"):
-            options = []
-            for x in lines[i + 1 :]:
-                if x.startswith("Config search path"):
-                    break
-                options += [x] if x else []
+            listed = takewhile(lambda x: not x.startswith("Config search path"), lines[i + 1 :])
+            options = [x for x in listed if x]
             text += f"; {ln[0].lower()}{ln[1:].rstrip(':')}: {', '.join(options)}"
         elif ln.startswith("To append to your config"):
             text += f"; {ln[0].lower()}{ln[1:]}"

@@ -49,9 +49,8 @@ SHARD_KEY = "dataset.shard"
 
 # -- counting -----------------------------------------------------------------------------
 def sampling(method: Any, batch_rows: Any) -> tuple[int, int]:
-    """(samples, scored groups) per prompt: AISP n·κ (+1, y(U*)) in κ (+1) groups of one
-    prompt's samples; best-of-N N samples in groups of ``batch_rows`` rows (all N when
-    ``batch_rows`` is not a number, e.g. ``auto``)."""
+    """(samples, scored groups) per prompt: AISP n·κ (+1, y(U*)) in κ (+1) groups; best-of-N N
+    samples in groups of ``batch_rows`` rows (all N for ``auto``)."""
     if hasattr(method, "kappa"):
         final = int(bool(method.final_candidate))
         return method.n * method.kappa + final, method.kappa + final
@@ -64,7 +63,7 @@ def sampling(method: Any, batch_rows: Any) -> tuple[int, int]:
 
 @dataclass
 class Counts:
-    """What a set of jobs computes (sums)."""
+    """What a set of jobs computes (sums; the longest job's hours: a max)."""
 
     runs: int = 0
     jobs: int = 0
@@ -94,8 +93,8 @@ def job_counts(prompt_tokens: list[int], samples: int, groups: int, max_new_toke
 
 # -- the grid -----------------------------------------------------------------------------
 def expand(parser: Any, overrides: list[str], params: dict[str, str], multirun: bool) -> list[list[str]]:
-    """The jobs' overrides, as Hydra's basic sweeper makes them (sweeper params, then the
-    command line; the later wins per key; crossed). Without ``-m`` a sweep is refused."""
+    """The jobs' overrides as Hydra's basic sweeper crosses them (sweeper params, then the command
+    line, the later winning); a sweep without ``-m`` is refused."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)

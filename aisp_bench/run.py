@@ -1,14 +1,10 @@
 """Run orchestration: the only code that sees the config.
 
-``run(cfg)`` checks the config (``validate.check``), builds the method, dataset, policy
-and reward, reads the run folder, then decodes the prompts that are not yet in
-``records.jsonl`` batch by batch, appending one record per prompt as it finishes, and
-writes ``manifest.json`` and ``summary.json``. Re-running the same command resumes; a
-folder made with a different config is refused unless ``overwrite=true``.
-
-A prompt shard (``dataset.num_shards=K dataset.shard=i``) is the same, in the run
-folder's ``shards/<i>-of-<K>/``. The folder being written is held with ``run.lock``
-(``runlock.RunLock``), so two processes never write one folder.
+``run(cfg)`` decodes the prompts not yet in ``records.jsonl``, appending one record per
+prompt, then writes ``summary.json`` and closes ``manifest.json``. Re-running resumes; a
+folder of another config is refused unless ``overwrite=true``. A prompt shard
+(``dataset.num_shards=K dataset.shard=i``) writes ``shards/<i>-of-<K>/`` alike, and
+``run.lock`` keeps every folder to one writer.
 
 The run folder's life cycle (read by ``resume_check``; nothing is written before every
 check has passed, and nothing the resume depends on exists before the manifest)::
@@ -70,8 +66,7 @@ PHASES = ("folder_created", "manifest_written", "log_opened", "record_written", 
 
 
 def _phase(name: str) -> None:
-    """A life-cycle step is done. For fault injection: SIGKILL this process when ``$AISP_BENCH_KILL_AT``
-    names the step (``record_written``: the first record of this session)."""
+    """Fault injection: SIGKILL this process when ``$AISP_BENCH_KILL_AT`` names this life-cycle step."""
     if os.environ.get(KILL_AT) == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -166,7 +161,7 @@ def run(cfg: DictConfig) -> Path:
 
 
 def prepare(cfg: DictConfig) -> Job:
-    """Build the config's objects and load the prompts; bad input raises ``UserError`` before any file is touched."""
+    """Build the config's objects and load the prompts (bad input: ``UserError``, no file touched)."""
     from aisp_bench.data.datasets import DatasetError
 
     method = instantiate_node(cfg.method, "method")
@@ -185,12 +180,10 @@ def prepare(cfg: DictConfig) -> Job:
 
 
 def in_other_layout(job: Job) -> bool:
-    """True when the run folder holds every prompt of ``job`` in the other layout (shards for
-    an unsharded job, an unsharded run for a shard): nothing to do, it is read as it is.
-
-    Refused: shards of another ``dataset.num_shards``, the other layout unfinished, or
-    either made with another config (a shard is also checked against the shards beside it).
-    """
+    """True when the folder holds every prompt of ``job`` in the other layout (shards for an
+    unsharded job, an unsharded run for a shard): nothing to do. Refused: shards of another
+    ``dataset.num_shards``, the other layout unfinished, or another config (a shard is also
+    checked against the shards beside it)."""
     root, sharded = job.run_root, job.num_shards > 1
     shards = Shards.of(root)  # refuses shards of two counts, or beside an unsharded run
     if shards is not None:
@@ -225,13 +218,9 @@ def _same_config(folder: Path, manifest: dict, job: Job, advice: str) -> None:
 
 
 def resume_check(job: Job, records: bool = True) -> Existing:
-    """Read the run folder (nothing written): what it holds when it was made with this config.
-
-    Refused unless ``overwrite=true`` (then the folder is replaced, so nothing is read): a
-    FOREIGN folder, a manifest of another config or one that is not JSON, a records file
-    corrupt before its last line (not read with ``records=False``). A corrupt ``summary.json``
-    is rebuilt.
-    """
+    """What the run folder holds (nothing written; ``overwrite=true``: nothing read). Refused: a
+    FOREIGN folder, a manifest of another config or not JSON, records corrupt before their last
+    line (unread with ``records=False``). A corrupt ``summary.json`` is rebuilt."""
     if job.overwrite:
         return Existing()
     hint = "; pass overwrite=true to replace the folder"
@@ -255,7 +244,7 @@ def resume_check(job: Job, records: bool = True) -> Existing:
 
 
 def is_complete(job: Job, existing: Existing) -> bool:
-    """True when the folder already holds every prompt of this config (or skipped it) and a summary."""
+    """Every prompt recorded (or skipped) and a summary: nothing to generate."""
     if existing.manifest is None or existing.summary is None:
         return False
     return {p.id for p in job.prompts} - set(existing.summary.get("skipped_ids") or []) <= existing.done
@@ -267,7 +256,7 @@ def _loaded(policy):
 
 
 def load(cfg: DictConfig, job: Job):
-    """(engine, loaded reward): models are loaded once per process, an engine is built per job."""
+    """(engine, loaded reward): models loaded once per process, an engine per job."""
     from aisp_bench.models.policy import build_engine
 
     gen = cfg.generation
@@ -287,8 +276,7 @@ def load(cfg: DictConfig, job: Job):
 
 
 def fit_prompts(engine, prompts: list[Prompt], overflow: str) -> tuple[list[Prompt], list[str], list[str]]:
-    """(prompts to run, skipped ids, truncated ids): prompts longer than the engine allows are
-    skipped (``overflow="skip"``) or truncated, and counted."""
+    """(prompts to run, skipped ids, truncated ids): prompts over the engine's limit, skipped or truncated."""
     limit = engine.max_prompt_tokens
     long = [p.id for p in prompts if limit is not None and len(engine.prompt_ids(p)) > limit]
     if overflow == "skip":
@@ -298,7 +286,7 @@ def fit_prompts(engine, prompts: list[Prompt], overflow: str) -> tuple[list[Prom
 
 
 def open_folder(job: Job, existing: Existing, engine, reward) -> dict:
-    """Create (or replace, with ``overwrite``) the run folder; write the manifest with a new session, then the log."""
+    """Create (or, ``overwrite``, replace) the folder; write the manifest with a new session, then open the log."""
     session = {"started": _now(), "device": str(engine.device), "git_commit": git_commit(), "argv": sys.argv}
     old = existing.manifest
     manifest = {
@@ -332,12 +320,11 @@ def open_folder(job: Job, existing: Existing, engine, reward) -> dict:
 
 
 def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipped: int, truncated: int) -> int:
-    """Decode the prompts not yet recorded, appending a record per prompt; returns how many were done before.
+    """Append a record per prompt not yet recorded; returns how many were done before.
 
-    Batches are fixed slices of ``fit``, whichever prompts are done: a batch a kill left half
-    recorded is decoded whole again (its recorded prompts are not written twice), so every
-    record is computed in the same batch as in an uninterrupted run, and equals it bit for bit.
-    ``batch_prompts=auto``: as many prompts as fill the engine's ``batch_rows``.
+    Batches are fixed slices of ``fit``: a batch a kill left half recorded is decoded whole
+    again (its recorded prompts not written twice), so every record comes from the same batch
+    as in an uninterrupted run, bit for bit. ``batch_prompts=auto`` fills ``batch_rows``.
     """
     from tqdm.auto import tqdm
 
@@ -370,9 +357,8 @@ def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipp
 
 def close(job: Job, manifest: dict, existing: Existing, skipped: list[str], truncated: list[str],
           done_before: int | None = None) -> None:
-    """Write ``summary.json`` from the records (evaluation metrics stay while the records do), then
-    mark the manifest and its last session finished. ``done_before``: records there before this
-    session (None: closing a session an interrupted run left open)."""
+    """``summary.json`` from the records (evaluation metrics kept while the records are), then the
+    manifest and its last session finished. ``done_before`` None: closing an interrupted session."""
     clean_temp_files(job.run_dir)
     records = read_records(job.run_dir)
     summary = summarize(records, len(job.prompts), skipped, truncated)

@@ -70,8 +70,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -195,7 +194,7 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def records_sha256(run_dir: str | Path) -> str:
-    """sha256 of the records' bytes (what metrics were computed from)."""
+    """sha256 of the records' bytes."""
     h = hashlib.sha256()
     for path in record_files(run_dir):
         h.update(path.read_bytes())
@@ -282,8 +281,7 @@ class Shards:
 
     @classmethod
     def of(cls, run_dir: str | Path) -> Shards | None:
-        """The shards under ``run_dir`` (None: an unsharded folder). Shards of different counts,
-        or shards beside an unsharded run's files, are a ``RunFolderError``."""
+        """The shards under ``run_dir`` (None: an unsharded folder); a mixed folder: ``RunFolderError``."""
         run_dir, found = Path(run_dir), {}
         root = run_dir / SHARDS
         for p in sorted(root.iterdir()) if root.is_dir() else []:
@@ -368,7 +366,7 @@ _SEED_RE = re.compile(r"^seed(\d+)$")
 
 @dataclass(frozen=True)
 class Run:
-    """One run folder: identity from its path, files read once, when first asked for."""
+    """One run folder: identity from its path, files read once when first asked for."""
 
     path: Path
     dataset: str
@@ -403,7 +401,6 @@ class Run:
 
     @cached_property
     def shards(self) -> Shards | None:
-        """The run's prompt shards (None: an unsharded run)."""
         return Shards.of(self.path)
 
     @cached_property
@@ -415,7 +412,6 @@ class Run:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The resolved config the run was made with ({} without a manifest)."""
         return get_path(self.manifest, "config", {})
 
     @cached_property
@@ -424,7 +420,6 @@ class Run:
 
     @property
     def complete(self) -> bool:
-        """True when ``summary.json`` says the run finished every prompt (a sharded run: every shard)."""
         return bool(self.summary and self.summary.get("complete"))
 
     @property

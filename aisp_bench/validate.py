@@ -10,8 +10,7 @@ Every problem found is named in one line: ``method.sigma must be a finite number
 got inf; seed must be an integer >= 0, got -1``.
 
 A new numeric or boolean key in a YAML needs a rule here (``tests/test_validate.py``
-fails until it has one). The constructors may keep their own checks; this table is what
-the commands call first.
+fails until it has one); the classes the config builds do not re-check these values.
 """
 
 from __future__ import annotations
