@@ -1,15 +1,12 @@
 """The front door shared by the four commands: run, evaluate, judge and report.
 
 Each is a Hydra app on a primary config in ``aisp_bench/conf`` (``config.yaml``,
-``evaluate.yaml``, ``judge.yaml``, ``report.yaml``), so they share the override syntax
-(``key=value``, ``group=option``, ``--help``), ``results_dir`` and, for the three that
-read runs, the ``select`` block (``conf/app.yaml``). Models are chosen through the
-config groups (``reward=ultrarm``) and built with ``instantiate_node``. Bad input ends a
-command with one ``error:`` line and exit code 2: ``launch`` composes the configs the
-command line asks for and checks them (``validate.check``) before Hydra runs or writes
-anything, so a bad override, an unknown option or key and a bad value are refused
-alike, for a sweep before its first job; ``run_app`` does the same for what the command
-itself finds (``UserError``, a corrupt run folder).
+``evaluate.yaml``, ``judge.yaml``, ``report.yaml``): one override syntax, ``results_dir``
+and, for the three that read runs, the ``select`` block (``conf/app.yaml``). Bad input ends
+a command with one ``error:`` line and exit code 2: ``launch`` composes and checks
+(``validate.check``) every config the command line asks for before Hydra writes anything
+(a bad override, key or value alike; a sweep's before its first job); ``run_app`` does the
+same for what the command itself finds (``UserError``, a corrupt run folder).
 """
 
 from __future__ import annotations
@@ -43,9 +40,7 @@ def first_line(e: BaseException) -> str:
 
 def run_app(main: Callable[[DictConfig], int | None], cfg: DictConfig) -> None:
     """Call a command's ``main(cfg)``; bad input: one ``error:`` line, exit 2; other codes: exit with them.
-
-    Warnings are printed as one ``warning:`` line each.
-    """
+    Warnings are printed as one ``warning:`` line each."""
     warnings.formatwarning = lambda msg, *args, **kw: f"warning: {msg}\n"
     try:
         code = main(cfg)
@@ -67,13 +62,9 @@ def launch(app: Callable[[], None], config_name: str) -> None:
 
 
 def preflight(config_name: str, argv: Sequence[str]) -> None:
-    """Compose every config the command line asks for and ``validate.check`` it; refuse bad input
-    with one ``error:`` line and exit 2 before Hydra writes anything.
-
-    A sweep (``-m``) is checked by composing each value of each swept key at least once
-    (the other swept keys at their first value), the config's own sweeper params included.
-    Hydra's own flags (``--help``, ``--cfg`` ...) are left to Hydra.
-    """
+    """Compose and ``validate.check`` every config the command line asks for: a sweep's every value
+    of each swept key at least once (the others at their first value), the config's sweeper params
+    included. Hydra's own flags (``--help``, ``--cfg`` ...) are left to Hydra."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -126,10 +117,7 @@ def _refuse_key_deletions(parsed: Sequence[Any]) -> None:
 
 
 def _sweep_jobs(parsed: Sequence[Any]) -> list[list[str]]:
-    """Override lists that try every value of every swept key once, the first one each first value.
-
-    Sweeps that only Hydra can expand (``glob``) are left out of the pre-flight.
-    """
+    """Override lists that try every value of every swept key once (``glob`` sweeps: left to Hydra)."""
     fixed, sweeps = [], []
     for o in parsed:
         if not o.is_sweep_override():

@@ -175,11 +175,8 @@ def rule_for(path: str) -> Rule | None:
 
 
 def walk(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any, bool]]:
-    """(dotted path, resolved value, is an interpolation) of every key below ``node``, depth first.
-
-    Lists are leaves, and so is a node that is an interpolation of another (walked where it is
-    defined). A key that cannot be resolved raises ``UserError`` naming it.
-    """
+    """(dotted path, resolved value, is an interpolation) of every key below ``node``, depth first;
+    lists and interpolated nodes (walked where defined) are leaves; an unresolvable key: ``UserError``."""
     for key in node:
         path = f"{prefix}{key}"
         try:
@@ -212,11 +209,9 @@ def _path_problem(path: str, value: str) -> str | None:
 
 
 def problems(cfg: DictConfig) -> list[str]:
-    """What is wrong with ``cfg``: one message per bad key, then the rules between keys.
-
-    A bad value reached through an interpolation (``method.n: ${budget.n}``) is named
-    where it was set; the interpolating key only when nothing else explains it.
-    """
+    """One message per bad key, then the rules between keys. A bad value reached through an
+    interpolation (``method.n: ${budget.n}``) is named where it was set; the interpolating key
+    only when nothing else explains it."""
     values: dict[str, Any] = {}
     direct, derived = [], []
     for path, value, interpolated in walk(cfg):
