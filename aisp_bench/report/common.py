@@ -72,7 +72,9 @@ def _order_key(order: Sequence) -> Callable[[Any], tuple[int, str]]:
 
 
 # Sort keys: the paper's order (methods, pairs, datasets: SHP then HH-RLHF), then unknown names alphabetically.
-method_key, pair_key, dataset_key = _order_key(METHOD_ORDER), _order_key(PAIR_ORDER), _order_key(DATASET_ORDER)
+method_key = _order_key(METHOD_ORDER)
+pair_key = _order_key(PAIR_ORDER)
+dataset_key = _order_key(DATASET_ORDER)
 
 
 # --------------------------------------------------------------------------- numbers
