@@ -76,10 +76,6 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _finite_mean(values: Sequence[float | None]) -> float:
-    return _mean([v for v in values if v is not None and math.isfinite(v)])
-
-
 @METRICS.register("reward_mean")
 def prompt_rewards(batch: EvalBatch) -> list[float | None]:
     """Each record's ``reward`` (None where it is missing or not finite)."""
@@ -147,7 +143,7 @@ def metric_values(batch: EvalBatch, names: Sequence[str] = DEFAULT_METRICS) -> t
         value = fn(batch)
         if isinstance(value, list):  # per-prompt values, keyed "reward" for reward_mean
             per_prompt[name.removesuffix("_mean")] = [_json_number(v) for v in value]
-            value = _finite_mean(value)
+            value = _mean([v for v in value if v is not None and math.isfinite(v)])
         out[name] = _json_number(value)
         if name == "coherence":
             out["coherence_encoder"] = batch.encoder.label if batch.encoder is not None else None

@@ -40,11 +40,11 @@ class EncoderUnavailableError(RuntimeError):
 class Encoder:
     """Texts -> unit-norm embeddings (float32, CPU), batched, with an in-memory memo.
 
-    Subclasses implement ``_source`` (where ``from_pretrained`` finds the weights) and
-    ``_pool`` and set ``unavailable`` (the load error, with advice). ``label`` is what
-    summaries record as ``coherence_encoder``. The memo keeps each distinct text's vector for the
-    life of the object, so the prompts that all runs of a dataset share are embedded once
-    per ``evaluate`` call.
+    Subclasses implement ``_source() -> (hub name or folder, from_pretrained keyword arguments)``
+    and ``_pool(outputs, attention_mask) -> embeddings`` and set ``unavailable`` (the load
+    error, with advice). ``label`` is what summaries record as ``coherence_encoder``. The memo
+    keeps each distinct text's vector for the life of the object, so the prompts that all runs
+    of a dataset share are embedded once per ``evaluate`` call.
     """
 
     label: str = ""
@@ -58,15 +58,6 @@ class Encoder:
         self.model: Any = None
         self._memo: dict[str, torch.Tensor] = {}
 
-    # -- to implement --------------------------------------------------------------
-    def _source(self) -> tuple[str, dict[str, Any]]:  # pragma: no cover - abstract
-        """(hub name or folder, ``from_pretrained`` keyword arguments)."""
-        raise NotImplementedError
-
-    def _pool(self, outputs: Any, attention_mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    # -- shared ------------------------------------------------------------------------
     def load(self) -> Encoder:
         """Load tokenizer and model now (idempotent); raises ``EncoderUnavailableError``."""
         if self.model is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,21 +67,14 @@ def display_pair(model: str, reward: str) -> str:
     return f"{MODEL_NAMES.get(model, model)} & {REWARD_NAMES.get(reward, reward)}"
 
 
-def _rank(value: Any, order: Sequence) -> tuple[int, str]:
-    return (order.index(value), "") if value in order else (len(order), str(value))
+def _order_key(order: Sequence) -> Callable[[Any], tuple[int, str]]:
+    return lambda value: (order.index(value), "") if value in order else (len(order), str(value))
 
 
 # Sort keys: the paper's order (methods, pairs, datasets: SHP then HH-RLHF), then unknown names alphabetically.
-def method_key(name: str) -> tuple[int, str]:
-    return _rank(name, METHOD_ORDER)
-
-
-def pair_key(pair: tuple[str, str]) -> tuple[int, str]:
-    return _rank(tuple(pair), PAIR_ORDER)
-
-
-def dataset_key(name: str) -> tuple[int, str]:
-    return _rank(name, DATASET_ORDER)
+method_key = _order_key(METHOD_ORDER)
+pair_key = _order_key(PAIR_ORDER)
+dataset_key = _order_key(DATASET_ORDER)
 
 
 # --------------------------------------------------------------------------- numbers

@@ -14,6 +14,7 @@ over seeds of those per-seed means. The band is
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -102,22 +103,17 @@ def stack(curves: Sequence[np.ndarray]) -> np.ndarray:
 
 def nanmean_columns(a: np.ndarray) -> np.ndarray:
     """Column means over finite entries; NaN where a column has none (no warning)."""
-    finite = np.isfinite(a)
-    cnt = finite.sum(axis=0)
-    s = np.where(finite, a, 0.0).sum(axis=0)
-    with np.errstate(all="ignore"):
-        return np.where(cnt > 0, s / np.maximum(cnt, 1), math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.where(np.isfinite(a), a, math.nan), axis=0)
 
 
 def nanstd_columns(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Column sample std (ddof=1) over finite entries and the counts; NaN below two."""
-    finite = np.isfinite(a)
-    cnt = finite.sum(axis=0)
-    m = nanmean_columns(a)
-    dev = np.where(finite, a - m, 0.0)
-    with np.errstate(all="ignore"):
-        sd = np.sqrt((dev**2).sum(axis=0) / (cnt - 1))
-    return np.where(cnt > 1, sd, math.nan), cnt
+    a = np.where(np.isfinite(a), a, math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanstd(a, axis=0, ddof=1), np.isfinite(a).sum(axis=0)
 
 
 def average_curves(by_seed: Sequence[dict[str, np.ndarray]], band: str = "seeds") -> dict[str, np.ndarray]:

@@ -29,7 +29,7 @@ stratum with no value in a resample is left out of that resample's mean.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,15 +71,6 @@ class Clusters:
     counts: np.ndarray
 
 
-def resample_weights(P: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
-    """Chunks (m, P) of how many times each of P clusters is drawn (P draws with replacement)."""
-    rng = np.random.default_rng(seed)
-    for s in range(0, resamples, _CHUNK):
-        m = min(_CHUNK, resamples - s)
-        idx = rng.integers(0, P, size=(m, P)) + P * np.arange(m)[:, None]
-        yield np.bincount(idx.ravel(), minlength=m * P).reshape(m, P).astype(float)
-
-
 def ratio(weights: np.ndarray, c: Clusters) -> np.ndarray:
     """(m, C): the statistic of the module docstring for each row of ``weights`` (m, P)."""
     P, S, C = c.sums.shape
@@ -92,8 +83,15 @@ def ratio(weights: np.ndarray, c: Clusters) -> np.ndarray:
 
 
 def distribution(c: Clusters, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
-    """(resamples, C): the statistic over ``resamples`` cluster resamples."""
-    return np.concatenate([ratio(w, c) for w in resample_weights(len(c.ids), resamples, seed)])
+    """(resamples, C): the statistic over ``resamples`` cluster resamples, drawn ``_CHUNK`` at a time as
+    weights (m, P): how many times each of the P clusters is drawn (P draws with replacement)."""
+    rng, P = np.random.default_rng(seed), len(c.ids)
+    out = []
+    for s in range(0, resamples, _CHUNK):
+        m = min(_CHUNK, resamples - s)
+        idx = rng.integers(0, P, size=(m, P)) + P * np.arange(m)[:, None]
+        out.append(ratio(np.bincount(idx.ravel(), minlength=m * P).reshape(m, P).astype(float), c))
+    return np.concatenate(out)
 
 
 # --------------------------------------------------------------------------- the clusters
