@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from aisp_bench.config import CONF_DIR
 from aisp_bench.registry import UnknownNameError
 from aisp_bench.results import Selection, discover_runs, runs_root
-from aisp_bench.rundir import Run, RunFolderError, record_files, scan_records
+from aisp_bench.rundir import RECORDS, Run, RunFolderError, scan_records
 from aisp_bench.validate import UserError, check
 
 BAD_INPUT = (UserError, UnknownNameError, RunFolderError)
@@ -193,6 +193,8 @@ def select_runs(cfg: DictConfig, *, allow_none: bool = False) -> list[Run]:
         raise UserError(f"no run folders under {runs_root(cfg.results_dir)}{where}")
     for run in runs:  # a corrupt manifest, summary or records file: refused before anything is written
         _ = run.manifest, run.summary
-        for path in record_files(run.path):
-            scan_records(path)
+        if run.shards is not None:
+            _ = run.shards.records  # parsed once and cached (a sharded summary reads them too)
+        elif (run.path / RECORDS).is_file():
+            scan_records(run.path / RECORDS)
     return runs
