@@ -256,7 +256,10 @@ class TextPairReward(DecoderReward):
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         """Token ids of the rendered pair, truncated to ``max_length`` keeping the special head and the end."""
         ids = self._tokenize(self.render(prompt, response))
-        return truncate_keep_end(ids, self.max_length, leading_special_count(ids, set(self.tokenizer.all_special_ids)))
+        if self.max_length is not None and len(ids) > self.max_length:  # the special ids only when cutting
+            head = leading_special_count(ids, set(self.tokenizer.all_special_ids))
+            ids = truncate_keep_end(ids, self.max_length, head)
+        return ids
 
 
 __all__ = ["REWARDS", "RewardModel", "DecoderReward", "TextPairReward", "load_pretrained", "truncate_keep_end",
