@@ -127,15 +127,13 @@ def cached_scores(path: Path, header: dict[str, str], records: Sequence[dict[str
 def evaluation_rewards(run_dir: Path, records: Sequence[dict[str, Any]], responses: Sequence[str], reward: Any,
                        force: bool) -> list[float | None]:
     """``reward``'s scores via ``cached_scores``; ``RewardUnavailableError`` when it cannot be loaded."""
-    loaded, reward_name = [], _name(reward)
+    reward_name = _name(reward)
 
     def score(prompts, resps):
-        if not loaded:
-            try:
-                loaded.append(reward.load())
-            except Exception as e:  # noqa: BLE001 - missing weights, no hub: one line, stop everything
-                raise RewardUnavailableError(f"cannot load evaluation reward {reward_name!r}: "
-                                             f"{first_line(e)}") from None
+        try:
+            reward.load()  # loads once: a loaded reward returns at once
+        except Exception as e:  # noqa: BLE001 - missing weights, no hub: one line, stop everything
+            raise RewardUnavailableError(f"cannot load evaluation reward {reward_name!r}: {first_line(e)}") from None
         return [float(x) for x in reward.score(prompts, resps).tolist()]
 
     return cached_scores(eval_rewards_path(run_dir, reward_name), {"reward": reward_name}, records, responses, score,

@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from aisp_bench.metrics.cleaning import clean_response, cleaning_options
+from aisp_bench.metrics import EvalBatch
 from aisp_bench.results import OUTCOMES, Selection, preference, runs_root
 from aisp_bench.rundir import RECORDS, SHARDS, Run, read_records
 
@@ -52,9 +52,9 @@ def record_words(results_dir: Path | str) -> Callable[[str], dict[str, int] | No
         for path in (p, runs_root(results_dir).joinpath(*p.parts[-5:])):
             if (path / RECORDS).is_file() or (path / SHARDS).is_dir():
                 run = Run.at(path)
-                opts = cleaning_options(run.config if run else {})
-                return {str(r.get("prompt_id")): len(clean_response(r.get("response"), **opts).split())
-                        for r in (run.records if run else read_records(path))}
+                records = run.records if run else read_records(path)
+                batch = EvalBatch.from_records(records, run.config if run else None)  # what metrics and the judge read
+                return {str(r.get("prompt_id")): len(t.split()) for r, t in zip(records, batch.responses, strict=True)}
         return None
 
     return of
