@@ -143,23 +143,25 @@ class CachedJudge:
         write_json_atomic(self.cache_path(key), entry)
         return JudgeReply(key=key, content=content)
 
-    def _lookup(self, requests: Sequence[JudgeRequest]) -> tuple[dict[str, JudgeReply], dict[str, JudgeRequest]]:
-        """(cached replies, requests to send), each keyed by cache key, one per distinct request."""
+    def _lookup(self, requests: Sequence[JudgeRequest]
+                ) -> tuple[dict[str, JudgeReply], dict[str, JudgeRequest], list[str]]:
+        """(cached replies, requests to send), each keyed by cache key, one per distinct request,
+        and each request's cache key in order."""
         done: dict[str, JudgeReply] = {}
         todo: dict[str, JudgeRequest] = {}
-        for r in requests:
-            k = self.cache_key(r)
+        keys = [self.cache_key(r) for r in requests]
+        for r, k in zip(requests, keys, strict=True):
             if k not in done and k not in todo:
                 entry = read_json_or_none(self.cache_path(k))  # an unreadable entry counts as missing
                 if entry is None or entry.get("key") != k:
                     todo[k] = r
                 else:
                     done[k] = JudgeReply(key=k, content=entry["reply"])
-        return done, todo
+        return done, todo, keys
 
     def plan(self, requests: Sequence[JudgeRequest]) -> Plan:
         """Count what a batch would send, without sending anything or writing any file."""
-        done, todo = self._lookup(requests)
+        done, todo, _ = self._lookup(requests)
         chars = sum(len(m["content"]) for r in todo.values() for m in r.messages())
         return Plan(
             num_requests=len(done) + len(todo),
@@ -176,7 +178,7 @@ class CachedJudge:
         """Replies for ``requests`` (same order), from the cache or the judge: ``BudgetExceededError``
         (nothing sent) over the budget left, ``JudgeError`` when the judge cannot answer at all; a
         request that failed comes back with ``error`` set (not cached)."""
-        done, todo = self._lookup(requests)
+        done, todo, keys = self._lookup(requests)
         left = self.budget_left
         if left is not None and len(todo) > left:
             raise BudgetExceededError(
@@ -187,4 +189,4 @@ class CachedJudge:
         if todo:
             self.requests_sent += len(todo)
             done.update(self._answer(todo, progress))
-        return [done[self.cache_key(r)] for r in requests]
+        return [done[k] for k in keys]
