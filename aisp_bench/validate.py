@@ -103,7 +103,7 @@ RULES: dict[str, Rule] = {
     "lam_table.*": POSITIVE, "lam_factor": POSITIVE,
     "generation.max_new_tokens": integer(), "generation.batch_rows": integer(words=("auto",)),
     "generation.sync_every": integer(words=("auto",)),
-    "generation.decode_step": Rule("choice", words=("eager", "static", "cuda_graph")),
+    "generation.decode_step": Rule("choice", words=("auto", "eager", "static", "cuda_graph")),
     "generation.attention": Rule("choice", words=("auto", "shared_prefix", "copy")),
     "generation.prompt_overflow": Rule("choice", words=("truncate_left", "skip")),
     "batch_prompts": integer(words=("auto",)), "progress": BOOL, "overwrite": BOOL,

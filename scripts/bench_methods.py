@@ -20,10 +20,13 @@ rewritten after every part, so a run cut short keeps what it measured):
    probes: finite logits and rewards with a spread.
 4. ``decode``: one AISP iteration's decode alone (P prompts x n rows, noise on τ steps)
    through each ``decode_step`` and attention path: seconds, tokens/s, % of the floor.
-5. ``aisp`` (κ iterations + the final candidate), ``bon_topp`` and ``bon_gaussian``
+5. ``reward``: one AISP iteration's scoring alone (``reward_variants``): the configured
+   reward settings, full scoring (no shared prompt) and larger token budgets, then a
+   profiler table of one call.
+6. ``aisp`` (κ iterations + the final candidate), ``bon_topp`` and ``bon_gaussian``
    (N = 256 and 1024, one prompt) through their real classes, with the engine as
-   ``python -m aisp_bench`` builds it (``batch_rows`` auto, default decode step) and
-   with ``decode_step=cuda_graph``: seconds per prompt (and per AISP iteration) split
+   ``python -m aisp_bench`` builds it (``batch_rows`` auto, ``decode_step`` auto) and
+   with each other decode step but ``static``: seconds per prompt (and per AISP iteration) split
    into prefill / decode / reward / other (``engine.prefill``, ``engine.decode`` and
    ``reward.score`` are wrapped, with a device synchronise on both sides), tokens/s,
    peak memory and the fraction of the floor.
@@ -38,7 +41,8 @@ tokenizers are stand-ins that read numbers as ids and hash other words.
 The floor of a phase is the larger of (bytes it must move) / bandwidth and (FLOPs it must
 do) / peak, summed over phases: a decode step reads every weight once, each prompt's KV
 once, each row's generated KV and writes the logits; prefill and reward scoring do
-2·params FLOPs per token plus attention. ``floor_fraction`` = floor / measured seconds.
+2·params FLOPs per token plus attention (where the reward shares a prompt across its
+responses, the prompt counted once). ``floor_fraction`` = floor / measured seconds.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ import bench_gpu  # noqa: E402  (the tiny-model correctness checks, the Llama-3-
 from aisp_bench.engine import Engine  # noqa: E402
 from aisp_bench.methods import AISP, BoNGaussian, BoNTopP  # noqa: E402
 from aisp_bench.models.templates import TranscriptFormat  # noqa: E402
+from aisp_bench.rewards.batching import common_prefix_len  # noqa: E402
 from aisp_bench.rewards.regression_head import RegressionHeadModel, RegressionHeadReward  # noqa: E402
 from aisp_bench.types import Prompt  # noqa: E402
 
@@ -221,8 +226,8 @@ class Timed:
             t0 = now(self.dev)
             out = fn(*args, **kwargs)
             t1 = now(self.dev)
-            if phase == "reward":  # token counts for the floor, outside the timed part
-                detail = [len(reward.encode(p, r)) for p, r in zip(args[0], args[1])]
+            if phase == "reward":  # token ids and prompts for the floor, outside the timed part
+                detail = reward_detail(reward, args[0], args[1])
             elif phase == "decode":
                 detail = [s.num_tokens for s in out]
             else:
@@ -234,6 +239,12 @@ class Timed:
 
     def total(self, phase: str) -> float:
         return sum(e[2] - e[1] for e in self.events if e[0] == phase)
+
+
+def reward_detail(reward, prompts, responses) -> tuple[list, list]:
+    """What a reward call reads: each pair's token ids and its prompt's id (the floor counts
+    a prompt's tokens once, whether or not the reward shares them: the least work)."""
+    return [reward.encode(p, r) for p, r in zip(prompts, responses)], [p.id for p in prompts]
 
 
 class Floor:
@@ -267,8 +278,17 @@ class Floor:
         fl = sum(2 * self.p_prefill_params * n + self.p_attn / 2 * n * n for n in lengths)
         return max(self.p_bytes / self.bw, fl / self.peak)
 
-    def reward(self, lengths: list[int]) -> float:
-        fl = sum(2 * self.r_flop_params * n + self.r_attn / 2 * n * n for n in lengths)
+    def reward(self, seqs: list, keys: list) -> float:
+        """Sequences of one prompt (equal keys) read their common prefix once: what
+        shared-prefix scoring must compute; the rest is read row by row."""
+        groups: dict = {}
+        for s, k in zip(seqs, keys):
+            groups.setdefault(k, []).append(s)
+        fl = 0.0
+        for group in groups.values():
+            c = min(common_prefix_len(group), min(map(len, group)) - 1) if len(group) > 1 else 0
+            fl += 2 * self.r_flop_params * c + self.r_attn / 2 * c * c
+            fl += sum(2 * self.r_flop_params * (len(s) - c) + self.r_attn / 2 * (len(s) ** 2 - c * c) for s in group)
         return max(self.r_bytes / self.bw, fl / self.peak)
 
 
@@ -284,7 +304,7 @@ def phase_floor(floor: Floor, events, prompt_count: int, chunk: int) -> dict[str
                 part = detail[s : s + chunk]
                 out["decode"] += floor.decode(min(prompt_count, len(part)), len(part), max(part))
         else:
-            out["reward"] += floor.reward(detail)
+            out["reward"] += floor.reward(*detail)
     return out
 
 
@@ -397,6 +417,66 @@ def profile_steps(ctx) -> dict:
     return out
 
 
+def reward_variants(ctx) -> dict:
+    """One AISP iteration's scoring, as ``aisp/default`` batches it (``batch_rows // n``
+    prompts x n responses of ``--new-tokens`` words), per reward setting: the
+    configured one, full scoring (``share_prefix=False``: every row reads its prompt) and
+    2x and 4x the token budget per forward (``batch_size`` and ``max_batch_tokens``).
+    Seconds per prompt-iteration, the floor, and max |reward - default's|; then the
+    profiler over one call of the configured setting."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a, dev, rw = ctx.args, ctx.dev, ctx.reward
+    P = max(1, make_engine(ctx).max_batch_rows // a.n)
+    prompts = [p for p in random_prompts(P, a.prompt_len, ctx.vocab, seed=21) for _ in range(a.n)]
+    g = torch.Generator().manual_seed(2)
+    responses = [" ".join(map(str, row)) for row in torch.randint(10, 30000, (P * a.n, a.new_tokens), generator=g).tolist()]
+    conf = {k: getattr(rw, k) for k in ("share_prefix", "batch_size", "max_batch_tokens")}
+    variants = {"configured": {}, "full": dict(share_prefix=False)}
+    for x in (2, 4):
+        variants[f"tokens_x{x}"] = dict(batch_size=x * conf["batch_size"], max_batch_tokens=x * conf["max_batch_tokens"])
+    out: dict = {"prompts": P, "rows": len(prompts), "settings": dict(conf)}
+    ref: list = []
+
+    def one(kw):
+        for k, v in {**conf, **kw}.items():
+            setattr(rw, k, v)
+        rw.score(prompts, responses)  # warm-up
+        reset_peak(dev)
+        t0 = now(dev)
+        r = rw.score(prompts, responses)
+        sec = now(dev) - t0
+        ref[:] = ref or [r]
+        fl = ctx.floor.reward(*reward_detail(rw, prompts, responses))
+        return {"seconds_per_prompt_iteration": sec / P, "floor_fraction": fl / sec, "peak_gb": peak_gb(dev),
+                "max_abs_diff_to_configured": float((r - ref[0]).abs().max())}
+
+    try:
+        for name, kw in variants.items():
+            out[name] = guarded(ctx, f"reward {name}", lambda: one(kw))
+            if "seconds_per_prompt_iteration" in out[name]:
+                r = out[name]
+                ctx.log(f"reward {name:>12}: {r['seconds_per_prompt_iteration']:.3f} s per prompt-iteration  "
+                        f"{100 * r['floor_fraction']:5.1f}% of floor  |diff| {r['max_abs_diff_to_configured']:.2g}")
+            ctx.save()
+        for k, v in conf.items():
+            setattr(rw, k, v)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+
+        def prof():
+            with profile(activities=acts) as pr:
+                rw.score(prompts, responses)
+                sync(dev)
+            key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
+            return {"table": pr.key_averages().table(sort_by=key, row_limit=30)}
+
+        out["profile"] = guarded(ctx, "reward profile", prof)
+    finally:
+        for k, v in conf.items():
+            setattr(rw, k, v)
+    return out
+
+
 def run_method(ctx, label: str, method, prompts: list[Prompt], engine_kw: dict) -> dict:
     dev = ctx.dev
     eng = make_engine(ctx, **engine_kw)
@@ -457,7 +537,8 @@ def methods(ctx) -> dict:
     ``batch_rows`` (AISP: rows // n; BoN: rows // N, at least one)."""
     a = ctx.args
     out = {}
-    variants = [("default", {})] + [(s, {"decode_step": s}) for s in ctx.steps if s not in ("eager", "static")]
+    default = make_engine(ctx).decode_step  # decode_step="auto": cuda_graph on a GPU, eager on the CPU
+    variants = [("default", {})] + [(s, {"decode_step": s}) for s in ctx.steps if s not in (default, "static")]
     rows = {v: make_engine(ctx, **kw).max_batch_rows for v, kw in variants}
     jobs = [(f"aisp/{v}", lambda: AISP(n=a.n, kappa=a.kappa, tau=a.tau, lam=0.7, sigma=a.sigma),
              max(1, rows[v] // a.n), kw) for v, kw in variants]
@@ -541,10 +622,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kappa", type=int, default=3, help="AISP iterations timed (the first one is reported apart)")
     ap.add_argument("--tau", type=int, default=None, help="noisy steps (default 128; cpu 8)")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens per row (default 128; cpu 8)")
-    ap.add_argument("--bon-n", type=int, nargs="+", default=None, help="BoN sample counts (default 256 1024; cpu 8 16)")
+    ap.add_argument("--bon-n", type=int, nargs="*", default=None,
+                    help="BoN sample counts (default 256 1024; cpu 8 16; none: AISP only)")
     ap.add_argument("--batch-rows", default="auto", help="generation.batch_rows (default auto)")
     ap.add_argument("--decode-rows", type=int, default=None, help="rows of the decode comparison (default 256; cpu 16)")
-    parts = ["decode", "methods", "profile"]
+    parts = ["decode", "reward", "methods", "profile"]
     ap.add_argument("--parts", nargs="+", default=parts, choices=parts, help="what to run after the checks")
     ap.add_argument("--reward-batch-size", type=int, default=None, help="default: conf/reward/ultrarm.yaml")
     ap.add_argument("--steps", nargs="+", default=None, help="decode steps to compare (default: all the device has)")
@@ -608,6 +690,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "decode" in args.parts:
         ctx.report["decode"] = decode_variants(ctx)
         ctx.save()
+    if "reward" in args.parts:
+        ctx.report["reward"] = reward_variants(ctx)
+        ctx.save()
     if "methods" in args.parts:
         ctx.report["methods"] = methods(ctx)
         ctx.save()
@@ -638,6 +723,17 @@ def table(report: dict) -> list[str]:
             lines.append(f"| decode {shape}"
                          f" {name} | | | {r['seconds']:.2f} | | | {r['tokens_per_s']:.0f} | {r['peak_gb']:.1f} | "
                          f"{100 * r['floor_fraction']:.1f} | {100 * r['floor_fraction']:.1f} |")
+    rewards = report.get("reward", {})
+    for name, r in rewards.items():
+        if name in ("settings", "profile") or not isinstance(r, dict):
+            continue
+        label = f"reward {rewards['prompts']}x{rewards['rows'] // rewards['prompts']} {name}"
+        if "seconds_per_prompt_iteration" not in r:
+            lines.append(f"| {label} | {not_run(r)} | | | | | | | | |")
+        else:
+            lines.append(f"| {label} | | {r['seconds_per_prompt_iteration']:.3f} | | "
+                         f"{r['seconds_per_prompt_iteration']:.3f} | | | {r['peak_gb']:.1f} | "
+                         f"{100 * r['floor_fraction']:.1f} | |")
     for name, r in report.get("methods", {}).items():
         if "seconds" not in r:
             lines.append(f"| {name} | {not_run(r)} | | | | | | | | |")
@@ -662,6 +758,7 @@ def sanity_failures(report: dict) -> list[str]:
         if "error" in r or ("seconds" in r and not (r["all_rows_full_length"] and r["rewards_finite"])):
             bad.append(f"methods.{name}")
     bad += [f"decode.{k}" for k, r in report.get("decode", {}).items() if isinstance(r, dict) and "error" in r]
+    bad += [f"reward.{k}" for k, r in report.get("reward", {}).items() if isinstance(r, dict) and "error" in r]
     return bad
 
 

@@ -28,6 +28,13 @@ def test_bench_methods_dry_run(tmp_path):
         r = dec[name]
         assert r["tokens"] == dec["rows"] * 8 and 0 < r["floor_fraction"] < 1
         assert r["agreement_with_eager_copy"] == 1.0  # fp32: every path decodes the same tokens
+    rew = report["reward"]
+    assert rew["prompts"] == 64 // 4 and rew["rows"] == 64 and rew["settings"]["share_prefix"] is True
+    for name in ("configured", "full", "tokens_x2", "tokens_x4"):
+        r = rew[name]
+        assert r["seconds_per_prompt_iteration"] > 0 and 0 < r["floor_fraction"] < 1
+        assert r["max_abs_diff_to_configured"] < 1e-4  # fp32: every setting scores the same
+    assert "aten::mm" in rew["profile"]["table"]
     m = report["methods"]
     assert set(m) == {"aisp/default", "bon_gaussian/N8/default", "bon_topp/N8/default",
                       "bon_gaussian/N16/default", "bon_topp/N16/default"}
@@ -44,4 +51,4 @@ def test_bench_methods_dry_run(tmp_path):
     assert bon["prompts"] == 64 // 16 and bon["tokens"] == bon["prompts"] * 16 * 8
     profile = report["profile"]
     assert "aten::sort" in profile["eager_topp"]["table"] and "aten::mm" in profile["eager_noise"]["table"]
-    assert len(report["table"]) == 2 + 4 + 5 and "bon_topp/N16/default" in report["table"][-1]
+    assert len(report["table"]) == 2 + 4 + 4 + 5 and "bon_topp/N16/default" in report["table"][-1]

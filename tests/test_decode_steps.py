@@ -208,6 +208,7 @@ def test_engine_settings_are_checked(tiny):
     model, tok, *_ = tiny
     eng = Engine(model, tok, check_prelogit=False, max_batch_rows="auto")
     assert eng.max_batch_rows == 64 and eng.sync_every == 1  # the CPU's
+    assert eng.decode_step == "eager"  # decode_step="auto": CUDA graphs only on a GPU
     for kw, match in ((dict(decode_step="cuda_graph"), "CUDA"), (dict(decode_step="static", attention="copy"), "copy")):
         with pytest.raises(ValueError, match=match):
             Engine(model, tok, check_prelogit=False, **kw)
@@ -222,5 +223,8 @@ def test_cuda_graph_step_gives_eager_tokens(tiny):
         ref = rows_of(model, tok, prompts, slots, noise.cuda(), attention="copy", sync_every=1)
         for kw in (dict(sync_every=1), dict(sync_every=4, max_batch_rows=5)):
             assert rows_of(model, tok, prompts, slots, noise.cuda(), decode_step="cuda_graph", **kw) == ref
+        # decode_step="auto" takes the captured step on one GPU, and eager where copies are asked for
+        assert Engine(model, tok, check_prelogit=False).decode_step == "cuda_graph"
+        assert Engine(model, tok, check_prelogit=False, attention="copy").decode_step == "eager"
     finally:
         model.cpu()

@@ -83,9 +83,12 @@ class Engine:
             own attention) or ``auto``: chosen per decode call (``engine.sizing.auto_attention``).
         decode_step: ``eager`` (the model's forward on shapes that shrink as rows finish),
             ``static`` (shared-prefix attention on preallocated buffers: fixed shapes per
-            batch-size bucket, rows padded up to the bucket after rows finish) or
+            batch-size bucket, rows padded up to the bucket after rows finish),
             ``cuda_graph`` (the static step captured once per bucket in a CUDA graph and
-            replayed; CUDA only). All give the same tokens in fp32.
+            replayed; CUDA only) or ``auto``: ``cuda_graph`` on one CUDA device where
+            shared-prefix attention supports the model and ``attention`` is not ``copy``
+            (measured 1.2-1.6x faster than eager on an H100: BENCHMARKS.md), else
+            ``eager``. All give the same tokens in fp32.
         sync_every: the host looks at the generated tokens (EOS, stop strings) and drops
             finished rows every this many steps; in between the device runs ahead (rows
             that ended early decode a few wasted steps, their output unchanged). ``auto``:
@@ -95,10 +98,14 @@ class Engine:
     def __init__(self, model, tokenizer, render=None, *, max_new_tokens: int = 128, max_batch_rows: int | str = 64,
                  stop_strings: Sequence[str] = (), eos_token_ids: Sequence[int] = (), add_special_tokens: bool = False,
                  context_length: int | None = None, overflow: str = "truncate_left", check_prelogit: bool = True,
-                 attention: str = "auto", decode_step: str = "eager", sync_every: int | str = "auto") -> None:
+                 attention: str = "auto", decode_step: str = "auto", sync_every: int | str = "auto") -> None:
         self.model = model.eval()
         self._max_batch_rows = max_batch_rows
         self._shared_ok = shared_prefix.supported(model.config)
+        if decode_step == "auto":
+            devices = {p.device for p in model.parameters()}  # one CUDA device: graphs do not span devices
+            one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
+            decode_step = "cuda_graph" if one_gpu and self._shared_ok and attention != "copy" else "eager"
         if attention == "shared_prefix" and not self._shared_ok:
             raise ValueError(f"shared-prefix attention does not support model type {model.config.model_type!r}")
         if decode_step != "eager" and (attention == "copy" or not self._shared_ok):
