@@ -11,7 +11,8 @@ rewritten after every part, so a run cut short keeps what it measured):
 1. ``checks``: fp32, a tiny random Llama: the engine equals ``transformers`` generate
    token for token (zero noise, noise through an ``lm_head`` hook, shared-prefix and
    copied caches) and every ``decode_step`` (eager, static, and ``cuda_graph`` on CUDA)
-   gives the same tokens as eager, with rows ending at different steps.
+   gives the same tokens as eager, with rows ending at different steps; a tiny
+   ``RegressionHeadReward`` scores the same with the prompt shared, in full and alone.
 2. ``device``: the measured ceilings: HBM bandwidth (a device-to-device copy, bytes read
    plus written) and the bf16 matrix-product rate (8192^3).
 3. Models, bf16, random weights N(0, 0.02) (nothing is downloaded): a Llama-3-8B-shaped
@@ -449,7 +450,7 @@ def reward_variants(ctx) -> dict:
         ref[:] = ref or [r]
         fl = ctx.floor.reward(*reward_detail(rw, prompts, responses))
         return {"seconds_per_prompt_iteration": sec / P, "floor_fraction": fl / sec, "peak_gb": peak_gb(dev),
-                "max_abs_diff_to_configured": float((r - ref[0]).abs().max())}
+                "max_abs_diff_to_configured": float((r - ref[0]).abs().max()), "reward_std": float(r.std())}
 
     try:
         for name, kw in variants.items():
@@ -589,6 +590,32 @@ def step_checks(dev: str) -> dict:
     return out
 
 
+def reward_checks(dev: str) -> dict:
+    """fp32 tiny ``RegressionHeadReward`` (the UltraRM layout): scoring with each prompt read
+    once equals full scoring and one-by-one scoring, prompts mixed in one call."""
+    torch.manual_seed(0)
+    reward, _ = build_reward(dev, True, torch.float32, None)
+    g = torch.Generator().manual_seed(4)
+    prompts, responses = [], []
+    for i, length in enumerate((9, 30, 17)):
+        p = random_prompts(1, length, 500, seed=30 + i)[0]
+        for k in range(5):
+            prompts.append(p)
+            responses.append(" ".join(map(str, torch.randint(10, 490, (1 + 4 * k,), generator=g).tolist())))
+    order = torch.randperm(len(prompts), generator=g).tolist()  # prompts interleaved in the call
+    prompts, responses = [prompts[i] for i in order], [responses[i] for i in order]
+    saved = reward.stats["prefix_tokens_saved"]
+    shared = reward.score(prompts, responses)
+    saved = reward.stats["prefix_tokens_saved"] - saved
+    reward.share_prefix = False
+    full = reward.score(prompts, responses)
+    reward.batch_size = 1
+    alone = reward.score(prompts, responses)
+    return {"reward_prefix_tokens_saved": saved, "reward_shared_vs_full_max_diff": float((shared - full).abs().max()),
+            "reward_shared_equal": bool(saved > 0 and torch.allclose(shared, alone, atol=1e-4)),
+            "reward_full_equal": bool(torch.allclose(full, alone, atol=1e-4))}
+
+
 # ---------------------------------------------------------------------------- main
 class Context:
     def __init__(self, args) -> None:
@@ -653,7 +680,8 @@ def main(argv: list[str] | None = None) -> dict:
     ctx.report.update({"device": torch.cuda.get_device_name(0) if not cpu else "cpu (dry run, tiny shapes)",
                        "torch": torch.__version__, "transformers": transformers.__version__,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args)})
-    ctx.report["checks"] = {"engine_vs_generate": bench_gpu.correctness(), "decode_steps": step_checks(dev)}
+    ctx.report["checks"] = {"engine_vs_generate": bench_gpu.correctness(), "decode_steps": step_checks(dev),
+                            "reward": reward_checks(dev)}
     ctx.log(f"checks: {json.dumps(ctx.report['checks'])}")
     ctx.report["device_ceilings"] = measure_device(dev)
     c = ctx.report["device_ceilings"]

@@ -20,6 +20,7 @@ def test_bench_methods_dry_run(tmp_path):
     assert json.loads(out.read_text())["sanity_failures"] == report["sanity_failures"] == []
     assert all(v is not False for part in report["checks"].values() for v in part.values())
     assert report["checks"]["decode_steps"]["eos_rows"] > 0  # the step checks had rows end early
+    assert report["checks"]["reward"]["reward_prefix_tokens_saved"] > 0  # the reward check shared its prompts
     c = report["device_ceilings"]
     assert c["bandwidth_bytes_s"] > 0 and c["matmul_flops_s"] > 0
     dec = report["decode"]

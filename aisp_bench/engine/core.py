@@ -87,7 +87,7 @@ class Engine:
             ``cuda_graph`` (the static step captured once per bucket in a CUDA graph and
             replayed; CUDA only) or ``auto``: ``cuda_graph`` on one CUDA device where
             shared-prefix attention supports the model and ``attention`` is not ``copy``
-            (measured 1.2-1.6x faster than eager on an H100: BENCHMARKS.md), else
+            (the methods end to end 1.0-1.8x faster than eager on an H100: BENCHMARKS.md), else
             ``eager``. All give the same tokens in fp32.
         sync_every: the host looks at the generated tokens (EOS, stop strings) and drops
             finished rows every this many steps; in between the device runs ahead (rows
