@@ -21,7 +21,7 @@ NON_SEMANTIC: tuple[str, ...] = (
     "overwrite", "results_dir", "run_dir", "progress", "batch_prompts", "generation.batch_rows",
     "generation.decode_step", "generation.attention", "generation.sync_every",
     "model.device", "model.device_map", "model.attn_implementation", "reward.device", "reward.batch_size",
-    "reward.max_batch_tokens", "reward.share_prefix",
+    "reward.max_batch_tokens", "reward.share_prefix", "reward.shared_attention",
     "experiment_name", "judge", "dataset.num_shards", "dataset.shard",
 )  # fmt: skip
 # Keys left out of the run folder's variant name besides those: already in its path, or a path.

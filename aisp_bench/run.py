@@ -287,7 +287,10 @@ def fit_prompts(engine, prompts: list[Prompt], overflow: str) -> tuple[list[Prom
 
 def open_folder(job: Job, existing: Existing, engine, reward) -> dict:
     """Create (or, ``overwrite``, replace) the folder; write the manifest with a new session, then open the log."""
-    session = {"started": _now(), "device": str(engine.device), "git_commit": git_commit(), "argv": sys.argv}
+    session = {"started": _now(), "device": str(engine.device), "git_commit": git_commit(), "argv": sys.argv,
+               # what the "auto" settings resolved to on this device (bf16 tokens depend on them)
+               "engine": {"decode_step": engine.decode_step, "batch_rows": engine.max_batch_rows,
+                          "sync_every": engine.sync_every}}
     old = existing.manifest
     manifest = {
         "config": job.resolved,

@@ -30,6 +30,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
 ATTN_NAME = "aisp_shared_prefix"
@@ -127,6 +128,9 @@ class RowState:
                                       row's q queries: the prompt's left padding,
                                       unwritten static steps, causality and right
                                       padding of a multi-token suffix
+    fused         bool                ``attention`` gathers each row's prompt KV and
+                                      makes one ``scaled_dot_product_attention`` call
+                                      (``fused_attention``) instead of the split products
     ============  ==================  ================================================
     """
 
@@ -136,6 +140,7 @@ class RowState:
     slot_of_row: torch.Tensor
     rows_per_prompt: int
     row_bias: torch.Tensor | None = None
+    fused: bool = False
 
 
 def prompt_kv(prefix_cache, prompts: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -193,6 +198,8 @@ def attention(module, query, key, value, attention_mask=None, scaling=None, drop
     """
     st = _ACTIVE[-1]
     kp, vp = st.k[module.layer_idx], st.v[module.layer_idx]
+    if st.fused:
+        return fused_attention(st, kp, vp, query, key, value, scaling), None
     B, H, q_len, D = query.shape
     Hkv, P, L, _ = kp.shape
     g, R = H // Hkv * q_len, st.rows_per_prompt  # queries per row and KV head: heads x positions
@@ -212,6 +219,19 @@ def attention(module, query, key, value, attention_mask=None, scaling=None, drop
     if q_len == 1:
         return out.reshape(B, 1, H, -1), None
     return out.view(B, Hkv, g // q_len, q_len, -1).permute(0, 3, 1, 2, 4).reshape(B, q_len, H, -1), None
+
+
+def fused_attention(st: RowState, kp, vp, query, key, value, scaling=None) -> torch.Tensor:
+    """The same attention in one ``scaled_dot_product_attention`` call (a fused kernel), each
+    row's prompt keys and values gathered next to its own: (B, H_kv, L + S, D), a copy
+    that the split products avoid; for multi-token suffixes (reward scoring), where the
+    split path's score tensors cost more than the copy. Returns (B, q, H, D)."""
+    prompt = st.slot_of_row // st.rows_per_prompt  # slot = prompt x R + rank
+    k = torch.cat([kp.index_select(1, prompt).transpose(0, 1), key], dim=2)
+    v = torch.cat([vp.index_select(1, prompt).transpose(0, 1), value], dim=2)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=st.row_bias.to(query.dtype), scale=scaling,
+                                         enable_gqa=query.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
 
 
 AttentionInterface.register(ATTN_NAME, attention)
@@ -247,7 +267,7 @@ def prefill(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, pos
 
 def forward_suffix(backbone, kv, prefix_mask: torch.Tensor, slots: torch.Tensor,
                    input_ids: torch.Tensor, position_ids: torch.Tensor,
-                   suffix_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   suffix_mask: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
     """Run each row's suffix tokens against its prompt's prefilled KV (not copied).
 
     ============  ==========  =====================================================
@@ -261,18 +281,19 @@ def forward_suffix(backbone, kv, prefix_mask: torch.Tensor, slots: torch.Tensor,
     input_ids     (B, T)      each row's suffix, right padded
     position_ids  (B, T)      their positions: the prompt's length + 0, 1, ...
     suffix_mask   (B, T)      1 for real suffix tokens (None: no padding)
+    fused         bool        one fused attention call per layer (``fused_attention``)
     ============  ==========  =====================================================
 
     Returns the backbone's last_hidden_state (B, T, d): what the model gives for each
     row's full sequence (prompt + suffix) at the suffix positions.
     """
-    state = suffix_state(kv, prefix_mask, slots, input_ids.shape[1], suffix_mask)
+    state = suffix_state(kv, prefix_mask, slots, input_ids.shape[1], suffix_mask, fused)
     with active(backbone.config, state):
         return backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
 
 def suffix_state(kv, prefix_mask: torch.Tensor, slots: torch.Tensor, T: int,
-                 suffix_mask: torch.Tensor | None = None) -> RowState:
+                 suffix_mask: torch.Tensor | None = None, fused: bool = False) -> RowState:
     """The ``RowState`` of a batch of T-token suffixes (rows ``slots`` of the prompts' ``kv``)."""
     P = prefix_mask.shape[0]
     dev = prefix_mask.device
@@ -281,4 +302,4 @@ def suffix_state(kv, prefix_mask: torch.Tensor, slots: torch.Tensor, T: int,
     dtype = k[0].dtype
     prompt = padding_bias(prefix_mask, dtype).index_select(0, slots.to(dev)).expand(-1, -1, T, -1)
     own = suffix_bias(suffix_mask, T, T, dev).to(dtype).expand(slots.numel(), -1, -1, -1)
-    return RowState(k, v, row_of_slot.to(dev), slot_of_row.to(dev), R, torch.cat([prompt, own], dim=-1))
+    return RowState(k, v, row_of_slot.to(dev), slot_of_row.to(dev), R, torch.cat([prompt, own], dim=-1), fused)

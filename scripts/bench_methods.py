@@ -421,8 +421,9 @@ def profile_steps(ctx) -> dict:
 def reward_variants(ctx) -> dict:
     """One AISP iteration's scoring, as ``aisp/default`` batches it (``batch_rows // n``
     prompts x n responses of ``--new-tokens`` words), per reward setting: the
-    configured one, full scoring (``share_prefix=False``: every row reads its prompt) and
-    2x and 4x the token budget per forward (``batch_size`` and ``max_batch_tokens``).
+    configured one, full scoring (``share_prefix=False``: every row reads its prompt),
+    each ``shared_attention`` (split products, or one fused SDPA call on gathered KV)
+    and 2x the token budget per forward (``batch_size`` and ``max_batch_tokens``).
     Seconds per prompt-iteration, the floor, and max |reward - default's|; then the
     profiler over one call of the configured setting."""
     from torch.profiler import ProfilerActivity, profile
@@ -432,10 +433,10 @@ def reward_variants(ctx) -> dict:
     prompts = [p for p in random_prompts(P, a.prompt_len, ctx.vocab, seed=21) for _ in range(a.n)]
     g = torch.Generator().manual_seed(2)
     responses = [" ".join(map(str, row)) for row in torch.randint(10, 30000, (P * a.n, a.new_tokens), generator=g).tolist()]
-    conf = {k: getattr(rw, k) for k in ("share_prefix", "batch_size", "max_batch_tokens")}
-    variants = {"configured": {}, "full": dict(share_prefix=False)}
-    for x in (2, 4):
-        variants[f"tokens_x{x}"] = dict(batch_size=x * conf["batch_size"], max_batch_tokens=x * conf["max_batch_tokens"])
+    conf = {k: getattr(rw, k) for k in ("share_prefix", "shared_attention", "batch_size", "max_batch_tokens")}
+    variants = {"configured": {}, "full": dict(share_prefix=False), "split": dict(shared_attention="split"),
+                "sdpa": dict(shared_attention="sdpa"),
+                "tokens_x2": dict(batch_size=2 * conf["batch_size"], max_batch_tokens=2 * conf["max_batch_tokens"])}
     out: dict = {"prompts": P, "rows": len(prompts), "settings": dict(conf)}
     ref: list = []
 
@@ -605,7 +606,10 @@ def reward_checks(dev: str) -> dict:
     order = torch.randperm(len(prompts), generator=g).tolist()  # prompts interleaved in the call
     prompts, responses = [prompts[i] for i in order], [responses[i] for i in order]
     saved = reward.stats["prefix_tokens_saved"]
+    reward.shared_attention = "split"
     shared = reward.score(prompts, responses)
+    reward.shared_attention = "sdpa"
+    fused = reward.score(prompts, responses)
     saved = reward.stats["prefix_tokens_saved"] - saved
     reward.share_prefix = False
     full = reward.score(prompts, responses)
@@ -613,6 +617,7 @@ def reward_checks(dev: str) -> dict:
     alone = reward.score(prompts, responses)
     return {"reward_prefix_tokens_saved": saved, "reward_shared_vs_full_max_diff": float((shared - full).abs().max()),
             "reward_shared_equal": bool(saved > 0 and torch.allclose(shared, alone, atol=1e-4)),
+            "reward_shared_sdpa_equal": bool(torch.allclose(fused, alone, atol=1e-4)),
             "reward_full_equal": bool(torch.allclose(full, alone, atol=1e-4))}
 
 

@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--aisp-prompts", type=int, default=8, help="SHP prompts at their own length (0: skip)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-batch-tokens", type=int, help="default: 512 on cpu, the ultrarm config's on cuda")
+    ap.add_argument("--shared-attention", choices=["auto", "sdpa", "split"], default="auto",
+                    help="reward.shared_attention (auto: sdpa on the CPU, split on CUDA)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default results/bench/rewards_<device>.json)")
     args = ap.parse_args(argv)
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     rm = build(shape, args.device, dtype, tok)
     if args.max_batch_tokens or not args.device.startswith("cuda"):
         rm.max_batch_tokens = args.max_batch_tokens or 512
+    rm.shared_attention = args.shared_attention
     # responses: the last posts of R to 2R tokens, cut to R; prompts: all the other posts
     resp = [i for i in reversed(range(len(texts))) if R <= len(texts[i][1]) < 2 * R][:n]
     if len(resp) < n:
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "device": args.device, "dtype": str(dtype).removeprefix("torch."), "model": {"shape": shape, **SHAPES[shape]},
         "reward": {"batch_size": rm.batch_size, "max_batch_tokens": rm.max_batch_tokens,
-                   "max_length": rm.max_length},
+                   "max_length": rm.max_length, "shared_attention": rm.shared_attention},
         "rows": n, "response_tokens": R, "repeats": args.repeats, "curve": [], "aisp": None,
     }
     ok = True

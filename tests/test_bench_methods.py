@@ -31,7 +31,7 @@ def test_bench_methods_dry_run(tmp_path):
         assert r["agreement_with_eager_copy"] == 1.0  # fp32: every path decodes the same tokens
     rew = report["reward"]
     assert rew["prompts"] == 64 // 4 and rew["rows"] == 64 and rew["settings"]["share_prefix"] is True
-    for name in ("configured", "full", "tokens_x2", "tokens_x4"):
+    for name in ("configured", "full", "split", "sdpa", "tokens_x2"):
         r = rew[name]
         assert r["seconds_per_prompt_iteration"] > 0 and 0 < r["floor_fraction"] < 1
         assert r["max_abs_diff_to_configured"] < 1e-4  # fp32: every setting scores the same
@@ -52,4 +52,4 @@ def test_bench_methods_dry_run(tmp_path):
     assert bon["prompts"] == 64 // 16 and bon["tokens"] == bon["prompts"] * 16 * 8
     profile = report["profile"]
     assert "aten::sort" in profile["eager_topp"]["table"] and "aten::mm" in profile["eager_noise"]["table"]
-    assert len(report["table"]) == 2 + 4 + 4 + 5 and "bon_topp/N16/default" in report["table"][-1]
+    assert len(report["table"]) == 2 + 4 + 5 + 5 and "bon_topp/N16/default" in report["table"][-1]

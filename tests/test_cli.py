@@ -85,7 +85,8 @@ def test_non_semantic_keys_are_neither_in_the_folder_name_nor_in_the_resume_chec
               "model.device": "cpu", "model.device_map": "auto", "model.attn_implementation": "sdpa",
               "reward.device": "cpu", "reward.batch_size": "4", "experiment_name": "x", "dataset.num_shards": "4",
               "dataset.shard": "3", "generation.decode_step": "static", "generation.attention": "copy",
-              "generation.sync_every": "4", "reward.max_batch_tokens": "4096", "reward.share_prefix": "false"}
+              "generation.sync_every": "4", "reward.max_batch_tokens": "4096", "reward.share_prefix": "false",
+              "reward.shared_attention": "split"}
     assert set(values) | {"results_dir", "run_dir", "judge"} == set(NON_SEMANTIC)
     cfg = compose([f"{k}={v}" for k, v in values.items() if k != "experiment_name"])
     assert cfg.run_dir.endswith("/aisp/default/seed0")  # none of them names the folder
@@ -200,6 +201,8 @@ def test_end_to_end_run_and_resume(tmp_path, shared_data):
     manifest, summary = read_json(run_dir / "manifest.json"), read_json(run_dir / "summary.json")
     assert manifest["config"]["method"]["name"] == "aisp" and manifest["versions"]["torch"]
     assert manifest["finished"] and "git_commit" in manifest
+    # the "auto" engine settings as resolved on this machine (the CPU's)
+    assert manifest["sessions"][0]["engine"] == {"decode_step": "eager", "batch_rows": 64, "sync_every": 1}
     assert summary["num_done"] == 2 and summary["complete"]
     assert summary["total_samples"] == 10 and summary["mean_reward"] == pytest.approx(
         sum(r["reward"] for r in recs) / 2)

@@ -103,9 +103,11 @@ def test_plan_shares_each_prompt_once_and_packs_by_tokens():
 # ---------------------------------------------------------------------------- attention
 
 
-def test_multi_token_suffix_attention_matches_sdpa():
+@pytest.mark.parametrize("fused", [False, True])
+def test_multi_token_suffix_attention_matches_sdpa(fused):
     """q_len > 1 queries per row: prompt KV once per prompt (left padded, GQA) + the row's
-    own tokens (causal, right padded) equals SDPA over each row's full sequence."""
+    own tokens (causal, right padded) equals SDPA over each row's full sequence, through
+    the split products and through the fused call on gathered KV."""
     g = torch.Generator().manual_seed(0)
     P, Hkv, gq, D, L, T = 3, 2, 2, 8, 6, 5
     H = Hkv * gq
@@ -118,7 +120,7 @@ def test_multi_token_suffix_attention_matches_sdpa():
                          [(P, Hkv, L, D), (P, Hkv, L, D), (len(slots), H, T, D), (len(slots), Hkv, T, D),
                           (len(slots), Hkv, T, D)])
     prompt_cache = SimpleNamespace(layers=[SimpleNamespace(keys=kp, values=vp)])
-    state = sp.suffix_state(sp.prompt_kv(prompt_cache), pmask, slots, T, smask)
+    state = sp.suffix_state(sp.prompt_kv(prompt_cache), pmask, slots, T, smask, fused=fused)
     with sp.active(SimpleNamespace(_attn_implementation="sdpa"), state):
         out, _ = sp.attention(SimpleNamespace(layer_idx=0), q, ks, vs, scaling=D**-0.5)
     assert out.shape == (len(slots), T, H, D)
@@ -147,8 +149,9 @@ def test_regression_head_shared_prefix_equals_one_by_one(kind, bos_tok):
     model = RegressionHeadModel(tiny_config(kind, len(bos_tok))).eval()
     name = "ultrarm" if kind == "llama" else "eurus"
     prompts, responses = mixed_batch()
-    for side in ("left", "right"):
-        rm = reward_from_yaml(name, max_length=80, padding_side=side, max_batch_tokens=160, batch_size=4)
+    for side, attention in (("left", "split"), ("right", "split"), ("right", "sdpa")):
+        rm = reward_from_yaml(name, max_length=80, padding_side=side, max_batch_tokens=160, batch_size=4,
+                              shared_attention=attention)
         rm.attach(model, bos_tok)
         seqs = [rm.encode(p, r) for p, r in zip(prompts, responses)]
         want = torch.tensor([direct_reward(model, s) for s in seqs])
@@ -220,9 +223,11 @@ def test_shared_prefix_on_gpu_matches_cpu(bos_tok):
     model = RegressionHeadModel(tiny_config("llama", len(bos_tok))).eval()
     prompts, responses = mixed_batch()
     cpu = reward_from_yaml("ultrarm", max_length=80).attach(model, bos_tok).score(prompts, responses)
-    gpu_rm = reward_from_yaml("ultrarm", max_length=80).attach(copy.deepcopy(model).cuda(), bos_tok)
-    assert torch.allclose(gpu_rm.score(prompts, responses), cpu, atol=1e-4)
-    assert gpu_rm.stats["prefix_tokens_saved"] > 0
+    for attention in ("split", "sdpa"):
+        gpu_rm = reward_from_yaml("ultrarm", max_length=80, shared_attention=attention)
+        gpu_rm.attach(copy.deepcopy(model).cuda(), bos_tok)
+        assert torch.allclose(gpu_rm.score(prompts, responses), cpu, atol=1e-4)
+        assert gpu_rm.stats["prefix_tokens_saved"] > 0
 
 
 # ---------------------------------------------------------------------------- benchmark script

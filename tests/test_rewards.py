@@ -403,8 +403,9 @@ def tiny_judge(tok, device="cpu", **kw) -> LMJudgeReward:
     return judge.attach(lm, tok)
 
 
-def test_judge_prefix_sharing_truncation_and_readout_tiny(tok):
-    judge = tiny_judge(tok, batch_size=3, max_length=40)
+@pytest.mark.parametrize("shared_attention", ["split", "sdpa"])
+def test_judge_prefix_sharing_truncation_and_readout_tiny(tok, shared_attention):
+    judge = tiny_judge(tok, batch_size=3, max_length=40, shared_attention=shared_attention)
     plain = tiny_judge(tok, batch_size=1, max_length=40, share_prefix=False)
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2 + [PROMPTS[3]]
     responses = ["Paris.", "It is Paris, the big city.", "", "ha", "A joke: " + "la " * 40, "ok"]

@@ -48,7 +48,8 @@ class LMJudgeReward(DecoderReward):
         max_length: tokens; longer inputs lose tokens right after the shared instruction
             (the start of the conversation first), keeping the response's end.
         (the rest as ``DecoderReward``: batch_size, max_batch_tokens, share_prefix,
-        add_special_tokens, device, dtype; the judge may sit on another device than the policy)
+        shared_attention, add_special_tokens, device, dtype; the judge may sit on another
+        device than the policy)
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class LMJudgeReward(DecoderReward):
         add_special_tokens: bool | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        shared_attention: str = "auto",
     ) -> None:
         for slot in ("{conversation}", "{response}"):
             if slot not in judge_prompt:
@@ -77,7 +79,7 @@ class LMJudgeReward(DecoderReward):
         if (package is None) == (name_or_path is None) or (package is None) != (gguf_file is None):
             raise ValueError(f"reward {name!r}: give either package and gguf_file, or name_or_path")
         super().__init__(name, batch_size, max_batch_tokens, share_prefix, max_length, add_special_tokens, device,
-                         dtype)
+                         dtype, shared_attention)
         self.judge_prompt = judge_prompt
         self.conversation_format = conversation_format
         self.judge_format = judge_format
