@@ -128,9 +128,9 @@ class RowState:
                                       row's q queries: the prompt's left padding,
                                       unwritten static steps, causality and right
                                       padding of a multi-token suffix
-    fused         bool                ``attention`` gathers each row's prompt KV and
-                                      makes one ``scaled_dot_product_attention`` call
-                                      (``fused_attention``) instead of the split products
+    row_prompt    (B,) or None        each row's prompt: ``attention`` gathers their KV
+                                      and makes one ``scaled_dot_product_attention``
+                                      call (``fused_attention``); None: split products
     ============  ==================  ================================================
     """
 
@@ -140,7 +140,7 @@ class RowState:
     slot_of_row: torch.Tensor
     rows_per_prompt: int
     row_bias: torch.Tensor | None = None
-    fused: bool = False
+    row_prompt: torch.Tensor | None = None
 
 
 def prompt_kv(prefix_cache, prompts: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -198,7 +198,7 @@ def attention(module, query, key, value, attention_mask=None, scaling=None, drop
     """
     st = _ACTIVE[-1]
     kp, vp = st.k[module.layer_idx], st.v[module.layer_idx]
-    if st.fused:
+    if st.row_prompt is not None:
         return fused_attention(st, kp, vp, query, key, value, scaling), None
     B, H, q_len, D = query.shape
     Hkv, P, L, _ = kp.shape
@@ -226,9 +226,8 @@ def fused_attention(st: RowState, kp, vp, query, key, value, scaling=None) -> to
     row's prompt keys and values gathered next to its own: (B, H_kv, L + S, D), a copy
     that the split products avoid; for multi-token suffixes (reward scoring), where the
     split path's score tensors cost more than the copy. Returns (B, q, H, D)."""
-    prompt = st.slot_of_row // st.rows_per_prompt  # slot = prompt x R + rank
-    k = torch.cat([kp.index_select(1, prompt).transpose(0, 1), key], dim=2)
-    v = torch.cat([vp.index_select(1, prompt).transpose(0, 1), value], dim=2)
+    k = torch.cat([kp.index_select(1, st.row_prompt).transpose(0, 1), key], dim=2)
+    v = torch.cat([vp.index_select(1, st.row_prompt).transpose(0, 1), value], dim=2)
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=st.row_bias.to(query.dtype), scale=scaling,
                                          enable_gqa=query.shape[1] != k.shape[1])
     return out.transpose(1, 2)
@@ -300,6 +299,8 @@ def suffix_state(kv, prefix_mask: torch.Tensor, slots: torch.Tensor, T: int,
     k, v = kv
     row_of_slot, slot_of_row, R = group_rows(slots, P)
     dtype = k[0].dtype
-    prompt = padding_bias(prefix_mask, dtype).index_select(0, slots.to(dev)).expand(-1, -1, T, -1)
+    slots = slots.to(dev)
+    prompt = padding_bias(prefix_mask, dtype).index_select(0, slots).expand(-1, -1, T, -1)
     own = suffix_bias(suffix_mask, T, T, dev).to(dtype).expand(slots.numel(), -1, -1, -1)
-    return RowState(k, v, row_of_slot.to(dev), slot_of_row.to(dev), R, torch.cat([prompt, own], dim=-1), fused)
+    return RowState(k, v, row_of_slot.to(dev), slot_of_row.to(dev), R, torch.cat([prompt, own], dim=-1),
+                    slots if fused else None)

@@ -22,8 +22,8 @@ rewritten after every part, so a run cut short keeps what it measured):
 4. ``decode``: one AISP iteration's decode alone (P prompts x n rows, noise on τ steps)
    through each ``decode_step`` and attention path: seconds, tokens/s, % of the floor.
 5. ``reward``: one AISP iteration's scoring alone (``reward_variants``): the configured
-   reward settings, full scoring (no shared prompt) and larger token budgets, then a
-   profiler table of one call.
+   reward settings, full scoring (no shared prompt), each ``shared_attention`` and a
+   larger token budget, then a profiler table of one call.
 6. ``aisp`` (κ iterations + the final candidate), ``bon_topp`` and ``bon_gaussian``
    (N = 256 and 1024, one prompt) through their real classes, with the engine as
    ``python -m aisp_bench`` builds it (``batch_rows`` auto, ``decode_step`` auto) and
@@ -438,44 +438,42 @@ def reward_variants(ctx) -> dict:
                 "sdpa": dict(shared_attention="sdpa"),
                 "tokens_x2": dict(batch_size=2 * conf["batch_size"], max_batch_tokens=2 * conf["max_batch_tokens"])}
     out: dict = {"prompts": P, "rows": len(prompts), "settings": dict(conf)}
+    floor = ctx.floor.reward(*reward_detail(rw, prompts, responses))  # the same pairs for every setting
     ref: list = []
 
     def one(kw):
-        for k, v in {**conf, **kw}.items():
-            setattr(rw, k, v)
-        rw.score(prompts, responses)  # warm-up
-        reset_peak(dev)
-        t0 = now(dev)
-        r = rw.score(prompts, responses)
-        sec = now(dev) - t0
+        try:
+            for k, v in kw.items():
+                setattr(rw, k, v)
+            rw.score(prompts, responses)  # warm-up
+            reset_peak(dev)
+            t0 = now(dev)
+            r = rw.score(prompts, responses)
+            sec = now(dev) - t0
+        finally:  # back to the configured settings
+            for k, v in conf.items():
+                setattr(rw, k, v)
         ref[:] = ref or [r]
-        fl = ctx.floor.reward(*reward_detail(rw, prompts, responses))
-        return {"seconds_per_prompt_iteration": sec / P, "floor_fraction": fl / sec, "peak_gb": peak_gb(dev),
+        return {"seconds_per_prompt_iteration": sec / P, "floor_fraction": floor / sec, "peak_gb": peak_gb(dev),
                 "max_abs_diff_to_configured": float((r - ref[0]).abs().max()), "reward_std": float(r.std())}
 
-    try:
-        for name, kw in variants.items():
-            out[name] = guarded(ctx, f"reward {name}", lambda: one(kw))
-            if "seconds_per_prompt_iteration" in out[name]:
-                r = out[name]
-                ctx.log(f"reward {name:>12}: {r['seconds_per_prompt_iteration']:.3f} s per prompt-iteration  "
-                        f"{100 * r['floor_fraction']:5.1f}% of floor  |diff| {r['max_abs_diff_to_configured']:.2g}")
-            ctx.save()
-        for k, v in conf.items():
-            setattr(rw, k, v)
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    for name, kw in variants.items():
+        out[name] = guarded(ctx, f"reward {name}", lambda: one(kw))
+        if "seconds_per_prompt_iteration" in out[name]:
+            r = out[name]
+            ctx.log(f"reward {name:>12}: {r['seconds_per_prompt_iteration']:.3f} s per prompt-iteration  "
+                    f"{100 * r['floor_fraction']:5.1f}% of floor  |diff| {r['max_abs_diff_to_configured']:.2g}")
+        ctx.save()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
 
-        def prof():
-            with profile(activities=acts) as pr:
-                rw.score(prompts, responses)
-                sync(dev)
-            key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
-            return {"table": pr.key_averages().table(sort_by=key, row_limit=30)}
+    def prof():
+        with profile(activities=acts) as pr:
+            rw.score(prompts, responses)
+            sync(dev)
+        key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
+        return {"table": pr.key_averages().table(sort_by=key, row_limit=30)}
 
-        out["profile"] = guarded(ctx, "reward profile", prof)
-    finally:
-        for k, v in conf.items():
-            setattr(rw, k, v)
+    out["profile"] = guarded(ctx, "reward profile", prof)
     return out
 
 
