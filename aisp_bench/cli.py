@@ -77,14 +77,14 @@ def preflight(config_name: str, argv: Sequence[str]) -> None:
         parsed = _parse_overrides(args.overrides)
         _refuse_key_deletions(parsed)
         first = _sweep_jobs(parsed)[0] if args.multirun else list(args.overrides)
-        cfg, params = _compose(config_name, first)
+        cfg, params = compose_config(config_name, first)
         check(cfg)
         if args.multirun:
             given = {o.get_key_element() for o in parsed}
             parsed += _parse_overrides([f"{k}={v}" for k, v in params.items() if k not in given])
             for overrides in _sweep_jobs(parsed):
                 if overrides != first:
-                    check(_compose(config_name, overrides)[0])
+                    check(compose_config(config_name, overrides)[0])
     except BAD_INPUT as e:
         _refuse(str(e))
     except (HydraException, OmegaConfBaseException) as e:
@@ -134,7 +134,7 @@ def _sweep_jobs(parsed: Sequence[Any]) -> list[list[str]]:
     return jobs
 
 
-def _compose(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, dict]:
+def compose_config(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, dict]:
     """(the config the command's ``main`` would get, the config's sweeper params), composed with
     Hydra's compose API; ``${hydra:...}`` stays resolvable."""
     from hydra import compose, initialize_config_dir

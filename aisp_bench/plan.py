@@ -39,7 +39,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from aisp_bench.cli import UserError, _compose, first_line, instantiate_node, run_app
+from aisp_bench.cli import UserError, compose_config, first_line, instantiate_node, run_app
 from aisp_bench.data.datasets import shard_of
 from aisp_bench.rundir import read_json_or_none
 from aisp_bench.validate import check
@@ -208,11 +208,11 @@ def plan_runs(args: list[str]) -> tuple[dict[tuple[str, str, str], Counts], list
     try:
         parser = OverridesParser.create()
         fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
-        base, params = _compose("plan", fixed)
+        base, params = compose_config("plan", fixed)
         timeout = OmegaConf.select(HydraConfig.get(), "launcher.timeout_min")
         tokens = Tokens(bool(base.plan.tokenizer), float(base.plan.chars_per_token))
         for run, shards in group_shards(expand(parser, overrides, params if multirun else {}, multirun)).items():
-            cfg = _compose("plan", list(run))[0]  # the run's own ${hydra:...} resolve
+            cfg = compose_config("plan", list(run))[0]  # the run's own ${hydra:...} resolve
             check(cfg)
             counts, source = run_counts(cfg, shards, tokens)
             rows[(cfg.dataset.name, f"{cfg.model.name}__{cfg.reward.name}", cfg.method.name)].add(counts)

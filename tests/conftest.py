@@ -58,9 +58,6 @@ def smollm2():
     return policy
 
 
-CONF_DIR = ROOT / "aisp_bench" / "conf"
-
-
 @pytest.fixture
 def compose(monkeypatch, tmp_path):
     """compose(overrides, config_name="config") -> a job config as the command would see it.
@@ -68,24 +65,14 @@ def compose(monkeypatch, tmp_path):
     config_name: config (python -m aisp_bench), evaluate, judge or report. Results go
     under tmp_path/results; Hydra's `hydra:` resolver is set up.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
 
-    import aisp_bench.config  # noqa: F401  (registers resolvers)
+    from aisp_bench.cli import compose_config
 
     monkeypatch.setenv("AISP_BENCH_RESULTS", str(tmp_path / "results"))
 
     def _compose(overrides=(), config_name="config"):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
+        return compose_config(config_name, overrides)[0]
 
     yield _compose
     GlobalHydra.instance().clear()
