@@ -182,6 +182,30 @@ def test_table1_files_rows_and_columns(tmp_path):
     assert r"\begin{tabular}{llrrrrrrrrr}" in tex  # 2 labels + SHP 3×(ours, paper) + demo 3
 
 
+def test_table1_never_averages_seeds_of_different_scorers(tmp_path):
+    """Seed 2 was evaluated with another reward model and coherence encoder: left out and named, never mixed."""
+    pair = "llama3_8b__ultrarm"
+    for seed, (rw, rm, coh, enc) in enumerate([(-5.0, "ultrarm", 0.6, "simcse"), (-5.2, "ultrarm", 0.8, "simcse"),
+                                               (2.0, "rm", 0.1, "minilm")]):
+        write_run(tmp_path, "shp", pair, "aisp", seed, [bon_record("a", [rw])], method_cfg=AISP_CFG,
+                  complete=seed != 1, metrics={"reward_mean": rw, "reward_model": rm, "diversity": 0.5,
+                                               "coherence": coh, "coherence_encoder": enc})
+    df = table1.table1(runs_in(tmp_path))
+    row = df.iloc[0]
+    assert row.reward_mean == pytest.approx(-5.1) and row.reward_n == 2 and row.reward_model == "ultrarm"
+    assert row.coherence_mean == pytest.approx(0.7) and row.coherence_encoder == "simcse"
+    assert row.reward_left_out == "seed 2 (rm)" and row.coherence_left_out == "seed 2 (minilm)"
+    assert row.diversity_n == 3  # diversity has one scale
+    table1.write_table1(df, tmp_path / "tables")
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    header, *rows = md_cells(md)
+    cells = dict(zip(header, rows[0]))
+    assert cells["SHP Reward"] == "-5.10 (0.14)‡* [n=2]" and cells["SHP Coherence"] == "0.700 (0.14)‡* [n=2]"
+    assert cells["SHP Diversity"] == "0.500 (0)*"  # seed 1 is incomplete: marked in every column
+    assert "reward: left out seed 2 (rm)." in md and "coherence: left out seed 2 (minilm)." in md
+    assert r"$^\ddagger$" in (tmp_path / "tables" / "table1.tex").read_text()
+
+
 # --------------------------------------------------------------------------- figure 2
 
 
@@ -314,6 +338,7 @@ def test_table2_table3_from_judge_files(tmp_path):
     cells = md_cells((tmp_path / "tables" / "table2.md").read_text())
     assert cells[0] == ["Datasets", "Models", "AISP", "Draw", "BoN (top-p)", "Invalid", "Trials"]
     assert cells[1] == ["SHP", "Llama3_8B & UltraRM", "50.0", "10.0", "39.3", "0.7", "3"]
+    assert "a split verdict counts as a draw" in (tmp_path / "tables" / "table2.md").read_text()  # mode both_orders
     tex = (tmp_path / "tables" / "table2.tex").read_text()
     assert r"\multicolumn{3}{c}{Rate}" in tex and "SHP & Llama3\\_8B \\& UltraRM & 50.0 & 10.0 & 39.3" in tex
     assert len(pd.read_csv(tmp_path / "tables" / "table2.csv")) == 2

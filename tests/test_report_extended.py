@@ -84,6 +84,23 @@ def test_table1_extended_differences_and_intervals(tmp_path):
     assert df2[(df2.row == "method") & (df2.method == "aisp") & (df2.metric == "gold_reward")].n_seeds.iloc[0] == 1
 
 
+def test_table1_extended_keeps_each_metric_on_one_scorer(tmp_path):
+    """BoN seed 1's gold reward came from another model: left out of its row and of the difference, and named."""
+    _extended_tree(tmp_path)
+    run = tmp_path / "runs" / "shp" / PAIR / "bon_topp" / "default" / "seed1"
+    summary = json.loads((run / "summary.json").read_text())
+    summary["metrics"]["gold_reward_model"] = "ultrarm"
+    (run / "summary.json").write_text(json.dumps(summary))
+    df = table1_extended.table1_extended(runs_in(tmp_path), BOOT)
+    get = lambda row, metric: df[(df.row == row) & (df.metric == metric)].iloc[0]  # noqa: E731
+    g = get("difference", "gold_reward")
+    assert g.n_seeds == 1 and g["mean"] == pytest.approx((0.5 - 1.0) / 2) and g.scored_by == "eurus"  # seed 0 alone
+    assert get("difference", "reward").n_seeds == 2  # the other metrics keep both seeds
+    table1_extended.write_table1_extended(df, tmp_path / "tables", BOOT)
+    md = (tmp_path / "tables" / "table1_extended.md").read_text()
+    assert "Gold reward of BoN (top-p) seed 1 (ultrarm) left out: the others are scored by eurus" in md
+
+
 # --------------------------------------------------------------------------- win rates and judge bias
 
 
@@ -223,7 +240,27 @@ def test_figure2_averages_a_seeded_sample_of_prompts(tmp_path):
     every = figures.figure2_data(runs, "shp", band="seeds", prompts=None)
     assert (every.prompts == 0).all()
     np.testing.assert_allclose(every[every.curve == "aisp_best_so_far"].sort_values("k")["mean"], [1.5, 2.25, 3.25])
-    assert figures.sample_prompt_ids(runs, 100, 0) == (None, 2)  # fewer prompts than asked: all of them
+    assert figures.sample_prompt_ids(runs, 100, 0) == ({"p", "q"}, 2)  # fewer prompts than asked: all of them
+
+
+def test_figure2_compares_curves_over_the_prompts_every_run_has(tmp_path):
+    """A partial run (BoN seed 2 has only prompt p) narrows every curve to p, asked for all or for more."""
+    _figure_tree(tmp_path)
+    write_run(tmp_path, "shp", "llama3_8b__ultrarm", "bon_topp", 2, [bon_record("p", [5.0] * 8)],
+              method_cfg={"num_samples": 8})
+    runs = runs_in(tmp_path)
+    assert figures.sample_prompt_ids(runs, None) == ({"p"}, 1)
+    for prompts in (None, 1, 100):
+        df = figures.figure2_data(runs, "shp", band="seeds", prompts=prompts)
+        bsf = df[df.curve == "aisp_best_so_far"].sort_values("k")
+        np.testing.assert_allclose(bsf["mean"], [2.5, 3.5, 4.5])  # prompt p alone (q would pull it down)
+        bon = df[df.curve == "bon_topp"].sort_values("k")  # p: seeds 0, 1, 2 best of 2, 4, 6 samples
+        np.testing.assert_allclose(bon["mean"], [(1 + 3 + 5) / 3, (2 + 4 + 5) / 3, (7 + 4 + 5) / 3])
+        assert (df.prompts == 0).all() and (df.prompts_total == 1).all()
+    write_run(tmp_path, "shp", "llama3_8b__ultrarm", "bon_topp", 3, [bon_record("z", [1.0] * 8)],
+              method_cfg={"num_samples": 8})
+    with pytest.raises(ValueError, match="share no prompt"):
+        figures.figure2_data(runs_in(tmp_path), "shp")
 
 
 def test_sensitivity_experiment_holds_the_budget(compose):

@@ -10,16 +10,18 @@ seed.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from aisp_bench.results import group_runs
 from aisp_bench.rundir import Run
+
+T = TypeVar("T")
 
 # --------------------------------------------------------------------------- names
 
@@ -142,6 +144,18 @@ def select_variants(runs: Iterable[Run]) -> tuple[dict[tuple[str, str, str, str]
 DASH = "—"
 
 
+def one_scale(items: Sequence[T], scale: Callable[[T], str]) -> tuple[list[T], str]:
+    """The ``items`` on one scale (``scale(item)``: who scored it, e.g. a reward model's name):
+    the scale most items share (ties: the first name in sorted order), and that name. A mean
+    over items of different scorers mixes scales, so the others are left out (and named by the
+    caller)."""
+    counts = Counter(scale(x) for x in items)
+    if not counts:
+        return [], ""
+    name = min(counts, key=lambda k: (-counts[k], k))
+    return [x for x in items if scale(x) == name], name
+
+
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
     """Mean and sample std (``ddof=1``) of the finite values; NaN where undefined."""
     x = np.array([v for v in values if v is not None and np.isfinite(v)], dtype=float)
@@ -206,13 +220,14 @@ def render_markdown(header: Sequence[str], rows: Sequence[Sequence[str]], title:
 
 
 _TEX_UNICODE = (("σ²", r"$\sigma^2$"), ("σ", r"$\sigma$"), ("λ", r"$\lambda$"), ("†", r"$^\dagger$"),
-                ("≤", r"$\le$"), ("·", r"$\cdot$"), ("±", r"$\pm$"), ("—", "---"), ("‖Û‖²", r"$\Vert\hat U\Vert^2$"),
-                (r"Q\_Û‖P", r"$Q_{\hat U}\Vert P$"), ("κ", r"$\kappa$"), ("×", r"$\times$"), ("−", "$-$"))
+                ("‡", r"$^\ddagger$"), ("≤", r"$\le$"), ("·", r"$\cdot$"), ("±", r"$\pm$"), ("—", "---"),
+                ("‖Û‖²", r"$\Vert\hat U\Vert^2$"), (r"Q\_Û‖P", r"$Q_{\hat U}\Vert P$"), ("κ", r"$\kappa$"),
+                ("×", r"$\times$"), ("−", "$-$"))
 
 
 def tex_text(text: str) -> str:
     """Plain text (a note, a caption) as LaTeX: special characters escaped, the few
-    Unicode symbols used in notes (σ², λ, †, ≤, ·, ±, —, ‖Û‖², κ, ×, −) as math or dashes."""
+    Unicode symbols used in notes (σ², λ, †, ‡, ≤, ·, ±, —, ‖Û‖², κ, ×, −) as math or dashes."""
     out = tex_escape(text)
     for u, t in _TEX_UNICODE:
         out = out.replace(u, t)

@@ -53,13 +53,14 @@ def _run_n(run: Run) -> int | None:
 # --------------------------------------------------------------------------- figure 2
 
 
-def sample_prompt_ids(runs: Sequence[Run], num: int | None, seed: int = 0) -> tuple[set[str] | None, int]:
-    """(``num`` prompt ids drawn without replacement by ``numpy.random.default_rng(seed)``
-    from the sorted ids every run in ``runs`` has, or None: all of them; how many there are).
-    With ``num`` None or at least their number, every prompt is used (None)."""
+def sample_prompt_ids(runs: Sequence[Run], num: int | None, seed: int = 0) -> tuple[set[str], int]:
+    """(the prompt ids Figure 2 averages, how many prompts every run in ``runs`` has): ``num``
+    ids drawn without replacement by ``numpy.random.default_rng(seed)`` from the sorted ids
+    every run has, or all of them when ``num`` is None or at least their number. Every curve
+    averages these same prompts, so a partial run does not compare curves over other prompts."""
     pool = sorted(set.intersection(*({str(rec.get("prompt_id")) for rec in r.records} for r in runs)) if runs else ())
     if num is None or num >= len(pool):
-        return None, len(pool)
+        return set(pool), len(pool)
     picked = np.random.default_rng(seed).choice(len(pool), size=num, replace=False)
     return {pool[i] for i in picked}, len(pool)
 
@@ -72,14 +73,21 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto", prompts:
     BoN method on disk): per prompt :func:`bon_prefix_curve` with n = AISP's ``method.n``
     (32 when the pair has no AISP run) and K = AISP's largest iteration count (else
     len // n). Averaged by :func:`average_curves` over ``prompts`` prompts drawn with
-    ``seed`` (:func:`sample_prompt_ids`, from the prompts every chosen run of the dataset
-    has; None: every prompt of each run). Columns: dataset, model, reward, curve, method,
+    ``seed`` (:func:`sample_prompt_ids`) from the prompts every chosen run of the dataset
+    has (None: all of those). Columns: dataset, model, reward, curve, method,
     variant, k, N (= n·k), mean, lo, hi, count, n_seeds, band, prompts (used; 0: all),
     prompts_total, prompt_seed.
     """
     chosen, _ = select_variants([r for r in runs if r.dataset == dataset])
     keep, total = sample_prompt_ids([r for rs in chosen.values() for r in rs], prompts, seed)
-    use = (lambda rec: True) if keep is None else (lambda rec: str(rec.get("prompt_id")) in keep)  # noqa: E731
+    if chosen and not total:
+        raise ValueError(f"the {dataset} runs share no prompt, so Figure 2 has none to average: "
+                         "select runs of one prompt set (select.*)")
+    drawn = len(keep) if len(keep) < total else 0
+
+    def use(rec: dict) -> bool:
+        return str(rec.get("prompt_id")) in keep
+
     pairs = sorted({(c[1], c[2]) for c in chosen}, key=pair_key)
     seed_counts = [len(rs) for c, rs in chosen.items() if c[3] == "aisp" or c[3].startswith("bon")]
     band = resolve_band(band, seed_counts)
@@ -106,7 +114,7 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto", prompts:
             frames.append(pd.DataFrame(dict(dataset=dataset, model=model, reward=reward, curve=name, method=method,
                                             variant=variant, k=k, N=n * k, mean=avg["mean"], lo=avg["lo"],
                                             hi=avg["hi"], count=avg["count"], n_seeds=n_seeds, band=band,
-                                            prompts=len(keep or ()), prompts_total=total, prompt_seed=seed)))
+                                            prompts=drawn, prompts_total=total, prompt_seed=seed)))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

@@ -22,8 +22,8 @@ from aisp_bench.rundir import Run
 
 from .common import (
     DASH, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_mean_std, mean_std,
-    method_key, pair_key, records_mean, render_latex, render_markdown, select_variants, tex_escape, unfinished_shards,
-    write_texts,
+    method_key, one_scale, pair_key, records_mean, render_latex, render_markdown, select_variants, tex_escape,
+    unfinished_shards, write_texts,
 )  # fmt: skip
 
 METRICS = ("reward", "diversity", "coherence")
@@ -84,30 +84,35 @@ def table1(runs: Sequence[Run]) -> pd.DataFrame:
     ``m_std`` (ddof=1), ``m_n`` (seeds with a value), ``m_paper_mean``,
     ``m_paper_std`` (NaN where the paper has no such cell).
 
-    Reward never mixes scales: when at least one seed has ``metrics.reward_mean``
-    only those seeds are averaged; the own-reward fallback is used only when no seed
-    of the cell has been evaluated.
+    No mean mixes scales: when at least one seed has ``metrics.reward_mean`` only those
+    seeds are averaged (the own-reward fallback is used only when no seed of the cell has
+    been evaluated), and of those only the seeds scored by the reward model most of them
+    share (:func:`~aisp_bench.report.common.one_scale`); coherence likewise per encoder.
+    ``reward_left_out`` / ``coherence_left_out`` name the seeds left out ("" for none).
     """
     paper_idx = {(r.dataset, r.model, r.reward, r.method, r.metric): (r.mean, r.std)
                  for r in load_paper_table1().itertuples()}
     chosen, notes = select_variants(runs)
     rows = []
     for (dataset, model, reward, method), rs in chosen.items():
-        vals = [seed_values(r) for r in rs]
-        # Never mix reward scales: when any seed has the evaluation reward, only those seeds count.
+        vals = [seed_values(r) | {"seed": r.seed} for r in rs]
+        # Never mix scales: the evaluation reward over the own one, then one scorer per mean.
         evaluated = [v for v in vals if v["reward_source"] == "metrics"]
-        reward_vals = evaluated or vals
+        reward_vals, reward_model = one_scale(evaluated or vals, lambda v: str(v["reward_model"]))
+        scored = [v for v in vals if np.isfinite(v["coherence"])]
+        coherence_vals, encoder = one_scale(scored, lambda v: str(v["coherence_encoder"]))
         sources = sorted({v["reward_source"] for v in reward_vals})
         row: dict[str, Any] = dict(
             dataset=dataset, model=model, reward=reward, method=method, variant=rs[0].variant,
             seeds=",".join(str(r.seed) for r in rs), n_seeds=len(rs),
             n_prompts=min(v["n_prompts"] for v in vals), complete=all(v["complete"] for v in vals),
             reward_source=sources[0] if len(sources) == 1 else "mixed",
-            reward_model=",".join(sorted({str(v["reward_model"]) for v in reward_vals})),
-            coherence_encoder=",".join(sorted({str(v["coherence_encoder"]) for v in vals if v["coherence_encoder"]})),
+            reward_model=reward_model, coherence_encoder=encoder if encoder != "None" else "",
+            reward_left_out=_left_out(evaluated, reward_vals, "reward_model"),
+            coherence_left_out=_left_out(scored, coherence_vals, "coherence_encoder"),
         )
         for m in METRICS:
-            src = reward_vals if m == "reward" else vals
+            src = {"reward": reward_vals, "coherence": coherence_vals}.get(m, vals)
             row[f"{m}_mean"], row[f"{m}_std"] = mean_std(v[m] for v in src)
             row[f"{m}_n"] = sum(1 for v in src if np.isfinite(v[m]))
             row[f"{m}_paper_mean"], row[f"{m}_paper_std"] = paper_idx.get((dataset, model, reward, method, m),
@@ -117,6 +122,11 @@ def table1(runs: Sequence[Run]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df.attrs["notes"] = notes + unfinished_shards(r for rs in chosen.values() for r in rs)
     return df
+
+
+def _left_out(candidates: list[dict], kept: list[dict], scorer: str) -> str:
+    """The seeds of ``candidates`` not in ``kept``, each with its scorer: "seed 1 (rm), ..."."""
+    return ", ".join(f"seed {v['seed']} ({v[scorer]})" for v in candidates if v not in kept)
 
 
 def _table1_cell(cell: pd.DataFrame, m: str, flags: set[str]) -> str:
@@ -130,7 +140,10 @@ def _table1_cell(cell: pd.DataFrame, m: str, flags: set[str]) -> str:
     if m == "reward" and c["reward_source"] != "metrics" and np.isfinite(c["reward_mean"]):
         text += "†"
         flags.add("dagger")
-    if m == "reward" and not c["complete"]:
+    if c.get(f"{m}_left_out"):
+        text += "‡"
+        flags.add("mixed")
+    if not c["complete"] and np.isfinite(c[f"{m}_mean"]):
         text += "*"
         flags.add("star")
     if np.isfinite(c[f"{m}_mean"]) and c[f"{m}_n"] != 3:
@@ -144,6 +157,9 @@ TABLE1_MARKS = {
               "chosen response's reward under the run's own reward model (records.jsonl).",
     "missing_metric": "—: not available; diversity/coherence need the evaluation step "
                       "(summary.json has no metrics for these runs yet).",
+    "mixed": "‡: seeds scored by another reward model or coherence encoder than most seeds of the cell are left "
+             "out, since a mean over different scorers mixes scales (listed below; re-run evaluate on them with the "
+             "same scorer).",
     "star": "*: at least one seed is not complete (summary.json missing or complete=false); "
             "its value covers the prompts done so far.",
     "nseeds": "[n=k]: the value averages k seeds, not three (seeds without that value are left out).",
@@ -163,6 +179,9 @@ def _table1_notes(df: pd.DataFrame, has_paper: bool, flags: set[str]) -> list[st
     if encoders:
         notes.append("Coherence encoder: " + "; ".join(encoders) + ".")
     notes += [text for flag, text in TABLE1_MARKS.items() if flag in flags]
+    notes += [f"‡ {display_dataset(r.dataset)}, {display_pair(r.model, r.reward)}, {display_method(r.method)}, "
+              f"{m}: left out {getattr(r, f'{m}_left_out')}." for r in df.itertuples()
+              for m in ("reward", "coherence") if getattr(r, f"{m}_left_out")]
     return notes + list(df.attrs.get("notes", []))
 
 
@@ -196,7 +215,8 @@ def write_table1(df: pd.DataFrame, out_dir: Path | str, name: str = "table1") ->
     levels += [[k for _, _, k in columns]] if has_paper else []
     levels = [["", ""] + lv for lv in levels[:-1]] + [["Models", "Methods"] + levels[-1]]
     tex_body = [[tex_escape(pair), display_method(m, latex=True),
-                 *(c.replace("†", r"$^\dagger$").replace("*", r"$^*$") for c in cells)] for pair, m, cells in body]
+                 *(c.replace("†", r"$^\dagger$").replace("‡", r"$^\ddagger$").replace("*", r"$^*$")
+                   for c in cells)] for pair, m, cells in body]
     tex = render_latex(levels, tex_body, caption="Average rewards, diversity, and coherence of BoN and AISP.",
                        label="tab:table1", notes=notes, align="ll" + "r" * len(columns))
     return write_texts(out_dir, name, {"csv": df.to_csv(index=False), "md": md, "tex": tex})

@@ -33,7 +33,7 @@ from aisp_bench.rundir import Run
 
 from .common import (
     dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_interval, fmt_mean_std, mean_std,
-    method_key, pair_key, render_latex, render_markdown, select_variants, tex_escape, write_texts,
+    method_key, one_scale, pair_key, render_latex, render_markdown, select_variants, tex_escape, write_texts,
 )  # fmt: skip
 from .stats import Bootstrap
 
@@ -63,11 +63,26 @@ def prompt_values(run: Run) -> dict[str, dict[str, float]]:
     return {m: {p: v for p, v in d.items() if math.isfinite(v)} for m, d in out.items()}
 
 
-def _scorers(rs: Sequence[Run]) -> dict[str, str]:
-    """Who scored the reward columns and base_logprob (from the runs' metrics)."""
-    gold = sorted({str(r.metrics["gold_reward_model"]) for r in rs if r.metrics.get("gold_reward_model")})
-    base = sorted({str(r.metrics["base_logprob_model"]) for r in rs if r.metrics.get("base_logprob_model")})
-    return {"reward": rs[0].reward, "gold_reward": ",".join(gold), "base_logprob": ",".join(base)}
+SCORER_KEYS = {"gold_reward": "gold_reward_model", "coherence": "coherence_encoder",
+               "base_logprob": "base_logprob_model"}  # metric -> who scored it, in summary.json's metrics
+
+
+def _one_scorer(runs: dict[str, list[Run]], vals: dict[str, dict[int, dict]]
+                ) -> tuple[dict[int, dict], dict[str, str], list[str]]:
+    """One block's values with each metric on one scale: per metric of ``SCORER_KEYS``, the
+    scorer most of the block's runs share (``one_scale``); a run scored by another has that
+    metric dropped. Returns (the values, per metric the scorer, one note per run left out)."""
+    everyone = [(m, r) for m, rs in runs.items() for r in rs]
+    scorers, notes = {"reward": everyone[0][1].reward}, []
+    vals = {m: {s: dict(v) for s, v in by_seed.items()} for m, by_seed in vals.items()}
+    for metric, key in SCORER_KEYS.items():
+        scored = [(m, r) for m, r in everyone if r.metrics.get(key)]
+        kept, scorers[metric] = one_scale(scored, lambda mr, key=key: str(mr[1].metrics[key]))
+        for m, r in (x for x in scored if x not in kept):
+            vals[m][r.seed][metric] = {}
+            notes.append(f"{NAMES[metric]} of {display_method(m)} seed {r.seed} ({r.metrics[key]}) left out: "
+                         f"the others are scored by {scorers[metric]}")
+    return vals, scorers, notes
 
 
 def _rows(cell: tuple, a: dict[int, dict], scorers: dict[str, str], boot: Bootstrap, baseline: str = "",
@@ -103,15 +118,19 @@ def table1_extended(runs: Sequence[Run], boot: Bootstrap | None = None) -> pd.Da
     boot = boot or Bootstrap()
     chosen, _ = select_variants(runs)
     rows: list[dict[str, Any]] = []
+    notes: list[str] = []
     for ds, model, reward in sorted({c[:3] for c in chosen}, key=lambda c: (dataset_key(c[0]), pair_key(c[1:]))):
         methods = sorted((c[3] for c in chosen if c[:3] == (ds, model, reward)), key=method_key)
         vals = {m: {r.seed: prompt_values(r) for r in chosen[(ds, model, reward, m)]} for m in methods}
-        scorers = _scorers([r for m in methods for r in chosen[(ds, model, reward, m)]])
+        vals, scorers, left_out = _one_scorer({m: chosen[(ds, model, reward, m)] for m in methods}, vals)
+        notes += [f"{display_dataset(ds)}, {display_pair(model, reward)}: {n}." for n in left_out]
         for m in methods:
             rows += _rows((ds, model, reward, m), vals[m], scorers, boot)
         for b in (m for m in methods if m != COMPARED and COMPARED in vals):
             rows += _rows((ds, model, reward, COMPARED), vals[COMPARED], scorers, boot, b, vals[b])
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs["notes"] = notes
+    return df
 
 
 def _layout(df: pd.DataFrame, latex: bool) -> list[list[str]]:
@@ -145,7 +164,7 @@ def _notes(df: pd.DataFrame, boot: Bootstrap) -> list[str]:
             "of the response under the noise-free policy (temperature 1). KL(Q_Û‖P) = ‖Û‖²/(2σ²) after AISP's last "
             "iteration.",
             "Scored by: " + "; ".join(scored) + ".", "—: not available (evaluate not run with that metric, or no "
-            "such value for the method)."]
+            "such value for the method).", *df.attrs.get("notes", [])]
 
 
 def write_table1_extended(df: pd.DataFrame, out_dir: Path | str, boot: Bootstrap,

@@ -110,6 +110,10 @@ def write_winrate(df: pd.DataFrame, out_dir: Path | str, name: str, boot: Bootst
     notes = [f"Percent of judged comparisons, mean over trials ({display_method(a)}'s view: win = "
              f"{display_method(a)} preferred). Invalid = judge answer not parseable; rows need not sum to 100.",
              f"Judge: {', '.join(judges) or 'unknown'}; order mode: {', '.join(modes) or 'unknown'}."]
+    if "both_orders" in modes:
+        notes.append("both_orders: each prompt is judged in both orders and a win needs both, so a split verdict "
+                     "counts as a draw; the paper's lineage judged one random order per prompt (judge.mode="
+                     "random_order), so its Draw column is not directly comparable with this one.")
     if df["win_lo"].notna().any():
         notes.append(f"{boot.describe()}; the statistic: each trial's percentage of its judged prompts, averaged "
                      "over trials (rows without per-prompt judgements: no interval).")
