@@ -84,7 +84,9 @@ class Result:
     (for AISP: iteration by iteration, then the final y(U*) candidate if decoded).
     ``sample_tokens`` lists the tokens each sample cost, in the same order, and
     ``num_tokens`` is their sum (the honest compute count). ``iterations`` holds
-    per-iteration diagnostics (AISP only).
+    per-iteration diagnostics (AISP only). ``extra`` holds method-specific fields that
+    join the record, e.g. ``nonfinite_rewards`` (how many samples had a NaN or ±inf
+    reward; absent when none).
     """
 
     prompt_id: str

@@ -31,12 +31,18 @@ n          int             samples per iteration
                            reach the model)
 =========  ==============  ==========================================================
 
+Non-finite rewards (NaN, ±inf: a failed reward call) get weight 0 (r_i = −inf inside the
+softmax); an iteration with no finite reward leaves Û as it was (the weights, 0/0, are NaN
+and so is that iteration's ESS). They never become y_best unless all are non-finite
+(``Tracker``), and the per-iteration mean, max and std(r/λ) are over the finite rewards.
+
 Budget: n·κ samples, plus the y(U*) candidate (``num_samples = n·κ + 1``) unless
 ``final_candidate`` is off, which gives a budget strictly equal to BoN's N = n·κ.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -52,8 +58,13 @@ def aisp_weights(U: torch.Tensor, V: torch.Tensor, rewards: torch.Tensor, lam: f
     """w̄ of Eq. 12 for one prompt, float64, via a stable softmax (max subtracted).
 
     s_i = r_i/λ − (1−α)/σ² Σ_t û_tᵀ v_t^i;   w̄ = exp(s − max s) / Σ exp(s − max s)
+
+    A non-finite r_i counts as −inf (w̄^i = 0); with no finite r_i, w̄ is all NaN.
     """
     r = rewards.to(torch.float64).reshape(-1)
+    r = torch.where(torch.isfinite(r), r, -torch.inf)
+    if not torch.isfinite(r).any():
+        return torch.full_like(r, torch.nan)
     coupling = torch.einsum("td,itd->i", U.to(torch.float64), V.to(torch.float64))
     s = r / lam - (1.0 - alpha) / sigma**2 * coupling.to(r.device)
     s = s - s.max()
@@ -66,26 +77,31 @@ def aisp_update(U: torch.Tensor, V: torch.Tensor, rewards: torch.Tensor, lam: fl
     """One adaptive importance sampling step: (Û_new, w̄) with Û_new = Σ_i w̄^i V^i.
 
     U: (τ, d); V: (n, τ, d); rewards: (n,). Returns Û_new with U's dtype and device and
-    the float64 weights (n,).
+    the float64 weights (n,). With no finite reward, Û_new = Û (nothing to weight by).
     """
     if V.dim() != 3 or U.shape != V.shape[1:] or rewards.numel() != V.shape[0]:
         raise ValueError(f"shapes U {tuple(U.shape)}, V {tuple(V.shape)}, rewards {tuple(rewards.shape)} "
                          "do not fit (tau, d), (n, tau, d), (n,)")
     w = aisp_weights(U, V, rewards, lam, alpha, sigma)
+    if not torch.isfinite(rewards).any():  # no finite reward at this iteration: Û stays for the next one
+        return U, w
     U_new = torch.einsum("i,itd->td", w.to(device=V.device, dtype=torch.float64), V.to(torch.float64))
     return U_new.to(dtype=U.dtype, device=U.device), w
 
 
 def diagnostics(k: int, r: torch.Tensor, w: torch.Tensor, U: torch.Tensor, lam: float, sigma: float,
                 best_so_far: float) -> dict[str, float]:
-    """What one iteration did: rewards at k, effective sample size, size of Û, KL(Q_Û‖P)."""
+    """What one iteration did: rewards at k (the finite ones; NaN if none), effective sample
+    size, size of Û, KL(Q_Û‖P)."""
     u_norm = float(U.double().norm())
+    r = r[torch.isfinite(r)]
+    some = r.numel() > 0
     return {
         "k": k,
-        "mean": float(r.mean()),
-        "max": float(r.max()),
+        "mean": float(r.mean()) if some else math.nan,
+        "max": float(r.max()) if some else math.nan,
         "best_so_far": best_so_far,
-        "std_r_over_lam": float((r.double() / lam).std(unbiased=False)),
+        "std_r_over_lam": float((r.double() / lam).std(unbiased=False)) if some else math.nan,
         "ess": float(1.0 / (w.double() ** 2).sum()),
         "u_norm": u_norm,
         "kl": u_norm**2 / (2.0 * sigma**2),

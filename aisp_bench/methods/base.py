@@ -8,6 +8,7 @@ hyperparameters are checked where the config is (``validate.RULES``, ``method.*`
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,10 @@ class Tracker:
     """Per-prompt record of every sample's reward and tokens, and the best so far.
 
     Ties keep the earlier sample (Algorithm 1 replaces the best only on a strictly
-    greater reward).
+    greater reward). A non-finite reward (NaN, ±inf: a failed reward call) never becomes
+    the best unless every sample of the prompt has one: then the first sample is kept
+    with reward NaN, so the prompt still has a record. The result's ``extra`` counts
+    them as ``nonfinite_rewards`` (left out when there are none).
     """
 
     prompt_id: str
@@ -46,13 +50,19 @@ class Tracker:
 
     def add(self, samples: Sequence[Sample], rewards: torch.Tensor) -> None:
         for s, r in zip(samples, rewards.tolist()):
-            self.rewards.append(float(r))
+            r = float(r)
+            self.rewards.append(r)
             self.tokens.append(s.num_tokens)
-            if self.best is None or r > self.best_reward:
-                self.best_reward, self.best = float(r), s
+            if math.isfinite(r) and (r > self.best_reward or not math.isfinite(self.best_reward)):
+                self.best_reward, self.best = r, s
+            elif self.best is None:  # kept only until a finite reward comes
+                self.best_reward, self.best = math.nan, s
 
     def result(self, iterations: list[dict] | None = None, **extra) -> Result:
         assert self.best is not None
+        nonfinite = sum(not math.isfinite(r) for r in self.rewards)
+        if nonfinite:
+            extra["nonfinite_rewards"] = nonfinite
         return Result(
             prompt_id=self.prompt_id,
             response=self.best.text,

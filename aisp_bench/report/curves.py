@@ -37,14 +37,21 @@ def aisp_curves(record: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def bon_prefix_curve(sample_rewards: Sequence[float], n: int, K: int | None = None) -> np.ndarray:
     """BoN at N = n·k from one run's i.i.d. samples: entry k-1 is the max over the first
-    n·k sample rewards (NaN rewards ignored), for k = 1..K (K defaults to len // n;
-    k with n·k beyond the samples on disk are NaN)."""
-    r = as_float_array(list(sample_rewards))
+    n·k sample rewards (non-finite rewards ignored, as the methods' best-of does; NaN
+    while there is none), for k = 1..K (K defaults to len // n; k with n·k beyond the
+    samples on disk are NaN)."""
+    r = _finite_rewards(list(sample_rewards))
     K = len(r) // n if K is None else K
     out = np.full(K, math.nan)
     k = min(K, len(r) // n)  # k with all n·k samples on disk
     out[:k] = np.fmax.accumulate(r)[n - 1:n * k:n]  # fmax: a NaN reward never hides the best so far
     return out
+
+
+def _finite_rewards(values) -> np.ndarray:
+    """Rewards as a float array with NaN for every non-finite one (±inf too: a failed reward call)."""
+    r = as_float_array(values)
+    return np.where(np.isfinite(r), r, math.nan)
 
 
 def _sample_tokens(record: dict[str, Any], num: int) -> np.ndarray:
@@ -67,7 +74,7 @@ def _pro_rata(seconds: float, tokens: np.ndarray) -> np.ndarray:
 
 def compute_curve(record: dict[str, Any], n: int | None = None) -> dict[str, np.ndarray]:
     """Best reward so far against cumulative compute for one prompt, sample by sample in
-    generation order: ``best`` = running max of ``sample_rewards``, ``tokens`` =
+    generation order: ``best`` = running max of the finite ``sample_rewards``, ``tokens`` =
     cumulative ``sample_tokens``, ``seconds`` = cumulative wall seconds.
 
     Seconds per sample: with AISP ``iterations[].seconds``, iteration k's seconds are
@@ -75,7 +82,7 @@ def compute_curve(record: dict[str, Any], n: int | None = None) -> dict[str, np.
     ``seconds`` (the final y(U*) candidate, overheads) over the remaining samples; else
     the prompt's ``seconds`` are split over all samples pro rata by tokens.
     """
-    r = as_float_array(record.get("sample_rewards"))
+    r = _finite_rewards(record.get("sample_rewards"))
     tokens = _sample_tokens(record, len(r))
     total = finite_or_nan(record.get("seconds"))
     iters = sorted(record.get("iterations") or [], key=lambda it: it.get("k", 0))
