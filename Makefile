@@ -68,12 +68,17 @@ EVALUATE = $(PY) -m aisp_bench.evaluate results_dir=$(RESULTS) select.pair=$(PAI
 EVAL_VARIANTS ?= table1
 
 # The benchmark data beside this checkout (our CI and dev machines); elsewhere the hub.
+# The SHP file is the lineage's 1000 prompts (the paper's set). The HH-RLHF file is the
+# harmless-base subset only, so it stands in for HH-RLHF below SCALE=paper alone; the
+# paper's HH-RLHF is the hub's whole test split (AISP_HH_PATH=FILE to choose otherwise).
 SHARED_DATA ?= ../shared/data
 ifneq ($(wildcard $(SHARED_DATA)/shp/test_1000.jsonl),)
   export AISP_SHP_PATH ?= $(abspath $(SHARED_DATA)/shp/test_1000.jsonl)
 endif
 ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz),)
-  export AISP_HH_PATH ?= $(abspath $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz)
+  ifneq ($(SCALE),paper)
+    export AISP_HH_PATH ?= $(abspath $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz)
+  endif
 endif
 
 .PHONY: help setup demo test test-fast bench bench-gpu bench-gpu-engine plan fault-injection runs table1 table2 table3 figure2 compute \

@@ -182,6 +182,23 @@ def test_table1_files_rows_and_columns(tmp_path):
     assert r"\begin{tabular}{llrrrrrrrrr}" in tex  # 2 labels + SHP 3×(ours, paper) + demo 3
 
 
+def test_table1_names_where_each_datasets_prompts_came_from(tmp_path):
+    sources = {"shp": {"path": "/data/shp/test_1000.jsonl"}, "hh_rlhf": {"hub_id": "Anthropic/hh-rlhf", "split": "test"}}
+    for ds, src in sources.items():
+        run = write_run(tmp_path, ds, "llama3_8b__ultrarm", "aisp", 0, [bon_record("a", [1.0])], method_cfg=AISP_CFG)
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["config"]["dataset"].update(src, num_prompts=1000, sample_seed=0)
+        (run / "manifest.json").write_text(json.dumps(manifest))
+    run = write_run(tmp_path, "hh_rlhf", "llama3_8b__ultrarm", "bon_topp", 0, [bon_record("a", [1.0])])
+    df = table1.table1(runs_in(tmp_path))
+    assert set(df.prompts) == {"file shp/test_1000.jsonl, 1000 drawn with sample_seed 0", "not recorded",
+                               "hub Anthropic/hh-rlhf (all subsets), test split, 1000 drawn with sample_seed 0"}
+    table1.write_table1(df, tmp_path / "tables")
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    assert ("Prompts: SHP: file shp/test_1000.jsonl, 1000 drawn with sample_seed 0; HH-RLHF: hub Anthropic/hh-rlhf "
+            "(all subsets), test split, 1000 drawn with sample_seed 0 | not recorded.") in md
+
+
 def test_table1_never_averages_seeds_of_different_scorers(tmp_path):
     """Seed 2 was evaluated with another reward model and coherence encoder: left out and named, never mixed."""
     pair = "llama3_8b__ultrarm"

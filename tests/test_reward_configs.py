@@ -228,3 +228,53 @@ def test_hf_classifier_loads_by_path(tmp_path):
         want = [float(model(**tok(rm.render(p, r), add_special_tokens=False, return_tensors="pt")).logits[0, 0])
                 for p, r in zip(prompts, responses)]
     assert torch.allclose(got, torch.tensor(want), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the lineage's prompt forms
+RECONTROL_WORD = {"llama3": "User: ", "vicuna": "Human: "}  # RE-Control's begin_word per model
+
+
+def recontrol_prompt(model: str, dataset: str, row: dict) -> str:
+    """RE-Control's own construction (inference_intervention.py, ``preprocessing``)."""
+    if dataset == "hh":
+        return row["chosen"].replace("Human:", RECONTROL_WORD[model]).rsplit("Assistant:", 1)[0] + "Assistant:"
+    return RECONTROL_WORD[model] + row["history"] + "\nAssistant:"
+
+
+def recontrol_formats(compose, model: str) -> dict:
+    """The prompt formats of ``+model/format=recontrol_<model>_<hh|shp>``, on the matching model and dataset."""
+    name = {"llama3": "llama3_8b", "vicuna": "vicuna_7b"}[model]
+    return {ds: instantiate(compose([f"model={name}", f"dataset={full}", f"+model/format=recontrol_{model}_{ds}"]
+                                    ).model.prompt_format) for ds, full in (("hh", "hh_rlhf"), ("shp", "shp"))}
+
+
+@pytest.mark.parametrize("model", ["llama3", "vicuna"])
+def test_recontrol_formats_render_the_lineages_prompts(compose, model):
+    from aisp_bench.data.datasets import parse_hh, parse_shp
+
+    fmt = recontrol_formats(compose, model)
+    row = {"chosen": "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine"}
+    assert fmt["hh"].render(parse_hh([row], "x")[0].messages) == recontrol_prompt(model, "hh", row)
+    shp_row = {"post_id": "p", "history": "Why is the sky blue?"}
+    assert fmt["shp"].render(parse_shp([shp_row], "x")[0].messages) == recontrol_prompt(model, "shp", shp_row)
+
+
+@pytest.mark.parametrize("model", ["llama3", "vicuna"])
+def test_recontrol_formats_on_the_real_prompts(compose, model, shared_data):
+    """Every real row whose turns our parser keeps verbatim gets RE-Control's exact text (the others differ
+    in whitespace at turn edges, or in a "Human:" inside a turn, which RE-Control's replace also rewrites)."""
+    from aisp_bench.data.datasets import parse_hh, parse_shp, read_rows
+
+    fmt, plain = recontrol_formats(compose, model), TranscriptFormat()  # plain: the HH-RLHF transcript form
+    hh_rows = read_rows(shared_data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz")
+    checked = 0
+    for r in hh_rows:
+        prompts, cut = parse_hh([r], "x"), r["chosen"].rsplit("Assistant:", 1)[0] + "Assistant:"  # RE-Control's cut
+        verbatim = prompts and plain.render(prompts[0].messages) == cut  # no edge whitespace, same last turn
+        if verbatim and "Human:" not in "".join(m.content for m in prompts[0].messages):
+            assert fmt["hh"].render(prompts[0].messages) == recontrol_prompt(model, "hh", r)
+            checked += 1
+    assert checked > 0.9 * len(hh_rows)
+    shp_rows = read_rows(shared_data / "shp" / "test_1000.jsonl")
+    for r in (r for r in shp_rows if r["history"] == r["history"].strip()):
+        assert fmt["shp"].render(parse_shp([r], "x")[0].messages) == recontrol_prompt(model, "shp", r)

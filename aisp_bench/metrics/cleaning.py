@@ -13,7 +13,8 @@ replaces an empty result by a single space. Here:
    of the text or of a line, or ``##``+ role + colon anywhere. ``"\\n\\nHuman:"``,
    ``"###Human:"``, ``"USER:"``, ``"### User:"`` are all caught; a Markdown heading such
    as ``"### Step 1"`` and the word "human:" in the middle of a line are not (the
-   lineage's bare ``"###"`` separator would have cut at any heading). The roles are
+   lineage's ``clean`` defaults to a bare ``"###"``, which would cut at any heading, but
+   its calls pass the role markers above). The roles are
    configurable per model (``model.turn_roles``), and the model's own ``stop_strings``
    are cut anywhere, as the engine does;
 3. surrounding whitespace is stripped, and an empty response becomes ``" "`` (so that

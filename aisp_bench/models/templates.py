@@ -4,7 +4,7 @@ Templates live in config (``conf/model/*.yaml``, ``conf/reward/*.yaml``), never 
 branches on model names. Two kinds:
 
 * ``TranscriptFormat``: plain text turns, e.g. the ``\\n\\nHuman: ...\\n\\nAssistant:``
-  transcript that the paper's lineage feeds to base models, Vicuna's ``USER: ...
+  transcript the HH-RLHF prompts are written in, Vicuna's ``USER: ...
   ASSISTANT:`` form, UltraRM's ``Human: ...\\nAssistant: ...`` and Eurus-RM's
   ``[INST] ... [/INST] ...``.
 * ``ChatTemplateFormat``: the tokenizer's own chat template.

@@ -106,6 +106,20 @@ def paper_order(runs: Iterable[Run]) -> list[Run]:
                                        r.variant, r.seed))
 
 
+def prompt_source(run: Run) -> str:
+    """Where a run's prompts came from (its manifest's ``dataset``): a local file (its last two
+    path parts) or the hub's split, subset included, and how many were drawn with which seed."""
+    d = run.config.get("dataset") or {}
+    if not d.get("path") and not d.get("hub_id"):
+        return "not recorded"
+    if d.get("path"):
+        where = "file " + "/".join(Path(str(d["path"])).parts[-2:])
+    else:
+        subset = f"/{d['hub_data_dir']}" if d.get("hub_data_dir") else " (all subsets)"
+        where = f"hub {d.get('hub_id')}{subset}, {d.get('split')} split"
+    return f"{where}, {d.get('num_prompts')} drawn with sample_seed {d.get('sample_seed')}"
+
+
 def unfinished_shards(runs: Iterable[Run]) -> list[str]:
     """``<dataset>/<pair>/<method>/<variant>/seed<k>: shards 03 of 16 not complete (03 missing)``
     for each sharded run with a shard missing or unfinished (read as an incomplete run)."""

@@ -22,8 +22,8 @@ from aisp_bench.rundir import Run
 
 from .common import (
     DASH, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_mean_std, mean_std,
-    method_key, one_scale, pair_key, records_mean, render_latex, render_markdown, select_variants, tex_escape,
-    unfinished_shards, write_texts,
+    method_key, one_scale, pair_key, prompt_source, records_mean, render_latex, render_markdown, select_variants,
+    tex_escape, unfinished_shards, write_texts,
 )  # fmt: skip
 
 METRICS = ("reward", "diversity", "coherence")
@@ -78,7 +78,8 @@ def table1(runs: Sequence[Run]) -> pd.DataFrame:
 
     One row per (dataset, model, reward, method); the variant used per cell follows
     :func:`aisp_bench.report.common.select_variants`. Columns: dataset, model, reward,
-    method, variant, seeds, n_seeds, n_prompts (min over seeds), complete (every seed's
+    method, variant, seeds, n_seeds, prompts (where they came from, :func:`~aisp_bench.report.common.prompt_source`),
+    n_prompts (min over seeds), complete (every seed's
     summary says complete), reward_source ("metrics" / "records" / "summary" /
     "mixed" for the last two), and for m in reward/diversity/coherence: ``m_mean``,
     ``m_std`` (ddof=1), ``m_n`` (seeds with a value), ``m_paper_mean``,
@@ -105,6 +106,7 @@ def table1(runs: Sequence[Run]) -> pd.DataFrame:
         row: dict[str, Any] = dict(
             dataset=dataset, model=model, reward=reward, method=method, variant=rs[0].variant,
             seeds=",".join(str(r.seed) for r in rs), n_seeds=len(rs),
+            prompts=" | ".join(sorted({prompt_source(r) for r in rs})),
             n_prompts=min(v["n_prompts"] for v in vals), complete=all(v["complete"] for v in vals),
             reward_source=sources[0] if len(sources) == 1 else "mixed",
             reward_model=reward_model, coherence_encoder=encoder if encoder != "None" else "",
@@ -175,6 +177,11 @@ def _table1_notes(df: pd.DataFrame, has_paper: bool, flags: set[str]) -> list[st
     notes.append("Reward: summary.metrics.reward_mean (evaluation step) where present. Scored by: "
                  + "; ".join(f"{display_pair(r.model, r.reward)}: {r.reward_model}"
                              for r in df.drop_duplicates(["model", "reward", "reward_model"]).itertuples()) + ".")
+    sources: dict[str, set[str]] = {}
+    for r in df.itertuples():
+        sources.setdefault(r.dataset, set()).update(r.prompts.split(" | "))
+    notes.append("Prompts: " + "; ".join(f"{display_dataset(ds)}: {' | '.join(sorted(src))}"
+                                         for ds, src in sources.items()) + ".")
     encoders = sorted({e for e in df["coherence_encoder"] if e})
     if encoders:
         notes.append("Coherence encoder: " + "; ".join(encoders) + ".")
