@@ -96,6 +96,15 @@ def test_model_config_instantiates_without_loading(path):
         assert policy.render(Prompt.single("x", "q")).endswith(policy.prompt_format.generation_prompt)
 
 
+def test_a_conversations_system_message_keeps_the_formats_separator():
+    from aisp_bench.types import Message
+
+    vicuna = instantiate(OmegaConf.load(CONF / "model" / "vicuna_7b.yaml").prompt_format)
+    text = vicuna.render([Message("system", "Be brief."), Message("user", "q")])
+    assert text == "Be brief. USER: q ASSISTANT:"
+    assert vicuna.render([Message("user", "q")]).endswith("questions. USER: q ASSISTANT:")
+
+
 def test_pair_is_chosen_by_model_and_reward_groups():
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose(overrides=["+model=llama3_8b", "+reward=ultrarm"])

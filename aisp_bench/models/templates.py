@@ -31,7 +31,8 @@ class TranscriptFormat:
         generation_prompt: text after the last user turn that asks for the response.
         response: template of the response appended after ``generation_prompt`` when a
             reward model scores it, with ``{content}``.
-        system: text put first (e.g. Vicuna's system line); empty for none.
+        system: text put first (e.g. Vicuna's system line); empty for none. A conversation's
+            own system message replaces it, keeping its trailing separator (whitespace).
     """
 
     user: str = "\n\nHuman: {content}"
@@ -49,7 +50,7 @@ class TranscriptFormat:
         parts = [self.system]
         for m in messages:
             if m.role == "system":
-                parts[0] = m.content
+                parts[0] = m.content + self.system[len(self.system.rstrip()):]
             elif m.role == "user":
                 parts.append(self.user.format(content=m.content))
             else:
