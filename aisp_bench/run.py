@@ -44,8 +44,8 @@ from omegaconf import DictConfig, OmegaConf
 from aisp_bench.cli import UserError, first_line, instantiate_node
 from aisp_bench.config import config_diff, semantic_config
 from aisp_bench.rundir import (
-    MANIFEST, RECORDS, RUN_LOG, SUMMARY, RecordWriter, RunFolderError, Shards, is_temp_file, make_record, read_json,
-    read_records, read_summary, shard_dir, summarize, write_json_atomic,
+    MANIFEST, RECORDS, RUN_LOG, SUMMARY, RecordWriter, RunFolderError, Shards, finite_rewards, is_temp_file,
+    make_record, read_json, read_records, read_summary, shard_dir, summarize, write_json_atomic,
 )  # fmt: skip
 from aisp_bench.runlock import RunLock, is_lock_file
 from aisp_bench.types import Prompt
@@ -340,7 +340,7 @@ def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipp
         batches = [b for b in (fit[s : s + size] for s in range(0, len(fit), size)) if any(p.id not in done for p in b)]
         log.info("%s: %d prompts, %d done, %d to run, %d skipped, %d truncated", job.run_dir, len(job.prompts),
                  len(done), sum(p.id not in done for b in batches for p in b), skipped, truncated)
-        rewards = [float(r["reward"]) for r in writer.existing]
+        rewards = finite_rewards(writer.existing)
         with tqdm(total=sum(len(b) for b in batches), desc=job.method.name, unit="prompt",
                   disable=not cfg.progress, dynamic_ncols=True) as bar:
             for chunk in batches:
@@ -352,9 +352,9 @@ def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipp
                         continue
                     writer.write(make_record(p, res, per_prompt))
                     _phase("record_written")
-                    rewards.append(res.reward)
+                    rewards += finite_rewards([{"reward": res.reward}])  # a NaN reward: all samples were
                 bar.update(len(chunk))
-                bar.set_postfix(mean_reward=f"{sum(rewards) / len(rewards):.4f}")
+                bar.set_postfix(mean_reward=f"{sum(rewards) / max(1, len(rewards)):.4f}")
     return len(done)
 
 

@@ -125,6 +125,21 @@ def make_record(prompt: Prompt, result: Result, seconds: float) -> dict:
     return rec
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or ±inf float as None (JSON's null), so files stay strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    return [json_safe(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+
+def finite_rewards(records: Iterable[dict]) -> list[float]:
+    """The records' finite ``reward`` values (a null reward: every sample of that prompt was non-finite)."""
+    rewards = (r.get("reward") for r in records)
+    return [float(x) for x in rewards if isinstance(x, (int, float)) and math.isfinite(x)]
+
+
 def record_prompt(record: dict[str, Any]) -> Prompt:
     """The record's prompt: its ``messages``, else one user turn holding ``prompt``."""
     pid = str(record.get("prompt_id", ""))
@@ -166,13 +181,6 @@ def scan_records(path: str | Path) -> RecordScan:
     return RecordScan(records, good_end, dropped_tail=False, needs_repair=False)
 
 
-def record_files(run_dir: str | Path) -> list[Path]:
-    """The records files of a run: its own, or its shards' in shard order."""
-    shards = Shards.of(run_dir)
-    paths = [Path(run_dir) / RECORDS] if shards is None else [p / RECORDS for p in shards.folders.values()]
-    return [p for p in paths if p.is_file()]
-
-
 def read_records(run_dir: str | Path) -> list[dict]:
     """Every record of a run folder in file order, a sharded run's in the dataset's order; a torn
     last line is dropped with a warning, a corrupt line before it raises ``RunFolderError``."""
@@ -194,9 +202,10 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def records_sha256(run_dir: str | Path) -> str:
-    """sha256 of the records' bytes."""
-    h = hashlib.sha256()
-    for path in record_files(run_dir):
+    """sha256 of the records' bytes (a sharded run's: its shards' files in shard order)."""
+    shards, h = Shards.of(run_dir), hashlib.sha256()
+    paths = [Path(run_dir) / RECORDS] if shards is None else [p / RECORDS for p in shards.folders.values()]
+    for path in (p for p in paths if p.is_file()):
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -222,7 +231,7 @@ class RecordWriter:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.write(json.dumps(json_safe(record), ensure_ascii=False, allow_nan=False) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
 
@@ -234,12 +243,12 @@ class RecordWriter:
 
 
 def summarize(records: Iterable[dict], num_prompts: int, skipped: list[str], truncated: list[str]) -> dict:
-    """Counts and totals of a run, a pure function of its records."""
+    """Counts and totals of a run, a pure function of its records; ``mean_reward`` and
+    ``std_reward`` over the finite rewards (``num_nonfinite_rewards`` counts the others, if any)."""
     recs = list(records)
-    rewards = [float(r["reward"]) for r in recs]
-    n = len(rewards)
-    mean = sum(rewards) / n if n else None
-    std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / n) if n else None
+    n, rewards = len(recs), finite_rewards(recs)
+    mean = sum(rewards) / len(rewards) if rewards else None
+    std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards)) if rewards else None
     return {
         "num_prompts": num_prompts,
         "num_done": n,
@@ -254,7 +263,7 @@ def summarize(records: Iterable[dict], num_prompts: int, skipped: list[str], tru
         "total_tokens": sum(int(r["num_tokens"]) for r in recs),
         "total_seconds": sum(float(r["seconds"]) for r in recs),
         "mean_response_tokens": (sum(int(r["response_tokens"]) for r in recs) / n) if n else None,
-    }
+    } | ({"num_nonfinite_rewards": n - len(rewards)} if len(rewards) < n else {})
 
 
 # -- prompt shards ---------------------------------------------------------------------------

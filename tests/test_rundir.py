@@ -71,6 +71,26 @@ def test_atomic_json_and_summary(tmp_path):
     assert not summarize(recs[:1], num_prompts=3, skipped=[], truncated=[])["complete"]
 
 
+def test_nonfinite_numbers_are_written_as_null_and_summarised_apart(tmp_path):
+    """A prompt whose every sample had a NaN reward: records.jsonl stays strict JSON, the summary's
+    mean is over the finite rewards and counts the other."""
+    nan, inf = float("nan"), float("inf")
+    recs = [dict(prompt_id="a", reward=1.0, sample_rewards=[1.0, nan], iterations=[{"ess": nan}], num_samples=2,
+                 num_tokens=4, seconds=1.0, response_tokens=2),
+            dict(prompt_id="b", reward=nan, sample_rewards=[nan, inf], num_samples=2, num_tokens=4, seconds=1.0,
+                 response_tokens=2)]
+    with RecordWriter(tmp_path) as w:
+        for r in recs:
+            w.write(r)
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in records.jsonl"))
+              for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert strict[0]["sample_rewards"] == [1.0, None] and strict[0]["iterations"] == [{"ess": None}]
+    assert strict[1]["reward"] is None and strict[1]["sample_rewards"] == [None, None]
+    s = summarize(read_records(tmp_path), num_prompts=2, skipped=[], truncated=[])
+    assert s["mean_reward"] == 1.0 and s["std_reward"] == 0.0 and s["num_nonfinite_rewards"] == 1 and s["complete"]
+    assert "num_nonfinite_rewards" not in summarize(recs[:1], num_prompts=1, skipped=[], truncated=[])
+
+
 def test_record_schema_round_trips_the_prompt():
     conv = Prompt("p1", (Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "A joke?")))
     res = Result("p1", "Why not.", 0.5, [0.1, 0.5], 2, 7, "eos", 3, [4, 3], iterations=[{"k": 1}], extra={"x": 1})
