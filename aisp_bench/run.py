@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import os
 import platform
 import shutil
@@ -352,7 +353,8 @@ def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipp
                         continue
                     writer.write(make_record(p, res, per_prompt))
                     _phase("record_written")
-                    rewards += finite_rewards([{"reward": res.reward}])  # a NaN reward: all samples were
+                    if math.isfinite(res.reward):  # NaN: every sample of the prompt was non-finite
+                        rewards.append(res.reward)
                 bar.update(len(chunk))
                 bar.set_postfix(mean_reward=f"{sum(rewards) / max(1, len(rewards)):.4f}")
     return len(done)
