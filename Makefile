@@ -67,7 +67,7 @@ EVALUATE = $(PY) -m aisp_bench.evaluate results_dir=$(RESULTS) select.pair=$(PAI
   encoder=$(ENCODER) $(if $(EVAL_REWARD),reward=$(EVAL_REWARD)) $(if $(GOLD_REWARD),gold_reward=$(GOLD_REWARD))
 EVAL_VARIANTS ?= table1
 
-# The benchmark data beside this checkout (our CI and dev machines); elsewhere the hub.
+# The benchmark data beside this checkout, where present (../shared/data); elsewhere the hub.
 # The SHP file is the lineage's 1000 prompts (the paper's set). The HH-RLHF file is the
 # harmless-base subset only, so it stands in for HH-RLHF below SCALE=paper alone; the
 # paper's HH-RLHF is the hub's whole test split (AISP_HH_PATH=FILE to choose otherwise).
@@ -104,8 +104,8 @@ bench: setup  ## engine vs transformers generate on the CPU (results/bench/engin
 	$(PY) scripts/bench_engine.py
 	$(PY) scripts/bench_rewards.py
 
-bench-gpu: setup  ## the three methods end to end on CUDA at paper settings (results/bench/methods_cuda.json)
-	$(PY) scripts/bench_methods.py
+bench-gpu: setup  ## the three methods end to end on CUDA at paper settings (results/bench/methods_gpu.json: what make plan reads)
+	$(PY) scripts/bench_methods.py --out results/bench/methods_gpu.json
 
 bench-gpu-engine: setup  ## the engine against transformers generate on CUDA (results/bench/engine_gpu.json)
 	$(PY) scripts/bench_gpu.py

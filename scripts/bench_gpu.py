@@ -1,4 +1,4 @@
-"""Engine checks and timings on CUDA (``make bench-gpu``; run where a GPU is present).
+"""Engine checks and timings on CUDA (``make bench-gpu-engine``; run where a GPU is present).
 
 1. Correctness, fp32, a tiny random Llama: the engine equals ``transformers`` generate
    token for token, with zero noise and with pre-logit noise added by an ``lm_head``

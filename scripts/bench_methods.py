@@ -2,7 +2,8 @@
 
 One command, one JSON, one table:
 
-    python scripts/bench_methods.py                   # CUDA: writes results/bench/methods_gpu.json
+    python scripts/bench_methods.py                   # CUDA: writes results/bench/methods_cuda.json
+                                                      # (make bench-gpu, gpu_session.sh: methods_gpu.json, for plan)
     python scripts/bench_methods.py --device cpu --out /tmp/m.json   # tiny shapes, seconds: the dry run the tests run
 
 What runs, in this order (a time budget, ``--budget-s``, skips what is left; the JSON is

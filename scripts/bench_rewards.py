@@ -12,7 +12,7 @@ real SHP posts (../shared/data/shp/test_1000.jsonl, or --data) as prompts and re
      what the rewards did before);
    * ``many_prompts``: one response to each of ``--rows`` different prompts of length L
      (nothing to share).
-   The issue's target is many_prompts / one_prompt >= 3 on a CPU; the ideal ratio is
+   The target is many_prompts / one_prompt >= 3 on a CPU; the ideal ratio is
    the token ratio rows·(L + R) / (L + rows·R), so it depends on L against the response
    length R (``--response-tokens``), hence a curve.
 2. ``aisp``: ``--aisp-prompts`` SHP prompts at their own length (spread evenly over the

@@ -3,8 +3,9 @@
 #
 #   VENV=.venv bash scripts/setup_env.sh
 #
-# CPU machines: torch==2.13.0 (a local CPU build on our machines) is installed first, so
-# the dependency range `torch>=2.4` never pulls a multi-GB CUDA build. GPU machines:
+# CPU machines: torch==2.13.0 is installed first when the environment has no torch (on
+# Linux, PyPI's wheel brings several GB of CUDA libraries: set
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU build). GPU machines:
 # install your CUDA torch into the environment first (or point VENV at one that has it);
 # any torch already there is kept.
 set -euo pipefail

@@ -192,6 +192,7 @@ def test_end_to_end_run_and_resume(tmp_path, shared_data):
     args = _shp_args(shared_data)
     out = cli(args, tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == "" and "[aisp_bench.models.policy][INFO] - loading policy" in out.stderr  # logs on stderr
     run_dir = tmp_path / "smoke/runs/shp/smollm2_135m__smollm2_judge/aisp/default/seed0"
     recs = read_records(run_dir)
     assert len(recs) == 2 and len({r["prompt_id"] for r in recs}) == 2

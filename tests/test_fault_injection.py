@@ -146,8 +146,8 @@ def test_left_overs_and_an_open_manifest_are_repaired(config, monkeypatch):
 
 
 def test_real_process_killed_at_a_phase_resumes(config, tmp_path):
-    """The real entry point: ``python -m aisp_bench`` SIGKILLed where the issue's kill left a
-    folder that was refused for good (between the folder's creation and its manifest)."""
+    """The real entry point: ``python -m aisp_bench`` SIGKILLed where a kill once left a folder
+    that was refused for good (between the folder's creation and its manifest)."""
     ref, _ = reference(config, "aisp")
     args = ["method=aisp", *fi.TINY]
     assert fi.run_cli(args, tmp_path / "cli", kill_at="folder_created")[0] == -signal.SIGKILL
