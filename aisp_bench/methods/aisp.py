@@ -48,7 +48,7 @@ from collections.abc import Sequence
 
 import torch
 
-from aisp_bench.methods.base import METHODS, Method, Tracker
+from aisp_bench.methods.base import Method, Tracker
 from aisp_bench.seeding import gaussian_rows
 from aisp_bench.types import Prompt, Result
 
@@ -108,7 +108,6 @@ def diagnostics(k: int, r: torch.Tensor, w: torch.Tensor, U: torch.Tensor, lam: 
     }
 
 
-@METHODS.register("aisp")
 class AISP(Method):
     """Adaptive importance sampling of the pre-logit noise mean (Algorithm 1).
 

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 
-from aisp_bench.registry import Registry
 from aisp_bench.rewards.batching import SequenceScorer, last_token_index, pad_batch
 from aisp_bench.types import Prompt
 
 log = logging.getLogger(__name__)
-REWARDS: Registry[type] = Registry("reward")
 
 
 class RewardModel(ABC):
@@ -266,5 +264,5 @@ class TextPairReward(DecoderReward):
         return ids
 
 
-__all__ = ["REWARDS", "RewardModel", "DecoderReward", "TextPairReward", "load_pretrained", "truncate_keep_end",
+__all__ = ["RewardModel", "DecoderReward", "TextPairReward", "load_pretrained", "truncate_keep_end",
            "pad_batch", "last_token_index", "pad_token_id", "model_device"]

@@ -21,10 +21,9 @@ from __future__ import annotations
 import torch
 
 from aisp_bench.models.templates import ChatTemplateFormat
-from aisp_bench.rewards.base import REWARDS, TextPairReward, pad_token_id
+from aisp_bench.rewards.base import TextPairReward, pad_token_id
 
 
-@REWARDS.register("hf_classifier")
 class HFClassifierReward(TextPairReward):
     """A one-output sequence-classification reward model by hub id or local folder.
 

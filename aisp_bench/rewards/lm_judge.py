@@ -21,13 +21,12 @@ from __future__ import annotations
 import torch
 
 from aisp_bench.models.loading import gguf_safetensors_cache, package_file
-from aisp_bench.rewards.base import REWARDS, DecoderReward, load_pretrained, truncate_keep_end
+from aisp_bench.rewards.base import DecoderReward, load_pretrained, truncate_keep_end
 from aisp_bench.types import Message, Prompt
 
 _MARK = "\x00CONVERSATION\x00"
 
 
-@REWARDS.register("lm_judge")
 class LMJudgeReward(DecoderReward):
     """Score = log P(yes) - log P(no) of a causal LM asked a fixed question.
 

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import torch
 
 from aisp_bench.rewards.base import (
-    REWARDS,
     RewardModel,
     leading_special_count,
     load_pretrained,
@@ -35,7 +34,6 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
-@REWARDS.register("embedding_similarity")
 class EmbeddingSimilarityReward(RewardModel):
     """Cosine similarity between the embedded prompt and the embedded response.
 
