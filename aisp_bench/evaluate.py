@@ -193,10 +193,16 @@ class BasePolicy:
                                          f"{first_line(e)}") from None
         return self._engines[key]
 
+    def response_logprobs(self, run: Run, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> list:
+        """``prefix_scoring.response_logprobs`` under the run's policy: ``ResponseLogProb`` lists."""
+        from aisp_bench.prefix_scoring import response_logprobs
+
+        return response_logprobs(self.engine(run), prompts, responses)
+
     def _score(self, run: Run, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> None:
         """Into the memo: ``responses[i]`` after ``prompts[i]`` (each prompt prefilled once)."""
         memo = self._memo.setdefault(self._key(run), {})
-        for prompt, texts, got in zip(prompts, responses, self.engine(run).response_logprobs(prompts, responses)):
+        for prompt, texts, got in zip(prompts, responses, self.response_logprobs(run, prompts, responses)):
             memo.update({_pair_key(prompt.to_json(), t): g.mean for t, g in zip(texts, got)})
 
     def prepare(self, runs: Sequence[Run], force: bool = False) -> None:

@@ -350,24 +350,24 @@ def decode_variants(ctx) -> dict:
     prompts = random_prompts(P, a.prompt_len, ctx.vocab, seed=11)
     g = torch.Generator(dev).manual_seed(0)
     noise = a.sigma * torch.randn(P * a.n, a.tau, ctx.policy.config.hidden_size, device=dev, generator=g)
-    slots = torch.arange(P).repeat_interleave(a.n)
+    prompt_of_row = torch.arange(P).repeat_interleave(a.n)
     variants = {"eager_copy": dict(attention="copy"), "eager_shared": dict(attention="shared_prefix")}
     variants.update({step: dict(decode_step=step) for step in ctx.steps if step == "cuda_graph"})
     variants["eager_shared_sync1"] = dict(attention="shared_prefix", sync_every=1)
     variants.update({step: dict(decode_step=step) for step in ctx.steps if step == "static"})
     base = make_engine(ctx, max_batch_rows=P * a.n)
-    out = {"prompts": P, "rows": P * a.n, "auto_attention": base.attention_for(base.prefill(prompts), P * a.n)}
+    out = {"prompts": P, "rows": P * a.n, "auto_attention": base.attention}
     ref: list = []
 
     def one(name, kw):
         eng = make_engine(ctx, max_batch_rows=P * a.n, **kw)
         prefix = eng.prefill(prompts)
         t0 = now(dev)
-        eng.decode(prefix, slots, noise=noise)  # warm-up: kernels chosen, allocator grown, graphs captured
+        eng.decode(prefix, prompt_of_row, noise=noise)  # warm-up: kernels chosen, allocator grown, graphs captured
         warm = now(dev) - t0
         reset_peak(dev)
         t0 = now(dev)
-        samples = eng.decode(prefix, slots, noise=noise)
+        samples = eng.decode(prefix, prompt_of_row, noise=noise)
         sec = now(dev) - t0
         toks = sum(s.num_tokens for s in samples)
         fl = ctx.floor.decode(P, P * a.n, max(s.num_tokens for s in samples))
@@ -397,7 +397,7 @@ def profile_steps(ctx) -> dict:
     prompts = random_prompts(P, a.prompt_len, ctx.vocab, seed=12)
     noise = a.sigma * torch.randn(P * a.n, 8, ctx.policy.config.hidden_size, device=dev)
     uniforms = torch.rand(P * a.n, 8, dtype=torch.float64)
-    slots = torch.arange(P).repeat_interleave(a.n)
+    prompt_of_row = torch.arange(P).repeat_interleave(a.n)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     variants = {"eager_noise": ("eager", dict(noise=noise)),
                 "eager_topp": ("eager", dict(uniforms=uniforms, temperature=0.6, top_p=0.9))}
@@ -408,9 +408,9 @@ def profile_steps(ctx) -> dict:
         def one(step=step, kw=kw):
             eng = make_engine(ctx, max_batch_rows=P * a.n, max_new_tokens=8, decode_step=step)
             prefix = eng.prefill(prompts)
-            eng.decode(prefix, slots, **kw)
+            eng.decode(prefix, prompt_of_row, **kw)
             with profile(activities=acts) as prof:
-                eng.decode(prefix, slots, **kw)
+                eng.decode(prefix, prompt_of_row, **kw)
                 sync(dev)
             key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
             return {"table": prof.key_averages().table(sort_by=key, row_limit=30)}
@@ -500,7 +500,7 @@ def run_method(ctx, label: str, method, prompts: list[Prompt], engine_kw: dict) 
            "floor_fraction": sum(floors.values()) / total,
            "decode_floor_fraction": floors["decode"] / parts["decode"] if parts["decode"] else None,
            "batch_rows": eng.max_batch_rows,
-           "attention": eng.attention_for(eng.prefill(prompts), min(eng.max_batch_rows, P * method.rows_per_prompt)),
+           "attention": eng.attention,
            "decode_step": eng.decode_step, "sync_every": eng.sync_every, "graph_captures": eng.stats["graph_captures"],
            "all_rows_full_length": all(n == ctx.args.new_tokens for n in lengths),
            "rewards_finite": all(math.isfinite(x) for r in results for x in r.sample_rewards)}
@@ -568,11 +568,11 @@ def step_checks(dev: str) -> dict:
     prompts = random_prompts(3, 9, 500, seed=5)
     prompts[1] = Prompt.single("long", prompts[1].text + " " + prompts[0].text)
     noise = 2.0 * torch.randn(12, 10, 64, generator=torch.Generator().manual_seed(1)).to(dev)
-    slots = torch.arange(3).repeat_interleave(4)
+    prompt_of_row = torch.arange(3).repeat_interleave(4)
 
     def rows(tok, **kw):
         eng = Engine(model, tok, max_new_tokens=24, check_prelogit=False, **kw)
-        return [(s.token_ids, s.finish_reason) for s in eng.decode(eng.prefill(prompts), slots, noise=noise)]
+        return [(s.token_ids, s.finish_reason) for s in eng.decode(eng.prefill(prompts), prompt_of_row, noise=noise)]
 
     tok = WordTokenizer(512, eos=511)
     free = rows(tok, attention="copy")  # make a frequent token the EOS, so rows end early
@@ -707,7 +707,7 @@ def main(argv: list[str] | None = None) -> dict:
         "policy": "Llama-3-8B shape" + (" (tiny)" if cpu else ""),
         "reward": "UltraRM-13B shape" + (" (tiny)" if cpu else ""),
         "dtype": str(dtype), "init_seconds": time.perf_counter() - t0,
-        "policy_gb": probe_eng.weight_bytes / 1e9,
+        "policy_gb": sum(p.numel() * p.element_size() for p in ctx.policy.parameters()) / 1e9,
         "reward_gb": sum(p.numel() * p.element_size() for p in ctx.reward.model.parameters()) / 1e9,
         "reward_config": {k: v for k, v in reward_conf.items() if k not in ("name_or_path",)},
         "batch_rows_auto": probe_eng.max_batch_rows, "sync_every_auto": probe_eng.sync_every,

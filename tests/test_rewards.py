@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, MistralConfig, PreTrainedTokenizerFast
 
+from aisp_bench.engine import pad
 from aisp_bench.rewards import (
     EmbeddingSimilarityReward,
     HFClassifierReward,
@@ -25,7 +26,7 @@ from aisp_bench.rewards import (
     RegressionHeadReward,
     RewardModel,
 )
-from aisp_bench.rewards.base import last_token_index, pad_batch, truncate_keep_end
+from aisp_bench.rewards.base import last_token_index, truncate_keep_end
 from aisp_bench.types import Message, Prompt
 
 CONF = Path(__file__).resolve().parents[1] / "aisp_bench" / "conf"
@@ -132,11 +133,14 @@ def test_score_sorts_batches_and_restores_order():
 
 
 def test_padding_helpers():
-    ids, mask, pos = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and pos.tolist() == [[0, 1, 2], [0, 0, 0]]
+    ids, mask, pos = pad([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and pos.tolist() == [[0, 1, 2], [1, 1, 0]]  # padding: 1
     assert last_token_index(mask).tolist() == [2, 2]
-    ids, mask, pos = pad_batch([[5, 6, 7], [8]], pad_id=0, side="right")
+    ids, mask, pos = pad([[5, 6, 7], [8]], pad_id=0, side="right")
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and last_token_index(mask).tolist() == [2, 0]
+    assert pos[0].tolist() == [0, 1, 2] and pos[1, 0] == 0
+    ids, mask, _ = pad([[], []], pad_id=9)  # nothing to pad: one masked column
+    assert ids.tolist() == [[9], [9]] and mask.sum() == 0
     assert truncate_keep_end(list(range(10)), 4, keep_head=1) == [0, 7, 8, 9]
     assert truncate_keep_end(list(range(3)), 4, keep_head=1) == [0, 1, 2]
 
@@ -174,7 +178,7 @@ def test_regression_head_same_whatever_batch_size_and_padding(tiny_rm, tok):
 def test_regression_head_forward_matches_model_card_readout(tiny_rm, tok):
     """The model cards read the reward at attention_mask.cumsum(1).argmax(1)."""
     _, model = tiny_rm
-    ids, mask, _ = pad_batch([[1, 5, 6, 7, 8], [1, 9, 10]], pad_id=0, side="right")
+    ids, mask, _ = pad([[1, 5, 6, 7, 8], [1, 9, 10]], pad_id=0, side="right")
     with torch.inference_mode():
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         ends = mask.cumsum(dim=1).argmax(dim=1).view(-1, 1)

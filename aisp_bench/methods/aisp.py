@@ -136,12 +136,12 @@ class AISP(Method):
         U = [torch.zeros(tau, engine.hidden_size, device=engine.device) for _ in prompts]
         trackers = [Tracker(p.id) for p in prompts]
         iterations: list[list[dict]] = [[] for _ in prompts]
-        slots = torch.arange(P).repeat_interleave(n)
+        prompt_of_row = torch.arange(P).repeat_interleave(n)
         rm_prompts = [p for p in prompts for _ in range(n)]
         for k in range(1, self.kappa + 1):
             t0 = time.perf_counter()
             V = [self.draw_V(U[p], seed, prompts[p].id, k) for p in range(P)]
-            samples = engine.decode(prefix, slots, noise=torch.cat(V))
+            samples = engine.decode(prefix, prompt_of_row, noise=torch.cat(V))
             r = reward.score(rm_prompts, [s.text for s in samples]).view(P, n)
             seconds = (time.perf_counter() - t0) / P
             for p in range(P):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from aisp_bench.rewards.batching import SequenceScorer, last_token_index, pad_batch
+from aisp_bench.rewards.batching import SequenceScorer, last_token_index
 from aisp_bench.types import Prompt
 
 log = logging.getLogger(__name__)
@@ -265,4 +265,4 @@ class TextPairReward(DecoderReward):
 
 
 __all__ = ["RewardModel", "DecoderReward", "TextPairReward", "load_pretrained", "truncate_keep_end",
-           "pad_batch", "last_token_index", "pad_token_id", "model_device"]
+           "last_token_index", "pad_token_id", "model_device"]

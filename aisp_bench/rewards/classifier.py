@@ -10,8 +10,8 @@ How the logit is read:
   backbone runs with explicit position ids and the head is read at each row's last
   attention-mask token, so left and right padding give the same reward and a pad id
   that also occurs in the text (pad = EOS) cannot move the read-out token. Where
-  ``shared_prefix`` covers the backbone (Llama, Mistral, Qwen2/3), a prompt's responses
-  share its tokens (``rewards/batching.py``), as for the regression heads.
+  shared-prefix attention covers the backbone (Llama, Mistral, Qwen2/3), a prompt's
+  responses share its tokens (``rewards/batching.py``), as for the regression heads.
 * Anything else (encoders such as DeBERTa, which pool their first token): the model's
   own forward, right padded, every pair in full.
 """

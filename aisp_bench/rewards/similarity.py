@@ -16,12 +16,12 @@ from collections.abc import Sequence
 
 import torch
 
+from aisp_bench.engine.padding import pad
 from aisp_bench.rewards.base import (
     RewardModel,
     leading_special_count,
     load_pretrained,
     model_device,
-    pad_batch,
     pad_token_id,
     truncate_keep_end,
 )
@@ -102,7 +102,7 @@ class EmbeddingSimilarityReward(RewardModel):
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised mean-pooled embeddings (N, d), float32."""
-        ids, mask, _ = pad_batch([self._encode_text(t) for t in texts], self._pad_id, "right", model_device(self.model))
+        ids, mask, _ = pad([self._encode_text(t) for t in texts], self._pad_id, "right", model_device(self.model))
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         return torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
 
