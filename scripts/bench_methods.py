@@ -20,10 +20,12 @@ rewritten after every part, so a run cut short keeps what it measured):
    inside a ``RegressionHeadReward`` built from ``conf/reward/ultrarm.yaml``. Sanity
    probes: finite logits and rewards with a spread.
 4. ``decode``: one AISP iteration's decode alone (P prompts x n rows, noise on τ steps)
-   through each ``decode_step`` and attention path: seconds, tokens/s, % of the floor.
+   through each ``decode_step`` and ``attention`` path: seconds, tokens/s, % of the floor.
+   (These and the reward's ``attention`` are the engine tuning of BENCHMARKS.md, "Engine
+   tuning": set here through the ``Engine``'s and the reward's constructor arguments.)
 5. ``reward``: one AISP iteration's scoring alone (``reward_variants``): the configured
-   reward settings, full scoring (no shared prompt), each ``shared_attention`` and a
-   larger token budget, then a profiler table of one call.
+   reward settings, each reward ``attention`` (``full``: no shared prompt; ``split``,
+   ``sdpa``) and a larger token budget, then a profiler table of one call.
 6. ``aisp`` (κ iterations + the final candidate), ``bon_topp`` and ``bon_gaussian``
    (N = 256 and 1024, one prompt) through their real classes, with the engine as
    ``python -m aisp_bench`` builds it (``batch_rows`` auto, ``decode_step`` auto) and
@@ -421,10 +423,9 @@ def profile_steps(ctx) -> dict:
 def reward_variants(ctx) -> dict:
     """One AISP iteration's scoring, as ``aisp/default`` batches it (``batch_rows // n``
     prompts x n responses of ``--new-tokens`` words), per reward setting: the
-    configured one, full scoring (``share_prefix=False``: every row reads its prompt),
-    each ``shared_attention`` (split products, or one fused SDPA call on gathered KV)
-    and 2x the token budget per forward (``batch_size`` and ``max_batch_tokens``).
-    Seconds per prompt-iteration, the floor, and max |reward - default's|; then the
+    configured one, each ``attention``: ``full`` (every row reads its prompt), ``split``
+    (split products) and ``sdpa`` (one fused SDPA call on gathered KV), and 2x the token
+    budget per forward (``batch_size`` and ``max_batch_tokens``). Seconds per prompt-iteration, the floor, and max |reward - default's|; then the
     profiler over one call of the configured setting."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -433,9 +434,9 @@ def reward_variants(ctx) -> dict:
     prompts = [p for p in random_prompts(P, a.prompt_len, ctx.vocab, seed=21) for _ in range(a.n)]
     g = torch.Generator().manual_seed(2)
     responses = [" ".join(map(str, row)) for row in torch.randint(10, 30000, (P * a.n, a.new_tokens), generator=g).tolist()]
-    conf = {k: getattr(rw, k) for k in ("share_prefix", "shared_attention", "batch_size", "max_batch_tokens")}
-    variants = {"configured": {}, "full": dict(share_prefix=False), "split": dict(shared_attention="split"),
-                "sdpa": dict(shared_attention="sdpa"),
+    conf = {k: getattr(rw, k) for k in ("attention", "batch_size", "max_batch_tokens")}
+    variants = {"configured": {}, "full": dict(attention="full"), "split": dict(attention="split"),
+                "sdpa": dict(attention="sdpa"),
                 "tokens_x2": dict(batch_size=2 * conf["batch_size"], max_batch_tokens=2 * conf["max_batch_tokens"])}
     out: dict = {"prompts": P, "rows": len(prompts), "settings": dict(conf)}
     floor = ctx.floor.reward(*reward_detail(rw, prompts, responses))  # the same pairs for every setting
@@ -604,12 +605,12 @@ def reward_checks(dev: str) -> dict:
     order = torch.randperm(len(prompts), generator=g).tolist()  # prompts interleaved in the call
     prompts, responses = [prompts[i] for i in order], [responses[i] for i in order]
     saved = reward.stats["prefix_tokens_saved"]
-    reward.shared_attention = "split"
+    reward.attention = "split"
     shared = reward.score(prompts, responses)
-    reward.shared_attention = "sdpa"
+    reward.attention = "sdpa"
     fused = reward.score(prompts, responses)
     saved = reward.stats["prefix_tokens_saved"] - saved
-    reward.share_prefix = False
+    reward.attention = "full"
     full = reward.score(prompts, responses)
     reward.batch_size = 1
     alone = reward.score(prompts, responses)

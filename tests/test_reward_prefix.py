@@ -156,7 +156,7 @@ def test_regression_head_shared_prefix_equals_one_by_one(kind, bos_tok):
     prompts, responses = mixed_batch()
     for side, attention in (("left", "split"), ("right", "split"), ("right", "sdpa")):
         rm = reward_from_yaml(name, max_length=80, padding_side=side, max_batch_tokens=160, batch_size=4,
-                              shared_attention=attention)
+                              attention=attention)
         rm.attach(model, bos_tok)
         seqs = [rm.encode(p, r) for p, r in zip(prompts, responses)]
         want = torch.tensor([direct_reward(model, s) for s in seqs])
@@ -229,7 +229,7 @@ def test_shared_prefix_on_gpu_matches_cpu(bos_tok):
     prompts, responses = mixed_batch()
     cpu = reward_from_yaml("ultrarm", max_length=80).attach(model, bos_tok).score(prompts, responses)
     for attention in ("split", "sdpa"):
-        gpu_rm = reward_from_yaml("ultrarm", max_length=80, shared_attention=attention)
+        gpu_rm = reward_from_yaml("ultrarm", max_length=80, attention=attention)
         gpu_rm.attach(copy.deepcopy(model).cuda(), bos_tok)
         assert torch.allclose(gpu_rm.score(prompts, responses), cpu, atol=1e-4)
         assert gpu_rm.stats["prefix_tokens_saved"] > 0

@@ -342,7 +342,7 @@ def test_judge_prefix_sharing_and_batching_match_direct_computation(judge, smoll
     before = judge.stats["prefix_tokens_saved"]
     shared = judge.score([p] * 4, responses)
     assert judge.stats["prefix_tokens_saved"] > before  # the prefix path ran
-    plain = reward_from_yaml("smollm2_judge", device="cpu", share_prefix=False, batch_size=1)
+    plain = reward_from_yaml("smollm2_judge", device="cpu", attention="full", batch_size=1)
     plain.attach(smollm2.model, smollm2.tokenizer)
     assert torch.allclose(shared, plain.score([p] * 4, responses), atol=1e-4)
     tok = smollm2.tokenizer
@@ -400,10 +400,10 @@ def tiny_judge(tok, device="cpu", **kw) -> LMJudgeReward:
     return judge.attach(lm, tok)
 
 
-@pytest.mark.parametrize("shared_attention", ["split", "sdpa"])
-def test_judge_prefix_sharing_truncation_and_readout_tiny(tok, shared_attention):
-    judge = tiny_judge(tok, batch_size=3, max_length=40, shared_attention=shared_attention)
-    plain = tiny_judge(tok, batch_size=1, max_length=40, share_prefix=False)
+@pytest.mark.parametrize("attention", ["split", "sdpa"])
+def test_judge_prefix_sharing_truncation_and_readout_tiny(tok, attention):
+    judge = tiny_judge(tok, batch_size=3, max_length=40, attention=attention)
+    plain = tiny_judge(tok, batch_size=1, max_length=40, attention="full")
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2 + [PROMPTS[3]]
     responses = ["Paris.", "It is Paris, the big city.", "", "ha", "A joke: " + "la " * 40, "ok"]
     got = judge.score(prompts, responses)
@@ -446,6 +446,6 @@ def test_regression_head_on_gpu_in_bf16_matches_cpu(tmp_path, tok, device_map):
 @pytest.mark.gpu
 def test_judge_prefix_sharing_on_gpu(tok):
     judge = tiny_judge(tok, device="cuda", batch_size=4)
-    cpu = tiny_judge(tok, device="cpu", batch_size=1, share_prefix=False)
+    cpu = tiny_judge(tok, device="cpu", batch_size=1, attention="full")
     prompts, responses = [PROMPTS[0]] * 4 + [PROMPTS[2]], ["Paris.", "It is Paris.", "", "ha", "no"]
     assert torch.allclose(judge.score(prompts, responses), cpu.score(prompts, responses), atol=1e-3)

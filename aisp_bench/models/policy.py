@@ -141,7 +141,7 @@ def build_engine(policy: Policy, *, max_new_tokens: int, batch_rows: int | str, 
     truncated from the left (``prompt_overflow="truncate_left"``) or refused
     (``"skip"``: the engine raises, the run skips them beforehand). Engines are cheap:
     build one per job from a policy loaded once. ``engine_options``: the ``Engine``'s
-    ``decode_step``, ``attention`` and ``sync_every`` (``generation.*``).
+    ``decode_step``, ``attention`` and ``sync_every`` (the tuning block, ``engine.*``).
     """
     from aisp_bench.engine import Engine
 

@@ -23,7 +23,8 @@ pair's ids, exactly as full scoring reads them, and a key naming its prompt
    most ``max_rows`` rows; a group is never split over two prefills (its rows may take
    several suffix forwards against one prefill).
 
-``plan`` is the pure grouping and packing; ``SequenceScorer`` runs it on a model.
+``plan`` is the pure grouping and packing; ``SequenceScorer`` runs it on a model and
+chooses how a row attends to its shared prompt (``attention``).
 """
 
 from __future__ import annotations
@@ -167,27 +168,30 @@ class SequenceScorer:
         *,
         max_batch_tokens: int,
         max_rows: int,
-        share_prefix: bool,
         padding_side: str,
         stats: dict,
-        shared_attention: str = "auto",
+        attention: str = "auto",
     ) -> torch.Tensor:
         """Rewards (len(seqs),) float32 on the CPU, in input order; ``keys[i]`` names the
         prompt of sequence i (equal keys: candidates for a shared prefix). Adds this
         call's rows, forwards, padded tokens and prefix tokens saved to ``stats``.
-        ``shared_attention``: how a response attends to its shared prompt, ``sdpa`` (one
-        fused call, ``engine.attention.fused_attention``), ``split`` or ``auto`` (sdpa on the
-        CPU, 2-3x faster there; split on a GPU, where sdpa is not measured yet)."""
+
+        ``attention``, how a row attends to the prefix its group shares: ``split`` (one
+        product per prompt for all its rows' queries, no copy of the prompt KV), ``sdpa``
+        (each row's prompt KV gathered next to its own, one fused call per layer:
+        ``engine.attention.fused_attention``), ``full`` (no shared prefix: every sequence
+        scored whole) or ``auto``: sdpa on the CPU (measured 12-13% faster there), split on
+        a GPU (where sdpa is not measured yet); shared only where it is exact (point 3).
+        All give the same rewards in fp32 (BENCHMARKS.md)."""
         if any(not len(s) for s in seqs):
             raise ValueError("cannot score an empty token sequence")
         out = torch.empty(len(seqs), dtype=torch.float32)
-        # shared-prefix attention is exact for these sequences on this placement (``supported``)
-        share = (share_prefix and self.forward is None and self.backbone is not None
+        share = (attention != "full" and self.forward is None and self.backbone is not None
                  and supported(self.backbone, max(len(s) for s in seqs)))
         todo = plan(seqs, keys, max_batch_tokens, max_rows, share=share)
         stats["rows"] += len(seqs)
         side = padding_side if self.forward is None else "right"
-        fused = shared_attention == "sdpa" or (shared_attention == "auto" and torch.device(self.device).type != "cuda")
+        fused = attention == "sdpa" or (attention == "auto" and torch.device(self.device).type != "cuda")
         for batch in todo.full:
             ids, mask, pos = pad([seqs[i] for i in batch], self.pad_id, side, self.device)
             out[torch.tensor(batch)] = self._full(ids, mask, pos).float().cpu()
