@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from aisp_bench.config import CONF_DIR
+from aisp_bench.config import CONF_DIR, MOVED_KEYS
 from aisp_bench.registry import UnknownNameError
 from aisp_bench.results import Selection, discover_runs, runs_root
 from aisp_bench.rundir import RECORDS, Run, RunFolderError, scan_records
@@ -76,6 +76,7 @@ def preflight(config_name: str, argv: Sequence[str]) -> None:
     try:
         parsed = _parse_overrides(args.overrides)
         _refuse_key_deletions(parsed)
+        refuse_moved_keys(parsed)
         first = _sweep_jobs(parsed)[0] if args.multirun else list(args.overrides)
         cfg, params = compose_config(config_name, first)
         check(cfg)
@@ -114,6 +115,17 @@ def _refuse_key_deletions(parsed: Sequence[Any]) -> None:
         key = o.key_or_group
         if o.is_delete() and key.split(".")[0] != "hydra" and not Path(CONF_DIR, *key.split(".")).is_dir():
             raise UserError(f"{o.input_line!r} deletes {key}, which the command reads: set it instead ({key}=...)")
+
+
+def refuse_moved_keys(parsed: Sequence[Any]) -> None:
+    """An override of a key that moved to the tuning block (``config.MOVED_KEYS``) is refused
+    with its new name (Hydra would only say that the key is not in the config)."""
+    for o in parsed:
+        key = o.key_or_group
+        new = MOVED_KEYS.get(key.removeprefix("gold_"))
+        if new:
+            full = " (reward.share_prefix=false: engine.reward_attention=full)" if key.endswith("share_prefix") else ""
+            raise UserError(f"{key} is now {new}, in the engine tuning block (conf/engine.yaml){full}")
 
 
 def _sweep_jobs(parsed: Sequence[Any]) -> list[list[str]]:
@@ -181,6 +193,29 @@ def instantiate_node(node: DictConfig, what: str) -> Any:
         while cause.__cause__ is not None:
             cause = cause.__cause__
         raise UserError(f"{what}: {first_line(cause)}") from None
+
+
+def engine_options(engine: DictConfig) -> dict[str, Any]:
+    """The ``Engine``'s tuning arguments from the configs' ``engine:`` block (conf/engine.yaml)."""
+    return {k: engine[k] for k in ("decode_step", "attention", "sync_every")}
+
+
+def reward_node(node: DictConfig, engine: DictConfig) -> DictConfig:
+    """A reward's config with the ``engine:`` block's ``reward_attention`` as its ``attention``
+    where the reward scores with a decoder (``DecoderReward``); any other reward's as it is."""
+    from hydra.utils import get_class
+
+    from aisp_bench.rewards.base import DecoderReward
+
+    try:
+        decoder = issubclass(get_class(str(node._target_)), DecoderReward)
+    except Exception:  # noqa: BLE001 - a bad _target_: instantiate_node names it
+        return node
+    if not decoder:
+        return node
+    out = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    out.attention = str(engine.reward_attention)
+    return out
 
 
 def select_runs(cfg: DictConfig, *, allow_none: bool = False) -> list[Run]:

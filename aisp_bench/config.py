@@ -13,15 +13,26 @@ from omegaconf import OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped in the wheel: every app's config_path
 
+# The tuning block (conf/engine.yaml): how the engine and the reward scorer compute, never what.
+ENGINE_KEYS: tuple[str, ...] = (
+    "engine.decode_step", "engine.attention", "engine.sync_every", "engine.reward_attention",
+)  # fmt: skip
+# Where those settings were before they moved to the tuning block: the manifests of older runs
+# hold them (and resume: they are non-semantic); an override naming one is refused with its
+# new name (``cli.preflight``).
+MOVED_KEYS: dict[str, str] = {
+    "generation.decode_step": "engine.decode_step", "generation.attention": "engine.attention",
+    "generation.sync_every": "engine.sync_every", "reward.shared_attention": "engine.reward_attention",
+    "reward.share_prefix": "engine.reward_attention",  # false: engine.reward_attention=full
+}  # fmt: skip
 # Keys that do not change what a run computes: a resumed run may differ in them, and they
 # are not part of the run folder name. (``judge``: manifests of older versions hold one.)
 # The prompt shard keys pick which prompts a job runs, not what they give: the shards of a
 # run share its folder (``<run_dir>/shards/<i>-of-<K>``) and its config.
 NON_SEMANTIC: tuple[str, ...] = (
     "overwrite", "results_dir", "run_dir", "progress", "batch_prompts", "generation.batch_rows",
-    "generation.decode_step", "generation.attention", "generation.sync_every",
     "model.device", "model.device_map", "model.attn_implementation", "reward.device", "reward.batch_size",
-    "reward.max_batch_tokens", "reward.share_prefix", "reward.shared_attention",
+    "reward.max_batch_tokens", "engine", *ENGINE_KEYS, *MOVED_KEYS,
     "experiment_name", "judge", "dataset.num_shards", "dataset.shard",
 )  # fmt: skip
 # Keys left out of the run folder's variant name besides those: already in its path, or a path.

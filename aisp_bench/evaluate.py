@@ -58,7 +58,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from aisp_bench.cli import UserError, first_line, instantiate_node, launch, run_app, select_runs
+from aisp_bench.cli import (
+    UserError, engine_options, first_line, instantiate_node, launch, reward_node, run_app, select_runs,
+)  # fmt: skip
 from aisp_bench.config import CONF_DIR, get_path
 from aisp_bench.metrics import DEFAULT_METRICS, METRICS, EvalBatch, metric_values
 from aisp_bench.metrics.cleaning import cleaning_options
@@ -154,11 +156,14 @@ class BasePolicy:
     """``base_logprob`` on the runs' own policies (their manifests' model configs), each loaded
     once; ``overrides`` (``policy.device``/``dtype``; None keeps the run's) say where. ``prepare``
     scores many runs at once, each prompt prefilled once for all their responses (every method
-    and seed answers the same prompts); ``logprobs`` then reads them from memory."""
+    and seed answers the same prompts); ``logprobs`` then reads them from memory. ``tuning``: the
+    engine's ``attention`` etc. (the ``engine:`` block)."""
 
-    def __init__(self, overrides: dict[str, Any] | None = None, batch_rows: int = 16) -> None:
+    def __init__(self, overrides: dict[str, Any] | None = None, batch_rows: int = 16,
+                 tuning: dict[str, Any] | None = None) -> None:
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         self.batch_rows = int(batch_rows)
+        self.tuning = dict(tuning or {})
         self._policies: dict[str, Any] = {}
         self._engines: dict[str, Any] = {}
         self._memo: dict[str, dict[str, float | None]] = {}  # engine key -> pair key -> mean log-prob
@@ -187,16 +192,23 @@ class BasePolicy:
             if key not in self._engines:
                 self._engines[key] = build_engine(
                     self._policies[policy_key], max_new_tokens=int(gen.get("max_new_tokens", 128)),
-                    batch_rows=self.batch_rows, prompt_overflow=str(gen.get("prompt_overflow", "truncate_left")))
+                    batch_rows=self.batch_rows, prompt_overflow=str(gen.get("prompt_overflow", "truncate_left")),
+                    **self.tuning)
         except (UserError, OSError, RuntimeError, ValueError) as e:
             raise PolicyUnavailableError(f"cannot load the policy of {run.path} for base_logprob: "
                                          f"{first_line(e)}") from None
         return self._engines[key]
 
+    def response_logprobs(self, run: Run, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> list:
+        """``prefix_scoring.response_logprobs`` under the run's policy: ``ResponseLogProb`` lists."""
+        from aisp_bench.prefix_scoring import response_logprobs
+
+        return response_logprobs(self.engine(run), prompts, responses)
+
     def _score(self, run: Run, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> None:
         """Into the memo: ``responses[i]`` after ``prompts[i]`` (each prompt prefilled once)."""
         memo = self._memo.setdefault(self._key(run), {})
-        for prompt, texts, got in zip(prompts, responses, self.engine(run).response_logprobs(prompts, responses)):
+        for prompt, texts, got in zip(prompts, responses, self.response_logprobs(run, prompts, responses)):
             memo.update({_pair_key(prompt.to_json(), t): g.mean for t, g in zip(texts, got)})
 
     def prepare(self, runs: Sequence[Run], force: bool = False) -> None:
@@ -357,8 +369,9 @@ def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any, Any, BasePolicy | None
         if n not in POLICY_METRICS:
             METRICS.get(n)
     encoder_class = ENCODERS.get(str(cfg.encoder))
-    reward = None if cfg.get("reward") is None else instantiate_node(cfg.reward, "reward")
-    gold = None if cfg.get("gold_reward") is None else instantiate_node(cfg.gold_reward, "gold_reward")
+    reward = None if cfg.get("reward") is None else instantiate_node(reward_node(cfg.reward, cfg.engine), "reward")
+    gold = (None if cfg.get("gold_reward") is None
+            else instantiate_node(reward_node(cfg.gold_reward, cfg.engine), "gold_reward"))
     if gold is not None and "reward_mean" not in names:
         raise UserError(f"gold_reward={_name(gold)} needs the reward_mean metric in metrics")
     policy = None
@@ -369,7 +382,7 @@ def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any, Any, BasePolicy | None
                 resolve_device(p.device)
         except ValueError as e:
             raise UserError(f"policy: {e}") from None
-        policy = BasePolicy({"device": p.device, "dtype": p.dtype}, int(p.batch_rows))
+        policy = BasePolicy({"device": p.device, "dtype": p.dtype}, int(p.batch_rows), engine_options(cfg.engine))
     try:  # constructed now (its label is known), loaded on first use
         encoder = encoder_class(device=cfg.device, batch_size=cfg.batch_size) if "coherence" in names else None
     except ValueError as e:

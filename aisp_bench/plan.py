@@ -14,8 +14,8 @@ It loads no model and writes nothing. Per dataset, pair and method it prints:
 * **generated tokens**, an upper bound: samples x ``generation.max_new_tokens``;
 * **reward-model tokens**: per scored sample its response (at most ``max_new_tokens``)
   and its prompt, the prompt counted once per scored group where the reward shares it
-  (``reward.share_prefix``: AISP scores each iteration's n samples of a prompt together,
-  best-of-N ``generation.batch_rows`` rows at a time);
+  (a decoder reward unless ``engine.reward_attention=full``: AISP scores each iteration's
+  n samples of a prompt together, best-of-N ``generation.batch_rows`` rows at a time);
 * **GPU-hours** = generated tokens / throughput: ``plan.tokens_per_second`` (generated
   tokens per second on one GPU, decoding and scoring included), else each method's
   ``tokens_per_s`` in ``plan.bench`` (``scripts/bench_methods.py`` on a GPU writes it),
@@ -39,7 +39,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from aisp_bench.cli import UserError, compose_config, first_line, instantiate_node, run_app
+from aisp_bench.cli import (
+    UserError, compose_config, first_line, instantiate_node, refuse_moved_keys, reward_node, run_app,
+)  # fmt: skip
 from aisp_bench.data.datasets import shard_of
 from aisp_bench.rundir import read_json_or_none
 from aisp_bench.validate import check
@@ -81,12 +83,13 @@ class Counts:
         self.longest_job_hours = math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
-def job_counts(prompt_tokens: list[int], samples: int, groups: int, max_new_tokens: int, share_prefix: bool,
+def job_counts(prompt_tokens: list[int], samples: int, groups: int, max_new_tokens: int, shares_prompt: bool,
                tokens_per_second: float | None) -> Counts:
-    """One job (a run, or one prompt shard of it): ``prompt_tokens`` per prompt."""
+    """One job (a run, or one prompt shard of it): ``prompt_tokens`` per prompt; ``shares_prompt``:
+    the reward reads a group's prompt once."""
     n = len(prompt_tokens)
     generated = n * samples * max_new_tokens
-    rm = generated + sum(prompt_tokens) * (groups if share_prefix else samples)
+    rm = generated + sum(prompt_tokens) * (groups if shares_prompt else samples)
     hours = generated / tokens_per_second / 3600 if tokens_per_second else math.nan
     return Counts(0, 1, n, n * samples, generated, rm, hours, hours)
 
@@ -207,7 +210,9 @@ def plan_runs(args: list[str]) -> tuple[dict[tuple[str, str, str], Counts], list
     notes: list[str] = []
     try:
         parser = OverridesParser.create()
-        fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+        parsed = parser.parse_overrides(overrides)
+        refuse_moved_keys(parsed)
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
         base, params = compose_config("plan", fixed)
         timeout = OmegaConf.select(HydraConfig.get(), "launcher.timeout_min")
         tokens = Tokens(bool(base.plan.tokenizer), float(base.plan.chars_per_token))
@@ -238,10 +243,11 @@ def run_counts(cfg: DictConfig, shards: list[str], tokens: Tokens) -> tuple[Coun
     samples, groups = sampling(method, cfg.generation.get("batch_rows"))
     tps, source = throughput(cfg.plan, method)
     per_prompt = tokens.counts(cfg)
+    shares_prompt = reward_node(cfg.reward, cfg.engine).get("attention", "full") != "full"
     out = Counts(runs=1)
     for i in picked:
         out.add(job_counts(shard_of(per_prompt, i, k), samples, groups, int(cfg.generation.max_new_tokens),
-                           bool(cfg.reward.get("share_prefix", False)), tps))
+                           shares_prompt, tps))
     return out, source
 
 

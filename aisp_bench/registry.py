@@ -1,8 +1,9 @@
 """Name -> object registries with errors that list the known names.
 
-Methods, models, rewards and metrics register here so that a typo on the command line
-or in code gives ``unknown method 'aspi'; known: aisp, bon_gaussian, bon_topp`` rather
-than a KeyError from deep inside the program.
+For the names picked at run time by a string rather than built by Hydra's ``_target_``:
+the metrics (``evaluate``'s ``metrics``), the coherence encoders (``encoder``) and the
+dataset kinds (``dataset.kind``). A typo gives ``unknown metric 'diversty'; known: ...``
+rather than a KeyError from deep inside the program.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from aisp_bench.cli import UserError, first_line, instantiate_node
+from aisp_bench.cli import UserError, engine_options, first_line, instantiate_node, reward_node
 from aisp_bench.config import config_diff, semantic_config
 from aisp_bench.rundir import (
     MANIFEST, RECORDS, RUN_LOG, SUMMARY, RecordWriter, RunFolderError, Shards, finite_rewards, is_temp_file,
@@ -172,7 +172,7 @@ def prepare(cfg: DictConfig) -> Job:
     except DatasetError as e:
         raise UserError(str(e)) from None
     policy = instantiate_node(cfg.model, "model")
-    reward = instantiate_node(cfg.reward, "reward")
+    reward = instantiate_node(reward_node(cfg.reward, cfg.engine), "reward")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
     root, shard, k = Path(cfg.run_dir), dataset.shard, dataset.num_shards
@@ -263,11 +263,10 @@ def load(cfg: DictConfig, job: Job):
     gen = cfg.generation
     try:
         policy = _cached("model", cfg.model, lambda: _loaded(job.policy))
-        reward = _cached("reward", cfg.reward, lambda: job.reward.load())
+        reward = _cached("reward", reward_node(cfg.reward, cfg.engine), lambda: job.reward.load())
         # built after the reward model is on its device: batch_rows=auto sizes from the memory left
         engine = build_engine(policy, max_new_tokens=int(gen.max_new_tokens), batch_rows=gen.batch_rows,
-                              prompt_overflow=str(gen.prompt_overflow), decode_step=gen.decode_step,
-                              attention=gen.attention, sync_every=gen.sync_every)
+                              prompt_overflow=str(gen.prompt_overflow), **engine_options(cfg.engine))
     except (OSError, RuntimeError, ValueError) as e:  # errors here still leave the folder untouched
         raise UserError(first_line(e)) from None
     if engine.context_length and int(engine.context_length) <= engine.max_new_tokens:

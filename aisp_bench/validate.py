@@ -102,12 +102,14 @@ RULES: dict[str, Rule] = {
     "budget.n": integer(), "budget.kappa": integer(), "budget.tau": integer(), "budget.num_samples": integer(),
     "lam_table.*": POSITIVE, "lam_factor": POSITIVE,
     "generation.max_new_tokens": integer(), "generation.batch_rows": integer(words=("auto",)),
-    "generation.sync_every": integer(words=("auto",)),
-    "generation.decode_step": Rule("choice", words=("auto", "eager", "static", "cuda_graph")),
-    "generation.attention": Rule("choice", words=("auto", "shared_prefix", "copy")),
     "generation.prompt_overflow": Rule("choice", words=("truncate_left", "skip")),
     "batch_prompts": integer(words=("auto",)), "progress": BOOL, "overwrite": BOOL,
     "results_dir": PATH, "run_dir": PATH,
+    # the tuning block (conf/engine.yaml; run and evaluate)
+    "engine.decode_step": Rule("choice", words=("auto", "eager", "static", "cuda_graph")),
+    "engine.attention": Rule("choice", words=("auto", "shared_prefix", "copy")),
+    "engine.sync_every": integer(words=("auto",)),
+    "engine.reward_attention": Rule("choice", words=("auto", "split", "sdpa", "full")),
     # method group
     "method.n": integer(), "method.kappa": integer(), "method.tau": integer(), "method.num_samples": integer(),
     "method.lam": POSITIVE, "method.alpha": real(0, 1, open_low=True), "method.sigma": POSITIVE,
@@ -117,9 +119,7 @@ RULES: dict[str, Rule] = {
     "model.max_context": integer(null=True), "model.add_special_tokens": BOOL,
     "model.dtype": Rule("choice", words=DTYPES, null=True),
     # reward group (also evaluate's and the judge's reward=NAME)
-    "reward.batch_size": integer(), "reward.max_length": integer(), "reward.share_prefix": BOOL,
-    "reward.shared_attention": Rule("choice", words=("auto", "sdpa", "split")),
-    "reward.max_batch_tokens": integer(),
+    "reward.batch_size": integer(), "reward.max_length": integer(), "reward.max_batch_tokens": integer(),
     "reward.last_turn_only": BOOL, "reward.add_special_tokens": OPTIONAL_BOOL, "reward.empty_score": real(),
     "reward.dtype": Rule("choice", words=DTYPES, null=True),
     "reward.padding_side": Rule("choice", words=("left", "right")),

@@ -21,10 +21,12 @@ rewritten after every part, so a run cut short keeps what it measured):
    inside a ``RegressionHeadReward`` built from ``conf/reward/ultrarm.yaml``. Sanity
    probes: finite logits and rewards with a spread.
 4. ``decode``: one AISP iteration's decode alone (P prompts x n rows, noise on τ steps)
-   through each ``decode_step`` and attention path: seconds, tokens/s, % of the floor.
+   through each ``decode_step`` and ``attention`` path: seconds, tokens/s, % of the floor.
+   (These and the reward's ``attention`` are the engine tuning of BENCHMARKS.md, "Engine
+   tuning": set here through the ``Engine``'s and the reward's constructor arguments.)
 5. ``reward``: one AISP iteration's scoring alone (``reward_variants``): the configured
-   reward settings, full scoring (no shared prompt), each ``shared_attention`` and a
-   larger token budget, then a profiler table of one call.
+   reward settings, each reward ``attention`` (``full``: no shared prompt; ``split``,
+   ``sdpa``) and a larger token budget, then a profiler table of one call.
 6. ``aisp`` (κ iterations + the final candidate), ``bon_topp`` and ``bon_gaussian``
    (N = 256 and 1024, one prompt) through their real classes, with the engine as
    ``python -m aisp_bench`` builds it (``batch_rows`` auto, ``decode_step`` auto) and
@@ -351,24 +353,24 @@ def decode_variants(ctx) -> dict:
     prompts = random_prompts(P, a.prompt_len, ctx.vocab, seed=11)
     g = torch.Generator(dev).manual_seed(0)
     noise = a.sigma * torch.randn(P * a.n, a.tau, ctx.policy.config.hidden_size, device=dev, generator=g)
-    slots = torch.arange(P).repeat_interleave(a.n)
+    prompt_of_row = torch.arange(P).repeat_interleave(a.n)
     variants = {"eager_copy": dict(attention="copy"), "eager_shared": dict(attention="shared_prefix")}
     variants.update({step: dict(decode_step=step) for step in ctx.steps if step == "cuda_graph"})
     variants["eager_shared_sync1"] = dict(attention="shared_prefix", sync_every=1)
     variants.update({step: dict(decode_step=step) for step in ctx.steps if step == "static"})
     base = make_engine(ctx, max_batch_rows=P * a.n)
-    out = {"prompts": P, "rows": P * a.n, "auto_attention": base.attention_for(base.prefill(prompts), P * a.n)}
+    out = {"prompts": P, "rows": P * a.n, "auto_attention": base.attention}
     ref: list = []
 
     def one(name, kw):
         eng = make_engine(ctx, max_batch_rows=P * a.n, **kw)
         prefix = eng.prefill(prompts)
         t0 = now(dev)
-        eng.decode(prefix, slots, noise=noise)  # warm-up: kernels chosen, allocator grown, graphs captured
+        eng.decode(prefix, prompt_of_row, noise=noise)  # warm-up: kernels chosen, allocator grown, graphs captured
         warm = now(dev) - t0
         reset_peak(dev)
         t0 = now(dev)
-        samples = eng.decode(prefix, slots, noise=noise)
+        samples = eng.decode(prefix, prompt_of_row, noise=noise)
         sec = now(dev) - t0
         toks = sum(s.num_tokens for s in samples)
         fl = ctx.floor.decode(P, P * a.n, max(s.num_tokens for s in samples))
@@ -398,7 +400,7 @@ def profile_steps(ctx) -> dict:
     prompts = random_prompts(P, a.prompt_len, ctx.vocab, seed=12)
     noise = a.sigma * torch.randn(P * a.n, 8, ctx.policy.config.hidden_size, device=dev)
     uniforms = torch.rand(P * a.n, 8, dtype=torch.float64)
-    slots = torch.arange(P).repeat_interleave(a.n)
+    prompt_of_row = torch.arange(P).repeat_interleave(a.n)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     variants = {"eager_noise": ("eager", dict(noise=noise)),
                 "eager_topp": ("eager", dict(uniforms=uniforms, temperature=0.6, top_p=0.9))}
@@ -409,9 +411,9 @@ def profile_steps(ctx) -> dict:
         def one(step=step, kw=kw):
             eng = make_engine(ctx, max_batch_rows=P * a.n, max_new_tokens=8, decode_step=step)
             prefix = eng.prefill(prompts)
-            eng.decode(prefix, slots, **kw)
+            eng.decode(prefix, prompt_of_row, **kw)
             with profile(activities=acts) as prof:
-                eng.decode(prefix, slots, **kw)
+                eng.decode(prefix, prompt_of_row, **kw)
                 sync(dev)
             key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
             return {"table": prof.key_averages().table(sort_by=key, row_limit=30)}
@@ -422,10 +424,9 @@ def profile_steps(ctx) -> dict:
 def reward_variants(ctx) -> dict:
     """One AISP iteration's scoring, as ``aisp/default`` batches it (``batch_rows // n``
     prompts x n responses of ``--new-tokens`` words), per reward setting: the
-    configured one, full scoring (``share_prefix=False``: every row reads its prompt),
-    each ``shared_attention`` (split products, or one fused SDPA call on gathered KV)
-    and 2x the token budget per forward (``batch_size`` and ``max_batch_tokens``).
-    Seconds per prompt-iteration, the floor, and max |reward - default's|; then the
+    configured one, each ``attention``: ``full`` (every row reads its prompt), ``split``
+    (split products) and ``sdpa`` (one fused SDPA call on gathered KV), and 2x the token
+    budget per forward (``batch_size`` and ``max_batch_tokens``). Seconds per prompt-iteration, the floor, and max |reward - default's|; then the
     profiler over one call of the configured setting."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -434,9 +435,9 @@ def reward_variants(ctx) -> dict:
     prompts = [p for p in random_prompts(P, a.prompt_len, ctx.vocab, seed=21) for _ in range(a.n)]
     g = torch.Generator().manual_seed(2)
     responses = [" ".join(map(str, row)) for row in torch.randint(10, 30000, (P * a.n, a.new_tokens), generator=g).tolist()]
-    conf = {k: getattr(rw, k) for k in ("share_prefix", "shared_attention", "batch_size", "max_batch_tokens")}
-    variants = {"configured": {}, "full": dict(share_prefix=False), "split": dict(shared_attention="split"),
-                "sdpa": dict(shared_attention="sdpa"),
+    conf = {k: getattr(rw, k) for k in ("attention", "batch_size", "max_batch_tokens")}
+    variants = {"configured": {}, "full": dict(attention="full"), "split": dict(attention="split"),
+                "sdpa": dict(attention="sdpa"),
                 "tokens_x2": dict(batch_size=2 * conf["batch_size"], max_batch_tokens=2 * conf["max_batch_tokens"])}
     out: dict = {"prompts": P, "rows": len(prompts), "settings": dict(conf)}
     floor = ctx.floor.reward(*reward_detail(rw, prompts, responses))  # the same pairs for every setting
@@ -501,7 +502,7 @@ def run_method(ctx, label: str, method, prompts: list[Prompt], engine_kw: dict) 
            "floor_fraction": sum(floors.values()) / total,
            "decode_floor_fraction": floors["decode"] / parts["decode"] if parts["decode"] else None,
            "batch_rows": eng.max_batch_rows,
-           "attention": eng.attention_for(eng.prefill(prompts), min(eng.max_batch_rows, P * method.rows_per_prompt)),
+           "attention": eng.attention,
            "decode_step": eng.decode_step, "sync_every": eng.sync_every, "graph_captures": eng.stats["graph_captures"],
            "all_rows_full_length": all(n == ctx.args.new_tokens for n in lengths),
            "rewards_finite": all(math.isfinite(x) for r in results for x in r.sample_rewards)}
@@ -569,11 +570,11 @@ def step_checks(dev: str) -> dict:
     prompts = random_prompts(3, 9, 500, seed=5)
     prompts[1] = Prompt.single("long", prompts[1].text + " " + prompts[0].text)
     noise = 2.0 * torch.randn(12, 10, 64, generator=torch.Generator().manual_seed(1)).to(dev)
-    slots = torch.arange(3).repeat_interleave(4)
+    prompt_of_row = torch.arange(3).repeat_interleave(4)
 
     def rows(tok, **kw):
         eng = Engine(model, tok, max_new_tokens=24, check_prelogit=False, **kw)
-        return [(s.token_ids, s.finish_reason) for s in eng.decode(eng.prefill(prompts), slots, noise=noise)]
+        return [(s.token_ids, s.finish_reason) for s in eng.decode(eng.prefill(prompts), prompt_of_row, noise=noise)]
 
     tok = WordTokenizer(512, eos=511)
     free = rows(tok, attention="copy")  # make a frequent token the EOS, so rows end early
@@ -605,12 +606,12 @@ def reward_checks(dev: str) -> dict:
     order = torch.randperm(len(prompts), generator=g).tolist()  # prompts interleaved in the call
     prompts, responses = [prompts[i] for i in order], [responses[i] for i in order]
     saved = reward.stats["prefix_tokens_saved"]
-    reward.shared_attention = "split"
+    reward.attention = "split"
     shared = reward.score(prompts, responses)
-    reward.shared_attention = "sdpa"
+    reward.attention = "sdpa"
     fused = reward.score(prompts, responses)
     saved = reward.stats["prefix_tokens_saved"] - saved
-    reward.share_prefix = False
+    reward.attention = "full"
     full = reward.score(prompts, responses)
     reward.batch_size = 1
     alone = reward.score(prompts, responses)
@@ -708,7 +709,7 @@ def main(argv: list[str] | None = None) -> dict:
         "policy": "Llama-3-8B shape" + (" (tiny)" if cpu else ""),
         "reward": "UltraRM-13B shape" + (" (tiny)" if cpu else ""),
         "dtype": str(dtype), "init_seconds": time.perf_counter() - t0,
-        "policy_gb": probe_eng.weight_bytes / 1e9,
+        "policy_gb": sum(p.numel() * p.element_size() for p in ctx.policy.parameters()) / 1e9,
         "reward_gb": sum(p.numel() * p.element_size() for p in ctx.reward.model.parameters()) / 1e9,
         "reward_config": {k: v for k, v in reward_conf.items() if k not in ("name_or_path",)},
         "batch_rows_auto": probe_eng.max_batch_rows, "sync_every_auto": probe_eng.sync_every,

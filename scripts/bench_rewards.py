@@ -8,8 +8,8 @@ real SHP posts (../shared/data/shp/test_1000.jsonl, or --data) as prompts and re
 1. ``curve``: for each prompt length L (``--prompt-tokens``, posts cut to L tokens), the
    same number of pairs three ways:
    * ``one_prompt``: ``--rows`` responses to one prompt, shared-prefix scoring;
-   * ``one_prompt_full``: the same pairs with ``share_prefix=false`` (every pair in full,
-     what the rewards did before);
+   * ``one_prompt_full``: the same pairs with the reward's ``attention="full"`` (every pair
+     in full, what the rewards did before);
    * ``many_prompts``: one response to each of ``--rows`` different prompts of length L
      (nothing to share).
    The target is many_prompts / one_prompt >= 3 on a CPU; the ideal ratio is
@@ -20,13 +20,16 @@ real SHP posts (../shared/data/shp/test_1000.jsonl, or --data) as prompts and re
    prompt-iteration, shared and full.
 
 Every variant's scores are compared with one-by-one full scoring (``batch_size=1``,
-``share_prefix=false``). Variants are interleaved and repeated (``--repeats``, after an
-untimed warm-up), medians reported: wall seconds, and on the CPU also the process's CPU
-seconds (steadier on a shared machine; with one thread, the work done). Shapes
-(``--model``): ``tiny`` (the test suite's dry run), ``small`` (CPU default: hidden 512,
-4 layers), ``medium`` (hidden 1024, 2 layers), ``ultrarm13b`` (CUDA default: LLaMA-2-13B's shape, bf16). Batching: the
-``ultrarm`` config's on CUDA; on the CPU ``--max-batch-tokens 512`` (small forwards are
-fastest there, for both variants). Results go to --out (JSON) and a table to stdout.
+``attention="full"``). ``--reward-attention`` picks how the shared variants attend to
+their prompt (the tuning key ``engine.reward_attention``: BENCHMARKS.md, "Engine
+tuning"). Variants are interleaved and repeated (``--repeats``, after an untimed
+warm-up), medians reported: wall seconds, and on the CPU also the process's CPU seconds
+(steadier on a shared machine; with one thread, the work done). Shapes (``--model``):
+``tiny`` (the test suite's dry run), ``small`` (CPU default: hidden 512, 4 layers),
+``medium`` (hidden 1024, 2 layers), ``ultrarm13b`` (CUDA default: LLaMA-2-13B's shape,
+bf16). Batching: the ``ultrarm`` config's on CUDA; on the CPU ``--max-batch-tokens 512``
+(small forwards are fastest there, for both variants). Results go to --out (JSON) and a
+table to stdout.
 """
 
 from __future__ import annotations
@@ -93,9 +96,9 @@ def cut(tok, ids: list[int], n: int) -> str:
     return tok.decode(ids[:n], skip_special_tokens=True)
 
 
-def timed(rm, prompts, responses, share: bool, device: str) -> tuple[float, float, torch.Tensor]:
-    """(wall seconds, CPU seconds of this process, scores)."""
-    rm.share_prefix = share
+def timed(rm, prompts, responses, attention: str, device: str) -> tuple[float, float, torch.Tensor]:
+    """(wall seconds, CPU seconds of this process, scores) with the reward's ``attention``."""
+    rm.attention = attention
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -104,22 +107,22 @@ def timed(rm, prompts, responses, share: bool, device: str) -> tuple[float, floa
 
 
 def one_by_one(rm, prompts, responses) -> torch.Tensor:
-    bs, share = rm.batch_size, rm.share_prefix
-    rm.batch_size, rm.share_prefix = 1, False
+    bs, attention = rm.batch_size, rm.attention
+    rm.batch_size, rm.attention = 1, "full"
     try:
         return rm.score(prompts, responses)
     finally:
-        rm.batch_size, rm.share_prefix = bs, share
+        rm.batch_size, rm.attention = bs, attention
 
 
 def measure(rm, cases: dict, repeats: int, device: str) -> dict:
-    """cases: name -> (prompts, responses, share). Interleaved runs; medians and scores."""
+    """cases: name -> (prompts, responses, attention). Interleaved runs; medians and scores."""
     times = {name: [] for name in cases}
     cpu = {name: [] for name in cases}
     scores = {}
     for r in range(repeats + 1):  # round 0: warm-up, untimed
-        for name, (prompts, responses, share) in cases.items():
-            t, c, s = timed(rm, prompts, responses, share, device)
+        for name, (prompts, responses, attention) in cases.items():
+            t, c, s = timed(rm, prompts, responses, attention, device)
             if r:
                 times[name].append(t)
                 cpu[name].append(c)
@@ -140,8 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--aisp-prompts", type=int, default=8, help="SHP prompts at their own length (0: skip)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-batch-tokens", type=int, help="default: 512 on cpu, the ultrarm config's on cuda")
-    ap.add_argument("--shared-attention", choices=["auto", "sdpa", "split"], default="auto",
-                    help="reward.shared_attention (auto: sdpa on the CPU, split on CUDA)")
+    ap.add_argument("--reward-attention", choices=["auto", "sdpa", "split"], default="auto",
+                    help="engine.reward_attention of the shared variants (auto: sdpa on the CPU, split on CUDA)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default results/bench/rewards_<device>.json)")
     args = ap.parse_args(argv)
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     rm = build(shape, args.device, dtype, tok)
     if args.max_batch_tokens or not args.device.startswith("cuda"):
         rm.max_batch_tokens = args.max_batch_tokens or 512
-    rm.shared_attention = args.shared_attention
+    shared = args.reward_attention
     # responses: the last posts of R to 2R tokens, cut to R; prompts: all the other posts
     resp = [i for i in reversed(range(len(texts))) if R <= len(texts[i][1]) < 2 * R][:n]
     if len(resp) < n:
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "device": args.device, "dtype": str(dtype).removeprefix("torch."), "model": {"shape": shape, **SHAPES[shape]},
         "reward": {"batch_size": rm.batch_size, "max_batch_tokens": rm.max_batch_tokens,
-                   "max_length": rm.max_length, "shared_attention": rm.shared_attention},
+                   "max_length": rm.max_length, "attention": shared},
         "rows": n, "response_tokens": R, "repeats": args.repeats, "curve": [], "aisp": None,
     }
     ok = True
@@ -202,8 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         single = Prompt.single("one", cut(tok, pool[0], L))
         many = [Prompt.single(f"p{i}", cut(tok, ids, L)) for i, ids in enumerate(pool[1:])]
-        cases = {"one_prompt": ([single] * n, responses, True), "one_prompt_full": ([single] * n, responses, False),
-                 "many_prompts": (many, responses, True)}
+        cases = {"one_prompt": ([single] * n, responses, shared), "one_prompt_full": ([single] * n, responses, "full"),
+                 "many_prompts": (many, responses, shared)}
         m = measure(rm, cases, args.repeats, args.device)
         ref_one, ref_many = one_by_one(rm, [single] * n, responses), one_by_one(rm, many, responses)
         diff = max(float((m["scores"][k] - (ref_many if k == "many_prompts" else ref_one)).abs().max())
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         per = {k: {"shared": [], "full": []} for k in ("seconds", "cpu_seconds")}
         diff = 0.0
         for p in prompts:
-            cases = {"shared": ([p] * n, responses, True), "full": ([p] * n, responses, False)}
+            cases = {"shared": ([p] * n, responses, shared), "full": ([p] * n, responses, "full")}
             m = measure(rm, cases, args.repeats, args.device)
             for k, v in per.items():
                 for variant in v:

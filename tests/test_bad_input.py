@@ -93,9 +93,10 @@ CASES = [
     ("run", ["generation.max_new_tokens=0"], "generation.max_new_tokens", None),
     ("run", ["generation.batch_rows=0"], "generation.batch_rows", None),
     ("run", ["generation.prompt_overflow=drop"], "generation.prompt_overflow", None),
-    ("run", ["generation.sync_every=0"], "generation.sync_every", None),
-    ("run", ["generation.decode_step=graph"], "generation.decode_step", None),
-    ("run", ["generation.attention=paged"], "generation.attention", None),
+    ("run", ["engine.sync_every=0"], "engine.sync_every", None),
+    ("run", ["engine.decode_step=graph"], "engine.decode_step", None),
+    ("run", ["engine.attention=paged"], "engine.attention", None),
+    ("run", ["engine.reward_attention=none"], "engine.reward_attention", None),
     ("run", ["generation.batch_rows=many"], "generation.batch_rows", None),
     ("run", ["reward.max_batch_tokens=0"], "reward.max_batch_tokens", None),
     ("run", ["dataset.num_shards=2", "dataset.shard=2"], "dataset.shard", None),
@@ -111,7 +112,6 @@ CASES = [
     ("run", ["model.max_context=0"], "model.max_context", None),
     ("run", ["reward.batch_size=0"], "reward.batch_size", None),
     ("run", ["reward.max_length=abc"], "reward.max_length", None),
-    ("run", ["reward.share_prefix=maybe"], "reward.share_prefix", None),
     ("run", ["reward=minilm_similarity", "reward.empty_score=inf"], "reward.empty_score", None),
     ("run", ["lam_table.demo.smollm2_judge=0"], "lam_table.demo.smollm2_judge", None),
     ("run", ["dataset=hh_rlhf", "dataset.path={tmp}/data/hh.jsonl.gz"], "hh.jsonl.gz", "gzip"),
@@ -126,6 +126,7 @@ CASES = [
     ("evaluate", ["force=maybe"], "force", None),
     ("evaluate", ["encoder=simcs"], "simcs", None),
     ("evaluate", ["reward=minilm_similarity", "reward.batch_size=-1"], "reward.batch_size", None),
+    ("evaluate", ["engine.reward_attention=fused"], "engine.reward_attention", None),
     ("evaluate", ["results_dir={tmp}/afile"], "results_dir", "file"),
     ("evaluate", [], "summary.json", "summary"),
     ("evaluate", [], "records.jsonl: line 2", "synthetic_records"),
@@ -189,7 +190,10 @@ ENTRY_POINTS = [
     ("aisp_bench", ["~progress"], "deletes progress"),  # a key the run reads, deleted
     ("aisp_bench", ["-m", "method.lam=0.1,-1"], "method.lam"),  # the second job of a sweep, before the first runs
     ("aisp_bench", ["results_dir={tmp}/afile/results"], "results_dir"),
+    ("aisp_bench", ["generation.decode_step=eager"], "generation.decode_step is now engine.decode_step"),
+    ("aisp_bench", ["reward.share_prefix=false"], "engine.reward_attention=full"),  # a key that moved: its new name
     ("aisp_bench.evaluate", ["reward=nosuch"], "reward/nosuch"),
+    ("aisp_bench.evaluate", ["reward=ultrarm", "reward.shared_attention=sdpa"], "is now engine.reward_attention"),
     ("aisp_bench.judge", ["trials=0"], "trials"),
     ("aisp_bench.report", ["nosuch=1"], "nosuch"),
 ]

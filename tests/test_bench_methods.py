@@ -30,7 +30,7 @@ def test_bench_methods_dry_run(tmp_path):
         assert r["tokens"] == dec["rows"] * 8 and 0 < r["floor_fraction"] < 1
         assert r["agreement_with_eager_copy"] == 1.0  # fp32: every path decodes the same tokens
     rew = report["reward"]
-    assert rew["prompts"] == 64 // 4 and rew["rows"] == 64 and rew["settings"]["share_prefix"] is True
+    assert rew["prompts"] == 64 // 4 and rew["rows"] == 64 and rew["settings"]["attention"] == "auto"
     for name in ("configured", "full", "split", "sdpa", "tokens_x2"):
         r = rew[name]
         assert r["seconds_per_prompt_iteration"] > 0 and 0 < r["floor_fraction"] < 1

@@ -16,9 +16,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from aisp_bench.cli import UserError
-from aisp_bench.config import NON_SEMANTIC, semantic_config
+from aisp_bench.config import MOVED_KEYS, NON_SEMANTIC, semantic_config
 from aisp_bench.run import run
-from aisp_bench.rundir import read_json, read_records
+from aisp_bench.rundir import Run, make_record, read_json, read_records, summarize, write_json_atomic
+from aisp_bench.types import Result
 from proc import run_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,10 +85,10 @@ def test_non_semantic_keys_are_neither_in_the_folder_name_nor_in_the_resume_chec
     values = {"overwrite": "true", "progress": "false", "batch_prompts": "2", "generation.batch_rows": "8",
               "model.device": "cpu", "model.device_map": "auto", "model.attn_implementation": "sdpa",
               "reward.device": "cpu", "reward.batch_size": "4", "experiment_name": "x", "dataset.num_shards": "4",
-              "dataset.shard": "3", "generation.decode_step": "static", "generation.attention": "copy",
-              "generation.sync_every": "4", "reward.max_batch_tokens": "4096", "reward.share_prefix": "false",
-              "reward.shared_attention": "split"}
-    assert set(values) | {"results_dir", "run_dir", "judge"} == set(NON_SEMANTIC)
+              "dataset.shard": "3", "engine.decode_step": "static", "engine.attention": "copy",
+              "engine.sync_every": "4", "reward.max_batch_tokens": "4096", "engine.reward_attention": "full"}
+    # "engine": the whole tuning block; MOVED_KEYS: where its keys were in older manifests
+    assert set(values) | {"results_dir", "run_dir", "judge", "engine", *MOVED_KEYS} == set(NON_SEMANTIC)
     cfg = compose([f"{k}={v}" for k, v in values.items() if k != "experiment_name"])
     assert cfg.run_dir.endswith("/aisp/default/seed0")  # none of them names the folder
     plain = OmegaConf.to_container(compose([]), resolve=True)
@@ -95,6 +96,37 @@ def test_non_semantic_keys_are_neither_in_the_folder_name_nor_in_the_resume_chec
     assert changed != plain and semantic_config(changed) == semantic_config(plain)
     assert semantic_config({**plain, "judge": {"model": "gpt-4"}}) == semantic_config(plain)  # older manifests
     assert compose(["method.alpha=0.5"]).run_dir.endswith("/aisp/method.alpha=0.5/seed0")
+
+
+def test_a_run_made_before_the_tuning_block_is_the_same_run(compose, caplog):
+    """Manifests written before the ``engine:`` block hold its keys where they were
+    (``generation.decode_step``, ``reward.share_prefix`` ...): such a complete run is found
+    complete (nothing loaded, nothing rewritten) and reads as before."""
+    import copy
+
+    cfg = compose(["dataset.num_prompts=2"])
+    new = OmegaConf.to_container(cfg, resolve=True)
+    old = copy.deepcopy(new)
+    del old["engine"]
+    old["generation"].update(decode_step="static", attention="shared_prefix", sync_every=4)
+    old["reward"].update(share_prefix=False, shared_attention="split")
+    assert semantic_config(old) == semantic_config(new)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True)
+    prompts = instantiate(cfg.dataset).load()
+    records = [make_record(p, Result(p.id, "ok", 1.0, [1.0], 1, 2, "eos", 2, [2]), 0.1) for p in prompts]
+    (run_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_json_atomic(run_dir / "summary.json", summarize(records, len(prompts), [], []))
+    write_json_atomic(run_dir / "manifest.json", {"config": old, "finished": "2026-01-01T00:00:00+00:00",
+                                                  "sessions": [{"engine": {"decode_step": "static"}}]})
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with caplog.at_level("INFO", logger="aisp_bench"):
+        assert run(cfg) == run_dir
+    assert "nothing to do" in caplog.text
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    read = Run.at(run_dir)
+    assert read.config["generation"]["decode_step"] == "static" and read.summary["complete"]
+    assert [r["prompt_id"] for r in read.records] == [p.id for p in prompts]
 
 
 # ------------------------------------------------------------------------- bad input

@@ -12,7 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from aisp_bench.engine import SPAN, Engine, auto_attention, stop_candidates
+from aisp_bench.engine import SPAN, Engine, stop_candidates
+from aisp_bench.engine.tuning import choose
 from aisp_bench.types import Prompt
 
 VOCAB, T = 512, 40  # T > engine.SPAN: the static step reads the generated keys in two spans
@@ -47,26 +48,26 @@ def tiny():
     g = torch.Generator().manual_seed(1)
     prompts = [Prompt.single(f"p{i}", " ".join(map(str, torch.randint(10, 500, (n,), generator=g).tolist())))
                for i, n in enumerate([5, 17, 9])]
-    slots = torch.tensor([0, 2, 1, 0, 1, 2, 2, 0, 1, 0, 2, 1])  # a prompt's rows are not adjacent
-    noise = 2.0 * torch.randn(len(slots), 12, 64, generator=g)
+    prompt_of_row = torch.tensor([0, 2, 1, 0, 1, 2, 2, 0, 1, 0, 2, 1])  # a prompt's rows are not adjacent
+    noise = 2.0 * torch.randn(len(prompt_of_row), 12, 64, generator=g)
     model.generation_config.eos_token_id = VOCAB  # none: find a frequent token
-    free = rows_of(model, Tok(VOCAB), prompts, slots, noise, attention="copy")
+    free = rows_of(model, Tok(VOCAB), prompts, prompt_of_row, noise, attention="copy")
     eos = collections.Counter(t for r, _ in free for t in r[2:]).most_common(1)[0][0]
     model.generation_config.eos_token_id = eos
-    return model, Tok(eos), prompts, slots, noise
+    return model, Tok(eos), prompts, prompt_of_row, noise
 
 
-def rows_of(model, tok, prompts, slots, noise, **kw):
+def rows_of(model, tok, prompts, prompt_of_row, noise, **kw):
     eng = Engine(model, tok, max_new_tokens=T, check_prelogit=False, **kw)
-    return [(s.token_ids, s.finish_reason) for s in eng.decode(eng.prefill(prompts), slots, noise=noise)]
+    return [(s.token_ids, s.finish_reason) for s in eng.decode(eng.prefill(prompts), prompt_of_row, noise=noise)]
 
 
 def test_every_decode_path_gives_the_same_rows(tiny):
     """Reference: the prompt cache copied per row, the host looking at every step (what
     tests/test_engine.py checks against transformers' generate). The static step runs
     at shrinking bucket sizes (seen by the forward's batch sizes)."""
-    model, tok, prompts, slots, noise = tiny
-    ref = rows_of(model, tok, prompts, slots, noise, attention="copy", sync_every=1)
+    model, tok, prompts, prompt_of_row, noise = tiny
+    ref = rows_of(model, tok, prompts, prompt_of_row, noise, attention="copy", sync_every=1)
     reasons = [r for _, r in ref]
     assert "eos" in reasons and "length" in reasons  # rows end at different steps
     sizes = []
@@ -77,7 +78,7 @@ def test_every_decode_path_gives_the_same_rows(tiny):
                    dict(attention="shared_prefix", sync_every=3), dict(decode_step="static", sync_every=1),
                    dict(decode_step="static", sync_every=4, max_batch_rows=5)):
             sizes.clear()
-            assert rows_of(model, tok, prompts, slots, noise, **kw) == ref, kw
+            assert rows_of(model, tok, prompts, prompt_of_row, noise, **kw) == ref, kw
             if kw.get("decode_step") == "static" and "max_batch_rows" not in kw:
                 assert set(sizes) - {3} <= {12, 8, 4, 2, 1} and min(sizes) < 12  # prefill: 3 prompts
     finally:
@@ -87,14 +88,14 @@ def test_every_decode_path_gives_the_same_rows(tiny):
 def test_static_rows_are_reused_across_decodes(tiny):
     """A second decode of the same rows (AISP's next iteration) reuses the state kept on
     the prefix and still gives the same rows."""
-    model, tok, prompts, slots, noise = tiny
+    model, tok, prompts, prompt_of_row, noise = tiny
     eng = Engine(model, tok, max_new_tokens=T, check_prelogit=False, decode_step="static")
     prefix = eng.prefill(prompts)
-    first = [s.token_ids for s in eng.decode(prefix, slots, noise=noise)]
-    assert len(prefix.decoders) == 1
-    again = [s.token_ids for s in eng.decode(prefix, slots, noise=noise)]
-    other = [s.token_ids for s in eng.decode(prefix, slots, noise=-noise)]
-    assert again == first and other != first and len(prefix.decoders) == 1
+    first = [s.token_ids for s in eng.decode(prefix, prompt_of_row, noise=noise)]
+    assert len(prefix.static_steps) == 1
+    again = [s.token_ids for s in eng.decode(prefix, prompt_of_row, noise=noise)]
+    other = [s.token_ids for s in eng.decode(prefix, prompt_of_row, noise=-noise)]
+    assert again == first and other != first and len(prefix.static_steps) == 1
 
 
 class Record(TorchDispatchMode):
@@ -127,18 +128,18 @@ def test_static_step_replays_like_a_cuda_graph(tiny):
     """The static step at two different steps runs the same ops with the same scalars on
     the same buffers, and never reads a device value on the host: what makes capturing
     it once and replaying it valid. (The capture itself needs CUDA: tests marked gpu.)"""
-    from aisp_bench.engine import StaticRows
+    from aisp_bench.engine import StaticStep
 
-    model, tok, prompts, slots, noise = tiny
+    model, tok, prompts, prompt_of_row, noise = tiny
     eng = Engine(model, tok, max_new_tokens=T, check_prelogit=False, decode_step="static")
-    rows = StaticRows(eng, eng.prefill(prompts), slots, graphs=False)
+    step = StaticStep(eng, eng.prefill(prompts), prompt_of_row, graphs=False)
     records = []
     for t in (0, 1, 5):
-        rows.tok.random_(0, VOCAB)
-        rows.pos.fill_(20 + t)
-        rows.step.fill_(t)
+        step.tok.random_(0, VOCAB)
+        step.pos.fill_(20 + t)
+        step.t.fill_(t)
         with torch.inference_mode(), Record() as rec:
-            rows._step(rows.n, SPAN)
+            step._run(step.n, SPAN)
         records.append(rec.ops)
     assert records[1] == records[2]  # t = 0 allocates the KV buffers first
     names = {op for op, _, _ in records[1]}
@@ -149,12 +150,12 @@ def test_stop_strings_end_rows_where_their_text_first_holds_one(tiny):
     """With sync_every > 1 and only candidate tokens checked, each row ends at the first
     step whose recent text contains a stop string, exactly as checking every row at every
     step would (computed here from the rows decoded without stop strings)."""
-    model, tok, prompts, slots, noise = tiny
-    free = rows_of(model, tok, prompts, slots, noise, attention="copy")
+    model, tok, prompts, prompt_of_row, noise = tiny
+    free = rows_of(model, tok, prompts, prompt_of_row, noise, attention="copy")
     ids = [t for r, _ in free for t in r]
     stops = [f"{ids[3]} {ids[4]}", f"{ids[10]}", f"{ids[17]} {ids[18]}"]  # texts that occur
     eng = Engine(model, tok, max_new_tokens=T, check_prelogit=False, stop_strings=stops, sync_every=4)
-    out = eng.decode(eng.prefill(prompts), slots, noise=noise)
+    out = eng.decode(eng.prefill(prompts), prompt_of_row, noise=noise)
     window = max(map(len, stops)) + 2
     for (row, reason), s in zip(free, out):
         hit = next((j for j in range(len(row)) if reason != "eos" or j < len(row) - 1
@@ -189,19 +190,28 @@ def test_stop_candidates_cover_every_completion_on_a_real_tokenizer(smollm2):
     assert bool(stop_candidates(tok, ["Human: "], len(tok)).all())  # ends in a space: check every token
 
 
-def test_auto_attention_rule():
-    """H200 measurements (BENCHMARKS.md), Llama-3-8B bf16 (16 GB, 128 KiB of KV per
-    token), eager step: 8 unpadded 256-token prompts x 32 rows ran faster with copies;
-    4 prompts of 180-420 tokens (padded) x 32 rows faster shared. Long prompts: shared
-    (the copies would outweigh the weights)."""
-    kw = dict(device_type="cuda", decode_step="eager", supported=True, max_new_tokens=128, kv_bytes_per_token=131072,
-              weight_bytes=16_060_000_000)
-    assert auto_attention(prompt_tokens=[256] * 8, rows=256, **kw) == "copy"
-    assert auto_attention(prompt_tokens=[180, 420, 300, 250], rows=128, **kw) == "shared_prefix"
-    assert auto_attention(prompt_tokens=[2000], rows=256, **kw) == "shared_prefix"
-    assert auto_attention(prompt_tokens=[256] * 8, rows=256, **{**kw, "device_type": "cpu"}) == "shared_prefix"
-    assert auto_attention(prompt_tokens=[256] * 8, rows=256, **{**kw, "decode_step": "cuda_graph"}) == "shared_prefix"
-    assert auto_attention(prompt_tokens=[180, 420], rows=64, **{**kw, "supported": False}) == "copy"
+def test_auto_choices_follow_the_model_and_device(tiny):
+    """``auto``: shared-prefix attention where it is exact and the model sits on one device,
+    else the prompt KV copied per row; the captured step only on a GPU with shared-prefix
+    attention (tested under the gpu mark); the host reads every step on the CPU."""
+    import copy
+    from dataclasses import astuple
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model, *_ = tiny
+    cpu = torch.device("cpu")
+    assert astuple(choose(model, cpu)) == ("shared_prefix", "eager", 1)
+    window = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=256, sliding_window=64))
+    assert (choose(window, cpu).attention, choose(window, cpu).decode_step) == ("copy", "eager")
+    split = copy.deepcopy(model)
+    split.model.layers[1].to("meta")  # a model on two devices: its prompt KV cannot sit beside every layer
+    assert choose(split, cpu).attention == "copy"
+    with pytest.raises(ValueError, match="attention='copy'"):
+        choose(window, cpu, attention="shared_prefix")
+    assert astuple(choose(model, cpu, attention="copy", decode_step="eager", sync_every=3)) == ("copy", "eager", 3)
 
 
 def test_engine_settings_are_checked(tiny):
@@ -217,12 +227,12 @@ def test_engine_settings_are_checked(tiny):
 @pytest.mark.gpu
 def test_cuda_graph_step_gives_eager_tokens(tiny):
     """On CUDA, fp32: the captured step (replayed per bucket) gives the eager rows."""
-    model, tok, prompts, slots, noise = tiny
+    model, tok, prompts, prompt_of_row, noise = tiny
     model = model.cuda()
     try:
-        ref = rows_of(model, tok, prompts, slots, noise.cuda(), attention="copy", sync_every=1)
+        ref = rows_of(model, tok, prompts, prompt_of_row, noise.cuda(), attention="copy", sync_every=1)
         for kw in (dict(sync_every=1), dict(sync_every=4, max_batch_rows=5)):
-            assert rows_of(model, tok, prompts, slots, noise.cuda(), decode_step="cuda_graph", **kw) == ref
+            assert rows_of(model, tok, prompts, prompt_of_row, noise.cuda(), decode_step="cuda_graph", **kw) == ref
         # decode_step="auto" takes the captured step on one GPU, and eager where copies are asked for
         assert Engine(model, tok, check_prelogit=False).decode_step == "cuda_graph"
         assert Engine(model, tok, check_prelogit=False, attention="copy").decode_step == "eager"

@@ -136,11 +136,11 @@ def test_static_decode_step_equals_hf(smollm2):
 def test_chunking_and_batch_composition_do_not_change_rows(engine):
     g = torch.Generator().manual_seed(1)
     noise = 0.5 * torch.randn(6, 10, engine.hidden_size, generator=g)
-    slots = [0, 0, 1, 1, 2, 2]
-    full = engine.decode(engine.prefill(PROMPTS), slots, noise=noise)
+    prompt_of_row = [0, 0, 1, 1, 2, 2]
+    full = engine.decode(engine.prefill(PROMPTS), prompt_of_row, noise=noise)
     small = Engine(engine.model, engine.tokenizer, engine.render, max_new_tokens=T, max_batch_rows=2,
                    add_special_tokens=False, check_prelogit=False, attention=engine.attention)
-    chunked = small.decode(small.prefill(PROMPTS), slots, noise=noise)
+    chunked = small.decode(small.prefill(PROMPTS), prompt_of_row, noise=noise)
     alone = small.decode(small.prefill([PROMPTS[1]]), [0, 0], noise=noise[2:4])
     assert [s.token_ids for s in chunked] == [s.token_ids for s in full]
     assert [s.token_ids for s in alone] == [s.token_ids for s in full[2:4]]
@@ -167,13 +167,13 @@ def test_finished_rows_leave_the_batch(smollm2, attention):
     eng = Engine(smollm2.model, smollm2.tokenizer, smollm2.render, max_new_tokens=40, add_special_tokens=False,
                  check_prelogit=False, attention=attention)
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
-    slots = [0, 1, 2, 0, 2, 1]  # rows of a prompt need not be adjacent
-    out = eng.decode(eng.prefill(prompts), slots)
+    prompt_of_row = [0, 1, 2, 0, 2, 1]  # rows of a prompt need not be adjacent
+    out = eng.decode(eng.prefill(prompts), prompt_of_row)
     lengths = [s.num_tokens for s in out]
     assert out[0].finish_reason == "eos" and min(lengths) < 40 and max(lengths) == 40
     assert eng.stats["generated_tokens"] == sum(lengths)
     ref = hf_generate(smollm2, prompts, max_new_tokens=40)
-    assert [s.token_ids for s in out] == [ref[i] for i in slots]
+    assert [s.token_ids for s in out] == [ref[i] for i in prompt_of_row]
 
 
 @pytest.mark.parametrize("form", ["rows_eager", "rows_static"])
@@ -182,7 +182,7 @@ def test_shared_prefix_attention_matches_sdpa(form):
     over each row's full sequence, with left padding, GQA and uneven rows per prompt,
     with the generated part exact-length (eager) or at full capacity with the rest
     masked (static)."""
-    from aisp_bench import shared_prefix as sp
+    from aisp_bench.engine import attention as sp
 
     g = torch.Generator().manual_seed(0)
     P, Hkv, gq, D, L, t, cap = 3, 2, 3, 8, 7, 4, 9
@@ -191,23 +191,23 @@ def test_shared_prefix_attention_matches_sdpa(form):
     mask[0, :3] = 0
     mask[2, :1] = 0
     kp, vp = torch.randn(P, Hkv, L, D, generator=g), torch.randn(P, Hkv, L, D, generator=g)
-    slots = torch.tensor([2, 0, 0, 1, 2, 2, 0])
-    B = len(slots)
+    prompt_of_row = torch.tensor([2, 0, 0, 1, 2, 2, 0])
+    B = len(prompt_of_row)
     q = torch.randn(B, H, 1, D, generator=g)
     ks, vs = torch.randn(B, Hkv, cap, D, generator=g), torch.randn(B, Hkv, cap, D, generator=g)
     cache = type("Cache", (), {"layers": [type("L", (), {"keys": kp, "values": vp})()]})()
     module = type("M", (), {"layer_idx": 0})()
     n = cap if form == "rows_static" else t  # generated keys the attention is given
-    row_of_slot, slot_of_row, R = sp.group_rows(slots, P)
+    row_of_cell, cell_of_row, R = sp.group_rows(prompt_of_row, P)
     suffix = torch.zeros(n).masked_fill(torch.arange(n) >= t, float("-inf"))
-    bias = torch.cat([sp.padding_bias(mask, torch.float32)[slots], suffix.expand(B, 1, 1, -1)], dim=-1)
-    state = sp.RowState(*sp.prompt_kv(cache, torch.arange(P)), row_of_slot, slot_of_row, R, bias)
+    bias = torch.cat([sp.padding_bias(mask, torch.float32)[prompt_of_row], suffix.expand(B, 1, 1, -1)], dim=-1)
+    state = sp.AttentionState(*sp.prompt_kv(cache, torch.arange(P)), row_of_cell, cell_of_row, R, bias)
     sp._ACTIVE.append(state)
     try:
         out, _ = sp.attention(module, q, ks[:, :, :n], vs[:, :, :n], scaling=D**-0.5)
     finally:
         sp._ACTIVE.pop()
-    for b, p in enumerate(slots.tolist()):
+    for b, p in enumerate(prompt_of_row.tolist()):
         k = torch.cat([kp[p], ks[b, :, :t]], dim=1).repeat_interleave(gq, dim=0)  # (H, L+t, D)
         v = torch.cat([vp[p], vs[b, :, :t]], dim=1).repeat_interleave(gq, dim=0)
         m = torch.cat([mask[p].bool(), torch.ones(t, dtype=torch.bool)])

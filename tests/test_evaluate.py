@@ -305,8 +305,8 @@ def test_paper_reward_builds_without_loading(compose):
 
 
 # -- gold_reward=NAME and base_logprob -----------------------------------------------------
-from aisp_bench.engine import ResponseLogProb  # noqa: E402
 from aisp_bench.evaluate import BasePolicy, eval_logprobs_path  # noqa: E402
+from aisp_bench.prefix_scoring import ResponseLogProb  # noqa: E402
 from aisp_bench.rundir import Run  # noqa: E402
 
 
@@ -334,6 +334,9 @@ class WordPolicy(BasePolicy):
     def engine(self, run):
         self.built += 1
         return self.word_engine
+
+    def response_logprobs(self, run, prompts, responses):
+        return self.engine(run).response_logprobs(prompts, responses)
 
 
 def test_gold_reward_and_base_logprob_beside_the_run_reward(tmp_path):

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from aisp_bench.engine import Engine
-from aisp_bench.methods import AISP, METHODS, BoNGaussian, BoNTopP
-from aisp_bench.registry import UnknownNameError
+from aisp_bench.methods import AISP, BoNGaussian, BoNTopP
 from aisp_bench.rewards.base import RewardModel
 from aisp_bench.types import Prompt
 
@@ -78,7 +77,13 @@ def test_bon_prefix_is_a_smaller_run(smollm2):
     assert big.sample_rewards[:3] == small.sample_rewards
 
 
-def test_registry_lists_known_methods():
-    assert METHODS.names() == ["aisp", "bon_gaussian", "bon_topp"]
-    with pytest.raises(UnknownNameError, match="unknown method 'aspi'; known: aisp, bon_gaussian, bon_topp"):
-        METHODS.get("aspi")
+def test_the_method_group_builds_the_three_classes(compose):
+    """``method=NAME`` builds the class through Hydra's ``_target_`` (the one way objects are
+    built), its YAML keys the constructor's arguments, the budget shared by all three."""
+    from hydra.utils import instantiate
+
+    built = {name: instantiate(compose([f"method={name}"]).method) for name in ("aisp", "bon_topp", "bon_gaussian")}
+    assert {k: type(v) for k, v in built.items()} == {"aisp": AISP, "bon_topp": BoNTopP, "bon_gaussian": BoNGaussian}
+    aisp = built["aisp"]
+    assert (aisp.n, aisp.kappa, aisp.tau) == (32, 32, 128)
+    assert built["bon_topp"].num_samples == built["bon_gaussian"].num_samples == 32 * 32

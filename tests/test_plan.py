@@ -24,11 +24,11 @@ def test_samples_and_scored_groups_per_prompt():
 
 
 def test_job_counts():
-    c = job_counts([10, 20], samples=17, groups=5, max_new_tokens=32, share_prefix=True, tokens_per_second=100)
+    c = job_counts([10, 20], samples=17, groups=5, max_new_tokens=32, shares_prompt=True, tokens_per_second=100)
     assert (c.jobs, c.prompts, c.samples, c.generated_tokens) == (1, 2, 34, 2 * 17 * 32)
     assert c.reward_tokens == 1088 + (10 + 20) * 5  # responses, and each prompt once per scored group
     assert c.gpu_hours == pytest.approx(1088 / 100 / 3600) == c.longest_job_hours
-    c = job_counts([10, 20], 17, 5, 32, share_prefix=False, tokens_per_second=None)
+    c = job_counts([10, 20], 17, 5, 32, shares_prompt=False, tokens_per_second=None)
     assert c.reward_tokens == 1088 + 30 * 17 and math.isnan(c.gpu_hours)
 
 

@@ -21,7 +21,8 @@ import pytest
 import torch
 from test_rewards import direct_reward, reward_from_yaml, tiny_config
 
-from aisp_bench import shared_prefix as sp
+from aisp_bench.engine import attention as sp
+from aisp_bench.prefix_scoring import suffix_state
 from aisp_bench.rewards import RegressionHeadModel
 from aisp_bench.rewards.batching import common_prefix_len, plan
 from aisp_bench.types import Message, Prompt
@@ -112,19 +113,19 @@ def test_multi_token_suffix_attention_matches_sdpa(fused):
     P, Hkv, gq, D, L, T = 3, 2, 2, 8, 6, 5
     H = Hkv * gq
     lengths = [5, 3, 1, 4, 2]  # each row's own tokens; rows 0 and 4 belong to prompt 2
-    slots = torch.tensor([2, 0, 1, 0, 2])
+    prompt_of_row = torch.tensor([2, 0, 1, 0, 2])
     pmask = torch.ones(P, L, dtype=torch.long)
     pmask[0, :2], pmask[2, :4] = 0, 0  # left padding
     smask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
     kp, vp, q, ks, vs = (torch.randn(*shape, generator=g) for shape in
-                         [(P, Hkv, L, D), (P, Hkv, L, D), (len(slots), H, T, D), (len(slots), Hkv, T, D),
-                          (len(slots), Hkv, T, D)])
+                         [(P, Hkv, L, D), (P, Hkv, L, D), (len(prompt_of_row), H, T, D), (len(prompt_of_row), Hkv, T, D),
+                          (len(prompt_of_row), Hkv, T, D)])
     prompt_cache = SimpleNamespace(layers=[SimpleNamespace(keys=kp, values=vp)])
-    state = sp.suffix_state(sp.prompt_kv(prompt_cache), pmask, slots, T, smask, fused=fused)
+    state = suffix_state(sp.prompt_kv(prompt_cache), pmask, prompt_of_row, T, smask, fused=fused)
     with sp.active(SimpleNamespace(_attn_implementation="sdpa"), state):
         out, _ = sp.attention(SimpleNamespace(layer_idx=0), q, ks, vs, scaling=D**-0.5)
-    assert out.shape == (len(slots), T, H, D)
-    for b, p in enumerate(slots.tolist()):
+    assert out.shape == (len(prompt_of_row), T, H, D)
+    for b, p in enumerate(prompt_of_row.tolist()):
         n, real = lengths[b], pmask[p].bool()
         k = torch.cat([kp[p][:, real], ks[b, :, :n]], dim=1).repeat_interleave(gq, dim=0)
         v = torch.cat([vp[p][:, real], vs[b, :, :n]], dim=1).repeat_interleave(gq, dim=0)
@@ -134,10 +135,14 @@ def test_multi_token_suffix_attention_matches_sdpa(fused):
 
 
 def test_supported_sliding_window_depends_on_the_lengths():
-    from transformers import MistralConfig
+    from transformers import MistralConfig, MistralModel
 
-    eurus = MistralConfig(sliding_window=4096, max_position_embeddings=32768)  # Eurus-RM-7b's
+    eurus = MistralModel(MistralConfig(sliding_window=4096, max_position_embeddings=32768,  # Eurus-RM-7b's
+                                       vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1))
     assert not sp.supported(eurus) and sp.supported(eurus, 2048) and not sp.supported(eurus, 4097)
+    eurus.layers[1].to("meta")  # split over two devices: the prompt KV cannot sit beside every layer
+    assert not sp.supported(eurus, 2048)
 
 
 # ---------------------------------------------------------------------------- the rewards
@@ -151,7 +156,7 @@ def test_regression_head_shared_prefix_equals_one_by_one(kind, bos_tok):
     prompts, responses = mixed_batch()
     for side, attention in (("left", "split"), ("right", "split"), ("right", "sdpa")):
         rm = reward_from_yaml(name, max_length=80, padding_side=side, max_batch_tokens=160, batch_size=4,
-                              shared_attention=attention)
+                              attention=attention)
         rm.attach(model, bos_tok)
         seqs = [rm.encode(p, r) for p, r in zip(prompts, responses)]
         want = torch.tensor([direct_reward(model, s) for s in seqs])
@@ -224,7 +229,7 @@ def test_shared_prefix_on_gpu_matches_cpu(bos_tok):
     prompts, responses = mixed_batch()
     cpu = reward_from_yaml("ultrarm", max_length=80).attach(model, bos_tok).score(prompts, responses)
     for attention in ("split", "sdpa"):
-        gpu_rm = reward_from_yaml("ultrarm", max_length=80, shared_attention=attention)
+        gpu_rm = reward_from_yaml("ultrarm", max_length=80, attention=attention)
         gpu_rm.attach(copy.deepcopy(model).cuda(), bos_tok)
         assert torch.allclose(gpu_rm.score(prompts, responses), cpu, atol=1e-4)
         assert gpu_rm.stats["prefix_tokens_saved"] > 0

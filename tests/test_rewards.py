@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, MistralConfig, PreTrainedTokenizerFast
 
+from aisp_bench.engine import pad
 from aisp_bench.rewards import (
-    REWARDS,
     EmbeddingSimilarityReward,
     HFClassifierReward,
     LMJudgeReward,
@@ -26,7 +26,7 @@ from aisp_bench.rewards import (
     RegressionHeadReward,
     RewardModel,
 )
-from aisp_bench.rewards.base import last_token_index, pad_batch, truncate_keep_end
+from aisp_bench.rewards.base import last_token_index, truncate_keep_end
 from aisp_bench.types import Message, Prompt
 
 CONF = Path(__file__).resolve().parents[1] / "aisp_bench" / "conf"
@@ -132,18 +132,15 @@ def test_score_sorts_batches_and_restores_order():
         rm.score([Prompt.single("x", "q")] * 2, ["r"])
 
 
-def test_registry_lists_the_reward_classes():
-    assert {"regression_head", "hf_classifier", "lm_judge", "embedding_similarity"} <= set(REWARDS.names())
-    with pytest.raises(KeyError, match="known: .*regression_head"):
-        REWARDS.get("ultra")
-
-
 def test_padding_helpers():
-    ids, mask, pos = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and pos.tolist() == [[0, 1, 2], [0, 0, 0]]
+    ids, mask, pos = pad([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and pos.tolist() == [[0, 1, 2], [1, 1, 0]]  # padding: 1
     assert last_token_index(mask).tolist() == [2, 2]
-    ids, mask, pos = pad_batch([[5, 6, 7], [8]], pad_id=0, side="right")
+    ids, mask, pos = pad([[5, 6, 7], [8]], pad_id=0, side="right")
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and last_token_index(mask).tolist() == [2, 0]
+    assert pos[0].tolist() == [0, 1, 2] and pos[1, 0] == 0
+    ids, mask, _ = pad([[], []], pad_id=9)  # nothing to pad: one masked column
+    assert ids.tolist() == [[9], [9]] and mask.sum() == 0
     assert truncate_keep_end(list(range(10)), 4, keep_head=1) == [0, 7, 8, 9]
     assert truncate_keep_end(list(range(3)), 4, keep_head=1) == [0, 1, 2]
 
@@ -181,7 +178,7 @@ def test_regression_head_same_whatever_batch_size_and_padding(tiny_rm, tok):
 def test_regression_head_forward_matches_model_card_readout(tiny_rm, tok):
     """The model cards read the reward at attention_mask.cumsum(1).argmax(1)."""
     _, model = tiny_rm
-    ids, mask, _ = pad_batch([[1, 5, 6, 7, 8], [1, 9, 10]], pad_id=0, side="right")
+    ids, mask, _ = pad([[1, 5, 6, 7, 8], [1, 9, 10]], pad_id=0, side="right")
     with torch.inference_mode():
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         ends = mask.cumsum(dim=1).argmax(dim=1).view(-1, 1)
@@ -345,7 +342,7 @@ def test_judge_prefix_sharing_and_batching_match_direct_computation(judge, smoll
     before = judge.stats["prefix_tokens_saved"]
     shared = judge.score([p] * 4, responses)
     assert judge.stats["prefix_tokens_saved"] > before  # the prefix path ran
-    plain = reward_from_yaml("smollm2_judge", device="cpu", share_prefix=False, batch_size=1)
+    plain = reward_from_yaml("smollm2_judge", device="cpu", attention="full", batch_size=1)
     plain.attach(smollm2.model, smollm2.tokenizer)
     assert torch.allclose(shared, plain.score([p] * 4, responses), atol=1e-4)
     tok = smollm2.tokenizer
@@ -403,10 +400,10 @@ def tiny_judge(tok, device="cpu", **kw) -> LMJudgeReward:
     return judge.attach(lm, tok)
 
 
-@pytest.mark.parametrize("shared_attention", ["split", "sdpa"])
-def test_judge_prefix_sharing_truncation_and_readout_tiny(tok, shared_attention):
-    judge = tiny_judge(tok, batch_size=3, max_length=40, shared_attention=shared_attention)
-    plain = tiny_judge(tok, batch_size=1, max_length=40, share_prefix=False)
+@pytest.mark.parametrize("attention", ["split", "sdpa"])
+def test_judge_prefix_sharing_truncation_and_readout_tiny(tok, attention):
+    judge = tiny_judge(tok, batch_size=3, max_length=40, attention=attention)
+    plain = tiny_judge(tok, batch_size=1, max_length=40, attention="full")
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2 + [PROMPTS[3]]
     responses = ["Paris.", "It is Paris, the big city.", "", "ha", "A joke: " + "la " * 40, "ok"]
     got = judge.score(prompts, responses)
@@ -449,6 +446,6 @@ def test_regression_head_on_gpu_in_bf16_matches_cpu(tmp_path, tok, device_map):
 @pytest.mark.gpu
 def test_judge_prefix_sharing_on_gpu(tok):
     judge = tiny_judge(tok, device="cuda", batch_size=4)
-    cpu = tiny_judge(tok, device="cpu", batch_size=1, share_prefix=False)
+    cpu = tiny_judge(tok, device="cpu", batch_size=1, attention="full")
     prompts, responses = [PROMPTS[0]] * 4 + [PROMPTS[2]], ["Paris.", "It is Paris.", "", "ha", "no"]
     assert torch.allclose(judge.score(prompts, responses), cpu.score(prompts, responses), atol=1e-3)

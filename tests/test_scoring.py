@@ -1,4 +1,4 @@
-"""``Engine.response_logprobs`` (base_logprob) on SmolLM2 against a plain forward of prompt + response."""
+"""``prefix_scoring.response_logprobs`` (base_logprob) on SmolLM2 against a plain forward of prompt + response."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from aisp_bench.engine import Engine
+from aisp_bench.prefix_scoring import response_logprobs
 from aisp_bench.types import Prompt
 
 PROMPTS = [
@@ -49,7 +50,7 @@ def test_logprobs_equal_a_forward_of_prompt_and_response(smollm2, attention, max
     shared-prefix attention (the prompt KV read in place) and through the cache copy."""
     engine = make_engine(smollm2, attention)
     calls = engine.stats["forward_calls"]
-    got = engine.response_logprobs(PROMPTS, RESPONSES, max_rows=max_rows)
+    got = response_logprobs(engine, PROMPTS, RESPONSES, max_rows=max_rows)
     assert [len(g) for g in got] == [3, 1]
     for prompt, texts, scored in zip(PROMPTS, RESPONSES, got):
         for text, s in zip(texts, scored):
@@ -65,22 +66,22 @@ def test_logprobs_equal_a_forward_of_prompt_and_response(smollm2, attention, max
 @pytest.mark.slow
 def test_greedy_responses_are_likely_and_retokenise_to_their_ids(engine):
     """The re-tokenised text of a greedy response is the ids the engine generated (the
-    choice documented in engine/scoring.py), and its mean log-prob beats another prompt's."""
+    choice documented in prefix_scoring.py), and its mean log-prob beats another prompt's."""
     prefix = engine.prefill(PROMPTS)
     samples = engine.decode(prefix, [0, 1])
     eos = set(engine.eos_token_ids)
     for s in samples:
         ids = [t for t in s.token_ids if t not in eos]
         assert engine.tokenizer(s.text, add_special_tokens=False)["input_ids"] == ids
-    own = engine.response_logprobs(PROMPTS, [[samples[0].text], [samples[1].text]])
-    swapped = engine.response_logprobs(PROMPTS, [[samples[1].text], [samples[0].text]])
+    own = response_logprobs(engine, PROMPTS, [[samples[0].text], [samples[1].text]])
+    swapped = response_logprobs(engine, PROMPTS, [[samples[1].text], [samples[0].text]])
     assert own[0][0].mean > swapped[0][0].mean and own[1][0].mean > swapped[1][0].mean
     assert own[0][0].mean > -1.0  # greedy tokens are each the most likely one
 
 
 def test_bad_arguments(engine):
     with pytest.raises(ValueError, match="2 prompts but 1 response lists"):
-        engine.response_logprobs(PROMPTS, [["x"]])
+        response_logprobs(engine, PROMPTS, [["x"]])
 
 
 @pytest.mark.gpu
@@ -90,8 +91,8 @@ def test_logprobs_on_cuda_in_bf16_match_the_cpu(engine, smollm2):
 
     model = copy.deepcopy(smollm2.model).to("cuda", torch.bfloat16)
     gpu = Engine(model, smollm2.tokenizer, smollm2.render, max_new_tokens=24, add_special_tokens=False)
-    want = engine.response_logprobs(PROMPTS, RESPONSES)
-    got = gpu.response_logprobs(PROMPTS, RESPONSES)
+    want = response_logprobs(engine, PROMPTS, RESPONSES)
+    got = response_logprobs(gpu, PROMPTS, RESPONSES)
     for w, g in zip(want, got):
         for a, b in zip(w, g):
             assert b.tokens == a.tokens

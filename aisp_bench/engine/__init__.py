@@ -1,4 +1,4 @@
-"""The generation engine: the only code that runs the policy model's forward pass.
+"""The generation engine: every line that runs the policy model's decode loop.
 
 It decodes many rows at once on any ``transformers`` causal LM whose logits are
 ``lm_head(z_t)``, z_t being the final hidden state after the last norm (the paper's
@@ -10,35 +10,35 @@ pre-logit, Eq. 2). Per row it applies one of three rules:
   ``TopPLogitsWarper`` and one caller-given uniform per step (BoN top-p);
 * plain greedy (no noise, no sampling).
 
-How it is fast:
+The modules, in the order a decode runs through them:
 
-* ``prefill`` runs each prompt once (several prompts left-padded in one batch) and keeps
-  its KV cache and its last pre-logit; ``decode`` can be called many times on one prefix
-  (all of AISP's κ iterations reuse one prefill);
-* the prompt's KV cache is shared by its rows, not copied (``shared_prefix``), unless
-  ``attention="copy"`` (``Engine.attention_for``); per-chunk decode states: ``engine.rows``;
-* the host reads the generated tokens only every ``sync_every`` steps (``engine.stopping``);
-* rows that finish (EOS, a stop string, ``max_new_tokens``) leave the batch: the cache
-  and every per-row tensor are compacted, so finished rows cost nothing more;
-* ``decode_step="static"`` runs on fixed shapes per batch-size bucket, which
-  ``decode_step="cuda_graph"`` captures in CUDA graphs (``StaticRows``);
-* rows beyond ``max_batch_rows`` are decoded in successive chunks.
-
-``Engine.response_logprobs`` (``engine.scoring``) runs the other direction: the
-log-probability of given responses under the noise-free policy (``base_logprob``).
+* ``core``: ``Engine``: ``prefill`` runs each prompt once (several prompts left-padded in
+  one batch, ``padding.pad``) and keeps its KV cache and its last pre-logit (``Prefix``);
+  ``decode`` can be called many times on one prefix (all of AISP's κ iterations reuse one
+  prefill) and cuts its rows into chunks of ``max_batch_rows``;
+* ``chunk``: one chunk's step loop and its state (``Chunk``: rows, lanes, tokens): noise,
+  ``lm_head``, argmax or a top-p draw (``sampling``), and every ``sync_every`` steps the
+  host reads the new tokens, finishes rows at EOS, a stop string or ``max_new_tokens``
+  (``stopping``) and drops them from the batch, so finished rows cost nothing more;
+* ``steps``: how a step runs the backbone: the prompt KV copied per row (``CopyStep``),
+  or read in place by all its rows (``SharedStep``), on fixed shapes that a CUDA graph
+  captures (``StaticStep``);
+* ``attention``: shared-prefix attention (one copy of a prompt's KV for all its rows),
+  also what ``aisp_bench.prefix_scoring`` scores given responses with;
+* ``tuning``: the ``auto`` choices of attention, decode step, sync interval and batch
+  rows, from the model and the device.
 
 Randomness never comes from here: callers pass noise and uniforms drawn from generators
 seeded per (run seed, prompt id, iteration, row), so results do not depend on batching.
 """
 
 from aisp_bench.engine.core import Engine, Prefix, PromptTooLongError
-from aisp_bench.engine.rows import SPAN, StaticRows
+from aisp_bench.engine.padding import pad
 from aisp_bench.engine.sampling import sample_top_p, top_p_filter
-from aisp_bench.engine.scoring import ResponseLogProb
-from aisp_bench.engine.sizing import auto_attention
+from aisp_bench.engine.steps import SPAN, StaticStep
 from aisp_bench.engine.stopping import stop_candidates
 
 __all__ = [
-    "SPAN", "Engine", "Prefix", "PromptTooLongError", "ResponseLogProb", "StaticRows", "auto_attention",
-    "sample_top_p", "stop_candidates", "top_p_filter",
+    "SPAN", "Engine", "Prefix", "PromptTooLongError", "StaticStep", "pad", "sample_top_p", "stop_candidates",
+    "top_p_filter",
 ]  # fmt: skip

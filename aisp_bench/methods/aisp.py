@@ -48,7 +48,7 @@ from collections.abc import Sequence
 
 import torch
 
-from aisp_bench.methods.base import METHODS, Method, Tracker
+from aisp_bench.methods.base import Method, Tracker
 from aisp_bench.seeding import gaussian_rows
 from aisp_bench.types import Prompt, Result
 
@@ -108,7 +108,6 @@ def diagnostics(k: int, r: torch.Tensor, w: torch.Tensor, U: torch.Tensor, lam: 
     }
 
 
-@METHODS.register("aisp")
 class AISP(Method):
     """Adaptive importance sampling of the pre-logit noise mean (Algorithm 1).
 
@@ -137,12 +136,12 @@ class AISP(Method):
         U = [torch.zeros(tau, engine.hidden_size, device=engine.device) for _ in prompts]
         trackers = [Tracker(p.id) for p in prompts]
         iterations: list[list[dict]] = [[] for _ in prompts]
-        slots = torch.arange(P).repeat_interleave(n)
+        prompt_of_row = torch.arange(P).repeat_interleave(n)
         rm_prompts = [p for p in prompts for _ in range(n)]
         for k in range(1, self.kappa + 1):
             t0 = time.perf_counter()
             V = [self.draw_V(U[p], seed, prompts[p].id, k) for p in range(P)]
-            samples = engine.decode(prefix, slots, noise=torch.cat(V))
+            samples = engine.decode(prefix, prompt_of_row, noise=torch.cat(V))
             r = reward.score(rm_prompts, [s.text for s in samples]).view(P, n)
             seconds = (time.perf_counter() - t0) / P
             for p in range(P):

@@ -15,10 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aisp_bench.registry import Registry
 from aisp_bench.types import Prompt, Result, Sample
-
-METHODS: Registry[type] = Registry("method")
 
 
 class Method(ABC):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from aisp_bench.methods.base import METHODS, Method, Tracker
+from aisp_bench.methods.base import Method, Tracker
 from aisp_bench.seeding import gaussian_rows, uniform_rows
 from aisp_bench.types import Prompt, Result
 
@@ -46,7 +46,6 @@ class _BestOfN(Method):
         return [t.result() for t in trackers]
 
 
-@METHODS.register("bon_topp")
 class BoNTopP(_BestOfN):
     """Best-of-N with temperature T and nucleus mass p (``top_p=1.0``: no filter)."""
 
@@ -63,7 +62,6 @@ class BoNTopP(_BestOfN):
         return dict(uniforms=torch.cat(u), temperature=self.temperature, top_p=self.top_p)
 
 
-@METHODS.register("bon_gaussian")
 class BoNGaussian(_BestOfN):
     """Best-of-N, greedy on pre-logits with noise N(0, σ²I) on the first τ steps (Eq. 3 with
     U = 0); ``sigma2`` is σ², the VARIANCE."""

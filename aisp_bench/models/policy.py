@@ -13,15 +13,11 @@ from typing import Any
 
 from aisp_bench.models.loading import gguf_safetensors_cache, package_file, resolve_device, resolve_dtype
 from aisp_bench.models.templates import ChatTemplateFormat, TranscriptFormat
-from aisp_bench.registry import Registry
 from aisp_bench.types import Prompt
 
 log = logging.getLogger(__name__)
 
-POLICIES: Registry[type] = Registry("model class")
 
-
-@POLICIES.register("hf")
 @dataclass(kw_only=True, eq=False)
 class Policy:
     """A ``transformers`` causal LM from the hub or a local folder.
@@ -112,7 +108,6 @@ class Policy:
         return ids
 
 
-@POLICIES.register("gguf_package")
 @dataclass(kw_only=True, eq=False)
 class GGUFPackagePolicy(Policy):
     """A GGUF checkpoint shipped inside a pip package (the offline default, SmolLM2).
@@ -146,7 +141,7 @@ def build_engine(policy: Policy, *, max_new_tokens: int, batch_rows: int | str, 
     truncated from the left (``prompt_overflow="truncate_left"``) or refused
     (``"skip"``: the engine raises, the run skips them beforehand). Engines are cheap:
     build one per job from a policy loaded once. ``engine_options``: the ``Engine``'s
-    ``decode_step``, ``attention`` and ``sync_every`` (``generation.*``).
+    ``decode_step``, ``attention`` and ``sync_every`` (the tuning block, ``engine.*``).
     """
     from aisp_bench.engine import Engine
 
@@ -166,4 +161,4 @@ def build_engine(policy: Policy, *, max_new_tokens: int, batch_rows: int | str, 
     )
 
 
-__all__ = ["Policy", "GGUFPackagePolicy", "POLICIES", "build_engine"]
+__all__ = ["Policy", "GGUFPackagePolicy", "build_engine"]

@@ -12,15 +12,15 @@ Built from ``conf/reward/*.yaml`` (constructor arguments = YAML keys) and loaded
 What each measures and its limits: docs/models.md.
 """
 
-from aisp_bench.rewards.base import REWARDS, RewardModel, TextPairReward
+from aisp_bench.rewards.base import DecoderReward, RewardModel, TextPairReward
 from aisp_bench.rewards.classifier import HFClassifierReward
 from aisp_bench.rewards.lm_judge import LMJudgeReward
 from aisp_bench.rewards.regression_head import RegressionHeadModel, RegressionHeadReward
 from aisp_bench.rewards.similarity import EmbeddingSimilarityReward
 
 __all__ = [
-    "REWARDS",
     "RewardModel",
+    "DecoderReward",
     "TextPairReward",
     "RegressionHeadModel",
     "RegressionHeadReward",

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 
-from aisp_bench.registry import Registry
-from aisp_bench.rewards.batching import SequenceScorer, last_token_index, pad_batch
+from aisp_bench.rewards.batching import SequenceScorer, last_token_index
 from aisp_bench.types import Prompt
 
 log = logging.getLogger(__name__)
-REWARDS: Registry[type] = Registry("reward")
 
 
 class RewardModel(ABC):
@@ -154,15 +152,15 @@ class DecoderReward(RewardModel):
     * ``name``: short name used in run folder names;
     * ``batch_size``: rows per forward at most;
     * ``max_batch_tokens``: padded tokens per forward, about (``batching``, point 4);
-    * ``share_prefix``: run the tokens a prompt's responses share once and score the
-      rest against that KV (exact, tested to 1e-5 in fp32; ``batching``, points 1-3);
-    * ``shared_attention``: how the responses attend to that KV: ``sdpa``, ``split`` or
-      ``auto`` (``SequenceScorer.score``);
     * ``max_length``: tokens; longer inputs lose tokens after the fixed head, so the end
       of the response survives;
     * ``add_special_tokens``: ``null``: add them unless the rendered text already starts
       with the tokenizer's BOS (as chat-template text does);
-    * ``device``, ``dtype``.
+    * ``device``, ``dtype``;
+    * ``attention``: how the tokens a prompt's responses share are run (once, the rest
+      scored against their KV: ``split``, ``sdpa``; or ``full``, each pair whole) or
+      ``auto`` (``SequenceScorer.score``): tuning, the same rewards in fp32, set from the
+      configs' ``engine.reward_attention`` by the commands, not by the reward's YAML.
     """
 
     padding_side: str = "right"
@@ -172,16 +170,15 @@ class DecoderReward(RewardModel):
         name: str,
         batch_size: int,
         max_batch_tokens: int,
-        share_prefix: bool = True,
         max_length: int | None = 2048,
         add_special_tokens: bool | None = None,
         device: str = "auto",
         dtype: str = "auto",
-        shared_attention: str = "auto",
+        attention: str = "auto",
     ) -> None:
         self._settings(name, batch_size, max_length, device, dtype)
         self.max_batch_tokens = max_batch_tokens
-        self.share_prefix, self.shared_attention = share_prefix, shared_attention
+        self.attention = attention
         self.add_special_tokens = add_special_tokens
         self.stats = {"rows": 0, "forwards": 0, "padded_tokens": 0, "prefix_tokens_saved": 0}  # summed over calls
 
@@ -208,8 +205,7 @@ class DecoderReward(RewardModel):
         seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
         return self._scorer.score(
             seqs, [p.messages for p in prompts], max_batch_tokens=self.max_batch_tokens, max_rows=self.batch_size,
-            share_prefix=self.share_prefix, padding_side=self.padding_side, stats=self.stats,
-            shared_attention=self.shared_attention,
+            padding_side=self.padding_side, stats=self.stats, attention=self.attention,
         )
 
 
@@ -266,5 +262,5 @@ class TextPairReward(DecoderReward):
         return ids
 
 
-__all__ = ["REWARDS", "RewardModel", "DecoderReward", "TextPairReward", "load_pretrained", "truncate_keep_end",
-           "pad_batch", "last_token_index", "pad_token_id", "model_device"]
+__all__ = ["RewardModel", "DecoderReward", "TextPairReward", "load_pretrained", "truncate_keep_end",
+           "last_token_index", "pad_token_id", "model_device"]

@@ -13,17 +13,18 @@ pair's ids, exactly as full scoring reads them, and a key naming its prompt
 2. a group sharing at least ``MIN_SHARED`` tokens is scored with its prefix run once:
    the prefixes of several groups are prefilled together (left padded), then the rows'
    suffixes (right padded) run against that KV without copying it
-   (``shared_prefix.forward_suffix``);
-3. everything else (single pairs, groups sharing too little, models that
-   ``shared_prefix.supported`` does not cover, models split over devices) is scored in
-   full: padded on ``padding_side``, positions counted over real tokens;
+   (``prefix_scoring.forward_suffix``);
+3. everything else (single pairs, groups sharing too little, models that shared-prefix
+   attention does not cover or split over devices: ``engine.attention.supported``) is
+   scored in full: padded on ``padding_side`` (``engine.padding.pad``), positions counted
+   over real tokens;
 4. forwards are packed by tokens: each holds about ``max_batch_tokens`` padded tokens
    (a prefill: prompts x longest prefix; a suffix forward: rows x longest suffix) and at
    most ``max_rows`` rows; a group is never split over two prefills (its rows may take
    several suffix forwards against one prefill).
 
-``plan`` is the pure grouping and packing; ``SequenceScorer`` runs it on a model. Also
-the padding helpers every model-based reward uses.
+``plan`` is the pure grouping and packing; ``SequenceScorer`` runs it on a model and
+chooses how a row attends to its shared prompt (``attention``).
 """
 
 from __future__ import annotations
@@ -33,33 +34,11 @@ from dataclasses import dataclass
 
 import torch
 
-from aisp_bench import shared_prefix
+from aisp_bench.engine.attention import supported
+from aisp_bench.engine.padding import pad
+from aisp_bench.prefix_scoring import forward_suffix, prefill
 
 MIN_SHARED = 4  # a group sharing fewer tokens is scored in full: the prefill would save almost nothing
-
-
-def pad_batch(
-    seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right", device: torch.device | str | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad token lists to one (B, L) tensor on the ``right`` or ``left``.
-
-    Returns ``input_ids``, ``attention_mask`` and ``position_ids``; the latter count real
-    tokens only (0 at each row's first real token), so a decoder sees the same positions
-    whichever side the padding is on.
-    """
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        if not len(s):
-            raise ValueError("cannot score an empty token sequence")
-        t = torch.as_tensor(list(s), dtype=torch.long)
-        if side == "right":
-            ids[b, : len(s)], mask[b, : len(s)] = t, 1
-        else:
-            ids[b, L - len(s) :], mask[b, L - len(s) :] = t, 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -181,9 +160,6 @@ class SequenceScorer:
     def __init__(self, backbone, readout: Callable[[torch.Tensor], torch.Tensor], pad_id: int,
                  device: torch.device | str, forward: Callable | None = None) -> None:
         self.backbone, self.readout, self.pad_id, self.device, self.forward = backbone, readout, pad_id, device, forward
-        # shared-prefix attention keeps one layer's prompt KV beside that layer: one device only
-        one_device = backbone is not None and len({p.device for p in backbone.parameters()}) == 1
-        self._config = backbone.config if one_device and forward is None else None
 
     def score(
         self,
@@ -192,33 +168,38 @@ class SequenceScorer:
         *,
         max_batch_tokens: int,
         max_rows: int,
-        share_prefix: bool,
         padding_side: str,
         stats: dict,
-        shared_attention: str = "auto",
+        attention: str = "auto",
     ) -> torch.Tensor:
         """Rewards (len(seqs),) float32 on the CPU, in input order; ``keys[i]`` names the
         prompt of sequence i (equal keys: candidates for a shared prefix). Adds this
         call's rows, forwards, padded tokens and prefix tokens saved to ``stats``.
-        ``shared_attention``: how a response attends to its shared prompt, ``sdpa`` (one
-        fused call, ``shared_prefix.fused_attention``), ``split`` or ``auto`` (sdpa on the
-        CPU, 2-3x faster there; split on a GPU, where sdpa is not measured yet)."""
+
+        ``attention``, how a row attends to the prefix its group shares: ``split`` (one
+        product per prompt for all its rows' queries, no copy of the prompt KV), ``sdpa``
+        (each row's prompt KV gathered next to its own, one fused call per layer:
+        ``engine.attention.fused_attention``), ``full`` (no shared prefix: every sequence
+        scored whole) or ``auto``: sdpa on the CPU (measured 12-13% faster there), split on
+        a GPU (where sdpa is not measured yet); shared only where it is exact (point 3).
+        All give the same rewards in fp32 (BENCHMARKS.md)."""
+        if any(not len(s) for s in seqs):
+            raise ValueError("cannot score an empty token sequence")
         out = torch.empty(len(seqs), dtype=torch.float32)
-        # shared-prefix attention is exact for these sequences (``shared_prefix.supported``)
-        share = (share_prefix and self._config is not None
-                 and shared_prefix.supported(self._config, max(len(s) for s in seqs)))
+        share = (attention != "full" and self.forward is None and self.backbone is not None
+                 and supported(self.backbone, max(len(s) for s in seqs)))
         todo = plan(seqs, keys, max_batch_tokens, max_rows, share=share)
         stats["rows"] += len(seqs)
         side = padding_side if self.forward is None else "right"
-        fused = shared_attention == "sdpa" or (shared_attention == "auto" and torch.device(self.device).type != "cuda")
+        fused = attention == "sdpa" or (attention == "auto" and torch.device(self.device).type != "cuda")
         for batch in todo.full:
-            ids, mask, pos = pad_batch([seqs[i] for i in batch], self.pad_id, side, self.device)
+            ids, mask, pos = pad([seqs[i] for i in batch], self.pad_id, side, self.device)
             out[torch.tensor(batch)] = self._full(ids, mask, pos).float().cpu()
             stats["forwards"] += 1
             stats["padded_tokens"] += ids.numel()
         for pack in todo.packs:
-            ids, mask, pos = pad_batch(pack.prefixes, self.pad_id, "left", self.device)
-            kv = shared_prefix.prefill(self.backbone, ids, mask, pos)  # once per pack, read by every chunk
+            ids, mask, pos = pad(pack.prefixes, self.pad_id, "left", self.device)
+            kv = prefill(self.backbone, ids, mask, pos)  # once per pack, read by every chunk
             stats["forwards"] += 1
             stats["padded_tokens"] += ids.numel()
             rows_c = sum(len(pack.prefixes[p]) for chunk in pack.chunks for _, p in chunk)
@@ -226,11 +207,11 @@ class SequenceScorer:
             for chunk in pack.chunks:
                 rows = [i for i, _ in chunk]
                 starts = [len(pack.prefixes[p]) for _, p in chunk]
-                sids, smask, spos = pad_batch([seqs[i][s:] for i, s in zip(rows, starts)], self.pad_id, "right",
-                                              self.device)
+                sids, smask, spos = pad([seqs[i][s:] for i, s in zip(rows, starts)], self.pad_id, "right",
+                                        self.device)
                 spos = spos + torch.tensor(starts, device=spos.device)[:, None]
-                slots = torch.tensor([p for _, p in chunk], device=mask.device)
-                hidden = shared_prefix.forward_suffix(self.backbone, kv, mask, slots, sids, spos, smask, fused)
+                prompt_of_row = torch.tensor([p for _, p in chunk], device=mask.device)
+                hidden = forward_suffix(self.backbone, kv, mask, prompt_of_row, sids, spos, smask, fused)
                 out[torch.tensor(rows)] = self._read(hidden, smask).float().cpu()
                 stats["forwards"] += 1
                 stats["padded_tokens"] += sids.numel()

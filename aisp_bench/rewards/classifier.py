@@ -10,8 +10,8 @@ How the logit is read:
   backbone runs with explicit position ids and the head is read at each row's last
   attention-mask token, so left and right padding give the same reward and a pad id
   that also occurs in the text (pad = EOS) cannot move the read-out token. Where
-  ``shared_prefix`` covers the backbone (Llama, Mistral, Qwen2/3), a prompt's responses
-  share its tokens (``rewards/batching.py``), as for the regression heads.
+  shared-prefix attention covers the backbone (Llama, Mistral, Qwen2/3), a prompt's
+  responses share its tokens (``rewards/batching.py``), as for the regression heads.
 * Anything else (encoders such as DeBERTa, which pool their first token): the model's
   own forward, right padded, every pair in full.
 """
@@ -21,10 +21,9 @@ from __future__ import annotations
 import torch
 
 from aisp_bench.models.templates import ChatTemplateFormat
-from aisp_bench.rewards.base import REWARDS, TextPairReward, pad_token_id
+from aisp_bench.rewards.base import TextPairReward, pad_token_id
 
 
-@REWARDS.register("hf_classifier")
 class HFClassifierReward(TextPairReward):
     """A one-output sequence-classification reward model by hub id or local folder.
 

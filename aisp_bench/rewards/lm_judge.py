@@ -21,13 +21,12 @@ from __future__ import annotations
 import torch
 
 from aisp_bench.models.loading import gguf_safetensors_cache, package_file
-from aisp_bench.rewards.base import REWARDS, DecoderReward, load_pretrained, truncate_keep_end
+from aisp_bench.rewards.base import DecoderReward, load_pretrained, truncate_keep_end
 from aisp_bench.types import Message, Prompt
 
 _MARK = "\x00CONVERSATION\x00"
 
 
-@REWARDS.register("lm_judge")
 class LMJudgeReward(DecoderReward):
     """Score = log P(yes) - log P(no) of a causal LM asked a fixed question.
 
@@ -47,9 +46,8 @@ class LMJudgeReward(DecoderReward):
         revision: hub revision to pin (``name_or_path`` only).
         max_length: tokens; longer inputs lose tokens right after the shared instruction
             (the start of the conversation first), keeping the response's end.
-        (the rest as ``DecoderReward``: batch_size, max_batch_tokens, share_prefix,
-        shared_attention, add_special_tokens, device, dtype; the judge may sit on another
-        device than the policy)
+        (the rest as ``DecoderReward``: batch_size, max_batch_tokens, add_special_tokens,
+        device, dtype, attention; the judge may sit on another device than the policy)
     """
 
     def __init__(
@@ -67,19 +65,17 @@ class LMJudgeReward(DecoderReward):
         batch_size: int = 32,
         max_batch_tokens: int = 512,
         max_length: int | None = 1024,
-        share_prefix: bool = True,
         add_special_tokens: bool | None = None,
         device: str = "auto",
         dtype: str = "auto",
-        shared_attention: str = "auto",
+        attention: str = "auto",
     ) -> None:
         for slot in ("{conversation}", "{response}"):
             if slot not in judge_prompt:
                 raise ValueError(f"judge_prompt of reward {name!r} has no {slot} slot")
         if (package is None) == (name_or_path is None) or (package is None) != (gguf_file is None):
             raise ValueError(f"reward {name!r}: give either package and gguf_file, or name_or_path")
-        super().__init__(name, batch_size, max_batch_tokens, share_prefix, max_length, add_special_tokens, device,
-                         dtype, shared_attention)
+        super().__init__(name, batch_size, max_batch_tokens, max_length, add_special_tokens, device, dtype, attention)
         self.judge_prompt = judge_prompt
         self.conversation_format = conversation_format
         self.judge_format = judge_format

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from aisp_bench.rewards.base import REWARDS, TextPairReward, last_token_index
+from aisp_bench.rewards.base import TextPairReward, last_token_index
 
 
 class RegressionHeadModel(PreTrainedModel):
@@ -83,7 +83,6 @@ class RegressionHeadModel(PreTrainedModel):
         return self.regression_head(last.to(device=w.device, dtype=w.dtype)).squeeze(-1)
 
 
-@REWARDS.register("regression_head")
 class RegressionHeadReward(TextPairReward):
     """A regression-head reward model (UltraRM-13b, Eurus-RM-7b) by hub id or local folder.
 

@@ -16,13 +16,12 @@ from collections.abc import Sequence
 
 import torch
 
+from aisp_bench.engine.padding import pad
 from aisp_bench.rewards.base import (
-    REWARDS,
     RewardModel,
     leading_special_count,
     load_pretrained,
     model_device,
-    pad_batch,
     pad_token_id,
     truncate_keep_end,
 )
@@ -35,7 +34,6 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
-@REWARDS.register("embedding_similarity")
 class EmbeddingSimilarityReward(RewardModel):
     """Cosine similarity between the embedded prompt and the embedded response.
 
@@ -104,7 +102,7 @@ class EmbeddingSimilarityReward(RewardModel):
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised mean-pooled embeddings (N, d), float32."""
-        ids, mask, _ = pad_batch([self._encode_text(t) for t in texts], self._pad_id, "right", model_device(self.model))
+        ids, mask, _ = pad([self._encode_text(t) for t in texts], self._pad_id, "right", model_device(self.model))
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         return torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
 
