@@ -27,7 +27,8 @@ def without_timings(rec: dict) -> dict:
 
 
 def env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    # RAY_AUTH_MODE: the test Ray on 127.0.0.1 takes no token (Ray 2.60 asks for one by default)
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled", **extra)
 
 
 def aisp_bench(*args: str, results: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -60,7 +61,7 @@ def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | No
     deadline = time.time() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"ended before {what}: {proc.communicate()[1][-3000:]}")
+            raise AssertionError(f"ended before {what}: {(proc.communicate()[1] or '')[-3000:]}")
         if time.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
