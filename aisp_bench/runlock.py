@@ -188,10 +188,9 @@ _held = {"depth": 0, "pending": False}
 
 
 def _on_sigterm(signum, frame) -> None:
-    if _held["depth"]:
-        _held["pending"] = True  # no_stop() raises when its block is done
-        return
-    raise Stopped("SIGTERM")
+    _held["pending"] = True  # no_stop() raises when its block is done (also if this raise is lost, e.g. in a finalizer)
+    if not _held["depth"]:
+        raise Stopped("SIGTERM")
 
 
 @contextmanager

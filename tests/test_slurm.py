@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from proc import kill_tree
 from tiny_runs import ARGS, RUN, aisp_bench, finish, records_in, start, wait_until, without_timings
 
 from aisp_bench.rundir import Run, read_json, read_records
@@ -17,6 +18,11 @@ from aisp_bench.rundir import Run, read_json, read_records
 pytestmark = pytest.mark.slurm
 SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.poll_s=1"]
 SHARDED = ["dataset.num_shards=2", "dataset.shard=0,1"]
+
+
+def process_state(pid: int) -> str:
+    """R, S, T (stopped) ... of a process on this machine (the local Slurm's tasks run here)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def error_lines(err: str) -> list[str]:
@@ -37,14 +43,34 @@ def test_bad_requests_end_in_one_line_and_leave_nothing(tmp_path, override, name
     assert not (tmp_path / "slurm").exists() and not (tmp_path / "runs").exists()  # no pickles, no scripts
 
 
+def test_a_task_that_can_never_start_is_cancelled_and_reported(tmp_path):
+    # an sbatch option past the check (additional_parameters) asking for more CPUs than a node has
+    out = aisp_bench(*SLURM, *ARGS, "+hydra.launcher.additional_parameters.cpus_per_task=4096", results=tmp_path,
+                     timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "pending, and can never start (PartitionConfig): cancelled" in error_lines(out.stderr)[0]
+
+
+def test_wait_false_returns_once_submitted(tmp_path):
+    out = aisp_bench(*SLURM, *ARGS, "hydra.launcher.wait=false", results=tmp_path,
+                     timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [array] = [p.name for p in (tmp_path / "slurm").iterdir() if p.is_dir() and p.name.isdigit()]
+    subprocess.run(["scancel", array], check=True, timeout=60)
+    said = out.stdout + out.stderr  # the launcher logs through Hydra's logging (stdout)
+    assert f"follow it with `squeue -r -j {array}`" in said and f"`scancel {array}`" in said
+
+
 def test_two_shards_scancel_double_submission_resume(tmp_path, tiny_plain_records):
-    run, pending = tmp_path / RUN, []
+    run, array = tmp_path / RUN, None
     shard0, shard1 = run / "shards" / "00-of-02", run / "shards" / "01-of-02"
     sweep = start(*SLURM, *ARGS, *SHARDED, results=tmp_path)
     try:
         wait_until(lambda: records_in(shard0) >= 1, 300, "shard 0's first record", sweep)
         array = read_json(shard0 / "run.lock")["slurm_array_job_id"]
         subprocess.run(["scontrol", "suspend", f"{array}_0"], check=True, timeout=60)  # it holds its lock meanwhile
+        pid = read_json(shard0 / "run.lock")["pid"]
+        wait_until(lambda: process_state(pid) == "T", 60, "the task to be suspended")
 
         # the same shard again, while the array's task holds it: refused in the task, before any
         # model loads, and with accounting off the second submitter ends all the same
@@ -58,13 +84,18 @@ def test_two_shards_scancel_double_submission_resume(tmp_path, tiny_plain_record
         # scancel the task of shard 0: it stops at once (SIGTERM), its lock released (within Slurm's
         # KillWait, after which a SIGKILL would leave the lock and no stopped: line)
         subprocess.run(["scontrol", "resume", f"{array}_0"], check=True, timeout=60)  # a suspended one is SIGKILLed
+        wait_until(lambda: process_state(pid) != "T", 60, "the task to run again")
         subprocess.run(["scancel", f"{array}_0"], check=True, timeout=60)
         first = finish(sweep)
-    finally:
-        pending.append(sweep)
+    except BaseException:
+        kill_tree(sweep)
+        if array:
+            subprocess.run(["scancel", array], timeout=60)
+        raise
     assert first.returncode == 1, first.stderr[-3000:]
     [stopped, _] = error_lines(first.stderr)
     assert f"job {array}_0 (" in stopped and "stopped: SIGTERM" in stopped and f"slurm/{array}_0/" in stopped
+    assert "sacct" not in first.stderr + again.stderr  # no accounting asked for
     assert not (shard0 / "run.lock").exists() and 1 <= records_in(shard0) < 3 and records_in(shard1) == 3
 
     # rerun: shard 1 has nothing to do, shard 0 resumes; one process's records, none twice
