@@ -24,6 +24,7 @@ write_conf() {
   cpus=$(nproc)
   mem=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 2048 ))
   mkdir -p "$DIR/state" "$DIR/spool" "$DIR/munge"
+  chmod 0755 "$DIR"  # munged (user munge) keeps its seed there
   cat > "$CONF" <<EOF
 ClusterName=aisp-local
 SlurmctldHost=localhost
@@ -73,14 +74,21 @@ start() {
   echo $! > "$DIR/slurmctld.pid"
   slurmd -D -N localhost -f "$CONF" > "$DIR/slurmd.out" 2>&1 &
   echo $! > "$DIR/slurmd.pid"
-  for _ in $(seq 150); do  # the node is idle once slurmd has registered
-    if sinfo -h -o %t 2>/dev/null | grep -qx idle; then
+  local deadline=$((SECONDS + 60)) d
+  while [ $SECONDS -lt $deadline ]; do  # the node is idle once slurmd has registered
+    if timeout 10 sinfo -h -o %t 2>/dev/null | grep -qx idle; then
       echo "local Slurm is up: export SLURM_CONF=$CONF"
       return
     fi
+    for d in munged slurmctld slurmd; do alive "$d" || { fail "$d ended"; }; done
     sleep 0.2
   done
-  echo "error: the local Slurm did not come up; logs in $DIR (*.out, *.log)" >&2
+  fail "the local Slurm did not come up in 60 s"
+}
+
+fail() {
+  echo "error: $1; logs in $DIR (*.out, *.log)" >&2
+  tail -n 3 "$DIR"/*.out >&2 || true
   stop
   exit 1
 }
