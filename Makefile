@@ -21,7 +21,7 @@ SCALE ?= smoke
 # (n, κ) = (2, 4), (4, 2), σ 0.25 and 1, 4 tokens, on the 2 demo prompts: a few seconds a run).
 ifeq ($(SCALE),smoke)
   PAIR ?= smollm2_135m__smollm2_judge
-  RESULTS ?= results/smoke
+  RESULTS ?= $(or $(AISP_BENCH_RESULTS),results)/smoke
   ENCODER ?= minilm
   EVAL_REWARD ?=
   GOLD_REWARD ?= minilm_similarity
@@ -30,7 +30,7 @@ ifeq ($(SCALE),smoke)
   SENSITIVITY_DATASET ?= demo
 else ifeq ($(SCALE),paper)
   PAIR ?= llama3_8b__ultrarm
-  RESULTS ?= results
+  RESULTS ?= $(or $(AISP_BENCH_RESULTS),results)
   ENCODER ?= simcse
   EVAL_REWARD ?= ultrarm
   GOLD_REWARD ?= $(if $(filter eurus,$(REWARD)),ultrarm,eurus)
@@ -42,14 +42,16 @@ else
 endif
 MODEL := $(word 1,$(subst __, ,$(PAIR)))
 REWARD := $(word 2,$(subst __, ,$(PAIR)))
-SWEEP := $(PY) -m aisp_bench -m scale=$(SCALE) model=$(MODEL) reward=$(REWARD) progress=false
+SWEEP := $(PY) -m aisp_bench -m scale=$(SCALE) model=$(MODEL) reward=$(REWARD) progress=false results_dir=$(RESULTS)
 
 # On a cluster (README: "On a cluster"): CLUSTER=slurm submits the runs of `make runs` as one
-# Slurm job array through Hydra's submitit launcher (aisp_bench/conf/hydra/launcher/slurm.yaml,
-# e.g. LAUNCHER_ARGS='hydra.launcher.partition=gpu'); CLUSTER=local as local processes.
-# SHARDS=K splits every run's prompts into K jobs (SHARD=3,7: only those); PLAN=1 prints the
-# plan of `make runs` / `make paper` (jobs, tokens, GPU-hours; PLAN_ARGS=plan.tokens_per_second=...)
-# and runs nothing. The other targets read shards as runs: `make table1` needs no SHARDS.
+# Slurm job array (aisp_bench/conf/hydra/launcher/slurm.yaml, e.g.
+# LAUNCHER_ARGS='hydra.launcher.partition=gpu'); CLUSTER=ray runs them as Ray tasks, one GPU
+# each, on this machine's GPUs (or a Ray cluster: LAUNCHER_ARGS=hydra.launcher.address=auto);
+# CLUSTER=local as local processes. SHARDS=K splits every run's prompts into K jobs (SHARD=3,7:
+# only those); PLAN=1 prints the plan of `make runs` / `make paper` (jobs, tokens, GPU-hours,
+# and with GPUS=8 the wall time; PLAN_ARGS=plan.tokens_per_second=...) and runs nothing. The
+# other targets read shards as runs: `make table1` needs no SHARDS.
 CLUSTER ?=
 SHARDS ?= 1
 LAUNCH := $(if $(CLUSTER),hydra/launcher=$(CLUSTER) $(LAUNCHER_ARGS))
@@ -81,7 +83,7 @@ ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz),)
   endif
 endif
 
-.PHONY: help setup demo test test-fast bench bench-gpu bench-gpu-engine plan fault-injection runs table1 table2 table3 figure2 compute \
+.PHONY: help setup demo test test-fast bench bench-gpu bench-gpu-engine plan slurm-local fault-injection runs table1 table2 table3 figure2 compute \
         judge judge_bias lambda_runs lambda_sweep sensitivity_runs sensitivity evaluate report paper smoke clean-smoke
 
 help:  ## list the targets
@@ -113,8 +115,12 @@ bench-gpu-engine: setup  ## the engine against transformers generate on CUDA (re
 fault-injection: setup  ## kill -9 tiny runs at every step and at random times, rerun, check (RANDOM_KILLS=10)
 	$(PY) scripts/fault_injection.py --random $(or $(RANDOM_KILLS),10)
 
-plan: setup  ## what `make runs` costs: jobs, prompts, samples, tokens, GPU-hours (CLUSTER, SHARDS, PLAN_ARGS)
-	$(PY) -m aisp_bench.plan -m scale=$(SCALE) model=$(MODEL) reward=$(REWARD) $(TABLE1_GRID) $(PLAN_ARGS)
+plan: setup  ## what `make runs` costs: jobs, prompts, samples, tokens, GPU-hours (CLUSTER, SHARDS, GPUS, PLAN_ARGS)
+	$(PY) -m aisp_bench.plan -m scale=$(SCALE) model=$(MODEL) reward=$(REWARD) results_dir=$(RESULTS) $(TABLE1_GRID) \
+	  $(if $(GPUS),plan.gpus=$(GPUS)) $(PLAN_ARGS)
+
+slurm-local:  ## a one-node Slurm on this machine (root; apt-get install slurm-wlm munge); SLURM=stop stops it
+	bash scripts/local_slurm.sh $(or $(SLURM),start)
 
 ifeq ($(PLAN),)
 runs: setup  ## the Table 1 runs for PAIR (3 methods x SHP, HH-RLHF x seeds 0-2; SEEDS=0,1; CLUSTER, SHARDS)

@@ -6,11 +6,14 @@ and, for the three that read runs, the ``select`` block (``conf/app.yaml``). Bad
 a command with one ``error:`` line and exit code 2: ``launch`` composes and checks
 (``validate.check``) every config the command line asks for before Hydra writes anything
 (a bad override, key or value alike; a sweep's before its first job); ``run_app`` does the
-same for what the command itself finds (``UserError``, a corrupt run folder).
+same for what the command itself finds (``UserError``, a corrupt run folder). A run that a
+SIGTERM stopped ends with one ``stopped:`` line and exit code 143.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,6 +27,7 @@ from aisp_bench.config import CONF_DIR, MOVED_KEYS
 from aisp_bench.registry import UnknownNameError
 from aisp_bench.results import Selection, discover_runs, runs_root
 from aisp_bench.rundir import RECORDS, Run, RunFolderError, scan_records
+from aisp_bench.runlock import Stopped
 from aisp_bench.validate import UserError, check
 
 BAD_INPUT = (UserError, UnknownNameError, RunFolderError)
@@ -38,21 +42,52 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+class Exit(SystemExit):
+    """``sys.exit(code)`` that keeps the one line the command printed last (``error: ...``,
+    ``stopped: ...``): what a launcher reports for a job that ended so."""
+
+    def __init__(self, code: int, line: str) -> None:
+        super().__init__(code)
+        self.code, self.line = code, line
+
+
+STOPPED_CODE = 143  # 128 + SIGTERM, as a shell reports a process a SIGTERM ended
+
+
 def run_app(main: Callable[[DictConfig], int | None], cfg: DictConfig) -> None:
-    """Call a command's ``main(cfg)``; bad input: one ``error:`` line, exit 2; other codes: exit with them.
-    Warnings are printed as one ``warning:`` line each."""
+    """Call a command's ``main(cfg)``; bad input: one ``error:`` line, exit 2; a SIGTERM that
+    stopped a run: one ``stopped:`` line, exit 143; other codes: exit with them. Warnings are
+    printed as one ``warning:`` line each."""
     warnings.formatwarning = lambda msg, *args, **kw: f"warning: {msg}\n"
     try:
         code = main(cfg)
     except BAD_INPUT as e:
-        _refuse(str(e))
+        refuse(str(e))
+    except Stopped as e:
+        _say(f"stopped: {e}", STOPPED_CODE)
     if code:
         sys.exit(code)
 
 
-def _refuse(message: str) -> None:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
+def refuse(message: str) -> None:
+    _say(f"error: {' '.join(message.split())}", 2)
+
+
+def _say(line: str, code: int) -> None:
+    print(line, file=sys.stderr)
+    raise Exit(code, line)
+
+
+ARGV_ENV = "AISP_BENCH_ARGV"  # set by a launcher for its jobs: the command line that submitted them
+
+
+def command_line() -> list[str]:
+    """The user's command line: the submitting one for a job a launcher started, else ``sys.argv``."""
+    try:
+        argv = json.loads(os.environ.get(ARGV_ENV) or "null")
+    except ValueError:
+        argv = None
+    return [str(a) for a in argv] if isinstance(argv, list) else list(sys.argv)
 
 
 def launch(app: Callable[[], None], config_name: str) -> None:
@@ -87,9 +122,9 @@ def preflight(config_name: str, argv: Sequence[str]) -> None:
                 if overrides != first:
                     check(compose_config(config_name, overrides)[0])
     except BAD_INPUT as e:
-        _refuse(str(e))
+        refuse(str(e))
     except (HydraException, OmegaConfBaseException) as e:
-        _refuse(hydra_message(e))
+        refuse(hydra_message(e))
     finally:
         GlobalHydra.instance().clear()
 

@@ -19,7 +19,9 @@ It loads no model and writes nothing. Per dataset, pair and method it prints:
 * **GPU-hours** = generated tokens / throughput: ``plan.tokens_per_second`` (generated
   tokens per second on one GPU, decoding and scoring included), else each method's
   ``tokens_per_s`` in ``plan.bench`` (``scripts/bench_methods.py`` on a GPU writes it),
-  else none; and the longest job, against ``hydra.launcher.timeout_min``.
+  else none; and the longest job, against ``hydra.launcher.timeout_min``;
+* **wall time** with ``plan.gpus=G`` (the GPUs that run jobs at once: a Ray machine's or
+  cluster's GPUs, the array tasks Slurm runs at once): GPU-hours / G, at least the longest job.
 
 Prompt tokens come from the policy's tokenizer (the reward model's prompt is counted
 with it too, a stand-in); where it cannot be loaded (offline, a gated model) or
@@ -228,6 +230,10 @@ def plan_runs(args: list[str]) -> tuple[dict[tuple[str, str, str], Counts], list
     if timeout and longest * 60 > timeout:
         notes.append(f"the longest job needs about {longest * 60:.0f} min, over hydra.launcher.timeout_min={timeout}: "
                      "it is requeued (max_num_timeout) and resumes, or use more shards")
+    gpus, total = base.plan.get("gpus"), sum(c.gpu_hours for c in rows.values())
+    if gpus and not math.isnan(total):  # checked by validate.check
+        notes.append(f"wall time on {gpus} GPUs at once (plan.gpus; one job per GPU): about "
+                     f"{hours(max(total / gpus, longest))} h (GPU-hours / {gpus}, at least the longest job)")
     return rows, sorted(tokens.notes) + notes
 
 

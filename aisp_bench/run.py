@@ -4,7 +4,9 @@
 prompt, then writes ``summary.json`` and closes ``manifest.json``. Re-running resumes; a
 folder of another config is refused unless ``overwrite=true``. A prompt shard
 (``dataset.num_shards=K dataset.shard=i``) writes ``shards/<i>-of-<K>/`` alike, and
-``run.lock`` keeps every folder to one writer.
+``run.lock`` keeps every folder to one writer: it is taken before any model loads, so a
+refusal costs no load, and a SIGTERM (``scancel``) stops the run after the record being
+written, releasing the lock (``Stopped``; the rerun resumes).
 
 The run folder's life cycle (read by ``resume_check``; nothing is written before every
 check has passed, and nothing the resume depends on exists before the manifest)::
@@ -33,7 +35,6 @@ import platform
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -42,13 +43,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from aisp_bench.cli import UserError, engine_options, first_line, instantiate_node, reward_node
+from aisp_bench.cli import UserError, command_line, engine_options, first_line, instantiate_node, reward_node
 from aisp_bench.config import config_diff, semantic_config
 from aisp_bench.rundir import (
-    MANIFEST, RECORDS, RUN_LOG, SUMMARY, RecordWriter, RunFolderError, Shards, finite_rewards, is_temp_file,
+    MANIFEST, RECORDS, RUN_LOCK, RUN_LOG, SUMMARY, RecordWriter, RunFolderError, Shards, finite_rewards, is_temp_file,
     make_record, read_json, read_records, read_summary, shard_dir, summarize, write_json_atomic,
 )  # fmt: skip
-from aisp_bench.runlock import RunLock, is_lock_file
+from aisp_bench.runlock import RunLock, Stopped, is_lock_file, no_stop, stop_on_sigterm
 from aisp_bench.types import Prompt
 from aisp_bench.validate import check
 
@@ -151,13 +152,17 @@ def run(cfg: DictConfig) -> Path:
                 close(job, existing.manifest, existing, existing.summary.get("skipped_ids") or [],
                       existing.summary.get("truncated_ids") or [])
         return job.run_dir
-    engine, reward = load(cfg, job)
-    fit, skipped, truncated = fit_prompts(engine, job.prompts, str(cfg.generation.prompt_overflow))
-    with RunLock(job.run_dir):
-        existing = resume_check(job, records=False)  # again, now that no other process writes the folder
-        manifest = open_folder(job, existing, engine, reward)
-        done_before = generate(cfg, job, engine, reward, fit, len(skipped), len(truncated))
-        close(job, manifest, existing, skipped, truncated, done_before)
+    try:  # the lock first: a folder another process writes is refused before any model loads
+        with RunLock(job.run_dir), stop_on_sigterm():
+            engine, reward = load(cfg, job)
+            fit, skipped, truncated = fit_prompts(engine, job.prompts, str(cfg.generation.prompt_overflow))
+            existing = resume_check(job, records=False)  # again, now that no other process writes the folder
+            manifest = open_folder(job, existing, engine, reward)
+            done_before = generate(cfg, job, engine, reward, fit, len(skipped), len(truncated))
+            close(job, manifest, existing, skipped, truncated, done_before)
+    except Stopped:
+        raise Stopped(f"SIGTERM: {job.run_dir} stopped, its records kept and {RUN_LOCK} released; "
+                      "rerun the same command to resume") from None
     return job.run_dir
 
 
@@ -191,12 +196,13 @@ def in_other_layout(job: Job) -> bool:
         if sharded and shards.num_shards != job.num_shards:
             raise UserError(f"run folder {root} holds shards of dataset.num_shards={shards.num_shards}; run with "
                             "that count, or delete the folder to reshard the run")
-        theirs = next((m for m in shards.manifests.values() if m), {})
+        theirs = next((m for m in shards.manifests.values() if m), None)  # None: shards only begun (a lock)
     elif sharded and ((root / RECORDS).is_file() or (root / MANIFEST).is_file()):
         theirs = read_json(root / MANIFEST, missing_ok=True) or {}
     else:
         return False  # the unsharded layout for an unsharded job (resume_check's), or a fresh folder
-    _same_config(root, theirs, job, "; delete it, or use another results_dir")
+    if theirs is not None:
+        _same_config(root, theirs, job, "; delete it, or use another results_dir")
     if sharded and shards is not None:
         return False  # a shard beside its own kind
     what = f"{shards.num_shards} prompt shards" if shards else "an unsharded run"
@@ -287,7 +293,7 @@ def fit_prompts(engine, prompts: list[Prompt], overflow: str) -> tuple[list[Prom
 
 def open_folder(job: Job, existing: Existing, engine, reward) -> dict:
     """Create (or, ``overwrite``, replace) the folder; write the manifest with a new session, then open the log."""
-    session = {"started": _now(), "device": str(engine.device), "git_commit": git_commit(), "argv": sys.argv,
+    session = {"started": _now(), "device": str(engine.device), "git_commit": git_commit(), "argv": command_line(),
                # what the "auto" settings resolved to on this device (bf16 tokens depend on them)
                "engine": {"decode_step": engine.decode_step, "batch_rows": engine.max_batch_rows,
                           "sync_every": engine.sync_every}}
@@ -350,7 +356,8 @@ def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipp
                 for p, res in zip(chunk, results):
                     if p.id in done:  # decoded again only to keep the batch as it was
                         continue
-                    writer.write(make_record(p, res, per_prompt))
+                    with no_stop():  # a SIGTERM stops the run after this record, not inside it
+                        writer.write(make_record(p, res, per_prompt))
                     _phase("record_written")
                     if math.isfinite(res.reward):  # NaN: every sample of the prompt was non-finite
                         rewards.append(res.reward)

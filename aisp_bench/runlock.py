@@ -16,7 +16,13 @@ liveness cannot be checked from here (delete the file by hand if it is certainly
 An unreadable lock (a damaged file) counts as held for ``FRESH_S`` seconds. A kill
 leaves at most a whole lock and a draft or aside file (``.run.lock.*``, ``is_lock_file``).
 A takeover renames the stale file aside and checks it was the one judged stale, so two
-processes taking over the same stale lock cannot both win.
+processes taking over the same stale lock cannot both win. A folder that ``acquire`` had to
+create is removed again on release when nothing but the lock was written there (a refusal
+after the lock, e.g. a model that does not load, leaves no empty run folder behind).
+
+``with stop_on_sigterm():`` makes a SIGTERM (``scancel``, ``kill``) stop the writer at once
+with ``Stopped``, except inside a ``no_stop()`` block (a record being written), which ends
+first: the lock is released on the way out and a rerun resumes from the records.
 """
 
 from __future__ import annotations
@@ -25,8 +31,12 @@ import datetime as _dt
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +102,12 @@ class RunLock:
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder) / RUN_LOCK
         self.text: str | None = None  # what we wrote, while we hold it
+        self.created: list[Path] = []  # the folders acquire made, deepest first
 
     def acquire(self) -> None:
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = missing
         me = holder()
         text = json.dumps(me) + "\n"
         for _ in range(5):  # another process may take over or release between two steps
@@ -152,6 +165,12 @@ class RunLock:
         except FileNotFoundError:
             pass
         self.text = None
+        for folder in self.created:  # only where nothing else was written
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.created = []
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -159,3 +178,44 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class Stopped(BaseException):
+    """A SIGTERM stopped the writer (a ``BaseException``: no ``except Exception`` swallows it)."""
+
+
+_held = {"depth": 0, "pending": False}
+
+
+def _on_sigterm(signum, frame) -> None:
+    _held["pending"] = True  # no_stop() raises when its block is done (also if this raise is lost, e.g. in a finalizer)
+    if not _held["depth"]:
+        raise Stopped("SIGTERM")
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Within the block a SIGTERM raises ``Stopped`` (outside ``no_stop`` blocks); the previous
+    handler is restored after it. Only the main thread receives signals: elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _held["pending"] = False
+
+
+@contextmanager
+def no_stop() -> Iterator[None]:
+    """Hold a SIGTERM until the block (a record's write) is done, then stop."""
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+    if not _held["depth"] and _held["pending"]:
+        _held["pending"] = False
+        raise Stopped("SIGTERM")

@@ -137,7 +137,7 @@ RULES: dict[str, Rule] = {
     "judge.tie_margin": real(0), "judge.cache_dir": PATH,
     # plan (conf/plan.yaml)
     "plan.tokens_per_second": Rule("real", low=0, open_low=True, null=True), "plan.tokenizer": BOOL,
-    "plan.chars_per_token": POSITIVE,
+    "plan.chars_per_token": POSITIVE, "plan.gpus": integer(null=True),
     # report (conf/report.yaml)
     "band": Rule("choice", words=("seeds", "prompts", "auto")), "out": PATH,
     "bootstrap.resamples": integer(100), "bootstrap.seed": integer(0),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,11 +22,46 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    for marker, why in (("slurm", _no_slurm()), ("ray", _no_ray())):
+        if why:
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=why))
     if not os.environ.get("OPENAI_API_KEY"):
         skip = pytest.mark.skip(reason="api tests need OPENAI_API_KEY")
         for item in items:
             if "api" in item.keywords:
                 item.add_marker(skip)
+
+
+def _no_slurm() -> str | None:
+    """Why the ``slurm`` tests cannot run here (None: a Slurm controller answers ``sinfo``)."""
+    if shutil.which("sinfo") is None:
+        return "no Slurm here (sinfo not found): bash scripts/local_slurm.sh start, as .ci/run does"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"sinfo failed: {e}"
+    return None if out.returncode == 0 and out.stdout.strip() else f"no Slurm controller answers: {out.stderr.strip()}"
+
+
+def _no_ray() -> str | None:
+    import importlib.util
+
+    return None if importlib.util.find_spec("ray") else "Ray is not installed (pip install -e '.[ray]')"
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_records(tmp_path_factory) -> list[dict]:
+    """The records of ``tiny_runs.ARGS`` in one process (the launcher tests' reference)."""
+    from tiny_runs import ARGS, RUN, aisp_bench
+
+    from aisp_bench.rundir import read_records
+
+    results = tmp_path_factory.mktemp("plain")
+    out = aisp_bench(*ARGS, results=results)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return read_records(results / RUN)
 
 
 @pytest.fixture(scope="session")

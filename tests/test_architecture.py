@@ -11,7 +11,8 @@ from a higher one:
 5. ``rundir``, ``results``, ``runlock``: one run folder (files, records, run identity, prompt
    shards), the results tree (selection, judge files), the run-folder lock
 6. ``cli``: the front door shared by the commands
-7. the commands ``run`` (with ``__main__``), ``evaluate``, ``judge``, ``report``, ``plan``: none
+7. ``cluster``: the launchers of sweeps (Slurm, Ray), on the front door's errors and lines
+8. the commands ``run`` (with ``__main__``), ``evaluate``, ``judge``, ``report``, ``plan``: none
    imports another (the judge does not import the evaluate command line)
 
 Only the layers from ``config`` and ``cli`` up may import Hydra or OmegaConf: methods,
@@ -38,6 +39,7 @@ LAYERS = [
     {"methods", "metrics"},
     {"rundir", "results", "runlock"},
     {"cli"},
+    {"cluster"},
     {"run", "evaluate", "judge", "report", "plan"},
 ]
 COMMANDS = LAYERS[-1]

@@ -60,6 +60,12 @@ def test_a_sharded_demo_grid(capsys, monkeypatch, tmp_path):
     assert rows["total"][:6] == ["3", "6", "9", "147", "4,704", f"{4704 + 7 * T:,}"]
     assert rows["total"][6:] == [f"{4704 / 100 / 3600:.3f}", f"{2 * 17 * 32 / 100 / 3600:.3f}"]  # shard 0: 2 prompts
     assert "ESTIMATED at 4 characters per token (plan.tokenizer=false)" in out
+    assert "wall time" not in out
+    code, rows, out, err = plan(capsys, *grid, "plan.tokens_per_second=100", "plan.gpus=4")
+    wall = max(4704 / 100 / 3600 / 4, 2 * 17 * 32 / 100 / 3600)  # the longest job (AISP, 2 prompts) bounds it
+    assert f"wall time on 4 GPUs at once (plan.gpus; one job per GPU): about {wall:.3f} h" in out
+    assert f"about {4704 / 100 / 3600 / 2:.3f} h" in plan(capsys, *grid, "plan.tokens_per_second=100",
+                                                          "plan.gpus=2")[2]  # 6 jobs on 2 GPUs: GPU-hours / 2
     # one shard only, and the throughput of a benchmark file (per method; BoN Gaussian has none)
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"device": "H200", "date": "2025-01-01", "methods": {
@@ -80,6 +86,7 @@ def test_plan_notes_and_refusals(capsys, monkeypatch, tmp_path):
     for args, message in ((["seed=0,1"], "seed=0,1 is a sweep: add -m"),
                           (["-m", "dataset.num_shards=2", "dataset.shard=0,2"], r"dataset.shard must be .* got '2'"),
                           (["plan.tokens_per_second=-1"], "plan.tokens_per_second must be a finite number > 0"),
+                          (["plan.gpus=0"], "plan.gpus must be"),
                           (["method=nosuch"], "nosuch"), (["--frobnicate"], "unknown option --frobnicate")):
         code, rows, out, err = plan(capsys, *args, "plan.tokenizer=false")
         assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), err

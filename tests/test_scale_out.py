@@ -20,15 +20,7 @@ from aisp_bench.report.__main__ import main as report_main
 from aisp_bench.run import run
 from aisp_bench.rundir import Run, read_json, read_records
 from proc import kill_tree, run_tree
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMINGS = ("seconds", "final_candidate_seconds")
-
-
-def without_timings(rec: dict) -> dict:
-    out = {k: v for k, v in rec.items() if k not in TIMINGS}
-    out["iterations"] = [{k: v for k, v in it.items() if k not in TIMINGS} for it in rec.get("iterations", [])]
-    return out
+from tiny_runs import ROOT, without_timings
 
 
 @pytest.mark.slow
@@ -87,23 +79,3 @@ def test_shards_on_the_local_launcher_equal_one_process(tmp_path, shared_data, c
     row = (tmp_path / "sharded/smoke/tables/table1.csv").read_text().splitlines()[1]
     assert ",3,True,metrics," in row  # n_prompts, complete, reward from the evaluation
 
-
-def test_launcher_configs_compose(compose, tmp_path):
-    """conf/hydra/launcher/{slurm,local}.yaml against the plugin's schemas (an unknown key fails here)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    def launcher(*overrides):
-        from hydra import compose as hydra_compose
-        from hydra import initialize_config_dir
-
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(ROOT / "aisp_bench" / "conf"), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
-        return cfg.hydra.launcher
-
-    slurm = launcher("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.setup=[module load cuda]")
-    assert slurm._target_.endswith("SlurmLauncher") and slurm.partition == "gpu" and slurm.gpus_per_task == 1
-    assert slurm.max_num_timeout > 0 and slurm.setup == ["module load cuda"] and slurm.array_parallelism == 64
-    assert slurm.submitit_folder == str(tmp_path / "results" / "slurm" / "%j")  # beside the runs
-    assert launcher("hydra/launcher=local")._target_.endswith("LocalLauncher")
-    GlobalHydra.instance().clear()

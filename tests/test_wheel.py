@@ -30,7 +30,8 @@ def _ok(out: subprocess.CompletedProcess) -> str:
 @pytest.mark.slow
 def test_wheel_installs_and_runs_a_tiny_demo_outside_the_source_tree(tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(ROOT / "aisp_bench", src / "aisp_bench", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("aisp_bench", "hydra_plugins"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     _ok(run_tree([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -65,4 +66,7 @@ def test_wheel_installs_and_runs_a_tiny_demo_outside_the_source_tree(tmp_path):
     assert "| AISP" in table and "demo," in table
     assert "select:" in _ok(run_tree([str(python), "-m", "aisp_bench.evaluate", "--help"], cwd=work, env=env,
                                      timeout=60))
+    launcher = _ok(run_tree([str(python), "-m", "aisp_bench", "hydra/launcher=ray", "--cfg", "hydra", "-p",
+                             "hydra.launcher"], cwd=work, env=env, timeout=120))  # the launchers' plugin and schemas
+    assert "hydra_plugins.aisp_bench_launchers.launchers.RayLauncher" in launcher and "num_gpus: auto" in launcher
     assert not any(work.iterdir())  # no outputs/ or log files where the commands ran
