@@ -14,8 +14,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, MistralConfig, PreTrainedTokenizerFast
+from tiny_models import tiny_tokenizer
+from transformers import LlamaConfig, MistralConfig
 
 from aisp_bench.rewards import (
     REWARDS,
@@ -30,26 +30,6 @@ from aisp_bench.rewards.base import last_token_index, pad_batch, truncate_keep_e
 from aisp_bench.types import Message, Prompt
 
 CONF = Path(__file__).resolve().parents[1] / "aisp_bench" / "conf"
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A 300-token byte-level BPE that adds <s> in front, as Llama/Mistral tokenizers do."""
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = [
-        "Human: hello there\nAssistant: hi, how can I help you today?",
-        "[INST] the capital of France [/INST] Paris",
-    ]
-    tk.train_from_iterator(corpus * 5, trainer)
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def tiny_config(kind: str, vocab_size: int):
