@@ -45,6 +45,7 @@ Each part prints one ``verdict`` line. On a GPU the parts run one model at a tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -52,6 +53,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from transformers import AttentionInterface
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,6 +63,7 @@ import bench_gpu  # noqa: E402  (the Llama-3-8B shape)
 from bench_methods import (  # noqa: E402
     TINY_POLICY, TINY_REWARD, ULTRARM_13B, WordTokenizer, random_prompts, random_weights_)
 
+from aisp_bench import shared_prefix  # noqa: E402
 from aisp_bench.engine import Engine  # noqa: E402
 from aisp_bench.models.templates import TranscriptFormat  # noqa: E402
 from aisp_bench.rewards.regression_head import RegressionHeadModel, RegressionHeadReward  # noqa: E402
@@ -73,7 +76,34 @@ TINY_MISTRAL = dict(TINY_REWARD, num_key_value_heads=2)
 REWARD_SHAPES = {"ultrarm13b": ("llama", ULTRARM_13B, TINY_REWARD, "ultrarm"),
                  "eurus7b": ("mistral", MISTRAL_7B, TINY_MISTRAL, "eurus")}
 VARIANTS = {"full": dict(share_prefix=False), "full_rebatched": dict(share_prefix=False, batch_size=8),
-            "split": dict(shared_attention="split"), "sdpa": dict(shared_attention="sdpa")}
+            "split": dict(shared_attention="split"), "sdpa": dict(shared_attention="sdpa"),
+            "split_fp32_attention": dict(shared_attention="split")}  # with split_attention_in_fp32
+
+
+@contextlib.contextmanager
+def split_attention_in_fp32():
+    """The split path with its attention computed in float32 (its inputs upcast, its output
+    rounded back to bf16): a diagnostic that separates the attention's own bf16 rounding
+    (scores and probabilities in bf16, where SDPA kernels keep them in fp32) from the rest
+    of shared scoring (the prompt prefilled apart, other matrix shapes)."""
+    split = shared_prefix.attention
+
+    def in_fp32(module, query, key, value, attention_mask=None, scaling=None, **kwargs):
+        st = shared_prefix._ACTIVE[-1]
+        i = module.layer_idx
+        saved = st.k[i], st.v[i], st.row_bias
+        st.k[i], st.v[i], st.row_bias = st.k[i].float(), st.v[i].float(), st.row_bias.float()
+        try:
+            out, _ = split(module, query.float(), key.float(), value.float(), attention_mask, scaling, **kwargs)
+        finally:
+            st.k[i], st.v[i], st.row_bias = saved
+        return out.to(query.dtype), None
+
+    AttentionInterface.register(shared_prefix.ATTN_NAME, in_fp32)
+    try:
+        yield
+    finally:
+        AttentionInterface.register(shared_prefix.ATTN_NAME, split)
 
 
 def sync(dev: str) -> None:
@@ -95,18 +125,19 @@ def pairs(P: int, n: int, L: int, R: int, vocab: int, seed: int) -> tuple[list, 
     return prompts, responses
 
 
-def build_reward(name: str, dev: str, tiny: bool) -> RegressionHeadReward:
+def build_reward(name: str, dev: str, tiny: bool, layers: int | None = None) -> RegressionHeadReward:
     from transformers import LlamaConfig, MistralConfig
 
     kind, shape, tiny_shape, conf_name = REWARD_SHAPES[name]
-    shape = dict(shape, **(tiny_shape if tiny else {}))
+    shape = dict(shape, **(tiny_shape if tiny else {}), **({"num_hidden_layers": layers} if layers else {}))
     cfg = (LlamaConfig if kind == "llama" else MistralConfig)(**shape)
     with torch.device(dev):
         model = RegressionHeadModel._from_config(cfg, dtype=torch.bfloat16).eval()
     random_weights_(model, 1)
     conf = yaml.safe_load((CONF / "reward" / f"{conf_name}.yaml").read_text())
     fmt = {k: v for k, v in conf.pop("template").items() if k != "_target_"}
-    reward = RegressionHeadReward(template=TranscriptFormat(**fmt), **{k: v for k, v in conf.items() if k != "_target_"})
+    kwargs = {k: v for k, v in conf.items() if k != "_target_"}
+    reward = RegressionHeadReward(template=TranscriptFormat(**fmt), **kwargs)
     tok = WordTokenizer(shape["vocab_size"], eos=shape["eos_token_id"], pad=shape["pad_token_id"],
                         bos=shape["bos_token_id"])
     return reward.attach(model, tok)
@@ -136,14 +167,17 @@ def differences(got: torch.Tensor, ref: torch.Tensor, n: int, spread: float, sca
 
 
 def reward_precision(name: str, args) -> dict:
-    dev, tiny = args.device, args.device == "cpu"
+    dev, tiny = args.device, args.size == "tiny"
     t0 = time.perf_counter()
-    rw = build_reward(name, dev, tiny)
+    rw = build_reward(name, dev, tiny, args.layers)
     m = rw.model  # the std rewards would have if responses' final states were unrelated: |w| rms(norm)
-    head_scale = float(m.regression_head.weight.float().norm() * m.model.norm.weight.float().pow(2).mean().sqrt())
+    with torch.no_grad():
+        head_scale = float(m.regression_head.weight.float().norm() * m.model.norm.weight.float().pow(2).mean() ** 0.5)
     prompts, responses = pairs(args.prompts, args.n, args.prompt_len, args.new_tokens,
                                rw.model.config.vocab_size, seed=21)
-    scores = {v: score(rw, prompts, responses, **kw) for v, kw in VARIANTS.items()}
+    scores = {v: score(rw, prompts, responses, **kw) for v, kw in VARIANTS.items() if v != "split_fp32_attention"}
+    with split_attention_in_fp32():
+        scores["split_fp32_attention"] = score(rw, prompts, responses, **VARIANTS["split_fp32_attention"])
     rw.model.float()  # the same weights, exactly, in float32
     free(dev)
     scores["fp32"] = score(rw, prompts, responses, share_prefix=False)
@@ -159,7 +193,7 @@ def reward_precision(name: str, args) -> dict:
            "seconds": time.perf_counter() - t0}
     out["vs_fp32"] = {v: differences(s, ref, args.n, spread, head_scale) for v, s in scores.items() if v != "fp32"}
     out["vs_full"] = {v: differences(scores[v], scores["full"], args.n, spread, head_scale)
-                      for v in ("full_rebatched", "split", "sdpa")}
+                      for v in ("full_rebatched", "split", "sdpa", "split_fp32_attention")}
     out["fp32_shared_equal"] = out["vs_fp32"]["fp32_split"]["max_frac_of_spread"] < 1e-3
     out["verdict"] = reward_verdict(name, out)
     return out
@@ -178,6 +212,9 @@ def reward_verdict(name: str, r: dict) -> str:
         if (s["mean_abs"] > 1.5 * f["mean_abs"] + noise["mean_abs"]
                 or s["max_abs"] > 2 * f["max_abs"] + noise["max_abs"]):
             worse.append(v)
+    d = r["vs_fp32"]["split_fp32_attention"]
+    parts.append(f"split with fp32 attention {100 * d['mean_frac_of_spread']:.1f}% / "
+                 f"{100 * d['max_frac_of_spread']:.1f}%")
     verdict = ("SHARED SCORING WORSE THAN BF16 NOISE: " + ", ".join(worse)) if worse else \
         "shared scoring within bf16's own error"
     return (f"verdict reward {name}: |bf16 - fp32| mean / max as % of the within-prompt reward std "
@@ -191,10 +228,11 @@ def reward_verdict(name: str, r: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- base_logprob
-def build_policy(dev: str, tiny: bool, logit_std: float = 3.0):
+def build_policy(dev: str, tiny: bool, layers: int | None = None, logit_std: float = 3.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = dict(bench_gpu.LLAMA3_8B, **(TINY_POLICY if tiny else {}))
+    shape.update({"num_hidden_layers": layers} if layers else {})
     vocab = shape["vocab_size"]
     shape.update(eos_token_id=None, bos_token_id=None)
     with torch.device(dev):
@@ -221,9 +259,9 @@ def forward_means(model, tok, engine, prompts, texts) -> list[float]:
 
 
 def logprob_precision(args) -> dict:
-    dev, tiny = args.device, args.device == "cpu"
+    dev, tiny = args.device, args.size == "tiny"
     t0 = time.perf_counter()
-    model, tok = build_policy(dev, tiny)
+    model, tok = build_policy(dev, tiny, args.layers)
     n = max(2, args.n // 2)
     flat, texts = pairs(args.prompts, n, args.prompt_len, args.new_tokens, model.config.vocab_size, seed=31)
     prompts, groups = flat[::n], [texts[i * n : (i + 1) * n] for i in range(args.prompts)]
@@ -263,6 +301,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: tiny shapes, a dry run")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default results/bench/precision_<device>.json)")
     ap.add_argument("--parts", nargs="+", default=[*REWARD_SHAPES, "logprob"], choices=[*REWARD_SHAPES, "logprob"])
+    ap.add_argument("--size", choices=["real", "tiny"], default=None,
+                    help="the models' widths: the real ones (default on cuda) or tiny (default on cpu)")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers than the real models (e.g. a real "
+                    "width that fits a CPU run: --device cpu --size real --layers 4)")
     ap.add_argument("--prompts", type=int, default=None, help="prompts (default 4; cpu 3)")
     ap.add_argument("--n", type=int, default=None, help="responses per prompt (default 16; cpu 6)")
     ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 256; cpu 12)")
@@ -270,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip the parts left after this many seconds")
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
+    args.size = args.size or ("tiny" if cpu else "real")
     for key, gpu_default, cpu_default in (("prompts", 4, 3), ("n", 16, 6), ("prompt_len", 256, 12),
                                           ("new_tokens", 128, 8)):
         if getattr(args, key) is None:
@@ -281,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     import transformers
 
-    report = {"device": torch.cuda.get_device_name(0) if not cpu else "cpu (dry run, tiny shapes)",
+    report = {"device": torch.cuda.get_device_name(0) if not cpu else "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args), "verdicts": []}
     t_start = time.perf_counter()

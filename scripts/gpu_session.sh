@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The device checks for a session with a lent GPU, in one command (about 7 minutes on an
-# H100; keep the device tool's timeout_s at 560 or more):
+# The device checks for a session with a lent GPU, in one command, budgeted to about 8
+# minutes: the benchmarks' --budget-s 150 and 210 (each may overrun by its last workload),
+# plus the gpu tests and the sampler alone; run it with timeout_s 570.
 #
 #   bash scripts/gpu_session.sh prepare   # first, here: copies hydra, omegaconf and antlr4
 #                                         # (pure Python) from .venv into .gpu/pylib (4 MB)

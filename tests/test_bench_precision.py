@@ -26,7 +26,8 @@ def test_bench_precision_dry_run(tmp_path):
     for shape in ("ultrarm13b", "eurus7b"):
         r = report[shape]
         assert r["prefix_tokens_saved"] > 0 and r["fp32_shared_equal"] and r["within_prompt_std"] > 0
-        assert set(r["vs_fp32"]) == {"full", "full_rebatched", "split", "sdpa", "fp32_split"}
+        assert set(r["vs_fp32"]) == {"full", "full_rebatched", "split", "sdpa", "split_fp32_attention",
+                                     "fp32_split"}
         assert r["vs_fp32"]["fp32_split"]["max_abs"] < 1e-4  # shared scoring is exact in fp32
         for v in ("full", "split", "sdpa"):  # bf16 moves rewards, a little, in tiny models
             assert 0 < r["vs_fp32"][v]["max_abs"] and r["vs_fp32"][v]["max_frac_of_spread"] < 0.2
