@@ -31,9 +31,27 @@ from aisp_bench.runlock import Stopped
 from aisp_bench.validate import UserError, check
 
 BAD_INPUT = (UserError, UnknownNameError, RunFolderError)
-# Hydra's flags that do not run the command: Hydra answers them itself
-_HYDRA_ONLY = ("help", "hydra_help", "cfg", "info", "shell_completion", "config_path", "config_name", "config_dir",
-               "experimental_rerun")  # fmt: skip
+# Hydra's flags that do not run the command: Hydra answers them itself (``_command_line``)
+_HYDRA_ONLY = ("help", "hydra_help", "version", "cfg", "info", "shell_completion", "config_path", "config_name",
+               "config_dir", "experimental_rerun")  # fmt: skip
+
+
+def _command_line(argv: Sequence[str]):
+    """What ``preflight`` needs of Hydra's command line: the overrides, ``-m``, and whether a flag of
+    Hydra's own (``--help``, ``--cfg`` ...; Hydra's documented flags) asks for no run at all."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("overrides", nargs="*")
+    for flags in (("--help", "-h"), ("--hydra-help",), ("--version",), ("--resolve",), ("--run", "-r"),
+                  ("--multirun", "-m"), ("--shell-completion", "-sc")):
+        parser.add_argument(*flags, action="store_true")
+    for flags in (("--cfg", "-c"), ("--package", "-p"), ("--config-path", "-cp"), ("--config-name", "-cn"),
+                  ("--config-dir", "-cd"), ("--experimental-rerun",)):
+        parser.add_argument(*flags)
+    parser.add_argument("--info", "-i", nargs="?", const="all")
+    args, _ = parser.parse_known_args(list(argv))  # anything else: Hydra's own error when the app starts
+    return args
 
 
 def first_line(e: BaseException) -> str:
@@ -100,12 +118,11 @@ def preflight(config_name: str, argv: Sequence[str]) -> None:
     """Compose and ``validate.check`` every config the command line asks for: a sweep's every value
     of each swept key at least once (the others at their first value), the config's sweeper params
     included. Hydra's own flags (``--help``, ``--cfg`` ...) are left to Hydra."""
-    from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    args = get_args_parser().parse_args(list(argv))
+    args = _command_line(argv)
     if any(getattr(args, flag, None) for flag in _HYDRA_ONLY):
         return
     try:

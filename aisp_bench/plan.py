@@ -32,6 +32,7 @@ output says so. Exit codes: 0, 2 bad input.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from collections import defaultdict
@@ -98,17 +99,22 @@ def job_counts(prompt_tokens: list[int], samples: int, groups: int, max_new_toke
 
 # -- the grid -----------------------------------------------------------------------------
 def expand(parser: Any, overrides: list[str], params: dict[str, str], multirun: bool) -> list[list[str]]:
-    """The jobs' overrides as Hydra's basic sweeper crosses them (sweeper params, then the command
-    line, the later winning); a sweep without ``-m`` is refused."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
+    """The jobs' overrides as Hydra's basic sweeper crosses them: sweeper params, then the command
+    line (a later value of a key replaces an earlier one in its place), the first key varying
+    slowest; a sweep without ``-m`` is refused."""
     parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)
-    for o in (o for o in parsed if o.is_sweep_override()):
+    values: dict[str, list[str]] = {}
+    for o in parsed:
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            values[key] = [o.input_line]
+            continue
         if not multirun:
             raise UserError(f"{o.input_line} is a sweep: add -m, as for python -m aisp_bench -m")
         if not o.is_discrete_sweep():
             raise UserError(f"{o.input_line}: only lists and range() sweeps can be planned")
-    return BasicSweeper.split_arguments(parsed, None)[0]
+        values[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+    return [list(job) for job in itertools.product(*values.values())]
 
 
 def group_shards(jobs: list[list[str]]) -> dict[tuple[str, ...], list[str]]:

@@ -3,26 +3,30 @@
 ``run(cfg)`` decodes the prompts not yet in ``records.jsonl``, appending one record per
 prompt, then writes ``summary.json`` and closes ``manifest.json``. Re-running resumes; a
 folder of another config is refused unless ``overwrite=true``. A prompt shard
-(``dataset.num_shards=K dataset.shard=i``) writes ``shards/<i>-of-<K>/`` alike, and
-``run.lock`` keeps every folder to one writer: it is taken before any model loads, so a
-refusal costs no load, and a SIGTERM (``scancel``) stops the run after the record being
-written, releasing the lock (``Stopped``; the rerun resumes).
+(``dataset.num_shards=K dataset.shard=i``) writes ``shards/<i>-of-<K>/`` alike.
 
-The run folder's life cycle (read by ``resume_check``; nothing is written before every
-check has passed, and nothing the resume depends on exists before the manifest)::
+One linear life cycle, each file of the folder read once::
 
-    NEW       (no folder, or only run.log, run.lock, temp files)
-      -> mkdir, remove stale temp files, manifest.json {finished: null}, then run.log  => STARTED
-    STARTED   (a manifest, not finished; same config, records parse) -> append the missing records -> summary.json,
-              then the manifest's finished                                            => FINISHED
-    STARTED or FINISHED (the manifest says finished), every prompt recorded, summary.json readable
-              -> rewrite the summary if stale, close the manifest; no model loaded   => FINISHED
-    FOREIGN   (files, no manifest), another config, a corrupt manifest or records   -> refused
-              (``overwrite=true``: the folder's files are removed                     => NEW)
+    check the config, build its objects, load the prompts          (nothing touched)
+    the other layout (shards beside an unsharded run, or the reverse): complete -> done,
+        else refused                                               (``other_layout_done``)
+    take run.lock                 a folder another process writes is refused before any model loads
+    read the folder               (``read_folder``: manifest, summary, records, each once)
+        NEW       no folder, or only run.log, run.lock, temp files (``overwrite=true``: any folder)
+        STARTED   a manifest of the same config, records that parse (a torn last line aside)
+        COMPLETE  STARTED with every prompt recorded and a summary: close the manifest if a kill
+                  left it open, rewrite a stale summary; no model loaded, done
+        refused   files without a manifest, another config, a corrupt manifest or records
+    load the models, fit the prompts to the context
+    open the folder               mkdir (``overwrite``: emptied), stale temp files removed,
+                                  manifest.json {finished: null} with a new session, run.log
+    append the missing records    (a SIGTERM stops after the record being written: ``Stopped``)
+    close                         summary.json from the records, then the manifest finished
 
-A SIGKILL at any instant leaves one of these states, so a rerun completes the run with
-the records an uninterrupted run writes (tests/test_fault_injection.py kills a run at
-each ``_phase`` through ``$AISP_BENCH_KILL_AT``, and at random times).
+Nothing the resume depends on exists before the manifest, so a SIGKILL at any instant
+leaves a folder that a rerun completes with the records an uninterrupted run writes
+(``scripts/kill_points.py`` kills a run at each step for the tests and
+``make fault-injection``; the lock is released on any exit).
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -46,8 +49,9 @@ from omegaconf import DictConfig, OmegaConf
 from aisp_bench.cli import UserError, command_line, engine_options, first_line, instantiate_node, reward_node
 from aisp_bench.config import config_diff, semantic_config
 from aisp_bench.rundir import (
-    MANIFEST, RECORDS, RUN_LOCK, RUN_LOG, SUMMARY, RecordWriter, RunFolderError, Shards, finite_rewards, is_temp_file,
-    make_record, read_json, read_records, read_summary, shard_dir, summarize, write_json_atomic,
+    MANIFEST, RECORDS, RUN_LOCK, RUN_LOG, SUMMARY, RecordScan, RecordWriter, RunFolderError, Shards, finite_rewards,
+    is_temp_file, make_record, read_json, read_records, read_summary, scan_records, shard_dir, summarize,
+    write_json_atomic,
 )  # fmt: skip
 from aisp_bench.runlock import RunLock, Stopped, is_lock_file, no_stop, stop_on_sigterm
 from aisp_bench.types import Prompt
@@ -61,16 +65,6 @@ def clean_temp_files(run_dir: Path) -> None:
     for p in run_dir.iterdir():
         if is_temp_file(p.name) and not is_lock_file(p.name) and p.is_file():
             p.unlink(missing_ok=True)
-
-
-KILL_AT = "AISP_BENCH_KILL_AT"  # fault injection: the _phase at which the process SIGKILLs itself
-PHASES = ("folder_created", "manifest_written", "log_opened", "record_written", "summary_written", "finished")
-
-
-def _phase(name: str) -> None:
-    """Fault injection: SIGKILL this process when ``$AISP_BENCH_KILL_AT`` names this life-cycle step."""
-    if os.environ.get(KILL_AT) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _now() -> str:
@@ -128,38 +122,38 @@ class Job:
 
 
 @dataclass
-class Existing:
-    """What the run folder holds before the run writes anything (empty for a NEW folder or ``overwrite``)."""
+class Folder:
+    """What the run folder holds when the run starts (``read_folder``): nothing for a NEW folder or
+    ``overwrite``; else the manifest, the summary (None when missing or corrupt: rebuilt at the
+    end) and the records as scanned (a torn last line left out, cut off when the writer opens)."""
 
     manifest: dict | None = None
-    summary: dict | None = None  # None also when summary.json is corrupt: rebuilt at the end
-    done: set[str] = field(default_factory=set)  # the recorded prompts' ids
+    summary: dict | None = None
+    scan: RecordScan | None = None
+    complete: bool = False  # every prompt recorded (or skipped) and a summary: nothing to generate
+
+    @property
+    def records(self) -> list[dict]:
+        return self.scan.records if self.scan else []
 
 
 def run(cfg: DictConfig) -> Path:
     """Run (or resume) one configuration; returns its run folder (a shard's: its own)."""
     check(cfg)
     job = prepare(cfg)
-    if in_other_layout(job):
+    if other_layout_done(job):
         return job.run_root
-    existing = resume_check(job)
-    if is_complete(job, existing):  # nothing to load, nothing to generate
-        if existing.manifest.get("finished"):
-            log.info("%s: complete (%d prompts); nothing to do", job.run_dir, len(job.prompts))
-        else:  # killed between summary.json and the manifest's last update
-            log.warning("%s: complete, closing the manifest left open by an interrupted run", job.run_dir)
-            with RunLock(job.run_dir):
-                close(job, existing.manifest, existing, existing.summary.get("skipped_ids") or [],
-                      existing.summary.get("truncated_ids") or [])
-        return job.run_dir
-    try:  # the lock first: a folder another process writes is refused before any model loads
+    try:
         with RunLock(job.run_dir), stop_on_sigterm():
+            folder = read_folder(job)
+            if folder.complete:  # nothing to load, nothing to generate
+                finish_complete(job, folder)
+                return job.run_dir
             engine, reward = load(cfg, job)
             fit, skipped, truncated = fit_prompts(engine, job.prompts, str(cfg.generation.prompt_overflow))
-            existing = resume_check(job, records=False)  # again, now that no other process writes the folder
-            manifest = open_folder(job, existing, engine, reward)
-            done_before = generate(cfg, job, engine, reward, fit, len(skipped), len(truncated))
-            close(job, manifest, existing, skipped, truncated, done_before)
+            manifest = open_folder(job, folder, engine, reward)
+            records = generate(cfg, job, engine, reward, fit, folder, len(skipped), len(truncated))
+            close(job, manifest, folder, records, skipped, truncated, done_before=len(folder.records))
     except Stopped:
         raise Stopped(f"SIGTERM: {job.run_dir} stopped, its records kept and {RUN_LOCK} released; "
                       "rerun the same command to resume") from None
@@ -185,7 +179,7 @@ def prepare(cfg: DictConfig) -> Job:
                bool(cfg.overwrite), root, shard, k)
 
 
-def in_other_layout(job: Job) -> bool:
+def other_layout_done(job: Job) -> bool:
     """True when the folder holds every prompt of ``job`` in the other layout (shards for an
     unsharded job, an unsharded run for a shard): nothing to do. Refused: shards of another
     ``dataset.num_shards``, the other layout unfinished, or another config (a shard is also
@@ -200,7 +194,7 @@ def in_other_layout(job: Job) -> bool:
     elif sharded and ((root / RECORDS).is_file() or (root / MANIFEST).is_file()):
         theirs = read_json(root / MANIFEST, missing_ok=True) or {}
     else:
-        return False  # the unsharded layout for an unsharded job (resume_check's), or a fresh folder
+        return False  # the unsharded layout for an unsharded job (``read_folder``'s), or a fresh folder
     if theirs is not None:
         _same_config(root, theirs, job, "; delete it, or use another results_dir")
     if sharded and shards is not None:
@@ -224,37 +218,45 @@ def _same_config(folder: Path, manifest: dict, job: Job, advice: str) -> None:
                         f"{'; ...' if len(diff) > 3 else ''}){advice}")
 
 
-def resume_check(job: Job, records: bool = True) -> Existing:
-    """What the run folder holds (nothing written; ``overwrite=true``: nothing read). Refused: a
-    FOREIGN folder, a manifest of another config or not JSON, records corrupt before their last
-    line (unread with ``records=False``). A corrupt ``summary.json`` is rebuilt."""
+def read_folder(job: Job) -> Folder:
+    """The run folder's state (nothing written; ``overwrite=true``: nothing read), each file read once.
+    Refused: files without a manifest (FOREIGN), a manifest of another config or not JSON, records
+    corrupt before their last line. A corrupt ``summary.json`` is rebuilt at the end."""
     if job.overwrite:
-        return Existing()
+        return Folder()
     hint = "; pass overwrite=true to replace the folder"
     try:
         manifest = read_json(job.run_dir / MANIFEST, missing_ok=True)
         if manifest is None:  # NEW (nothing but a log, a lock or temp files), else FOREIGN
             names = [p.name for p in job.run_dir.iterdir()] if job.run_dir.is_dir() else []
             if all(n == RUN_LOG or is_lock_file(n) or is_temp_file(n) for n in names):
-                return Existing()
+                return Folder()
             raise UserError(f"run folder {job.run_dir} exists without a {MANIFEST}{hint}")
-        found = read_records(job.run_dir) if records else []
+        _same_config(job.run_dir, manifest, job, hint)
+        path = job.run_dir / RECORDS
+        scan = scan_records(path) if path.is_file() else None
     except RunFolderError as e:
         raise RunFolderError(f"{e}{hint}") from None
-    _same_config(job.run_dir, manifest, job, hint)
     try:
         summary = read_json(job.run_dir / SUMMARY, missing_ok=True)
     except RunFolderError as e:
         log.warning("%s; it is rebuilt from the records", e)
         summary = None
-    return Existing(manifest, summary, {r["prompt_id"] for r in found})
+    folder = Folder(manifest, summary, scan)
+    if summary is not None:
+        done = {r["prompt_id"] for r in folder.records}
+        folder.complete = {p.id for p in job.prompts} - set(summary.get("skipped_ids") or []) <= done
+    return folder
 
 
-def is_complete(job: Job, existing: Existing) -> bool:
-    """Every prompt recorded (or skipped) and a summary: nothing to generate."""
-    if existing.manifest is None or existing.summary is None:
-        return False
-    return {p.id for p in job.prompts} - set(existing.summary.get("skipped_ids") or []) <= existing.done
+def finish_complete(job: Job, folder: Folder) -> None:
+    """A complete folder: close a manifest that a kill left open after the summary; else nothing."""
+    if folder.manifest.get("finished"):
+        log.info("%s: complete (%d prompts); nothing to do", job.run_dir, len(job.prompts))
+        return
+    log.warning("%s: complete, closing the manifest left open by an interrupted run", job.run_dir)
+    close(job, folder.manifest, folder, folder.records, folder.summary.get("skipped_ids") or [],
+          folder.summary.get("truncated_ids") or [])
 
 
 def _loaded(policy):
@@ -291,13 +293,13 @@ def fit_prompts(engine, prompts: list[Prompt], overflow: str) -> tuple[list[Prom
     return list(prompts), [], long
 
 
-def open_folder(job: Job, existing: Existing, engine, reward) -> dict:
+def open_folder(job: Job, folder: Folder, engine, reward) -> dict:
     """Create (or, ``overwrite``, replace) the folder; write the manifest with a new session, then open the log."""
     session = {"started": _now(), "device": str(engine.device), "git_commit": git_commit(), "argv": command_line(),
                # what the "auto" settings resolved to on this device (bf16 tokens depend on them)
                "engine": {"decode_step": engine.decode_step, "batch_rows": engine.max_batch_rows,
                           "sync_every": engine.sync_every}}
-    old = existing.manifest
+    old = folder.manifest
     manifest = {
         "config": job.resolved,
         "versions": versions(),
@@ -319,17 +321,15 @@ def open_folder(job: Job, existing: Existing, engine, reward) -> dict:
             elif not is_lock_file(p.name):
                 p.unlink()
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    _phase("folder_created")
     clean_temp_files(job.run_dir)
     write_json_atomic(job.run_dir / MANIFEST, manifest)
-    _phase("manifest_written")
     _attach_log_file(job.run_dir)
-    _phase("log_opened")
     return manifest
 
 
-def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipped: int, truncated: int) -> int:
-    """Append a record per prompt not yet recorded; returns how many were done before.
+def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], folder: Folder, skipped: int,
+             truncated: int) -> list[dict]:
+    """Append a record per prompt not yet recorded; returns every record of the folder.
 
     Batches are fixed slices of ``fit``: a batch a kill left half recorded is decoded whole
     again (its recorded prompts not written twice), so every record comes from the same batch
@@ -339,14 +339,14 @@ def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipp
 
     bp = cfg.batch_prompts
     size = max(1, engine.max_batch_rows // max(1, job.method.rows_per_prompt)) if bp == "auto" else int(bp)
-    with RecordWriter(job.run_dir) as writer:
+    with RecordWriter(job.run_dir, folder.scan) as writer:
         if writer.repaired:
             log.warning("%s: cut off a torn last line left by an interrupted run", writer.path)
-        done = {r["prompt_id"] for r in writer.existing}
+        done = {r["prompt_id"] for r in writer.records}
         batches = [b for b in (fit[s : s + size] for s in range(0, len(fit), size)) if any(p.id not in done for p in b)]
         log.info("%s: %d prompts, %d done, %d to run, %d skipped, %d truncated", job.run_dir, len(job.prompts),
                  len(done), sum(p.id not in done for b in batches for p in b), skipped, truncated)
-        rewards = finite_rewards(writer.existing)
+        rewards = finite_rewards(writer.records)
         with tqdm(total=sum(len(b) for b in batches), desc=job.method.name, unit="prompt",
                   disable=not cfg.progress, dynamic_ncols=True) as bar:
             for chunk in batches:
@@ -358,33 +358,29 @@ def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], skipp
                         continue
                     with no_stop():  # a SIGTERM stops the run after this record, not inside it
                         writer.write(make_record(p, res, per_prompt))
-                    _phase("record_written")
                     if math.isfinite(res.reward):  # NaN: every sample of the prompt was non-finite
                         rewards.append(res.reward)
                 bar.update(len(chunk))
                 bar.set_postfix(mean_reward=f"{sum(rewards) / max(1, len(rewards)):.4f}")
-    return len(done)
+        return writer.records
 
 
-def close(job: Job, manifest: dict, existing: Existing, skipped: list[str], truncated: list[str],
+def close(job: Job, manifest: dict, folder: Folder, records: list[dict], skipped: list[str], truncated: list[str],
           done_before: int | None = None) -> None:
     """``summary.json`` from the records (evaluation metrics kept while the records are), then the
     manifest and its last session finished. ``done_before`` None: closing an interrupted session."""
     clean_temp_files(job.run_dir)
-    records = read_records(job.run_dir)
     summary = summarize(records, len(job.prompts), skipped, truncated)
-    old_summary = existing.summary or {}
+    old_summary = folder.summary or {}
     if "metrics" in old_summary and old_summary.get("num_done") == summary["num_done"]:
         summary["metrics"] = old_summary["metrics"]  # evaluation results stay valid
     if summary != old_summary:
         write_json_atomic(job.run_dir / SUMMARY, summary)
-    _phase("summary_written")
     session = manifest["sessions"][-1]
     session["finished"] = manifest["finished"] = _now()
     if done_before is not None:
         session["prompts_run"] = summary["num_done"] - done_before
     write_json_atomic(job.run_dir / MANIFEST, manifest)
-    _phase("finished")
     mean = None if summary["mean_reward"] is None else round(summary["mean_reward"], 4)
     log.info("done: %d/%d prompts, mean reward %s -> %s", summary["num_done"], len(job.prompts), mean, job.run_dir)
 

@@ -211,29 +211,32 @@ def records_sha256(run_dir: str | Path) -> str:
 
 
 class RecordWriter:
-    """Appends records to ``records.jsonl``; on open it cuts off a torn last line."""
+    """Appends records to ``records.jsonl``; on open it cuts off a torn last line. ``records``:
+    every record of the file, those found (``scan``: already parsed, else read now) and those
+    written since, as read back from the line written."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, scan: RecordScan | None = None) -> None:
         self.path = Path(run_dir) / RECORDS
         self.repaired = False
-        self.existing: list[dict] = []
-        if self.path.is_file():
+        if scan is None and self.path.is_file():
             scan = scan_records(self.path)
-            self.existing = scan.records
-            if scan.needs_repair:
-                with open(self.path, "r+b") as f:
-                    f.truncate(scan.good_end)
-                    if scan.good_end:
-                        f.seek(scan.good_end - 1)
-                        if f.read(1) != b"\n":
-                            f.write(b"\n")
-                self.repaired = scan.dropped_tail
+        self.records: list[dict] = list(scan.records) if scan else []
+        if scan is not None and scan.needs_repair:
+            with open(self.path, "r+b") as f:
+                f.truncate(scan.good_end)
+                if scan.good_end:
+                    f.seek(scan.good_end - 1)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+            self.repaired = scan.dropped_tail
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(json_safe(record), ensure_ascii=False, allow_nan=False) + "\n")
+        line = json.dumps(json_safe(record), ensure_ascii=False, allow_nan=False)
+        self._f.write(line + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
+        self.records.append(json.loads(line))
 
     def __enter__(self) -> RecordWriter:
         return self

@@ -52,6 +52,8 @@ responses, the prompt counted once). ``floor_fraction`` = floor / measured secon
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import sys
@@ -68,7 +70,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_gpu  # noqa: E402  (the tiny-model correctness checks, the Llama-3-8B shape)
 
-from aisp_bench.engine import Engine  # noqa: E402
+from aisp_bench.engine import Engine, sampling  # noqa: E402
 from aisp_bench.methods import AISP, BoNGaussian, BoNTopP  # noqa: E402
 from aisp_bench.models.templates import TranscriptFormat  # noqa: E402
 from aisp_bench.rewards.batching import common_prefix_len  # noqa: E402
@@ -479,7 +481,28 @@ def reward_variants(ctx) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def top_p_prefilter(dev: str, k: int | None):
+    """``engine.sampling.TOP_P_PREFILTER_K`` for this device set to k within the block
+    (None: unchanged): BoN top-p with and without the top-k prefilter."""
+    saved = dict(sampling.TOP_P_PREFILTER_K)
+    if k is not None:
+        sampling.TOP_P_PREFILTER_K[dev] = k
+    try:
+        yield
+    finally:
+        sampling.TOP_P_PREFILTER_K.clear()
+        sampling.TOP_P_PREFILTER_K.update(saved)
+
+
 def run_method(ctx, label: str, method, prompts: list[Prompt], engine_kw: dict) -> dict:
+    dev = ctx.dev
+    engine_kw = dict(engine_kw)
+    with top_p_prefilter(dev, engine_kw.pop("top_p_prefilter_k", None)):
+        return _run_method(ctx, label, method, prompts, engine_kw)
+
+
+def _run_method(ctx, label: str, method, prompts: list[Prompt], engine_kw: dict) -> dict:
     dev = ctx.dev
     eng = make_engine(ctx, **engine_kw)
     timed = Timed(dev, eng, ctx.reward)
@@ -505,7 +528,9 @@ def run_method(ctx, label: str, method, prompts: list[Prompt], engine_kw: dict) 
            "attention": eng.attention,
            "decode_step": eng.decode_step, "sync_every": eng.sync_every, "graph_captures": eng.stats["graph_captures"],
            "all_rows_full_length": all(n == ctx.args.new_tokens for n in lengths),
-           "rewards_finite": all(math.isfinite(x) for r in results for x in r.sample_rewards)}
+           "rewards_finite": all(math.isfinite(x) for r in results for x in r.sample_rewards),
+           "results_sha256": hashlib.sha256(json.dumps([(r.response, r.sample_rewards) for r in results],
+                                                       default=str).encode()).hexdigest()[:16]}
     if isinstance(method, AISP):
         out["iterations"] = aisp_iterations(timed_events, method.kappa, P)
         steady = out["iterations"][1:] or out["iterations"]
@@ -549,8 +574,14 @@ def methods(ctx) -> dict:
             P = max(1, rows[v] // N)
             jobs.append((f"bon_gaussian/N{N}/{v}", lambda N=N: BoNGaussian(num_samples=N, tau=a.tau), P, kw))
             jobs.append((f"bon_topp/N{N}/{v}", lambda N=N: BoNTopP(num_samples=N), P, kw))
+        if a.top_p_prefilter_k:  # the default engine with the other setting of the top-p prefilter
+            P = max(1, rows["default"] // N)
+            other = 0 if sampling.TOP_P_PREFILTER_K.get(ctx.dev) else a.top_p_prefilter_k
+            jobs.append((f"bon_topp/N{N}/prefilter{other}", lambda N=N: BoNTopP(num_samples=N), P,
+                         {"top_p_prefilter_k": other}))
+    seeds: dict[str, int] = {}  # a workload's variants read the same prompts
     for i, (label, make, P, kw) in enumerate(jobs):
-        prompts = random_prompts(P, a.prompt_len, ctx.vocab, seed=100 + i)
+        prompts = random_prompts(P, a.prompt_len, ctx.vocab, seed=seeds.setdefault(label.rsplit("/", 1)[0], 100 + i))
         out[label] = guarded(ctx, label, lambda: run_method(ctx, label, make(), prompts, kw))
         ctx.save()
     return out
@@ -663,6 +694,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reward-batch-size", type=int, default=None, help="default: conf/reward/ultrarm.yaml")
     ap.add_argument("--steps", nargs="+", default=None, help="decode steps to compare (default: all the device has)")
     ap.add_argument("--sigma", type=float, default=0.5)
+    ap.add_argument("--top-p-prefilter-k", type=int, default=64,
+                    help="also run BoN top-p with the top-k prefilter switched the other way (0: do not)")
     ap.add_argument("--budget-s", type=float, default=360.0, help="skip what is left after this many seconds")
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
@@ -790,6 +823,9 @@ def sanity_failures(report: dict) -> list[str]:
     for name, r in report.get("methods", {}).items():
         if "error" in r or ("seconds" in r and not (r["all_rows_full_length"] and r["rewards_finite"])):
             bad.append(f"methods.{name}")
+    methods = report.get("methods", {})
+    bad += [f"methods.{k} differs from default" for k, r in methods.items() if "/prefilter" in k and "seconds" in r
+            and r["results_sha256"] != methods.get(k.rsplit("/", 1)[0] + "/default", {}).get("results_sha256")]
     bad += [f"decode.{k}" for k, r in report.get("decode", {}).items() if isinstance(r, dict) and "error" in r]
     bad += [f"reward.{k}" for k, r in report.get("reward", {}).items() if isinstance(r, dict) and "error" in r]
     return bad

@@ -1,7 +1,7 @@
 """Kill real runs with SIGKILL at every life-cycle phase and at random times; rerun; check the folders.
 
 Each schedule starts a run (``python -m aisp_bench``, tiny offline budget, one process
-group), kills it (at a phase through ``$AISP_BENCH_KILL_AT``, or after a random delay;
+group), kills it (at a life-cycle step, ``scripts/kill_points.py``, or after a random delay;
 a random schedule kills up to ``--max-kills`` successive attempts), then reruns it to the
 end and checks the folder: every line of records.jsonl parses, each prompt is there
 exactly once, the records equal an uninterrupted run's (every field but timings), the
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aisp_bench.run import KILL_AT, PHASES
+import kill_points
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset=demo", "dataset.num_prompts=2", "budget.n=2", "budget.kappa=1", "budget.tau=4",
@@ -44,11 +44,9 @@ def run_cli(args: list[str], results: Path, *, kill_at: str | None = None, kill_
     """(exit code, stderr) of ``python -m aisp_bench args`` in its own process group, killed with
     SIGKILL at phase ``kill_at`` (by itself) or ``kill_after`` seconds after its start (the group)."""
     env = dict(os.environ, AISP_BENCH_RESULTS=str(results), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop(KILL_AT, None)
-    if kill_at:
-        env[KILL_AT] = kill_at
+    entry = [str(ROOT / "scripts" / "kill_points.py"), kill_at] if kill_at else ["-m", "aisp_bench"]
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "aisp_bench", *args], cwd=ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, *entry, *args], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
             proc.wait(timeout=kill_after if kill_after is not None else timeout)
@@ -119,7 +117,6 @@ def schedule(args: list[str], results: Path, reference: dict[str, dict], kills: 
 def reference_run(args: list[str], results: Path) -> tuple[dict[str, dict], float, float]:
     """(records by prompt id, seconds until the run folder appeared, total seconds) of an uninterrupted run."""
     env = dict(os.environ, AISP_BENCH_RESULTS=str(results), OMP_NUM_THREADS="1")
-    env.pop(KILL_AT, None)
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "aisp_bench", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -155,7 +152,7 @@ def main() -> None:
             args = [f"method={method}", *TINY]
             reference, t_folder, t_total = reference_run(args, Path(tmp) / method / "reference")
             print(f"{method}: uninterrupted run {t_total:.1f} s, run folder after {t_folder:.1f} s", flush=True)
-            plans = [[("phase", p)] for p in PHASES]
+            plans = [[("phase", p)] for p in kill_points.STEPS]
             for _ in range(opts.random):  # kill times spread over the run's writing window, and a little before
                 plans.append([("after", round(rng.uniform(max(0.0, t_folder - 0.5), t_total * 1.05), 3))
                               for _ in range(rng.randint(1, opts.max_kills))])

@@ -37,8 +37,8 @@ def test_bench_methods_dry_run(tmp_path):
         assert r["max_abs_diff_to_configured"] < 1e-4  # fp32: every setting scores the same
     assert "aten::mm" in rew["profile"]["table"]
     m = report["methods"]
-    assert set(m) == {"aisp/default", "bon_gaussian/N8/default", "bon_topp/N8/default",
-                      "bon_gaussian/N16/default", "bon_topp/N16/default"}
+    assert set(m) == {"aisp/default", "bon_gaussian/N8/default", "bon_topp/N8/default", "bon_topp/N8/prefilter0",
+                      "bon_gaussian/N16/default", "bon_topp/N16/default", "bon_topp/N16/prefilter0"}
     for name, r in m.items():
         parts = r["per_prompt"]
         assert math.isclose(sum(parts.values()), r["seconds_per_prompt"], rel_tol=1e-6)
@@ -50,6 +50,9 @@ def test_bench_methods_dry_run(tmp_path):
         assert math.isclose(it["decode"] + it["reward"] + it["other"], it["seconds"], rel_tol=1e-6)
     bon = m["bon_topp/N16/default"]  # as run.py batches: 64 rows // N prompts
     assert bon["prompts"] == 64 // 16 and bon["tokens"] == bon["prompts"] * 16 * 8
+    # the CPU's default samples through the top-k prefilter; prefilter0 is the full sort
+    for N in (8, 16):  # ... and gives the same results
+        assert m[f"bon_topp/N{N}/prefilter0"]["results_sha256"] == m[f"bon_topp/N{N}/default"]["results_sha256"]
     profile = report["profile"]
     assert "aten::sort" in profile["eager_topp"]["table"] and "aten::mm" in profile["eager_noise"]["table"]
-    assert len(report["table"]) == 2 + 4 + 5 + 5 and "bon_topp/N16/default" in report["table"][-1]
+    assert len(report["table"]) == 2 + 4 + 5 + 7 and "bon_topp/N16/prefilter0" in report["table"][-1]

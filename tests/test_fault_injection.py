@@ -2,7 +2,7 @@
 
 Each attempt forks the test process after the models are loaded once (a warm parent: no
 interpreter start per attempt) and runs the real ``run(cfg)`` in the child, which SIGKILLs
-itself at one life-cycle phase (``$AISP_BENCH_KILL_AT``, ``run._phase``) or is killed by
+itself at one life-cycle step (``scripts/kill_points.py``) or is killed by
 the parent after a random delay; the parent then reruns the config to the end and checks
 the folder with ``scripts/fault_injection.py``'s ``check_folder``: every line parses, each
 prompt once, records equal to the uninterrupted run's but for timings, the manifest
@@ -28,11 +28,12 @@ import torch
 
 from aisp_bench import run as run_module
 from aisp_bench.rundir import read_json, write_json_atomic
-from aisp_bench.run import KILL_AT, PHASES, run
+from aisp_bench.run import run
 from aisp_bench.runlock import holder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import fault_injection as fi  # noqa: E402
+import kill_points  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ def in_child(cfg, *, kill_at: str | None = None, kill_after: float | None = None
         try:
             os.setpgid(0, 0)
             if kill_at:
-                os.environ[KILL_AT] = kill_at
+                kill_points.install(kill_at)
             run(cfg)
             code = 0
         except BaseException:  # noqa: BLE001
@@ -99,7 +100,7 @@ def test_kill_at_every_phase_and_at_random_times(config, method):
     two schedules of two kills at random times; each folder then runs to the end and is checked."""
     ref, _ = reference(config, method)
     cfg, window = config(method, "phases"), 0.0
-    for phase in PHASES:
+    for phase in kill_points.STEPS:
         t0 = time.monotonic()
         assert in_child(cfg, kill_at=phase) == -signal.SIGKILL, f"phase {phase} was not reached"
         window = max(window, time.monotonic() - t0)  # the longest: decoding up to the first record

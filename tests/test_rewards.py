@@ -14,8 +14,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, MistralConfig, PreTrainedTokenizerFast
+from tiny_models import tiny_tokenizer
+from transformers import LlamaConfig, MistralConfig
 
 from aisp_bench.engine import pad
 from aisp_bench.rewards import (
@@ -30,26 +30,6 @@ from aisp_bench.rewards.base import last_token_index, truncate_keep_end
 from aisp_bench.types import Message, Prompt
 
 CONF = Path(__file__).resolve().parents[1] / "aisp_bench" / "conf"
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A 300-token byte-level BPE that adds <s> in front, as Llama/Mistral tokenizers do."""
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = [
-        "Human: hello there\nAssistant: hi, how can I help you today?",
-        "[INST] the capital of France [/INST] Paris",
-    ]
-    tk.train_from_iterator(corpus * 5, trainer)
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def tiny_config(kind: str, vocab_size: int):
@@ -432,6 +412,8 @@ def test_judge_prefix_sharing_truncation_and_readout_tiny(tok, attention):
 @pytest.mark.gpu
 @pytest.mark.parametrize("device_map", [None, "auto"])
 def test_regression_head_on_gpu_in_bf16_matches_cpu(tmp_path, tok, device_map):
+    if device_map == "auto":
+        pytest.importorskip("accelerate")  # device_map needs it (a GPU machine may lack it)
     torch.manual_seed(0)
     RegressionHeadModel(tiny_config("mistral", len(tok))).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)

@@ -33,7 +33,7 @@ def test_torn_tail_is_cut_and_only_that(tmp_path):
     with pytest.warns(UserWarning, match="torn last line"):
         assert [r["prompt_id"] for r in read_records(tmp_path)] == ["a", "b"]
     with RecordWriter(tmp_path) as w:
-        assert w.repaired and [r["prompt_id"] for r in w.existing] == ["a", "b"]
+        assert w.repaired and [r["prompt_id"] for r in w.records] == ["a", "b"]
         w.write({"prompt_id": "c"})
     assert path.read_text() == '{"prompt_id": "a"}\n{"prompt_id": "b"}\n\n{"prompt_id": "c"}\n'
     with warnings.catch_warnings():
@@ -45,7 +45,7 @@ def test_complete_record_without_newline_is_kept(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text('{"prompt_id": "a"}\n{"prompt_id": "b"}')
     with RecordWriter(tmp_path) as w:
-        assert not w.repaired and len(w.existing) == 2
+        assert not w.repaired and len(w.records) == 2
         w.write({"prompt_id": "c"})
     assert [r["prompt_id"] for r in read_records(tmp_path)] == ["a", "b", "c"]
 
