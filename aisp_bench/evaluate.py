@@ -29,8 +29,9 @@ under the run's own policy without noise (``BasePolicy``; cached in
 
 **Per prompt.** ``metrics_per_prompt.json`` holds the values the means average, one per
 record (``reward``: the run's own; ``eval_reward``, ``gold_reward``, ``base_logprob``,
-``diversity``, ``coherence``), under the block's fingerprint: the report's bootstrap
-intervals resample them.
+``diversity``, ``coherence``) and, where the records hold budget checkpoints, each one's
+``gold_reward`` and ``base_logprob`` (``checkpoints``), under the block's fingerprint: the
+report's bootstrap intervals resample them.
 
 **Idempotent**: the ``fingerprint`` hashes what the block was computed from (records'
 bytes, encoder, evaluation and gold rewards, base_logprob policy, metric names, cleaning
@@ -46,12 +47,14 @@ fallback. Exit codes: 0 done, 1 a run, the encoder, a reward model or the policy
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +64,11 @@ from omegaconf import DictConfig, OmegaConf
 from aisp_bench.cli import UserError, first_line, instantiate_node, launch, run_app, select_runs
 from aisp_bench.config import CONF_DIR, get_path
 from aisp_bench.metrics import DEFAULT_METRICS, METRICS, EvalBatch, metric_values
-from aisp_bench.metrics.cleaning import cleaning_options
+from aisp_bench.metrics.cleaning import clean_response, cleaning_options
 from aisp_bench.results import read_prompt_metrics
 from aisp_bench.rundir import (
-    PROMPT_METRICS, SUMMARY, Run, read_json_or_none, read_summary, record_prompt, records_sha256, write_json_atomic,
+    PROMPT_METRICS, SUMMARY, Run, read_json_or_none, read_summary, record_checkpoints, record_prompt, records_sha256,
+    write_json_atomic,
 )  # fmt: skip
 from aisp_bench.types import Prompt
 from aisp_bench.validate import check
@@ -113,7 +117,7 @@ def cached_scores(path: Path, header: dict[str, str], records: Sequence[dict[str
     prompts, keys = _pairs(records, responses)
     cache = None if force else read_json_or_none(path)
     known = {k: v.get(field) for k, v in (cache or {}).get("scores", {}).items() if isinstance(v, dict)}
-    todo = [i for i, k in enumerate(keys) if k not in known]
+    todo = list({k: i for i, k in enumerate(keys) if k not in known}.values())  # a pair twice: scored once
     for s in range(0, len(todo), REWARD_CHUNK):
         idx = todo[s : s + REWARD_CHUNK]
         for i, v in zip(idx, score([prompts[i] for i in idx], [responses[i] for i in idx]), strict=True):
@@ -143,6 +147,32 @@ def evaluation_rewards(run_dir: Path, records: Sequence[dict[str, Any]], respons
 def _mean(values: Sequence[float | None]) -> float | None:
     finite = [v for v in values if v is not None]
     return math.fsum(finite) / len(finite) if finite else None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What the gold reward and base_logprob score: each record's response, then each record's budget
+    checkpoints' (``record_checkpoints``); ``raw[i]`` answers ``records[i]``; checkpoints per record."""
+
+    records: list[dict[str, Any]]
+    raw: list[str]
+    counts: list[int]
+
+    @classmethod
+    def of(cls, records: Sequence[dict[str, Any]]) -> Scored:
+        texts = [[c["response"] for c in record_checkpoints(r)] for r in records]
+        return cls([*records, *(r for r, t in zip(records, texts) for _ in t)],
+                   [str(r.get("response") or "") for r in records] + [x for t in texts for x in t],
+                   [len(t) for t in texts])
+
+    def cleaned(self, batch: EvalBatch, config: dict[str, Any]) -> list[str]:
+        """The responses as the metrics see them (the records' already cleaned in ``batch``)."""
+        return [*batch.responses, *(clean_response(x, **cleaning_options(config)) for x in self.raw[len(batch.records):])]
+
+    def split(self, values: list) -> tuple[list, list[list]]:
+        """(one value per record, per record its checkpoints' values) of ``values`` in this order."""
+        ends = list(itertools.accumulate(self.counts, initial=len(self.counts)))
+        return values[: len(self.counts)], [values[a:b] for a, b in zip(ends, ends[1:])]
 
 
 # -- the base model's log-probabilities -------------------------------------------------------
@@ -205,17 +235,17 @@ class BasePolicy:
         for run in (r for r in runs if not _unready(r)):
             cached = {} if force else (read_json_or_none(eval_logprobs_path(run.path, self.label(run))) or {})
             have = set(cached.get("scores", {}))
-            records = _records(run)
-            prompts, keys = _pairs(records, [_raw(r) for r in records])
+            scored = Scored.of(_records(run))
+            prompts, keys = _pairs(scored.records, scored.raw)
             by_prompt = todo.setdefault(self._key(run), (run, {}))[1]
-            for p, k, rec in zip(prompts, keys, records):
+            for p, k, raw in zip(prompts, keys, scored.raw):
                 if k not in have and k not in self._memo.get(self._key(run), {}):
-                    by_prompt.setdefault(json.dumps(p.to_json(), sort_keys=True), (p, {}))[1][k] = _raw(rec)
+                    by_prompt.setdefault(json.dumps(p.to_json(), sort_keys=True), (p, {}))[1][k] = raw
         for run, by_prompt in (v for v in todo.values() if v[1]):
             self._score(run, [p for p, _ in by_prompt.values()], [list(t.values()) for _, t in by_prompt.values()])
 
-    def logprobs(self, run: Run, records: Sequence[dict[str, Any]], force: bool = False) -> list[float | None]:
-        """Mean per-token log-probability of each record's (raw) response, cached per run."""
+    def logprobs(self, run: Run, scored: Scored, force: bool = False) -> list[float | None]:
+        """Mean per-token log-probability of each (raw) response of ``scored``, cached per run."""
         memo = self._memo.setdefault(self._key(run), {})
 
         def score(prompts, responses):
@@ -224,12 +254,8 @@ class BasePolicy:
                 self._score(run, [prompts[i] for i in new], [[responses[i]] for i in new])
             return [memo[_pair_key(p.to_json(), r)] for p, r in zip(prompts, responses)]
 
-        return cached_scores(eval_logprobs_path(run.path, self.label(run)), {"policy": self.label(run)}, records,
-                             [_raw(r) for r in records], score, field="base_logprob", force=force)
-
-
-def _raw(record: dict[str, Any]) -> str:  # the response as generated: base_logprob scores it uncleaned
-    return str(record.get("response") or "")
+        return cached_scores(eval_logprobs_path(run.path, self.label(run)), {"policy": self.label(run)},
+                             scored.records, scored.raw, score, field="base_logprob", force=force)
 
 
 def _unready(run: Run) -> str | None:
@@ -247,8 +273,10 @@ def _records(run: Run) -> list[dict[str, Any]]:
 
 # -- one run ------------------------------------------------------------------------------
 def fingerprint(run_dir: Path, encoder_label: str | None, names: Sequence[str], config: dict[str, Any] | None,
-                reward_name: str | None = None, gold_name: str | None = None, policy: str | None = None) -> str:
-    """Hash of everything the metrics block depends on (see the module docstring)."""
+                reward_name: str | None = None, gold_name: str | None = None, policy: str | None = None,
+                checkpoints: bool = False) -> str:
+    """Hash of everything the metrics block depends on (see the module docstring); ``checkpoints``:
+    the records hold budget checkpoints, scored too (runs without keep their fingerprint)."""
     payload = {
         "version": EVALUATE_VERSION,
         "records_sha256": records_sha256(run_dir),
@@ -258,7 +286,7 @@ def fingerprint(run_dir: Path, encoder_label: str | None, names: Sequence[str], 
         "base_logprob": policy if "base_logprob" in names else None,
         "metrics": list(names),
         "cleaning": {k: list(v) for k, v in cleaning_options(config).items()},
-    }
+    } | ({"checkpoints": 1} if checkpoints else {})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -266,9 +294,10 @@ def _name(model: Any) -> str | None:
     return None if model is None else str(getattr(model, "name", None) or type(model).__name__)
 
 
-def _reward_metrics(run: Run, metrics: dict, per: dict, batch: EvalBatch, reward: Any, gold: Any, force: bool) -> dict:
-    """``metrics`` with reward_mean (the run's own, or ``reward``'s) and its provenance keys right
-    after it, then the gold reward's; ``per`` gets the per-prompt scores."""
+def _reward_metrics(run: Run, metrics: dict, per: dict, batch: EvalBatch, reward: Any, gold: Any, force: bool,
+                    scored: Scored) -> dict:
+    """``metrics`` with reward_mean (the run's own, or ``reward``'s) and its provenance keys right after
+    it, then the gold reward's; ``per`` gets the per-prompt scores (checkpoints': ``per["checkpoints"]``)."""
     run_mean, own = metrics.get("reward_mean"), get_path(run.config, "reward.name")
     if reward is None:
         mean, model, source = run_mean, None if own is None else str(own), "run"
@@ -283,7 +312,8 @@ def _reward_metrics(run: Run, metrics: dict, per: dict, batch: EvalBatch, reward
         if _name(gold) == own:
             warnings.warn(f"{run.path}: gold_reward={_name(gold)} is the reward this run optimised (not held out)",
                           stacklevel=2)
-        per["gold_reward"] = evaluation_rewards(run.path, batch.records, batch.responses, gold, force)
+        values = evaluation_rewards(run.path, scored.records, scored.cleaned(batch, run.config), gold, force)
+        per["gold_reward"], per["checkpoints"]["gold_reward"] = scored.split(values)
         out.update(gold_reward_mean=_mean(per["gold_reward"]), gold_reward_model=_name(gold))
     return out
 
@@ -309,21 +339,23 @@ def evaluate_run(
     why = _unready(run)
     if why:
         return f"skipped: {why}", None
-    label = encoder.label if encoder is not None else None
+    label, records = encoder.label if encoder is not None else None, _records(run)
+    scored = Scored.of(records)
     fp = fingerprint(run.path, label, names, run.config, _name(reward), _name(gold_reward),
-                     BasePolicy.label(run) if "base_logprob" in names else None)
+                     BasePolicy.label(run) if "base_logprob" in names else None, any(scored.counts))
     old = run.metrics
     if not force and isinstance(old, dict) and old.get("fingerprint") == fp and read_prompt_metrics(run.path, fp):
         return "up to date", old
-    records = _records(run)
     batch = EvalBatch.from_records(records, run.config, encoder)  # the responses cleaned once
     metrics, per = metric_values(batch, [n for n in names if n not in POLICY_METRICS])
+    per["checkpoints"] = {}  # per metric, per record: its checkpoints' values (in the file when some were recorded)
     if "reward_mean" in metrics:
-        metrics = _reward_metrics(run, metrics, per, batch, reward, gold_reward, force)
+        metrics = _reward_metrics(run, metrics, per, batch, reward, gold_reward, force, scored)
     if "base_logprob" in names:
-        per["base_logprob"] = policy.logprobs(run, records, force)
+        per["base_logprob"], per["checkpoints"]["base_logprob"] = scored.split(policy.logprobs(run, scored, force))
         metrics.update(base_logprob=_mean(per["base_logprob"]), base_logprob_model=BasePolicy.label(run))
     metrics["fingerprint"] = fp
+    per = {k: v for k, v in per.items() if k != "checkpoints" or any(scored.counts)}
     write_json_atomic(run.path / PROMPT_METRICS, {"fingerprint": fp, "prompt_ids": [str(r.get("prompt_id", ""))
                                                                                    for r in records], **per})
     summary = read_summary(run.path)  # re-read: keep whatever else changed meanwhile (sharded: the shards' sum)
@@ -353,9 +385,7 @@ def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any, Any, BasePolicy | None
     from aisp_bench.models.loading import resolve_device
 
     names = [str(n) for n in (cfg.metrics if OmegaConf.is_list(cfg.metrics) else [cfg.metrics])]
-    for n in names:
-        if n not in POLICY_METRICS:
-            METRICS.get(n)
+    [METRICS.get(n) for n in names if n not in POLICY_METRICS]  # unknown names: an error before any work
     encoder_class = ENCODERS.get(str(cfg.encoder))
     reward = None if cfg.get("reward") is None else instantiate_node(cfg.reward, "reward")
     gold = None if cfg.get("gold_reward") is None else instantiate_node(cfg.gold_reward, "gold_reward")
