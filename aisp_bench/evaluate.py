@@ -29,9 +29,8 @@ under the run's own policy without noise (``BasePolicy``; cached in
 
 **Per prompt.** ``metrics_per_prompt.json`` holds the values the means average, one per
 record (``reward``: the run's own; ``eval_reward``, ``gold_reward``, ``base_logprob``,
-``diversity``, ``coherence``) and, where the records hold budget checkpoints, each one's
-``gold_reward`` and ``base_logprob`` (``checkpoints``), under the block's fingerprint: the
-report's bootstrap intervals resample them.
+``diversity``, ``coherence``; ``checkpoints``: per budget checkpoint of each record, its
+gold reward and base_logprob), under the block's fingerprint, for the report's intervals.
 
 **Idempotent**: the ``fingerprint`` hashes what the block was computed from (records'
 bytes, encoder, evaluation and gold rewards, base_logprob policy, metric names, cleaning
@@ -167,7 +166,8 @@ class Scored:
 
     def cleaned(self, batch: EvalBatch, config: dict[str, Any]) -> list[str]:
         """The responses as the metrics see them (the records' already cleaned in ``batch``)."""
-        return [*batch.responses, *(clean_response(x, **cleaning_options(config)) for x in self.raw[len(batch.records):])]
+        opts = cleaning_options(config)
+        return [*batch.responses, *(clean_response(x, **opts) for x in self.raw[len(batch.records):])]
 
     def split(self, values: list) -> tuple[list, list[list]]:
         """(one value per record, per record its checkpoints' values) of ``values`` in this order."""

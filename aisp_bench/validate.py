@@ -53,7 +53,8 @@ class Rule:
             text = "a folder path"
         else:
             text = ("an integer" if self.kind == "int" else "a finite number") + self._bounds()
-        extra = [repr(w) for w in self.words if self.kind not in ("choice", "choices")] + (["null"] if self.null else [])
+        words = [] if self.kind in ("choice", "choices") else [repr(w) for w in self.words]
+        extra = words + (["null"] if self.null else [])
         return text + "".join(f" or {e}" for e in extra)
 
     def _bounds(self) -> str:

@@ -428,7 +428,9 @@ def test_cli_all_writes_every_file(tmp_path, report):
     code, _, err = report("target=[table1,figure2]", "select.method=aisp", f"out={tmp_path / 'only'}")
     assert code == 0 and list(pd.read_csv(tmp_path / "only" / "tables" / "table1.csv").method) == ["aisp"]
     for args, needle in ((["target=table1", "select.pair=nope__none"], "error: no run folders under"),
-                         (["target=tabel1"], "error: unknown target 'tabel1'")):
+                         (["target=tabel1"], "error: unknown target 'tabel1'"),
+                         (["target=compute", "compute.axes=[tokens,watts]"], "error: compute.axes must be one or a "
+                          "list of samples, tokens, reward_tokens, flops, depth, seconds, got ['tokens', 'watts']")):
         code, _, err = report(*args)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith(needle), err

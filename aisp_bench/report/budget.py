@@ -52,6 +52,11 @@ COMPARED = "aisp"
 Points = dict[int, dict[str, float]]  # samples -> metric -> value (one prompt)
 
 
+def _item(values: Sequence | None, i: int | None) -> Any:
+    """``values[i]``, None where there is no such item."""
+    return values[i] if values is not None and i is not None and 0 <= i < len(values) else None
+
+
 def _aisp_kl(record: dict[str, Any], samples: int, n: int | None) -> float:
     """KL(Q_Û‖P) after the iteration a checkpoint at ``samples`` closes (y(U*): the last one)."""
     its = sorted(record.get("iterations") or [], key=lambda it: it.get("k", 0))
@@ -60,17 +65,16 @@ def _aisp_kl(record: dict[str, Any], samples: int, n: int | None) -> float:
     return finite_or_nan(its[min(max(samples // n, 1), len(its)) - 1].get("kl"))
 
 
-def prompt_points(record: dict[str, Any], n: int | None, pool: bool, gold: Sequence | None,
-                  logprob: Sequence | None, end: tuple[float | None, float | None], extra: Sequence[int] = ()) -> Points:
+def prompt_points(record: dict[str, Any], n: int | None, pool: bool, gold: Sequence | None, logprob: Sequence | None,
+                  end: tuple[float | None, float | None], extra: Sequence[int] = ()) -> Points:
     """One prompt's budget points. ``gold``/``logprob``: its checkpoints' values (None: not evaluated);
     ``end``: the record response's (gold, base_logprob); ``extra``: more budgets for a pool's proxy."""
     points: Points = {}
     cps = record_checkpoints(record)
     for j, c in enumerate(cps):
         points[int(c["samples"])] = {"proxy_checkpoint": finite_or_nan(c.get("reward")),
-                                     "gold": finite_or_nan(gold[j]) if gold and j < len(gold) else math.nan,
-                                     "base_logprob": finite_or_nan(logprob[j]) if logprob and j < len(logprob)
-                                     else math.nan}
+                                     "gold": finite_or_nan(_item(gold, j)),
+                                     "base_logprob": finite_or_nan(_item(logprob, j))}
     if not cps:  # recorded before checkpoints: AISP's best so far (proxy), and the end point
         for it in (record.get("iterations") or []) if n else []:
             points[int(it.get("k", 0)) * n] = {"proxy_checkpoint": finite_or_nan(it.get("best_so_far"))}
@@ -95,10 +99,10 @@ def run_points(run: Run, extra: Sequence[int] = (), scored: dict[str, bool] | No
     cps, n, pool = per.get("checkpoints") or {}, method_n(run), best_of_pool(run.method)
     out = {}
     for rec in run.records:
-        pid, i = str(rec.get("prompt_id")), row.get(str(rec.get("prompt_id")))
-        at = (lambda vals: vals[i] if i is not None and vals and i < len(vals) else None)  # noqa: E731
-        points = prompt_points(rec, n, pool, at(cps.get("gold_reward")), at(cps.get("base_logprob")),
-                               (at(per.get("gold_reward")), at(per.get("base_logprob"))), extra)
+        pid = str(rec.get("prompt_id"))
+        i = row.get(pid)
+        points = prompt_points(rec, n, pool, _item(cps.get("gold_reward"), i), _item(cps.get("base_logprob"), i),
+                               (_item(per.get("gold_reward"), i), _item(per.get("base_logprob"), i)), extra)
         for metric in (m for m, ok in (scored or {}).items() if not ok):
             for p in points.values():
                 p[metric] = math.nan
@@ -125,7 +129,9 @@ def _missing(run: Run) -> list[str]:
     """What the budget view lacks for this run."""
     recs = run.records
     label = f"{display_method(run.method)} seed {run.seed}"
-    if recs and not any(r.get("checkpoints") for r in recs):
+    if not recs:
+        return []
+    if not any(r.get("checkpoints") for r in recs):
         return [f"{label}: no budget checkpoints recorded (a run made before they were): gold reward and base "
                 "log-prob at its end point only"]
     cps = (read_prompt_metrics(run.path, run.metrics.get("fingerprint")) or {}).get("checkpoints") or {}
@@ -258,5 +264,6 @@ def write_budget(df: pd.DataFrame, out_dir: Path | str, fig_dir: Path | str, boo
                          align=["l", "l", "r", "r", "r", "r", "r"])
     paths = write_texts(out_dir, name, {"csv": df.to_csv(index=False), "md": md})
     for ds in sorted(set(df["dataset"]), key=dataset_key):
-        paths.append(plot_budget(df[(df["dataset"] == ds) & (df["row"] == "method")], Path(fig_dir) / f"{name}_{ds}.png"))
+        rows = df[(df["dataset"] == ds) & (df["row"] == "method")]
+        paths.append(plot_budget(rows, Path(fig_dir) / f"{name}_{ds}.png"))
     return paths

@@ -67,9 +67,10 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto", prompts:
     AISP: per prompt :func:`aisp_curves` (Mean at k, Best at k, Best so far). BoN (each
     BoN method on disk): per prompt the expected best of N = n·k samples drawn from the
     run's pool (:func:`.bestof.expected_best`), n = AISP's ``method.n`` (32 when the pair
-    has no AISP run), k = 1..K, K = AISP's largest iteration count (else len // n). Averaged by :func:`average_curves` over ``prompts`` prompts drawn with
-    ``seed`` (:func:`sample_prompt_ids`) from the prompts every chosen run of the dataset
-    has (None: all of those). Columns: dataset, model, reward, curve, method,
+    has no AISP run), k = 1..K, K = AISP's largest iteration count (else len // n).
+    Averaged by :func:`average_curves` over ``prompts`` prompts drawn with ``seed``
+    (:func:`sample_prompt_ids`) from the prompts every chosen run of the dataset has
+    (None: all of those). Columns: dataset, model, reward, curve, method,
     variant, k, N (= n·k), mean, lo, hi, count, n_seeds, band, prompts (used; 0: all),
     prompts_total, prompt_seed.
     """
@@ -342,7 +343,8 @@ def plot_budget(df: pd.DataFrame, path: Path | str) -> Path:
         ax.grid(alpha=0.3)
     return _finish(fig, path, f"Budget curves on {display_dataset(df['dataset'].iloc[0])}", handles,
                    "mean over prompts and seeds; bands and bars: bootstrap intervals over prompts; BoN proxy: the "
-                   "expected best of m samples of its pool (unbiased); gold and base log-prob: the recorded checkpoints")
+                   "expected best of m samples of its pool (unbiased); gold and base log-prob: the recorded "
+                   "checkpoints")
 
 
 # --------------------------------------------------------------------------- fixed-budget sensitivity
