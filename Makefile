@@ -83,7 +83,7 @@ ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf/harmless-base/test.jsonl.gz),)
   endif
 endif
 
-.PHONY: help setup demo test test-fast bench bench-gpu bench-gpu-engine plan slurm-local fault-injection runs table1 table2 table3 figure2 compute \
+.PHONY: help setup demo test test-fast bench bench-gpu bench-gpu-engine plan slurm-local fault-injection runs table1 table2 table3 figure2 compute budget \
         judge judge_bias lambda_runs lambda_sweep sensitivity_runs sensitivity evaluate report paper smoke clean-smoke
 
 help:  ## list the targets
@@ -138,8 +138,11 @@ table1: evaluate  ## results/tables/table1.{md,csv,tex} (paper values beside) an
 figure2: runs  ## results/figures/figure2_<dataset>.png: reward against iteration k (100 seeded prompts)
 	$(REPORT) target=figure2
 
-compute: runs  ## best reward against generated tokens and seconds (equal-compute view)
+compute: runs  ## best reward against samples, tokens, FLOPs, depth, seconds (figure and table; equal-compute view)
 	$(REPORT) target=compute
+
+budget: evaluate  ## proxy and gold reward of the returned response as the budget grows, and against base_logprob
+	$(REPORT) target=budget
 
 # AISP's seeds vs the baselines' seeds (trial k = seed k), on every dataset of the Table 1
 # runs; one call judges every baseline it is given (one model load, one request budget).
@@ -174,7 +177,7 @@ sensitivity: sensitivity_runs  ## final reward, base_logprob and seconds of thos
 	$(REPORT) target=sensitivity
 
 report:  ## every table and figure from the files on disk (loads no model; skips what has no input)
-	$(REPORT) 'target=[table1,figure2,compute,table2,table3,judge_bias,lambda_sweep,sensitivity]'
+	$(REPORT) 'target=[table1,figure2,compute,budget,table2,table3,judge_bias,lambda_sweep,sensitivity]'
 
 ifeq ($(PLAN),)
 paper: evaluate judge  ## every artefact for PAIR (CLUSTER=slurm SHARDS=16: the runs as one Slurm array)
@@ -183,7 +186,7 @@ else
 paper: plan
 endif
 
-smoke: setup  ## the whole chain offline on CPU in minutes (tables, figures, win rates, judge bias, λ sweep, sensitivity)
+smoke: setup  ## the whole chain offline on CPU in minutes (tables, figures, budget curves, win rates, judge bias, λ sweep, sensitivity)
 	$(MAKE) sensitivity_runs evaluate judge lambda_runs SCALE=smoke EVAL_VARIANTS='[table1,sensitivity*]'
 	$(MAKE) report SCALE=smoke
 

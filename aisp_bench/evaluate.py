@@ -29,8 +29,8 @@ under the run's own policy without noise (``BasePolicy``; cached in
 
 **Per prompt.** ``metrics_per_prompt.json`` holds the values the means average, one per
 record (``reward``: the run's own; ``eval_reward``, ``gold_reward``, ``base_logprob``,
-``diversity``, ``coherence``), under the block's fingerprint: the report's bootstrap
-intervals resample them.
+``diversity``, ``coherence``; ``checkpoints``: per budget checkpoint of each record, its
+gold reward and base_logprob), under the block's fingerprint, for the report's intervals.
 
 **Idempotent**: the ``fingerprint`` hashes what the block was computed from (records'
 bytes, encoder, evaluation and gold rewards, base_logprob policy, metric names, cleaning
@@ -48,10 +48,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,68 +61,22 @@ from aisp_bench.cli import (
     UserError, engine_options, first_line, instantiate_node, launch, reward_node, run_app, select_runs,
 )  # fmt: skip
 from aisp_bench.config import CONF_DIR, get_path
+from aisp_bench.eval_cache import (  # noqa: F401 - eval_logprobs_path: the caches' names, re-exported
+    BasePolicy, PolicyUnavailableError, Scored, cached_scores, eval_logprobs_path, eval_rewards_path, quiet_records,
+    unready,
+)  # fmt: skip
 from aisp_bench.metrics import DEFAULT_METRICS, METRICS, EvalBatch, metric_values
 from aisp_bench.metrics.cleaning import cleaning_options
 from aisp_bench.results import read_prompt_metrics
-from aisp_bench.rundir import (
-    PROMPT_METRICS, SUMMARY, Run, read_json_or_none, read_summary, record_prompt, records_sha256, write_json_atomic,
-)  # fmt: skip
-from aisp_bench.types import Prompt
+from aisp_bench.rundir import PROMPT_METRICS, SUMMARY, Run, read_summary, records_sha256, write_json_atomic
 from aisp_bench.validate import check
 
 EVALUATE_VERSION = 3  # 3: gold reward, base_logprob, metrics_per_prompt.json
-REWARD_CHUNK = 256  # pairs scored between two writes of a score cache
 POLICY_METRICS = ("base_logprob",)  # metrics computed by the run's policy, beside aisp_bench.metrics.METRICS
 
 
 class RewardUnavailableError(RuntimeError):
     """The evaluation reward model cannot be loaded (missing weights, no hub access)."""
-
-
-# -- score caches (evaluation rewards, log-probabilities) -------------------------------------
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-def eval_rewards_path(run_dir: Path, reward_name: str) -> Path:
-    """``run_dir/eval_rewards_<name>.json`` (unsafe characters become ``_``)."""
-    return Path(run_dir) / f"eval_rewards_{_safe(reward_name)}.json"
-
-
-def eval_logprobs_path(run_dir: Path, model_name: str) -> Path:
-    """``run_dir/eval_logprobs_<model>.json``: base_logprob's per-response cache."""
-    return Path(run_dir) / f"eval_logprobs_{_safe(model_name)}.json"
-
-
-def _pair_key(messages: Any, response: str) -> str:
-    blob = json.dumps({"messages": messages, "response": response}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def _pairs(records: Sequence[dict[str, Any]], responses: Sequence[str]) -> tuple[list[Prompt], list[str]]:
-    """Each record's prompt and the cache key of (its prompt, the response)."""
-    prompts = [record_prompt(r) for r in records]
-    return prompts, [_pair_key(p.to_json(), resp) for p, resp in zip(prompts, responses, strict=True)]
-
-
-def cached_scores(path: Path, header: dict[str, str], records: Sequence[dict[str, Any]], responses: Sequence[str],
-                  score: Callable[[list, list], list], *, field: str, force: bool = False) -> list[float | None]:
-    """``score(prompts, responses)`` of each (record prompt, response), cached in ``path`` under
-    ``field`` by a hash of (messages, response) and reused unless ``force``. New pairs are scored
-    ``REWARD_CHUNK`` at a time, the file rewritten after each chunk with the current records'
-    entries only. Non-finite values are ``None``."""
-    prompts, keys = _pairs(records, responses)
-    cache = None if force else read_json_or_none(path)
-    known = {k: v.get(field) for k, v in (cache or {}).get("scores", {}).items() if isinstance(v, dict)}
-    todo = [i for i, k in enumerate(keys) if k not in known]
-    for s in range(0, len(todo), REWARD_CHUNK):
-        idx = todo[s : s + REWARD_CHUNK]
-        for i, v in zip(idx, score([prompts[i] for i in idx], [responses[i] for i in idx]), strict=True):
-            known[keys[i]] = float(v) if v is not None and math.isfinite(v) else None
-        entries = {k: {"prompt_id": str(rec.get("prompt_id", "")), field: known[k]}
-                   for k, rec in zip(keys, records, strict=True) if k in known}
-        write_json_atomic(path, {**header, "scores": entries})
-    return [known[k] for k in keys]
 
 
 def evaluation_rewards(run_dir: Path, records: Sequence[dict[str, Any]], responses: Sequence[str], reward: Any,
@@ -147,120 +100,12 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return math.fsum(finite) / len(finite) if finite else None
 
 
-# -- the base model's log-probabilities -------------------------------------------------------
-class PolicyUnavailableError(RuntimeError):
-    """The run's policy cannot be built or loaded for base_logprob."""
-
-
-class BasePolicy:
-    """``base_logprob`` on the runs' own policies (their manifests' model configs), each loaded
-    once; ``overrides`` (``policy.device``/``dtype``; None keeps the run's) say where. ``prepare``
-    scores many runs at once, each prompt prefilled once for all their responses (every method
-    and seed answers the same prompts); ``logprobs`` then reads them from memory. ``tuning``: the
-    engine's ``attention`` etc. (the ``engine:`` block)."""
-
-    def __init__(self, overrides: dict[str, Any] | None = None, batch_rows: int = 16,
-                 tuning: dict[str, Any] | None = None) -> None:
-        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-        self.batch_rows = int(batch_rows)
-        self.tuning = dict(tuning or {})
-        self._policies: dict[str, Any] = {}
-        self._engines: dict[str, Any] = {}
-        self._memo: dict[str, dict[str, float | None]] = {}  # engine key -> pair key -> mean log-prob
-
-    @staticmethod
-    def label(run: Run) -> str:
-        """The run's ``model.name``, as the fingerprint and cache file record it."""
-        return str(get_path(run.config, "model.name") or run.model)
-
-    def _key(self, run: Run) -> str:
-        """What an engine depends on: the model config, the room its context leaves a prompt."""
-        gen = get_path(run.config, "generation", {}) or {}
-        node = {**(get_path(run.config, "model") or {}), **self.overrides}
-        return json.dumps([node, gen.get("max_new_tokens"), gen.get("prompt_overflow")], sort_keys=True, default=str)
-
-    def engine(self, run: Run):
-        from aisp_bench.models.policy import build_engine
-
-        node, key, gen = get_path(run.config, "model"), self._key(run), get_path(run.config, "generation", {}) or {}
-        if not isinstance(node, dict) or "_target_" not in node:
-            raise PolicyUnavailableError(f"{run.path}: base_logprob needs the run's model config in its manifest")
-        policy_key = json.dumps({**node, **self.overrides}, sort_keys=True, default=str)
-        try:
-            if policy_key not in self._policies:
-                self._policies[policy_key] = instantiate_node(OmegaConf.create({**node, **self.overrides}), "policy")
-            if key not in self._engines:
-                self._engines[key] = build_engine(
-                    self._policies[policy_key], max_new_tokens=int(gen.get("max_new_tokens", 128)),
-                    batch_rows=self.batch_rows, prompt_overflow=str(gen.get("prompt_overflow", "truncate_left")),
-                    **self.tuning)
-        except (UserError, OSError, RuntimeError, ValueError) as e:
-            raise PolicyUnavailableError(f"cannot load the policy of {run.path} for base_logprob: "
-                                         f"{first_line(e)}") from None
-        return self._engines[key]
-
-    def response_logprobs(self, run: Run, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> list:
-        """``prefix_scoring.response_logprobs`` under the run's policy: ``ResponseLogProb`` lists."""
-        from aisp_bench.prefix_scoring import response_logprobs
-
-        return response_logprobs(self.engine(run), prompts, responses)
-
-    def _score(self, run: Run, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> None:
-        """Into the memo: ``responses[i]`` after ``prompts[i]`` (each prompt prefilled once)."""
-        memo = self._memo.setdefault(self._key(run), {})
-        for prompt, texts, got in zip(prompts, responses, self.response_logprobs(run, prompts, responses)):
-            memo.update({_pair_key(prompt.to_json(), t): g.mean for t, g in zip(texts, got)})
-
-    def prepare(self, runs: Sequence[Run], force: bool = False) -> None:
-        """Score the responses of ``runs`` missing from their caches (all with ``force``), by prompt."""
-        todo: dict[str, tuple[Run, dict[str, tuple[Prompt, dict[str, str]]]]] = {}
-        for run in (r for r in runs if not _unready(r)):
-            cached = {} if force else (read_json_or_none(eval_logprobs_path(run.path, self.label(run))) or {})
-            have = set(cached.get("scores", {}))
-            records = _records(run)
-            prompts, keys = _pairs(records, [_raw(r) for r in records])
-            by_prompt = todo.setdefault(self._key(run), (run, {}))[1]
-            for p, k, rec in zip(prompts, keys, records):
-                if k not in have and k not in self._memo.get(self._key(run), {}):
-                    by_prompt.setdefault(json.dumps(p.to_json(), sort_keys=True), (p, {}))[1][k] = _raw(rec)
-        for run, by_prompt in (v for v in todo.values() if v[1]):
-            self._score(run, [p for p, _ in by_prompt.values()], [list(t.values()) for _, t in by_prompt.values()])
-
-    def logprobs(self, run: Run, records: Sequence[dict[str, Any]], force: bool = False) -> list[float | None]:
-        """Mean per-token log-probability of each record's (raw) response, cached per run."""
-        memo = self._memo.setdefault(self._key(run), {})
-
-        def score(prompts, responses):
-            new = [i for i, (p, r) in enumerate(zip(prompts, responses)) if _pair_key(p.to_json(), r) not in memo]
-            if new:
-                self._score(run, [prompts[i] for i in new], [[responses[i]] for i in new])
-            return [memo[_pair_key(p.to_json(), r)] for p, r in zip(prompts, responses)]
-
-        return cached_scores(eval_logprobs_path(run.path, self.label(run)), {"policy": self.label(run)}, records,
-                             [_raw(r) for r in records], score, field="base_logprob", force=force)
-
-
-def _raw(record: dict[str, Any]) -> str:  # the response as generated: base_logprob scores it uncleaned
-    return str(record.get("response") or "")
-
-
-def _unready(run: Run) -> str | None:
-    """Why a run cannot be evaluated yet (None: it can)."""
-    if run.unfinished:
-        return f"{run.unfinished}; a sharded run is evaluated once every shard is complete"
-    return "no summary.json (run unfinished or crashed)" if run.summary is None else None
-
-
-def _records(run: Run) -> list[dict[str, Any]]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a torn last line is expected after a crash
-        return run.records
-
-
 # -- one run ------------------------------------------------------------------------------
 def fingerprint(run_dir: Path, encoder_label: str | None, names: Sequence[str], config: dict[str, Any] | None,
-                reward_name: str | None = None, gold_name: str | None = None, policy: str | None = None) -> str:
-    """Hash of everything the metrics block depends on (see the module docstring)."""
+                reward_name: str | None = None, gold_name: str | None = None, policy: str | None = None,
+                checkpoints: bool = False) -> str:
+    """Hash of everything the metrics block depends on (see the module docstring); ``checkpoints``:
+    the records hold budget checkpoints, scored too (runs without keep their fingerprint)."""
     payload = {
         "version": EVALUATE_VERSION,
         "records_sha256": records_sha256(run_dir),
@@ -270,7 +115,7 @@ def fingerprint(run_dir: Path, encoder_label: str | None, names: Sequence[str], 
         "base_logprob": policy if "base_logprob" in names else None,
         "metrics": list(names),
         "cleaning": {k: list(v) for k, v in cleaning_options(config).items()},
-    }
+    } | ({"checkpoints": 1} if checkpoints else {})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -278,9 +123,10 @@ def _name(model: Any) -> str | None:
     return None if model is None else str(getattr(model, "name", None) or type(model).__name__)
 
 
-def _reward_metrics(run: Run, metrics: dict, per: dict, batch: EvalBatch, reward: Any, gold: Any, force: bool) -> dict:
-    """``metrics`` with reward_mean (the run's own, or ``reward``'s) and its provenance keys right
-    after it, then the gold reward's; ``per`` gets the per-prompt scores."""
+def _reward_metrics(run: Run, metrics: dict, per: dict, batch: EvalBatch, reward: Any, gold: Any, force: bool,
+                    scored: Scored) -> dict:
+    """``metrics`` with reward_mean (the run's own, or ``reward``'s) and its provenance keys right after
+    it, then the gold reward's; ``per`` gets the per-prompt scores (checkpoints': ``per["checkpoints"]``)."""
     run_mean, own = metrics.get("reward_mean"), get_path(run.config, "reward.name")
     if reward is None:
         mean, model, source = run_mean, None if own is None else str(own), "run"
@@ -295,7 +141,8 @@ def _reward_metrics(run: Run, metrics: dict, per: dict, batch: EvalBatch, reward
         if _name(gold) == own:
             warnings.warn(f"{run.path}: gold_reward={_name(gold)} is the reward this run optimised (not held out)",
                           stacklevel=2)
-        per["gold_reward"] = evaluation_rewards(run.path, batch.records, batch.responses, gold, force)
+        values = evaluation_rewards(run.path, scored.records, scored.cleaned(batch, run.config), gold, force)
+        per["gold_reward"], per["checkpoints"]["gold_reward"] = scored.split(values)
         out.update(gold_reward_mean=_mean(per["gold_reward"]), gold_reward_model=_name(gold))
     return out
 
@@ -318,24 +165,26 @@ def evaluate_run(
         raise UserError(f"reward={_name(reward)} needs the reward_mean metric in metrics")
     if "base_logprob" in names and policy is None:
         raise UserError("the base_logprob metric needs the run's policy (BasePolicy)")
-    why = _unready(run)
+    why = unready(run)
     if why:
         return f"skipped: {why}", None
-    label = encoder.label if encoder is not None else None
+    label, records = encoder.label if encoder is not None else None, quiet_records(run)
+    scored = Scored.of(records)
     fp = fingerprint(run.path, label, names, run.config, _name(reward), _name(gold_reward),
-                     BasePolicy.label(run) if "base_logprob" in names else None)
+                     BasePolicy.label(run) if "base_logprob" in names else None, any(scored.counts))
     old = run.metrics
     if not force and isinstance(old, dict) and old.get("fingerprint") == fp and read_prompt_metrics(run.path, fp):
         return "up to date", old
-    records = _records(run)
     batch = EvalBatch.from_records(records, run.config, encoder)  # the responses cleaned once
     metrics, per = metric_values(batch, [n for n in names if n not in POLICY_METRICS])
+    per["checkpoints"] = {}  # per metric, per record: its checkpoints' values (in the file when some were recorded)
     if "reward_mean" in metrics:
-        metrics = _reward_metrics(run, metrics, per, batch, reward, gold_reward, force)
+        metrics = _reward_metrics(run, metrics, per, batch, reward, gold_reward, force, scored)
     if "base_logprob" in names:
-        per["base_logprob"] = policy.logprobs(run, records, force)
+        per["base_logprob"], per["checkpoints"]["base_logprob"] = scored.split(policy.logprobs(run, scored, force))
         metrics.update(base_logprob=_mean(per["base_logprob"]), base_logprob_model=BasePolicy.label(run))
     metrics["fingerprint"] = fp
+    per = {k: v for k, v in per.items() if k != "checkpoints" or any(scored.counts)}
     write_json_atomic(run.path / PROMPT_METRICS, {"fingerprint": fp, "prompt_ids": [str(r.get("prompt_id", ""))
                                                                                    for r in records], **per})
     summary = read_summary(run.path)  # re-read: keep whatever else changed meanwhile (sharded: the shards' sum)
@@ -365,9 +214,7 @@ def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any, Any, BasePolicy | None
     from aisp_bench.models.loading import resolve_device
 
     names = [str(n) for n in (cfg.metrics if OmegaConf.is_list(cfg.metrics) else [cfg.metrics])]
-    for n in names:
-        if n not in POLICY_METRICS:
-            METRICS.get(n)
+    [METRICS.get(n) for n in names if n not in POLICY_METRICS]  # unknown names: an error before any work
     encoder_class = ENCODERS.get(str(cfg.encoder))
     reward = None if cfg.get("reward") is None else instantiate_node(reward_node(cfg.reward, cfg.engine), "reward")
     gold = (None if cfg.get("gold_reward") is None

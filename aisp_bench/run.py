@@ -295,6 +295,8 @@ def fit_prompts(engine, prompts: list[Prompt], overflow: str) -> tuple[list[Prom
 
 def open_folder(job: Job, folder: Folder, engine, reward) -> dict:
     """Create (or, ``overwrite``, replace) the folder; write the manifest with a new session, then open the log."""
+    from aisp_bench.models.loading import parameter_count
+
     session = {"started": _now(), "device": str(engine.device), "git_commit": git_commit(), "argv": command_line(),
                # what the "auto" settings resolved to on this device (bf16 tokens depend on them)
                "engine": {"decode_step": engine.decode_step, "batch_rows": engine.max_batch_rows,
@@ -306,6 +308,9 @@ def open_folder(job: Job, folder: Folder, engine, reward) -> dict:
         "git_commit": session["git_commit"],
         "device": str(engine.device),
         "reward_device": str(getattr(reward, "device", "")) or None,
+        # the loaded models' sizes: the report's FLOPs (2 x parameters x tokens)
+        "parameters": {"policy": parameter_count(engine.model),
+                       "reward": parameter_count(getattr(reward, "model", None))},
         "started": old["started"] if old else session["started"],
         "finished": None,
         "sessions": (old.get("sessions", []) if old else []) + [session],
@@ -357,7 +362,7 @@ def generate(cfg: DictConfig, job: Job, engine, reward, fit: list[Prompt], folde
                     if p.id in done:  # decoded again only to keep the batch as it was
                         continue
                     with no_stop():  # a SIGTERM stops the run after this record, not inside it
-                        writer.write(make_record(p, res, per_prompt))
+                        writer.write(make_record(p, res, per_prompt, len(engine.encode(p))))
                     if math.isfinite(res.reward):  # NaN: every sample of the prompt was non-finite
                         rewards.append(res.reward)
                 bar.update(len(chunk))

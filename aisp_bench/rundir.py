@@ -103,26 +103,27 @@ def is_temp_file(name: str) -> bool:
 
 
 # -- records ------------------------------------------------------------------------------
-def make_record(prompt: Prompt, result: Result, seconds: float) -> dict:
-    """One line of ``records.jsonl`` (the schema README.md describes)."""
-    rec = {
-        "prompt_id": prompt.id,
-        "prompt": prompt.transcript(),
-        "messages": prompt.to_json(),
-        "response": result.response,
-        "reward": result.reward,
-        "sample_rewards": result.sample_rewards,
-        "num_samples": result.num_samples,
-        "num_tokens": result.num_tokens,
-        "response_tokens": result.response_tokens,
-        "sample_tokens": result.sample_tokens,
-        "seconds": seconds,
-        "finish_reason": result.finish_reason,
-    }
-    if result.iterations:
-        rec["iterations"] = result.iterations
-    rec.update(result.extra)
-    return rec
+def make_record(prompt: Prompt, result: Result, seconds: float, prompt_tokens: int | None = None) -> dict:
+    """One line of ``records.jsonl`` (the schema README.md describes); ``prompt_tokens``: the
+    prompt's tokens as the policy read it (after any truncation)."""
+    rec = {"prompt_id": prompt.id, "prompt": prompt.transcript(), "messages": prompt.to_json(),
+           "response": result.response, "reward": result.reward, "sample_rewards": result.sample_rewards,
+           "num_samples": result.num_samples, "num_tokens": result.num_tokens,
+           "response_tokens": result.response_tokens, "sample_tokens": result.sample_tokens,
+           "seconds": seconds, "finish_reason": result.finish_reason}
+    optional = {"prompt_tokens": prompt_tokens, "decode_passes": result.decode_passes,
+                "iterations": result.iterations or None, "checkpoints": result.checkpoints or None}
+    return rec | {k: v for k, v in optional.items() if v is not None} | result.extra
+
+
+def record_checkpoints(record: dict) -> list[dict]:
+    """The record's budget checkpoints (``types.Result``; none: []), each with its ``response`` resolved:
+    the text stored at the first point returning that sample, else the record's ``response``."""
+    texts: dict[Any, str] = {}
+    for c in (c for c in record.get("checkpoints") or [] if "response" in c):
+        texts.setdefault(c.get("sample"), str(c["response"]))
+    return [{**c, "response": texts.get(c.get("sample"), str(record.get("response") or ""))}
+            for c in record.get("checkpoints") or []]
 
 
 def json_safe(obj: Any) -> Any:
@@ -253,15 +254,9 @@ def summarize(records: Iterable[dict], num_prompts: int, skipped: list[str], tru
     mean = sum(rewards) / len(rewards) if rewards else None
     std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards)) if rewards else None
     return {
-        "num_prompts": num_prompts,
-        "num_done": n,
-        "num_skipped": len(skipped),
-        "skipped_ids": skipped,
-        "num_truncated": len(truncated),
-        "truncated_ids": truncated,
-        "complete": n + len(skipped) >= num_prompts,
-        "mean_reward": mean,
-        "std_reward": std,
+        "num_prompts": num_prompts, "num_done": n, "num_skipped": len(skipped), "skipped_ids": skipped,
+        "num_truncated": len(truncated), "truncated_ids": truncated, "complete": n + len(skipped) >= num_prompts,
+        "mean_reward": mean, "std_reward": std,
         "total_samples": sum(int(r["num_samples"]) for r in recs),
         "total_tokens": sum(int(r["num_tokens"]) for r in recs),
         "total_seconds": sum(float(r["seconds"]) for r in recs),

@@ -88,6 +88,15 @@ class Result:
     per-iteration diagnostics (AISP only). ``extra`` holds method-specific fields that
     join the record, e.g. ``nonfinite_rewards`` (how many samples had a NaN or ±inf
     reward; absent when none).
+
+    ``checkpoints`` (optional: a method may record none) lists, at budget points, the
+    response the method would have returned had it stopped there: ``{"samples": samples
+    spent, "sample": index of that response in ``sample_rewards``, "reward": its reward}``,
+    plus its ``"response"`` text only at the first point returning that sample, and never
+    for the sample finally returned (``response``): a point whose best did not change
+    points at the earlier one through ``sample`` (``Tracker.result`` writes them,
+    ``rundir.record_checkpoints`` reads them). ``decode_passes``: the dependent decode
+    passes one prompt needed, one after another (BoN: 1; AISP: κ, plus y(U*)).
     """
 
     prompt_id: str
@@ -101,3 +110,5 @@ class Result:
     sample_tokens: list[int]
     iterations: list[dict[str, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    decode_passes: int | None = None

@@ -32,7 +32,8 @@ class UserError(Exception):
 
 @dataclass(frozen=True)
 class Rule:
-    """What a key accepts: ``kind`` int, real, bool, choice or path, bounds, null, extra words."""
+    """What a key accepts: ``kind`` int, real, bool, choice (one word), choices (one word or a non-empty
+    list of them) or path, bounds, null, extra words."""
 
     kind: str
     low: float | None = None
@@ -47,13 +48,14 @@ class Rule:
         """``an integer >= 1 or 'auto'``, ``a finite number in (0, 1]``, ``true or false`` ..."""
         if self.kind == "bool":
             text = "true or false"
-        elif self.kind == "choice":
-            text = "one of " + ", ".join(self.words)
+        elif self.kind in ("choice", "choices"):
+            text = ("one of " if self.kind == "choice" else "one or a list of ") + ", ".join(self.words)
         elif self.kind == "path":
             text = "a folder path"
         else:
             text = ("an integer" if self.kind == "int" else "a finite number") + self._bounds()
-        extra = [repr(w) for w in self.words if self.kind != "choice"] + (["null"] if self.null else [])
+        words = [] if self.kind in ("choice", "choices") else [repr(w) for w in self.words]
+        extra = words + (["null"] if self.null else [])
         return text + "".join(f" or {e}" for e in extra) + (" or a list of them" if self.many else "")
 
     def _bounds(self) -> str:
@@ -73,7 +75,9 @@ class Rule:
             return True
         if self.kind == "bool":
             return isinstance(value, bool)
-        if self.kind == "choice":
+        if self.kind == "choices" and isinstance(value, list):
+            return bool(value) and all(isinstance(v, str) and v in self.words for v in value)
+        if self.kind in ("choice", "choices"):
             return False
         if self.kind == "path":
             return isinstance(value, str) and bool(value)
@@ -149,6 +153,7 @@ RULES: dict[str, Rule] = {
     "bootstrap.resamples": integer(100), "bootstrap.seed": integer(0),
     "bootstrap.level": real(0, 1, open_low=True, open_high=True),
     "figure2.prompts": integer(words=("all",)), "figure2.seed": integer(0),
+    "compute.axes": Rule("choices", words=("samples", "tokens", "reward_tokens", "flops", "depth", "seconds")),
     # experiment=sensitivity: n·κ held at this budget
     "sensitivity_budget": integer(),
 }  # fmt: skip

@@ -11,7 +11,8 @@ import torch
 from aisp_bench.methods.aisp import AISP, aisp_update, aisp_weights
 from aisp_bench.methods.base import Tracker
 from aisp_bench.methods.bon import BoNGaussian
-from aisp_bench.report.curves import bon_prefix_curve, compute_curve
+from aisp_bench.report.bestof import expected_best
+from aisp_bench.report.curves import compute_curve
 from aisp_bench.rewards.base import RewardModel
 from aisp_bench.types import Prompt, Sample
 
@@ -285,7 +286,7 @@ def test_nonfinite_reward_never_wins_unless_all_are():
     # the report's curves take the same best-of
     for r in ([nan, 0.3, inf, -inf, 0.7, nan], [nan, -inf, inf]):
         best = tracked(r).reward
-        assert np.allclose(bon_prefix_curve(r, 1)[-1], best, equal_nan=True)
+        assert np.allclose(expected_best(r, [len(r)])[-1], best, equal_nan=True)
         assert np.allclose(compute_curve({"sample_rewards": r, "seconds": 1.0})["best"][-1], best, equal_nan=True)
 
 

@@ -40,6 +40,7 @@ LAYERS = [
     {"rundir", "results", "runlock"},
     {"cli"},
     {"cluster"},
+    {"eval_cache"},
     {"run", "evaluate", "judge", "report", "plan"},
 ]
 COMMANDS = LAYERS[-1]

@@ -354,6 +354,7 @@ def test_gold_reward_and_base_logprob_beside_the_run_reward(tmp_path):
     assert m["base_logprob"] == pytest.approx(-2.0) and m["base_logprob_model"] == "tiny"
     per = read_json(run / "metrics_per_prompt.json")
     assert per["gold_reward"] == [5.0, 6.0, 0.0] and per["base_logprob"] == [-2.0, -2.0, None]
+    assert "checkpoints" not in per  # records without budget checkpoints
     assert policy.word_engine.scored == RESPONSES and policy.built == 1  # scored once, cached per run
     assert eval_logprobs_path(run, "tiny").is_file()
     # idempotent, and a changed gold reward recomputes from the caches without the policy
@@ -385,6 +386,36 @@ def test_base_logprob_prefills_each_prompt_once_for_every_run(tmp_path):
     fresh = WordPolicy()
     fresh.prepare([Run.at(r) for r in runs])  # a new process reads the caches on disk
     assert len(policy.word_engine.calls) == 1 and fresh.word_engine.calls == []
+
+
+def test_gold_reward_and_base_logprob_score_each_checkpoint_response_once(tmp_path):
+    run = make_run(tmp_path, torn=False)
+    recs = [json.loads(x) for x in (run / "records.jsonl").read_text().splitlines()]
+    recs[0]["checkpoints"] = [{"samples": 1, "sample": 1, "reward": 0.0, "response": "x y"},
+                              {"samples": 2, "sample": 1, "reward": 0.0},  # the same response as at 1 sample
+                              {"samples": 4, "sample": 3, "reward": 1.0}]  # the record's own response
+    recs[1]["checkpoints"] = [{"samples": 4, "sample": 0, "reward": -2.0, "response": "one two three\n\nUser: more"}]
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    names, gold, policy = [*NAMES_NO_COH, "base_logprob"], WordReward(), WordPolicy()
+    policy.prepare([Run.at(run)])  # every response of the run, checkpoints included, each prompt prefilled once
+    assert evaluate_run(run, None, names=names, gold_reward=gold, policy=policy)[0] == "updated"
+    per = read_json(run / "metrics_per_prompt.json")
+    assert per["gold_reward"] == [5.0, 6.0, 0.0] and per["base_logprob"] == [-2.0, -2.0, None]  # as without
+    # per record, per checkpoint: the gold reward of the cleaned response (cut at "User:"), base_logprob of the raw one
+    assert per["checkpoints"] == {"gold_reward": [[2.0, 2.0, 5.0], [3.0], []],
+                                  "base_logprob": [[-2.0, -2.0, -2.0], [-2.0], []]}
+    # each distinct (prompt, response) scored once
+    assert sorted(r for _, r in gold.scored) == sorted(["a b c d e", "the cat the cat the cat", " ", "x y",
+                                                        "one two three"])
+    assert sorted(policy.word_engine.scored) == sorted([*RESPONSES, "x y", "one two three\n\nUser: more"])
+    assert len(policy.word_engine.calls) == 1  # prepare scored them all
+    # a rerun, in this process or a new one, scores nothing
+    before = (run / "summary.json").read_bytes()
+    assert evaluate_run(run, None, names=names, gold_reward=gold, policy=policy)[0] == "up to date"
+    fresh_gold, fresh = WordReward(), WordPolicy()
+    fresh.prepare([Run.at(run)])
+    assert evaluate_run(run, None, names=names, gold_reward=fresh_gold, policy=fresh)[0] == "up to date"
+    assert (fresh_gold.scored, fresh.word_engine.scored) == ([], []) and (run / "summary.json").read_bytes() == before
 
 
 def test_cli_gold_reward_and_policy_options(tmp_path, evaluate):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from aisp_bench.report import figures, table1, tables
 from aisp_bench.report.__main__ import main as report_main
 from aisp_bench.report.common import paper_order, select_variants
+from aisp_bench.report.curves import compute_curve
 from aisp_bench.results import Selection, discover_runs
 from aisp_bench.rundir import RunFolderError, read_records
 
@@ -226,18 +228,6 @@ def test_table1_never_averages_seeds_of_different_scorers(tmp_path):
 # --------------------------------------------------------------------------- figure 2
 
 
-def test_bon_prefix_curve_is_max_over_first_nk():
-    r = [0.1, 0.5, -1.0, 0.3, 0.9, 0.2, 0.4]
-    np.testing.assert_allclose(figures.bon_prefix_curve(r, 2), [0.5, 0.5, 0.9])
-    out = figures.bon_prefix_curve(r, 2, K=5)
-    np.testing.assert_allclose(out[:3], [0.5, 0.5, 0.9])
-    assert np.isnan(out[3:]).all()  # n·k beyond the samples on disk
-    np.testing.assert_allclose(figures.bon_prefix_curve([float("nan"), 1.0, 0.0, 2.0], 1), [np.nan, 1, 1, 2])
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=1024)
-    np.testing.assert_allclose(figures.bon_prefix_curve(x, 32), [x[: 32 * k].max() for k in range(1, 33)])
-
-
 def test_aisp_curves_from_iterations():
     rec = aisp_record("a", 2, [1.0, 3.0, 0.0, 2.0, 5.0, 4.0], final=6.0)
     c = figures.aisp_curves(rec)
@@ -260,6 +250,12 @@ def _figure_tree(root: Path) -> None:
         write_run(root, "shp", pair, "bon_topp", seed, recs, method_cfg={"num_samples": 8})
 
 
+def subset_mean_best(pool: list[float], N: int) -> float:
+    """The best of N samples, averaged over every N-subset of ``pool`` (by enumeration)."""
+    subsets = list(itertools.combinations(pool, N))
+    return sum(max(s) for s in subsets) / len(subsets)
+
+
 def test_figure2_curves_equal_hand_computed(tmp_path):
     _figure_tree(tmp_path)
     df = figures.figure2_data(runs_in(tmp_path), "shp", band="seeds")
@@ -272,16 +268,18 @@ def test_figure2_curves_equal_hand_computed(tmp_path):
     np.testing.assert_allclose(get("aisp_mean_at_k")["mean"], [1.25, 1.25, 2.125])
     # best at k: seed0 p [3,2,5] q [0,1,3] -> [1.5,1.5,4]; seed1 p [2,4,1] q [1,1,1] -> [1.5,2.5,1]
     np.testing.assert_allclose(get("aisp_best_at_k")["mean"], [1.5, 2.0, 2.5])
-    # BoN at N = n·k = 2,4,6 is the max over the first n·k samples (K = AISP's 3 iterations)
+    # BoN at N = n·k = 2,4,6: the best of N samples drawn from the run's pool of 8, averaged over
+    # every N-subset (K = AISP's 3 iterations), not the best of the first N
     bon = get("bon_topp")
     assert list(bon["N"]) == [2, 4, 6]
-    s0 = np.mean([[1, 2, 7], [1, 1, 1]], axis=0)
-    s1 = np.mean([[3, 4, 4], [0, 0, 0]], axis=0)
+    p0, p1 = [subset_mean_best([0, 1, 2, 0, 0, 7, 9, 9], N) for N in (2, 4, 6)], \
+        [subset_mean_best([3, 0, 0, 4, 0, 0, 0, 0], N) for N in (2, 4, 6)]
+    s0, s1 = (np.array(p0) + 1) / 2, np.array(p1) / 2
     np.testing.assert_allclose(bon["mean"], (s0 + s1) / 2)
     # prompts band: per prompt mean over seeds, then mean ± s.e. over prompts
     dfp = figures.figure2_data(runs_in(tmp_path), "shp", band="prompts")
     b = dfp[dfp.curve == "bon_topp"].sort_values("k")
-    p, q = np.array([2, 3, 5.5]), np.array([0.5, 0.5, 0.5])
+    p, q = (np.array(p0) + np.array(p1)) / 2, np.array([0.5, 0.5, 0.5])
     np.testing.assert_allclose(b["mean"], (p + q) / 2)
     np.testing.assert_allclose(b["hi"] - b["mean"], np.std([p, q], axis=0, ddof=1) / np.sqrt(2))
 
@@ -289,15 +287,26 @@ def test_figure2_curves_equal_hand_computed(tmp_path):
 def test_compute_curve_tokens_and_pro_rata_seconds():
     rec = aisp_record("a", 2, [1.0, 0.0, 3.0, 2.0], final=5.0, sample_tokens=[10, 30, 20, 20, 50],
                       iter_seconds=[4.0, 2.0], seconds=9.0)
-    c = figures.compute_curve(rec, n=2)
+    rec.update(prompt_tokens=7, decode_passes=3)
+    c = compute_curve(rec, n=2, params=(100.0, 10.0))
     np.testing.assert_allclose(c["best"], [1, 1, 3, 3, 5])
     np.testing.assert_allclose(c["tokens"], [10, 40, 60, 80, 130])
+    np.testing.assert_allclose(c["reward_tokens"], [17, 47, 67, 87, 137])  # the prompt once
+    np.testing.assert_allclose(c["flops"], 2 * 100 * (7 + c["tokens"]) + 2 * 10 * c["reward_tokens"])
+    np.testing.assert_allclose(c["depth"], [1, 1, 2, 2, 3])  # iterations 1, 2, then y(U*)
     # iteration 1: 4 s split 10:30; iteration 2: 2 s split 20:20; final candidate: 9 - 6 = 3 s
     np.testing.assert_allclose(c["seconds"], [1, 4, 5, 6, 9])
     b = bon_record("b", [0.0, 2.0, 1.0], sample_tokens=[1, 2, 3], seconds=6.0)
-    c = figures.compute_curve(b)
+    c = compute_curve(b)
     np.testing.assert_allclose(c["seconds"], [1, 3, 6])
-    np.testing.assert_allclose(c["best"], [0, 2, 2])
+    np.testing.assert_allclose(c["best"], [0, 2, 2])  # in generation order: the best so far
+    assert np.isnan(c["reward_tokens"]).all() and np.isnan(c["flops"]).all()  # no prompt_tokens, no parameters
+    # a best-of-N pool: the expected best of j samples of the pool, at j times its mean cost, depth 1
+    c = compute_curve({**b, "prompt_tokens": 4}, params=(100.0, 10.0), pool=True)
+    np.testing.assert_allclose(c["best"], [1.0, (2 + 2 + 1) / 3, 2.0])
+    for axis, want in (("tokens", [2, 4, 6]), ("reward_tokens", [6, 8, 10]), ("seconds", [2, 4, 6]),
+                       ("depth", [1, 1, 1])):
+        np.testing.assert_allclose(c[axis], want)
 
 
 def test_compute_data_and_figure_files(tmp_path):
@@ -308,12 +317,13 @@ def test_compute_data_and_figure_files(tmp_path):
     assert len(a) == 6 and len(df[df.method == "bon_topp"]) == 8
     np.testing.assert_allclose(a["tokens"], np.arange(1, 7) * 10.0)
     b = df[df.method == "bon_topp"].sort_values("sample")
-    # running max per prompt, mean over prompts, then over seeds
-    s0 = np.mean([np.maximum.accumulate([0, 1, 2, 0, 0, 7, 9, 9]), np.ones(8)], axis=0)
-    s1 = np.mean([np.maximum.accumulate([3, 0, 0, 4, 0, 0, 0, 0]), np.zeros(8)], axis=0)
+    # the expected best of j samples of each pool, mean over prompts, then over seeds
+    s0 = np.mean([[subset_mean_best([0, 1, 2, 0, 0, 7, 9, 9], j) for j in range(1, 9)], np.ones(8)], axis=0)
+    s1 = np.mean([[subset_mean_best([3, 0, 0, 4, 0, 0, 0, 0], j) for j in range(1, 9)], np.zeros(8)], axis=0)
     np.testing.assert_allclose(b["mean"], (s0 + s1) / 2)
+    assert set(figures.AXES) <= set(df.columns) and (b["depth"] == 1).all() and b["flops"].isna().all()
     paths = figures.write_figure2(runs_in(tmp_path), tmp_path / "figures") + figures.write_compute(
-        runs_in(tmp_path), tmp_path / "figures")
+        runs_in(tmp_path), tmp_path / "figures", axes=["samples", "flops"])
     assert sorted(p.name for p in paths) == ["compute_shp.csv", "compute_shp.png", "figure2_shp.csv",
                                              "figure2_shp.png"]
     assert all(p.stat().st_size > 1000 for p in paths if p.suffix == ".png")
@@ -402,8 +412,9 @@ def test_cli_all_writes_every_file(tmp_path, report):
     code, out, _ = report(f"out={tmp_path / 'out'}")
     assert code == 0
     names = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.*"))
-    assert names == ["figures/compute_shp.csv", "figures/compute_shp.png", "figures/figure2_shp.csv",
-                     "figures/figure2_shp.png", "tables/compare.csv", "tables/compare.md",
+    assert names == ["figures/budget_shp.png", "figures/compute_shp.csv", "figures/compute_shp.png",
+                     "figures/figure2_shp.csv", "figures/figure2_shp.png", "tables/budget.csv", "tables/budget.md",
+                     "tables/compare.csv", "tables/compare.md", "tables/compute.csv", "tables/compute.md",
                      "tables/lambda_sweep.csv", "tables/lambda_sweep.md",
                      "tables/table1.csv", "tables/table1.md", "tables/table1.tex", "tables/table1_extended.csv",
                      "tables/table1_extended.md", "tables/table1_extended.tex", "tables/table2.csv",
@@ -417,7 +428,9 @@ def test_cli_all_writes_every_file(tmp_path, report):
     code, _, err = report("target=[table1,figure2]", "select.method=aisp", f"out={tmp_path / 'only'}")
     assert code == 0 and list(pd.read_csv(tmp_path / "only" / "tables" / "table1.csv").method) == ["aisp"]
     for args, needle in ((["target=table1", "select.pair=nope__none"], "error: no run folders under"),
-                         (["target=tabel1"], "error: unknown target 'tabel1'")):
+                         (["target=tabel1"], "error: unknown target 'tabel1'"),
+                         (["target=compute", "compute.axes=[tokens,watts]"], "error: compute.axes must be one or a "
+                          "list of samples, tokens, reward_tokens, flops, depth, seconds, got ['tokens', 'watts']")):
         code, _, err = report(*args)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith(needle), err

@@ -26,11 +26,11 @@ def test_make_smoke_produces_every_artefact(tmp_path, shared_data):
     tables = {p.name for p in (res / "tables").iterdir()}
     for stem in ("table1", "table1_extended", "table2", "table3"):
         assert {f"{stem}.md", f"{stem}.csv", f"{stem}.tex"} <= tables
-    for stem in ("lambda_sweep", "judge_bias", "sensitivity"):
+    for stem in ("lambda_sweep", "judge_bias", "sensitivity", "budget", "compute"):
         assert {f"{stem}.md", f"{stem}.csv"} <= tables
     figures = {p.name for p in (res / "figures").iterdir()}
     for ds in ("shp", "hh_rlhf"):
-        assert {f"figure2_{ds}.png", f"compute_{ds}.png"} <= figures
+        assert {f"figure2_{ds}.png", f"compute_{ds}.png", f"budget_{ds}.png"} <= figures
     assert "sensitivity_demo.png" in figures
     t1 = pd.read_csv(res / "tables" / "table1.csv")
     assert len(t1) == 6 and set(t1.method) == {"aisp", "bon_topp", "bon_gaussian"}
@@ -52,6 +52,20 @@ def test_make_smoke_produces_every_artefact(tmp_path, shared_data):
                                                                                               "bon_gaussian")}
     d = diff[diff.metric.isin(["reward", "gold_reward", "base_logprob"])]
     assert ((d.lo <= d["mean"] + 1e-9) & (d["mean"] <= d.hi + 1e-9)).all() and (d.n_prompts == 2).all()
+    # the budget curves: every method's checkpoints (BoN N = 4: 1, 2, 4; AISP n = κ = 2: 2, 4 and y(U*)) with
+    # the proxy, the gold reward (MiniLM), base_logprob and KL, over both prompts and seeds
+    bud = pd.read_csv(res / "tables" / "budget.csv")
+    cp = bud[(bud.row == "method") & bud.checkpoint]
+    assert set(zip(cp.dataset, cp.method, cp.samples)) == {
+        (d, m, s) for d in ("shp", "hh_rlhf") for m, ss in (("bon_topp", (1, 2, 4)), ("bon_gaussian", (1, 2, 4)),
+                                                             ("aisp", (2, 4, 5))) for s in ss}
+    assert cp[["proxy", "gold", "base_logprob", "kl"]].notna().all().all() and (cp.gold_n == 2).all()
+    assert (cp.n_seeds == 2).all()
+    md = (res / "tables" / "budget.md").read_text()
+    assert "not evaluated" not in md and "no budget checkpoints" not in md
+    comp = pd.read_csv(res / "tables" / "compute.csv").set_index(["dataset", "method"])
+    assert comp[["samples", "tokens", "reward_tokens", "flops", "depth", "seconds"]].notna().all().all()
+    assert (comp.xs("aisp", level="method").depth == 3).all() and (comp.xs("bon_topp", level="method").depth == 1).all()
     bias = pd.read_csv(res / "tables" / "judge_bias.csv")
     assert len(bias) == 4 and (bias.flips_n > 0).all() and (bias.words_missing == 0).all()
     sens = pd.read_csv(res / "tables" / "sensitivity.csv")
@@ -62,11 +76,13 @@ def test_make_smoke_produces_every_artefact(tmp_path, shared_data):
     assert len(sweep) == 5 and sweep.lam.nunique() == 5 and sweep.std_r_over_lam_first.notna().all()
     # runs are reused: a second `make smoke` generates nothing new, and evaluates nothing again (no policy
     # is loaded for base_logprob, no reward model for the gold reward)
-    tables_before = {p.name: p.read_bytes() for p in (res / "tables").iterdir()}
+    files = lambda: {p.relative_to(res).as_posix(): p.read_bytes()  # noqa: E731
+                     for d in ("tables", "figures") for p in (res / d).iterdir()}
+    before = files()
     again = run_tree(cmd, cwd=ROOT, env=env, timeout=900)
     assert again.returncode == 0
     assert again.stderr.count("nothing to do") == 12 + 4 + 5
     assert not [w for w in ("loading policy", "loading judge", "loading sentence encoder") if w in again.stderr]
     assert "16 run(s): 0 updated, 16 up to date" in again.stdout
-    # and the report rebuilds the same tables (seeded resampling, the same inputs)
-    assert {p.name: p.read_bytes() for p in (res / "tables").iterdir()} == tables_before
+    # and the report rebuilds the same tables and figures, byte for byte (seeded resampling, the same inputs)
+    assert files() == before

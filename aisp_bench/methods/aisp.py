@@ -38,6 +38,8 @@ and so is that iteration's ESS). They never become y_best unless all are non-fin
 
 Budget: n·κ samples, plus the y(U*) candidate (``num_samples = n·κ + 1``) unless
 ``final_candidate`` is off, which gives a budget strictly equal to BoN's N = n·κ.
+Budget checkpoints (``Tracker``): y_best after each iteration k (n·k samples), and after
+the y(U*) candidate.
 """
 
 from __future__ import annotations
@@ -134,7 +136,9 @@ class AISP(Method):
         tau = min(self.tau, engine.max_new_tokens)
         prefix = engine.prefill(prompts)
         U = [torch.zeros(tau, engine.hidden_size, device=engine.device) for _ in prompts]
-        trackers = [Tracker(p.id) for p in prompts]
+        budgets = frozenset([n * k for k in range(1, self.kappa + 1)]  # checkpoints: y_best after each k, y(U*)
+                            + ([n * self.kappa + 1] if self.final_candidate else []))
+        trackers = [Tracker(p.id, budgets) for p in prompts]
         iterations: list[list[dict]] = [[] for _ in prompts]
         prompt_of_row = torch.arange(P).repeat_interleave(n)
         rm_prompts = [p for p in prompts for _ in range(n)]
@@ -160,4 +164,5 @@ class AISP(Method):
                 trackers[p].add([finals[p]], r[p : p + 1])
                 extra[p] = {"final_candidate_reward": float(r[p]),
                             "final_candidate_seconds": (time.perf_counter() - t0) / P}
-        return [t.result(iterations[p], tau=tau, **extra[p]) for p, t in enumerate(trackers)]
+        passes = self.kappa + int(self.final_candidate)  # each iteration's decode needs the Û of the one before
+        return [t.result(iterations[p], passes, tau=tau, **extra[p]) for p, t in enumerate(trackers)]

@@ -4,6 +4,8 @@
 * ``BoNGaussian``: greedy decoding on pre-logits with noise v_t ~ N(0, σ²I) for t <= τ
   (the paper: σ² = 0.5, i.e. a standard deviation of about 0.707).
 
+Budget checkpoints: the best of the first 1, 2, 4, ... samples and of all N (``Tracker``).
+
 Row i of a prompt draws its randomness from a generator seeded by (run seed, prompt id,
 i), so the rows can be decoded in any chunking and the first n·k samples of an N-sample
 run are exactly an (n·k)-sample run (which Figure 2 relies on).
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from aisp_bench.methods.base import Method, Tracker
+from aisp_bench.methods.base import Method, Tracker, powers_of_two
 from aisp_bench.seeding import gaussian_rows, uniform_rows
 from aisp_bench.types import Prompt, Result
 
@@ -34,7 +36,7 @@ class _BestOfN(Method):
 
     def __call__(self, prompts: Sequence[Prompt], engine, reward, seed: int) -> list[Result]:
         prefix = engine.prefill(prompts)
-        trackers = [Tracker(p.id) for p in prompts]
+        trackers = [Tracker(p.id, powers_of_two(self.num_samples)) for p in prompts]
         rows = [(p, i) for p in range(len(prompts)) for i in range(self.num_samples)]
         chunk = engine.max_batch_rows
         for s in range(0, len(rows), chunk):
@@ -43,7 +45,7 @@ class _BestOfN(Method):
             rewards = reward.score([prompts[p] for p, _ in part], [x.text for x in samples])
             for j, (p, _) in enumerate(part):  # in row order: ties keep the earlier sample
                 trackers[p].add([samples[j]], rewards[j : j + 1])
-        return [t.result() for t in trackers]
+        return [t.result(decode_passes=1) for t in trackers]  # the N rows depend on nothing: one pass
 
 
 class BoNTopP(_BestOfN):

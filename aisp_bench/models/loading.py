@@ -45,6 +45,12 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; known: auto, {', '.join(sorted(_DTYPES))}") from None
 
 
+def parameter_count(model) -> int | None:
+    """The parameters of a torch module (a tensor two modules share, e.g. tied embeddings, once);
+    None for anything else (a reward without a torch model)."""
+    return sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else None
+
+
 def package_file(package: str, filename: str) -> Path:
     """A data file shipped inside an installed package, found without importing it.
 

@@ -4,6 +4,8 @@
     python -m aisp_bench.report target=table1 select.pair=llama3_8b__ultrarm select.dataset=shp
     python -m aisp_bench.report target=compare select.dataset=demo   # prints a method comparison
     python -m aisp_bench.report target=figure2 figure2.prompts=all   # Figure 2 over every prompt
+    python -m aisp_bench.report target=budget                    # proxy and gold reward as the budget grows
+    python -m aisp_bench.report target=compute 'compute.axes=[flops,depth]'   # the compute figure's x axes
 
 The config is ``conf/report.yaml`` (``--help`` lists it). Tables go to ``<out>/tables/``,
 figures to ``<out>/figures/``. A target whose inputs are missing is an error (exit 2);
@@ -29,7 +31,8 @@ from aisp_bench.validate import check
 
 from .stats import Bootstrap
 
-TARGETS = ("table1", "table2", "table3", "judge_bias", "figure2", "compute", "lambda_sweep", "sensitivity", "compare")
+TARGETS = ("table1", "table2", "table3", "judge_bias", "figure2", "compute", "budget", "lambda_sweep", "sensitivity",
+           "compare")
 
 
 class NoInput(RuntimeError):
@@ -40,7 +43,7 @@ def build(target: str, cfg: DictConfig, runs: list[Run], select: Selection, boot
           bias: Callable[[], Any]) -> list[Path]:
     """Write one target from ``runs``; raise :class:`NoInput` when its inputs are missing.
     ``bias``: the judge bias of every comparison (computed once, for Tables 2-3 and its own table)."""
-    from . import figures, judge_bias, sensitivity, table1, table1_extended, tables
+    from . import budget, costs, figures, judge_bias, sensitivity, table1, table1_extended, tables
 
     out = Path(cfg.out)
     what = f"under {runs_root(cfg.results_dir)}" + (f" for {select.describe()}" if select.describe() else "")
@@ -64,6 +67,9 @@ def build(target: str, cfg: DictConfig, runs: list[Run], select: Selection, boot
         df = _nonempty(sensitivity.sensitivity_table(runs, boot),
                        f"no AISP run folders of experiment=sensitivity {what}")
         return sensitivity.write_sensitivity(df, out / "tables", out / "figures", boot)
+    if target == "budget":
+        df = _nonempty(budget.budget_table(runs, boot), f"no run folders with records {what}")
+        return budget.write_budget(df, out / "tables", out / "figures", boot)
     if target == "compare":
         df = _nonempty(tables.compare(runs), f"no run folders with records {what}")
         print(tables.render_compare(df))
@@ -73,10 +79,17 @@ def build(target: str, cfg: DictConfig, runs: list[Run], select: Selection, boot
         paths = figures.write_figure2(runs, out / "figures", band=str(cfg.band), prompts=prompts,
                                       seed=int(cfg.figure2.seed))
     else:
-        paths = figures.write_compute(runs, out / "figures", band=str(cfg.band))
+        paths = figures.write_compute(runs, out / "figures", band=str(cfg.band), axes=_axes(cfg))
+        paths += costs.write_compute_table(costs.compute_table(runs), out / "tables") if paths else []
     if not paths:
         raise NoInput(f"no {'AISP ' if target == 'figure2' else ''}run folders {what}")
     return paths
+
+
+def _axes(cfg: DictConfig) -> list[str]:
+    """``compute.axes``: the compute figure's x axes (one or a list; validate.check knows the names)."""
+    axes = cfg.compute.axes
+    return [str(a) for a in axes] if OmegaConf.is_list(axes) else [str(axes)]
 
 
 def _nonempty(df, message: str):

@@ -53,6 +53,12 @@ def tex_escape(text: str) -> str:
     return str(text).translate(_TEX_SPECIAL)
 
 
+def best_of_pool(method: str) -> bool:
+    """A best-of-N method: i.i.d. samples, the best returned; its curves use the unbiased best-of-m
+    over the recorded pool (:mod:`.bestof`)."""
+    return method.startswith("bon")
+
+
 def display_method(name: str, latex: bool = False) -> str:
     """Display name of a method (``aisp`` -> ``AISP``); unknown names as-is (escaped for LaTeX)."""
     if latex:

@@ -1,5 +1,8 @@
 """Per-prompt curves of Figure 2 and the equal-compute view, and their averaging.
 
+Best-of-N curves are never the best of the *first* N samples of a run: they are the expected
+best of N samples drawn without replacement from the run's whole pool (:mod:`.bestof`).
+
 Averaging (both figures): per run (one seed), a curve is averaged over prompts (prompts
 whose curve is shorter are left out beyond their length); the plotted line is the mean
 over seeds of those per-seed means. The band is
@@ -20,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from .bestof import expected_best
 from .common import as_float_array, finite_or_nan
+from .costs import cumulative, expected_cumulative
 
 
 # --------------------------------------------------------------------------- per-prompt curves
@@ -35,65 +40,21 @@ def aisp_curves(record: dict[str, Any]) -> dict[str, np.ndarray]:
     return {name: np.array([finite_or_nan(it.get(key)) for it in its]) for name, key in keys.items()}
 
 
-def bon_prefix_curve(sample_rewards: Sequence[float], n: int, K: int | None = None) -> np.ndarray:
-    """BoN at N = n·k from one run's i.i.d. samples: entry k-1 is the max over the first
-    n·k sample rewards (non-finite rewards ignored, as the methods' best-of does; NaN
-    while there is none), for k = 1..K (K defaults to len // n; k with n·k beyond the
-    samples on disk are NaN)."""
-    r = _finite_rewards(list(sample_rewards))
-    K = len(r) // n if K is None else K
-    out = np.full(K, math.nan)
-    k = min(K, len(r) // n)  # k with all n·k samples on disk
-    out[:k] = np.fmax.accumulate(r)[n - 1:n * k:n]  # fmax: a NaN reward never hides the best so far
-    return out
+def compute_curve(record: dict[str, Any], n: int | None = None, params: tuple[float, float] = (math.nan, math.nan),
+                  pool: bool = False) -> dict[str, np.ndarray]:
+    """Best reward against cumulative compute for one prompt, at j = 1..S samples: ``best`` and,
+    per axis of :data:`.costs.AXES`, the cost spent (``params``: the parameter counts for FLOPs).
 
-
-def _finite_rewards(values) -> np.ndarray:
-    """Rewards as a float array with NaN for every non-finite one (±inf too: a failed reward call)."""
-    r = as_float_array(values)
-    return np.where(np.isfinite(r), r, math.nan)
-
-
-def _sample_tokens(record: dict[str, Any], num: int) -> np.ndarray:
-    """Generated tokens per sample; without ``sample_tokens``, ``num_tokens`` split evenly."""
-    st = as_float_array(record.get("sample_tokens"))
-    if len(st) >= num:
-        return np.nan_to_num(st[:num])
-    return np.full(num, finite_or_nan(record.get("num_tokens")) / max(num, 1))
-
-
-def _pro_rata(seconds: float, tokens: np.ndarray) -> np.ndarray:
-    """Split ``seconds`` over samples in proportion to their tokens (equally if none)."""
-    if len(tokens) == 0:
-        return np.zeros(0)
-    tot = float(np.nansum(tokens))
-    if tot > 0:
-        return seconds * np.nan_to_num(tokens) / tot
-    return np.full(len(tokens), seconds / len(tokens))
-
-
-def compute_curve(record: dict[str, Any], n: int | None = None) -> dict[str, np.ndarray]:
-    """Best reward so far against cumulative compute for one prompt, sample by sample in
-    generation order: ``best`` = running max of the finite ``sample_rewards``, ``tokens`` =
-    cumulative ``sample_tokens``, ``seconds`` = cumulative wall seconds.
-
-    Seconds per sample: with AISP ``iterations[].seconds``, iteration k's seconds are
-    split over its n samples pro rata by tokens, and what remains of the prompt's
-    ``seconds`` (the final y(U*) candidate, overheads) over the remaining samples; else
-    the prompt's ``seconds`` are split over all samples pro rata by tokens.
+    ``pool=False``: samples in generation order, ``best`` the running max of the finite
+    ``sample_rewards`` (the best so far), costs :func:`.costs.cumulative`. ``pool=True`` (a
+    best-of-N run): ``best`` the expected best of j samples drawn from the pool
+    (:func:`.bestof.expected_best`), costs their expected cost (:func:`.costs.expected_cumulative`).
     """
-    r = _finite_rewards(record.get("sample_rewards"))
-    tokens = _sample_tokens(record, len(r))
-    total = finite_or_nan(record.get("seconds"))
-    iters = sorted(record.get("iterations") or [], key=lambda it: it.get("k", 0))
-    it_secs = [finite_or_nan(it.get("seconds")) for it in iters]
-    if iters and n and np.isfinite(it_secs).all():
-        rest = max(0.0, total - sum(it_secs)) if np.isfinite(total) else 0.0  # the y(U*) candidate, overheads
-        secs = np.concatenate([_pro_rata(s, tokens[i * n:(i + 1) * n]) for i, s in enumerate(it_secs)]
-                              + [_pro_rata(rest, tokens[n * len(iters):])])
-    else:
-        secs = _pro_rata(total, tokens)
-    return {"best": np.fmax.accumulate(r), "tokens": np.cumsum(tokens), "seconds": np.cumsum(secs)}
+    r = as_float_array(record.get("sample_rewards"))
+    if pool:
+        return {"best": expected_best(r, range(1, len(r) + 1)), **expected_cumulative(record, params)}
+    best = np.fmax.accumulate(np.where(np.isfinite(r), r, math.nan)) if len(r) else r
+    return {"best": best, **cumulative(record, n, params)}
 
 
 # --------------------------------------------------------------------------- averaging

@@ -25,15 +25,15 @@ import pandas as pd  # noqa: E402
 
 from aisp_bench.rundir import Run  # noqa: E402
 
+from .bestof import expected_best  # noqa: E402
 from .common import (  # noqa: E402
-    dataset_key, display_dataset, display_method, display_pair, method_key, pair_key, select_variants,
+    best_of_pool, dataset_key, display_dataset, display_method, display_pair, method_key, pair_key, select_variants,
 )  # fmt: skip
-from .curves import (  # noqa: E402
-    aisp_curves, average_curves, bon_prefix_curve, compute_curve, nanmean_columns, resolve_band, stack,
-)  # fmt: skip
+from .costs import AXES, AXIS_LABELS, method_n, parameters  # noqa: E402
+from .curves import aisp_curves, average_curves, compute_curve, nanmean_columns, resolve_band, stack  # noqa: E402
 
 AISP_CURVES = ("aisp_mean_at_k", "aisp_best_at_k", "aisp_best_so_far")  # aisp_curves' keys
-DEFAULT_N = 32  # the paper's n, used for BoN prefixes only when no AISP run gives n
+DEFAULT_N = 32  # the paper's n, the BoN curves' step N = n·k only when no AISP run gives n
 BAND_NAMES = {"seeds": "±1 std over seeds (ddof=1)", "prompts": "±1 s.e. over prompts"}
 METHOD_COLORS = {"aisp": "C0", "bon_topp": "C1", "bon_gaussian": "C2"}
 CURVE_STYLE = {
@@ -43,11 +43,6 @@ CURVE_STYLE = {
     "bon_topp": dict(color="C1", ls="-", label="BoN (top-p), N = n·k"),
     "bon_gaussian": dict(color="C2", ls="-", label="BoN (N(0,σ²I)), N = n·k"),
 }
-
-
-def _run_n(run: Run) -> int | None:
-    """AISP's n (samples per iteration) from the run's manifest; None without one."""
-    return int(run.method_param("n") or 0) or None
 
 
 # --------------------------------------------------------------------------- figure 2
@@ -70,11 +65,12 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto", prompts:
     """Figure 2's curves for one dataset, one block per (model, reward) pair.
 
     AISP: per prompt :func:`aisp_curves` (Mean at k, Best at k, Best so far). BoN (each
-    BoN method on disk): per prompt :func:`bon_prefix_curve` with n = AISP's ``method.n``
-    (32 when the pair has no AISP run) and K = AISP's largest iteration count (else
-    len // n). Averaged by :func:`average_curves` over ``prompts`` prompts drawn with
-    ``seed`` (:func:`sample_prompt_ids`) from the prompts every chosen run of the dataset
-    has (None: all of those). Columns: dataset, model, reward, curve, method,
+    BoN method on disk): per prompt the expected best of N = n·k samples drawn from the
+    run's pool (:func:`.bestof.expected_best`), n = AISP's ``method.n`` (32 when the pair
+    has no AISP run), k = 1..K, K = AISP's largest iteration count (else len // n).
+    Averaged by :func:`average_curves` over ``prompts`` prompts drawn with ``seed``
+    (:func:`sample_prompt_ids`) from the prompts every chosen run of the dataset has
+    (None: all of those). Columns: dataset, model, reward, curve, method,
     variant, k, N (= n·k), mean, lo, hi, count, n_seeds, band, prompts (used; 0: all),
     prompts_total, prompt_seed.
     """
@@ -94,7 +90,7 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto", prompts:
     frames = []
     for model, reward in pairs:
         aisp = chosen.get((dataset, model, reward, "aisp"), [])
-        n = next((x for x in (_run_n(r) for r in aisp) if x), None)
+        n = next((x for x in (method_n(r) for r in aisp) if x), None)
         per_run = [{rec.get("prompt_id", i): aisp_curves(rec) for i, rec in enumerate(filter(use, r.records))}
                    for r in aisp]
         K = max((len(c["aisp_best_so_far"]) for d in per_run for c in d.values()), default=0)
@@ -105,8 +101,8 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto", prompts:
         for method in sorted({c[3] for c in chosen if c[:3] == (dataset, model, reward) and c[3] != "aisp"},
                              key=method_key):
             rs = chosen[(dataset, model, reward, method)]
-            bs = [{rec.get("prompt_id", i): bon_prefix_curve(rec.get("sample_rewards") or [], n, K or None)
-                   for i, rec in enumerate(filter(use, r.records))} for r in rs]
+            bs = [{rec.get("prompt_id", i): _bon_at_nk(rec, n, K) for i, rec in enumerate(filter(use, r.records))}
+                  for r in rs]
             curves[method] = (bs, method, rs[0].variant, len(rs))
         for name, (bs, method, variant, n_seeds) in curves.items():
             avg = average_curves(bs, band)
@@ -116,6 +112,12 @@ def figure2_data(runs: Sequence[Run], dataset: str, band: str = "auto", prompts:
                                             hi=avg["hi"], count=avg["count"], n_seeds=n_seeds, band=band,
                                             prompts=drawn, prompts_total=total, prompt_seed=seed)))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _bon_at_nk(record: dict, n: int, K: int) -> np.ndarray:
+    """A BoN prompt's expected best of N = n·k samples of its pool, k = 1..K (K = 0: len // n)."""
+    r = record.get("sample_rewards") or []
+    return expected_best(r, n * np.arange(1, (K or len(r) // n) + 1))
 
 
 def _band_note(band: str, df: pd.DataFrame) -> str:
@@ -179,8 +181,12 @@ def _log_axis(ax: Any, lo: float, hi: float) -> None:
     decades = math.log10(hi / lo) if lo > 0 and hi > lo else 0.0
     ax.xaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0,) if decades > 2 else (1.0, 2.0, 5.0)))
     ax.xaxis.set_minor_formatter(mticker.NullFormatter())
-    ax.xaxis.set_major_formatter(mticker.FuncFormatter(
-        lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x >= 1e4 else f"{x:g}"))
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda x, _: _si(x)))
+
+
+def _si(x: float) -> str:
+    """A tick label: 500, 20k, 3.5M, 1.2G, 45T."""
+    return next((f"{x / v:.3g}{u}" for v, u in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e4, "k")) if x >= v), f"{x:g}")
 
 
 def plot_figure2(df: pd.DataFrame, path: Path | str) -> Path:
@@ -214,66 +220,131 @@ def plot_figure2(df: pd.DataFrame, path: Path | str) -> Path:
     for ax in list(axes.flat)[len(pairs):]:
         ax.set_visible(False)
     return _finish(fig, path, f"Reward against iteration on {display_dataset(df['dataset'].iloc[0])}", handles,
-                   _prompts_note(df) + _band_note(df["band"].iloc[0], df))
+                   _prompts_note(df) + _band_note(df["band"].iloc[0], df) + "; BoN at N: the expected best of N "
+                   "samples drawn from each run's pool (unbiased)")
 
 
 # --------------------------------------------------------------------------- equal compute
 
 
 def compute_data(runs: Sequence[Run], dataset: str, band: str = "auto") -> pd.DataFrame:
-    """Equal-compute curves for one dataset: per pair and method, best reward so far
-    against the j-th generated sample, with x = mean over prompts (then seeds) of the
-    cumulative generated tokens and wall seconds after sample j, y = mean of the best
-    reward among the first j samples (:func:`compute_curve`, :func:`average_curves`).
+    """Equal-compute curves for one dataset: per pair and method, the best reward against
+    the j-th sample, j = 1..S, with x on every axis of :data:`.costs.AXES` (the cost after
+    sample j, mean over prompts then seeds) and y its mean (:func:`compute_curve`,
+    :func:`average_curves`). AISP (and any method not best-of-N): the best so far among its
+    first j samples; best-of-N: the expected best of j samples drawn from the run's pool,
+    at their expected cost.
 
     Each run is cut to its shortest prompt (samples per prompt should be equal within a
-    run). Columns: dataset, model, reward, method, variant, sample (j, 1-based), tokens,
-    seconds, mean, lo, hi, count, n_seeds, band.
+    run). Columns: dataset, model, reward, method, variant, sample (j, 1-based), one per
+    axis, mean, lo, hi, count, n_seeds, band.
     """
     chosen, _ = select_variants([r for r in runs if r.dataset == dataset])
     band = resolve_band(band, [len(rs) for rs in chosen.values()])
     frames = []
     for (ds, model, reward, method) in sorted(chosen, key=lambda c: (pair_key((c[1], c[2])), method_key(c[3]))):
         rs = chosen[(ds, model, reward, method)]
-        per_run = [{rec.get("prompt_id", i): compute_curve(rec, _run_n(r)) for i, rec in enumerate(r.records)}
-                   for r in rs]
+        per_run = [{rec.get("prompt_id", i): compute_curve(rec, method_n(r), parameters(r), best_of_pool(method))
+                    for i, rec in enumerate(r.records)} for r in rs]
         per_run = [cs for cs in per_run if cs]
         if not per_run:
             continue
         L = min(len(c["best"]) for cs in per_run for c in cs.values())
         avg = average_curves([{pid: c["best"][:L] for pid, c in cs.items()} for cs in per_run], band)
         x = {k: nanmean_columns(stack([nanmean_columns(stack([c[k][:L] for c in cs.values()])) for cs in per_run]))
-             for k in ("tokens", "seconds")}
+             for k in AXES}
         frames.append(pd.DataFrame(dict(dataset=ds, model=model, reward=reward, method=method, variant=rs[0].variant,
                                         sample=np.arange(1, L + 1), **x, mean=avg["mean"], lo=avg["lo"],
                                         hi=avg["hi"], count=avg["count"], n_seeds=len(rs), band=band)))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def plot_compute(df: pd.DataFrame, path: Path | str) -> Path:
-    """Plot :func:`compute_data`: one row per pair; best reward so far against mean
-    cumulative generated tokens (left) and wall seconds (right), log x."""
+def plot_compute(df: pd.DataFrame, path: Path | str, axes: Sequence[str] = ("tokens", "seconds")) -> Path:
+    """Plot :func:`compute_data`: one row per pair, one column per axis of ``axes`` (log x):
+    the best reward against that cost; an axis with no recorded value says so."""
     pairs = list(df.groupby(["model", "reward"], sort=False))
-    fig, axes = _figure(len(pairs), 2, 9.5, 3.3 * len(pairs), len(set(df["method"])))
+    fig, grid = _figure(len(pairs), len(axes), max(4.75 * len(axes), 7.0), 3.3 * len(pairs), len(set(df["method"])))
     handles: dict[str, Any] = {}
-    for row, ((model, reward), sub) in zip(axes, pairs):
-        for ax, xcol, xlabel in ((row[0], "tokens", "generated tokens per prompt (cumulative)"),
-                                 (row[1], "seconds", "wall seconds per prompt (cumulative)")):
+    for row, ((model, reward), sub) in zip(grid, pairs):
+        for ax, xcol in zip(row, axes):
             for method in sorted(sub["method"].unique(), key=method_key):
                 c = sub[(sub["method"] == method) & np.isfinite(sub[xcol]) & (sub[xcol] > 0)]
-                if c.empty:
-                    continue
-                handles.setdefault(display_method(method), _band(ax, c[xcol], c, 16, color=METHOD_COLORS.get(method)))
+                if not c.empty:
+                    handles.setdefault(display_method(method),
+                                       _band(ax, c[xcol], c, 16, color=METHOD_COLORS.get(method)))
             xs = sub[xcol][np.isfinite(sub[xcol]) & (sub[xcol] > 0)]
+            if xs.empty:
+                ax.text(0.5, 0.5, "not recorded by these runs", ha="center", va="center", transform=ax.transAxes,
+                        fontsize=8, color="0.4")
             _log_axis(ax, float(xs.min()) if len(xs) else 1.0, float(xs.max()) if len(xs) else 10.0)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("best reward so far")
+            ax.set_xlabel(AXIS_LABELS[xcol] + " (cumulative)", fontsize=8)
+            ax.set_ylabel("best reward")
             ax.set_title(display_pair(model, reward), fontsize=10)
             ax.grid(alpha=0.3, which="major")
             ax.grid(alpha=0.08, which="minor")
     return _finish(fig, path, f"Best reward against compute on {display_dataset(df['dataset'].iloc[0])}", handles,
-                   _band_note(df["band"].iloc[0], df) + "; x: mean over prompts; seconds split over samples "
-                   "pro rata by tokens")
+                   _band_note(df["band"].iloc[0], df) + "; x: mean over prompts; BoN: expected best of j samples "
+                   "of its pool (unbiased), at their expected cost")
+
+
+# --------------------------------------------------------------------------- budget curves
+
+
+BUDGET_PANELS = (("proxy", "proxy reward (optimised)"), ("gold", "gold reward (held out)"))
+
+
+def _errors(c: pd.DataFrame, col: str) -> np.ndarray:
+    """(2, len(c)) error bar lengths from ``col``'s interval (0 where there is none)."""
+    y = c[col].to_numpy(float)
+    return np.nan_to_num(np.abs([y - c[f"{col}_lo"].to_numpy(float), c[f"{col}_hi"].to_numpy(float) - y]))
+
+
+def _empty(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=8, color="0.4")
+
+
+def plot_budget(df: pd.DataFrame, path: Path | str) -> Path:
+    """Plot the method rows of :func:`.budget.budget_table` for one dataset: one row per pair, the
+    proxy and the gold reward of the returned response against the samples spent (log x), and the
+    frontier, gold reward against base log-prob, each method's budget points joined in order of
+    samples (the first and last labelled); bands and bars: the bootstrap intervals."""
+    pairs = list(df.groupby(["model", "reward"], sort=False))
+    fig, grid = _figure(len(pairs), 3, 13.5, 3.4 * len(pairs), len(set(df["method"])))
+    handles: dict[str, Any] = {}
+    for row, ((model, reward), sub) in zip(grid, pairs):
+        methods = sorted(sub["method"].unique(), key=method_key)
+        for ax, (col, label) in zip(row, BUDGET_PANELS):
+            for method in methods:
+                c = sub[(sub["method"] == method) & np.isfinite(sub[col])].sort_values("samples")
+                c = c.rename(columns={col: "mean", f"{col}_lo": "lo", f"{col}_hi": "hi"})
+                if not c.empty:
+                    handles.setdefault(display_method(method),
+                                       _band(ax, c["samples"], c, 40, color=METHOD_COLORS.get(method)))
+            if not np.isfinite(sub[col]).any():
+                _empty(ax, f"{label.split(' (')[0]} not evaluated")
+            _log_axis(ax, float(sub["samples"].min()), float(sub["samples"].max()))
+            ax.set(xlabel="samples spent per prompt", ylabel=label, title=display_pair(model, reward))
+            ax.grid(alpha=0.3)
+        ax = row[2]
+        for method in methods:
+            c = sub[(sub["method"] == method) & np.isfinite(sub["gold"]) & np.isfinite(sub["base_logprob"])]
+            c = c.sort_values("samples")
+            if c.empty:
+                continue
+            ax.errorbar(c["base_logprob"], c["gold"], xerr=_errors(c, "base_logprob"), yerr=_errors(c, "gold"),
+                        marker="o", ms=3, lw=1, capsize=2, elinewidth=0.6, color=METHOD_COLORS.get(method))
+            for i in {0, len(c) - 1}:
+                ax.annotate(f"{int(c['samples'].iloc[i])}", (c["base_logprob"].iloc[i], c["gold"].iloc[i]),
+                            textcoords="offset points", xytext=(3, 3), fontsize=6, color=METHOD_COLORS.get(method))
+        if not (np.isfinite(sub["gold"]) & np.isfinite(sub["base_logprob"])).any():
+            _empty(ax, "gold reward or base log-prob not evaluated")
+        ax.set(xlabel="base log-prob / token of the response", ylabel="gold reward (held out)",
+               title="frontier (labels: samples)")
+        ax.grid(alpha=0.3)
+    return _finish(fig, path, f"Budget curves on {display_dataset(df['dataset'].iloc[0])}", handles,
+                   "mean over prompts and seeds; bands and bars: bootstrap intervals over prompts; BoN proxy: the "
+                   "expected best of m samples of its pool (unbiased); gold and base log-prob: the recorded "
+                   "checkpoints")
 
 
 # --------------------------------------------------------------------------- fixed-budget sensitivity
@@ -325,10 +396,12 @@ def write_figure2(runs: Sequence[Run], out_dir: Path | str, band: str = "auto", 
     return _write(out_dir, "figure2", (figure2_data(runs, ds, band, prompts, seed) for ds in datasets), plot_figure2)
 
 
-def write_compute(runs: Sequence[Run], out_dir: Path | str, band: str = "auto") -> list[Path]:
-    """``compute_<dataset>.png`` (+ ``.csv``) for every dataset with runs."""
+def write_compute(runs: Sequence[Run], out_dir: Path | str, band: str = "auto",
+                  axes: Sequence[str] = ("tokens", "seconds")) -> list[Path]:
+    """``compute_<dataset>.png`` (x: each of ``axes``) and ``.csv`` (every axis) for every dataset with runs."""
     datasets = sorted({r.dataset for r in runs}, key=dataset_key)
-    return _write(out_dir, "compute", (compute_data(runs, ds, band) for ds in datasets), plot_compute)
+    return _write(out_dir, "compute", (compute_data(runs, ds, band) for ds in datasets),
+                  lambda df, path: plot_compute(df, path, axes))
 
 
 def _write(out_dir: Path | str, name: str, frames: Iterable[pd.DataFrame], plot: Callable) -> list[Path]:
