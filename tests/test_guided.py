@@ -97,6 +97,15 @@ def test_the_method_group_builds_both_at_the_shared_budget(compose):
     assert sum(r * 12 for r in (128, 64, 32, 16)) == 64 * 48 * 15 // 16
     listed = instantiate(compose(["method=particle_filter", "method.segment_tokens=[8,16]"]).method)
     assert listed.segment_tokens == [8, 16]
+    # experiment=table1_extended: the five methods, in Table 1's folders (the paper's three are not run again)
+    import yaml
+
+    from aisp_bench.config import CONF_DIR
+
+    ext = yaml.safe_load(open(f"{CONF_DIR}/experiment/table1_extended.yaml"))
+    assert ext["hydra"]["sweeper"]["params"]["method"] == "bon_topp,bon_gaussian,aisp,spec_rejection,particle_filter"
+    assert "/spec_rejection/table1/seed0" in compose(["experiment=table1_extended", "method=spec_rejection"]).run_dir
+    assert compose(["experiment=table1_extended"]).run_dir == compose(["experiment=table1"]).run_dir
 
 
 # ---------------------------------------------------------------------------- exactness on a tiny Llama

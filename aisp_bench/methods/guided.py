@@ -72,6 +72,20 @@ def score_rows(reward, prompts: Sequence[Prompt], prompt_of_row: torch.Tensor, r
     return out
 
 
+def upper_bounds(schedule: Sequence[tuple[int, int]]) -> dict[str, int]:
+    """What one prompt costs at most when no row ends early, from its ``schedule``: (t_j, rows
+    decoded to t_j and scored there) per segment end, in order. Returns ``generated`` tokens
+    Σ rows_j·(t_j − t_{j−1}), reward ``rounds``, responses ``scored`` Σ rows_j and
+    ``scored_tokens`` Σ rows_j·t_j (a partial response is read whole at each point)."""
+    out, prev = {"generated": 0, "rounds": len(schedule), "scored": 0, "scored_tokens": 0}, 0
+    for t, rows in schedule:
+        out["generated"] += rows * (t - prev)
+        out["scored"] += rows
+        out["scored_tokens"] += rows * t
+        prev = t
+    return out
+
+
 def reward_stats(scores: torch.Tensor) -> dict[str, float]:
     """Mean and max of the finite scores (NaN when none)."""
     s = scores[torch.isfinite(scores)].double()

@@ -58,6 +58,9 @@ Where this differs from the published algorithm, and why:
   diverge. The ancestors use uniforms seeded by (seed, prompt,
   ``particle_filter/resample``, s), the final draw (seed, prompt, ``particle_filter/choice``).
 
+Budget checkpoints: one, at N (the particle returned): N particles are not a prefix of
+a larger run, so there are no checkpoints below N.
+
 Record fields (beside the common ones): ``sample_rewards`` and ``sample_tokens`` are the N
 final particles' rewards and response lengths (copies repeat); ``num_tokens`` counts
 every token decoded, a copied prefix once and a dropped particle's tokens too, so it is
@@ -138,6 +141,11 @@ class ParticleFilter(Method):
         self.reward_temperature, self.resampling = float(reward_temperature), resampling
         self.temperature, self.top_p = float(temperature), float(top_p)
 
+    def schedule(self, max_new_tokens: int) -> list[tuple[int, int]]:
+        """(t, N) at each boundary, then (T, N) (``guided.upper_bounds`` makes them a budget)."""
+        points = decision_points(self.segment_tokens, max_new_tokens)
+        return [(t, self.num_particles) for t in [*points, max_new_tokens]]
+
     def uniforms(self, prompts: Sequence[Prompt], seed: int, s: int, T: int) -> torch.Tensor:
         """(P·N, T) the particles' uniforms after the s-th resampling (s = 0: BoN top-p's)."""
         N = self.num_particles
@@ -193,7 +201,7 @@ class ParticleFilter(Method):
 
     def _result(self, prompt_id: str, seed: int, particles: list[Sample], r: torch.Tensor, ledger: Ledger) -> Result:
         """The best finished particle, and beside it the one drawn from softmax(r / β)."""
-        best = Tracker(prompt_id)  # particles in order: ties keep the lower index
+        best = Tracker(prompt_id, frozenset({len(particles)}))  # in order: ties keep the lower index; checkpoint at N
         best.add(particles, r)
         w = resampling_weights(r, self.reward_temperature)
         j = int(resample(w, uniform_rows(seed, prompt_id, f"{self.stream}/choice", [0], 1)[0], "multinomial")[0])

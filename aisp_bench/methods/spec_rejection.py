@@ -52,6 +52,10 @@ Where this differs from the published algorithm, and why:
   ``rejection_rate=0`` gives BoN top-p's record for every prompt (the same samples,
   rewards, tokens and chosen response; partial scoring still runs and is counted).
 
+Budget checkpoints: one, at N (the response returned). Stopping earlier is not a smaller
+run of this method (the schedule of decision points depends on T, not on N), so there are
+no checkpoints below N, unlike BoN's prefixes.
+
 Record fields (beside the common ones): ``sample_rewards`` and ``sample_tokens`` list
 every started row in sample order (a dropped row: its last partial score and the tokens
 it generated, so ``num_tokens`` is every token decoded); ``rejected_at`` gives each row's
@@ -107,6 +111,15 @@ class SpecRejection(Method):
         self.decision_tokens = decision_tokens if isinstance(decision_tokens, int) else [int(t) for t in decision_tokens]
         self.temperature, self.top_p = float(temperature), float(top_p)
 
+    def schedule(self, max_new_tokens: int) -> list[tuple[int, int]]:
+        """(t_j, |I_j|) at each decision point, then (T, |I|): the rows decoded to t_j when none
+        ends early (``guided.upper_bounds`` makes them a budget)."""
+        out, rows = [], self.num_samples
+        for t in [*decision_points(self.decision_tokens, max_new_tokens), max_new_tokens]:
+            out.append((t, rows))
+            rows = max(1, round((1.0 - self.rejection_rate) * rows))
+        return out
+
     def __call__(self, prompts: Sequence[Prompt], engine, reward, seed: int) -> list[Result]:
         P, N, T = len(prompts), self.num_samples, engine.max_new_tokens
         prefix = engine.prefill(prompts)
@@ -135,8 +148,8 @@ class SpecRejection(Method):
                 dec.select(keep)
                 u, sample, score, final = u[keep], sample[keep], score[keep], final[keep]
         responses = dec.responses()
-        return [self._result(prompts[p].id, (dec.prompt_of_row == p).nonzero().squeeze(1), responses, score, rows[p],
-                             ledgers[p]) for p in range(P)]
+        return [self._result(prompts[p].id, (dec.prompt_of_row == p).nonzero().squeeze(1), sample, responses, score,
+                             rows[p], ledgers[p]) for p in range(P)]
 
     def _reject(self, t: int, owner: torch.Tensor, sample: torch.Tensor, score: torch.Tensor, finished: torch.Tensor,
                 rows: list[dict], ledgers: list[Ledger], seconds: float) -> torch.Tensor:
@@ -158,15 +171,17 @@ class SpecRejection(Method):
                 "seconds": seconds / len(ledgers), "samples": sample[mine].tolist(), "scores": score[mine].tolist()})
         return torch.cat(keep)
 
-    def _result(self, prompt_id: str, mine: torch.Tensor, responses: list[Sample], score: torch.Tensor, rows: dict,
-                ledger: Ledger) -> Result:
-        """A prompt's result from its rows of I (``mine``, finished): the best of them; every
-        started row in ``sample_*``."""
+    def _result(self, prompt_id: str, mine: torch.Tensor, sample: torch.Tensor, responses: list[Sample],
+                score: torch.Tensor, rows: dict, ledger: Ledger) -> Result:
+        """A prompt's result from its rows of I (``mine``, finished; ``sample``: every row's sample
+        index): the best of them; every started row in ``sample_*``; one budget checkpoint, at N."""
         best = Tracker(prompt_id)  # rows in sample order: ties keep the lower index, as BoN's
         best.add([responses[j] for j in mine.tolist()], score[mine])
         res = best.result(decode_passes=1, rejected_at=rows["rejected_at"], **ledger.extra())
         res.sample_rewards, res.sample_tokens = rows["score"], rows["tokens"]
         res.num_samples, res.num_tokens = self.num_samples, ledger.generated
+        res.checkpoints = [{"samples": self.num_samples, "sample": int(sample[mine[best.best_index]]),
+                            "reward": best.best_reward}]
         nonfinite = sum(not math.isfinite(r) for r in rows["score"])
         res.extra.pop("nonfinite_rewards", None)
         res.extra.update({"nonfinite_rewards": nonfinite} if nonfinite else {})
