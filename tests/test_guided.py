@@ -236,6 +236,24 @@ def test_copies_of_a_particle_diverge(tiny):
     assert len(set(r.sample_rewards)) > 1
 
 
+def test_a_resampled_particle_is_a_fresh_decode_of_its_ancestors_prefix(tiny):
+    """The seeding rule end to end: after the boundary at 5 tokens, particle i is a fresh decode
+    whose uniforms are its ancestor a's before the boundary (BoN top-p's sample a) and its own,
+    seeded by (seed, prompt, segment 1, i), after it, for some ancestor a."""
+    from aisp_bench.seeding import uniform_rows
+
+    N, seed = 6, 3
+    r = ParticleFilter(num_particles=N, segment_tokens=[5], temperature=1.0)(PROMPTS[:1], engine(tiny), TextHash(),
+                                                                             seed=seed)[0]
+    u0 = uniform_rows(seed, PROMPTS[0].id, "bon_topp", range(N), T)
+    u1 = uniform_rows(seed, PROMPTS[0].id, "particle_filter", range(N), T, 1)
+    eng = engine(tiny)
+    u = torch.stack([torch.cat([u0[a, :5], u1[i, 5:]]) for i in range(N) for a in range(N)])
+    fresh = eng.decode(eng.prefill(PROMPTS[:1]), [0] * N * N, uniforms=u, temperature=1.0, top_p=0.9)
+    scores = TextHash().score(PROMPTS[:1] * N * N, [x.text for x in fresh]).view(N, N).tolist()
+    assert all(r.sample_rewards[i] in scores[i] for i in range(N))
+
+
 # ---------------------------------------------------------------------------- SmolLM2
 
 
