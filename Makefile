@@ -9,6 +9,9 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# make test: pytest-xdist workers, one torch thread each (the suite is mostly many small models
+# and subprocesses; 2 keeps both cores of a small machine busy)
+TEST_WORKERS ?= 2
 SCALE ?= smoke
 # The commands share one syntax (key=value overrides, see each one's --help) and one run
 # selection (results_dir=..., select.pair=..., select.variant=...).
@@ -96,8 +99,8 @@ demo: setup  ## offline demo: AISP and both BoN on 3 prompts with SmolLM2, then 
 	$(PY) -m aisp_bench -m experiment=demo progress=false
 	$(PY) -m aisp_bench.report target=compare select.dataset=demo select.variant=demo
 
-test: setup  ## run the test suite (what CI runs)
-	$(PY) -m pytest -q
+test: setup  ## run the test suite (what CI runs), on TEST_WORKERS processes (pytest-xdist)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: setup  ## the tests that load no model
 	$(PY) -m pytest -q -m "not slow"

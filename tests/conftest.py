@@ -13,7 +13,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("AISP_BENCH_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# torch's threads: one per pytest-xdist worker (the workers share the cores), else what
+# OMP_NUM_THREADS says, else at most 2. Asking for more threads than OMP_NUM_THREADS set up
+# makes OpenMP spin against itself (a 20x slowdown on 2 busy cores).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+elif not os.environ.get("OMP_NUM_THREADS"):
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config, items):

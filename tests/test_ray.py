@@ -19,7 +19,7 @@ from tiny_runs import ARGS, RUN, aisp_bench, env, finish, lock_pid, records_in, 
 
 from aisp_bench.rundir import Run, read_json
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from tiny_runs import ARGS, RUN, aisp_bench, finish, records_in, start, wait_unt
 
 from aisp_bench.rundir import Run, read_json, read_records
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.poll_s=1"]
 SHARDED = ["dataset.num_shards=2", "dataset.shard=0,1"]
 
