@@ -92,6 +92,8 @@ def _div(total, n) -> int:
 def register_resolvers() -> None:
     for name, fn in (("aisp_run_segment", run_segment), ("aisp_mul", lambda a, b: int(a) * int(b)),
                      ("aisp_scale", lambda x, factor: float(x) * float(factor)), ("aisp_div", _div),
+                     # a token count as a fraction of another, at least 1 (decision points every T/4 tokens)
+                     ("aisp_floordiv", lambda a, b: max(1, int(a) // int(b))),
                      # hydra.job.config.override_dirname.exclude_keys (conf/hydra/default.yaml)
                      ("aisp_variant_exclude_keys", lambda: [*FOLDER_KEYS, *NON_SEMANTIC])):
         if not OmegaConf.has_resolver(name):

@@ -10,12 +10,16 @@ sweeper params, as ``python -m aisp_bench -m`` does) and ``plan.*`` keys
 It loads no model and writes nothing. Per dataset, pair and method it prints:
 
 * **jobs**: runs x the prompt shards the sweep names (one job each, e.g. one Slurm array task);
-* **prompts** and **samples** (AISP: n·κ, plus y(U*); best-of-N: N, per prompt);
-* **generated tokens**, an upper bound: samples x ``generation.max_new_tokens``;
-* **reward-model tokens**: per scored sample its response (at most ``max_new_tokens``)
-  and its prompt, the prompt counted once per scored group where the reward shares it
-  (a decoder reward unless ``engine.reward_attention=full``: AISP scores each iteration's
-  n samples of a prompt together, best-of-N ``generation.batch_rows`` rows at a time);
+* **prompts** and **samples** (AISP: n·κ, plus y(U*); best-of-N: N; Speculative Rejection:
+  the rows started; particle filtering: the particles, per prompt);
+* **generated tokens**, an upper bound: samples x ``generation.max_new_tokens`` (the
+  reward-guided decoders: their schedule's tokens, dropped rows stopped early);
+* **reward-model tokens**: per scored response its tokens (at most ``max_new_tokens``; the
+  reward-guided decoders also score partial responses at each decision point) and its
+  prompt, the prompt counted once per scored group where the reward shares it (a decoder
+  reward unless ``engine.reward_attention=full``: AISP scores each iteration's n samples
+  of a prompt together, best-of-N ``generation.batch_rows`` rows at a time, the
+  reward-guided decoders a prompt's rows at each decision point);
 * **GPU-hours** = generated tokens / throughput: ``plan.tokens_per_second`` (generated
   tokens per second on one GPU, decoding and scoring included), else each method's
   ``tokens_per_s`` in ``plan.bench`` (``scripts/bench_methods.py`` on a GPU writes it),
@@ -46,6 +50,7 @@ from aisp_bench.cli import (
     UserError, compose_config, first_line, instantiate_node, refuse_moved_keys, reward_node, run_app,
 )  # fmt: skip
 from aisp_bench.data.datasets import shard_of
+from aisp_bench.methods.guided import upper_bounds
 from aisp_bench.rundir import read_json_or_none
 from aisp_bench.validate import check
 
@@ -53,17 +58,39 @@ SHARD_KEY = "dataset.shard"
 
 
 # -- counting -----------------------------------------------------------------------------
-def sampling(method: Any, batch_rows: Any) -> tuple[int, int]:
-    """(samples, scored groups) per prompt: AISP n·κ (+1, y(U*)) in κ (+1) groups; best-of-N N
-    samples in groups of ``batch_rows`` rows (all N for ``auto``)."""
+@dataclass(frozen=True)
+class PerPrompt:
+    """What one prompt of a run costs at most: ``samples`` (rows started), ``groups`` (reward calls
+    that share the prompt), ``scored`` (responses scored), ``generated`` (generated tokens) and
+    ``scored_tokens`` (response tokens the reward model reads)."""
+
+    samples: int
+    groups: int
+    scored: int
+    generated: int
+    scored_tokens: int
+
+
+def sampling(method: Any, batch_rows: Any, max_new_tokens: int) -> PerPrompt:
+    """AISP n·κ (+1, y(U*)) samples in κ (+1) groups; best-of-N N samples in groups of
+    ``batch_rows`` rows (all N for ``auto``); each scored once, at most ``max_new_tokens``
+    tokens. A reward-guided decoder (``schedule``: Speculative Rejection, particle
+    filtering): its segments' rows, a group per decision point and at the end, its partial
+    responses scored too (``methods.guided.upper_bounds``)."""
+    T = int(max_new_tokens)
+    if hasattr(method, "schedule"):
+        b = upper_bounds(method.schedule(T))
+        return PerPrompt(method.rows_per_prompt, b["rounds"], b["scored"], b["generated"], b["scored_tokens"])
     if hasattr(method, "kappa"):
         final = int(bool(method.final_candidate))
-        return method.n * method.kappa + final, method.kappa + final
-    if hasattr(method, "num_samples"):
+        n, groups = method.n * method.kappa + final, method.kappa + final
+    elif hasattr(method, "num_samples"):
         n = int(method.num_samples)
         rows = batch_rows if isinstance(batch_rows, int) else n  # a number >= 1 (validate.check), or "auto"
-        return n, -(-n // min(rows, n))
-    raise UserError(f"plan does not know how method {getattr(method, 'name', method)!r} samples")
+        groups = -(-n // min(rows, n))
+    else:
+        raise UserError(f"plan does not know how method {getattr(method, 'name', method)!r} samples")
+    return PerPrompt(n, groups, n, n * T, n * T)
 
 
 @dataclass
@@ -86,15 +113,14 @@ class Counts:
         self.longest_job_hours = math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
-def job_counts(prompt_tokens: list[int], samples: int, groups: int, max_new_tokens: int, shares_prompt: bool,
-               tokens_per_second: float | None) -> Counts:
+def job_counts(prompt_tokens: list[int], per: PerPrompt, shares_prompt: bool, tokens_per_second: float | None) -> Counts:
     """One job (a run, or one prompt shard of it): ``prompt_tokens`` per prompt; ``shares_prompt``:
-    the reward reads a group's prompt once."""
+    the reward reads a group's prompt once (else once per response scored)."""
     n = len(prompt_tokens)
-    generated = n * samples * max_new_tokens
-    rm = generated + sum(prompt_tokens) * (groups if shares_prompt else samples)
+    generated = n * per.generated
+    rm = n * per.scored_tokens + sum(prompt_tokens) * (per.groups if shares_prompt else per.scored)
     hours = generated / tokens_per_second / 3600 if tokens_per_second else math.nan
-    return Counts(0, 1, n, n * samples, generated, rm, hours, hours)
+    return Counts(0, 1, n, n * per.samples, generated, rm, hours, hours)
 
 
 # -- the grid -----------------------------------------------------------------------------
@@ -193,7 +219,7 @@ def throughput(plan: DictConfig, method: Any) -> tuple[float | None, str]:
     if bench is None:
         return None, (f"GPU-hours not estimated: no {path} (run scripts/bench_methods.py on a GPU to write it), "
                       "and no plan.tokens_per_second=...")
-    name, n = method.name, getattr(method, "num_samples", None)
+    name, n = method.name, getattr(method, "num_samples", None) or getattr(method, "num_particles", None)
     for label in ([f"{name}/N{n}/default"] if n else []) + [f"{name}/default"]:
         tps = ((bench.get("methods") or {}).get(label) or {}).get("tokens_per_s")
         if isinstance(tps, (int, float)) and tps > 0:
@@ -252,14 +278,13 @@ def run_counts(cfg: DictConfig, shards: list[str], tokens: Tokens) -> tuple[Coun
             raise UserError(f"dataset.shard must be an integer in [0, {k - 1}] (dataset.num_shards={k}), got {v!r}")
         picked.append(int(v))
     method = instantiate_node(cfg.method, "method")
-    samples, groups = sampling(method, cfg.generation.get("batch_rows"))
+    per = sampling(method, cfg.generation.get("batch_rows"), int(cfg.generation.max_new_tokens))
     tps, source = throughput(cfg.plan, method)
     per_prompt = tokens.counts(cfg)
     shares_prompt = reward_node(cfg.reward, cfg.engine).get("attention", "full") != "full"
     out = Counts(runs=1)
     for i in picked:
-        out.add(job_counts(shard_of(per_prompt, i, k), samples, groups, int(cfg.generation.max_new_tokens),
-                           shares_prompt, tps))
+        out.add(job_counts(shard_of(per_prompt, i, k), per, shares_prompt, tps))
     return out, source
 
 

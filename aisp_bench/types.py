@@ -59,7 +59,8 @@ class Prompt:
         return cls(id=str(id), messages=tuple(Message(m["role"], m["content"]) for m in messages))
 
 
-FinishReason = Literal["eos", "stop_string", "length"]
+# "partial": a row still being decoded, as a paused decode hands it back (engine.decoding)
+FinishReason = Literal["eos", "stop_string", "length", "partial"]
 
 
 @dataclass

@@ -42,6 +42,7 @@ class Rule:
     open_high: bool = False
     null: bool = False  # None accepted
     words: tuple[str, ...] = ()  # accepted words: "auto" beside a number, the options of a choice
+    many: bool = False  # a non-empty list of such values is accepted too
 
     def describe(self) -> str:
         """``an integer >= 1 or 'auto'``, ``a finite number in (0, 1]``, ``true or false`` ..."""
@@ -55,7 +56,7 @@ class Rule:
             text = ("an integer" if self.kind == "int" else "a finite number") + self._bounds()
         words = [] if self.kind in ("choice", "choices") else [repr(w) for w in self.words]
         extra = words + (["null"] if self.null else [])
-        return text + "".join(f" or {e}" for e in extra)
+        return text + "".join(f" or {e}" for e in extra) + (" or a list of them" if self.many else "")
 
     def _bounds(self) -> str:
         lo, hi = self.low, self.high
@@ -66,6 +67,8 @@ class Rule:
         return "" if hi is None else f" {'<' if self.open_high else '<='} {hi:g}"
 
     def accepts(self, value: Any) -> bool:
+        if self.many and isinstance(value, list):
+            return bool(value) and all(not isinstance(v, list) and self.accepts(v) for v in value)
         if value is None:
             return self.null
         if isinstance(value, str) and value in self.words:
@@ -85,8 +88,8 @@ class Rule:
         return lo_ok and (self.high is None or (value < self.high if self.open_high else value <= self.high))
 
 
-def integer(low: int = 1, *, null: bool = False, words: tuple[str, ...] = ()) -> Rule:
-    return Rule("int", low=low, null=null, words=words)
+def integer(low: int = 1, *, null: bool = False, words: tuple[str, ...] = (), many: bool = False) -> Rule:
+    return Rule("int", low=low, null=null, words=words, many=many)
 
 
 def real(low: float | None = None, high: float | None = None, *, open_low: bool = False,
@@ -119,6 +122,9 @@ RULES: dict[str, Rule] = {
     "method.lam": POSITIVE, "method.alpha": real(0, 1, open_low=True), "method.sigma": POSITIVE,
     "method.final_candidate": BOOL, "method.sigma2": POSITIVE, "method.temperature": POSITIVE,
     "method.top_p": real(0, 1, open_low=True),
+    "method.rejection_rate": real(0, 1, open_high=True), "method.decision_tokens": integer(many=True),
+    "method.num_particles": integer(), "method.segment_tokens": integer(many=True),
+    "method.reward_temperature": POSITIVE, "method.resampling": Rule("choice", words=("multinomial", "systematic")),
     # model group
     "model.max_context": integer(null=True), "model.add_special_tokens": BOOL,
     "model.dtype": Rule("choice", words=DTYPES, null=True),

@@ -1,4 +1,4 @@
-"""The three methods end to end on one GPU at paper settings (``make bench-gpu``).
+"""The methods end to end on one GPU at paper settings (``make bench-gpu``).
 
 One command, one JSON, one table:
 
@@ -28,11 +28,14 @@ rewritten after every part, so a run cut short keeps what it measured):
    reward settings, each reward ``attention`` (``full``: no shared prompt; ``split``,
    ``sdpa``) and a larger token budget, then a profiler table of one call.
 6. ``aisp`` (κ iterations + the final candidate), ``bon_topp`` and ``bon_gaussian``
-   (N = 256 and 1024, one prompt) through their real classes, with the engine as
+   (N = 256 and 1024, one prompt), and at the largest N's generated-token budget
+   ``spec_rejection`` (2N rows, half dropped every T/4 tokens) and ``particle_filter`` (N
+   particles resampled every T/8 tokens) through their real classes, with the engine as
    ``python -m aisp_bench`` builds it (``batch_rows`` auto, ``decode_step`` auto) and
    with each other decode step but ``static``: seconds per prompt (and per AISP iteration) split
-   into prefill / decode / reward / other (``engine.prefill``, ``engine.decode`` and
-   ``reward.score`` are wrapped, with a device synchronise on both sides), tokens/s,
+   into prefill / decode / reward / other (``engine.prefill``, ``engine.decode``, the
+   segments of ``engine.start``'s paused decode and ``reward.score`` are wrapped, with a
+   device synchronise on both sides; partial scoring is reward time), tokens/s,
    peak memory and the fraction of the floor.
 
 Decode lengths are fixed: a random model's text is noise, and its EOS would come at
@@ -71,7 +74,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_gpu  # noqa: E402  (the tiny-model correctness checks, the Llama-3-8B shape)
 
 from aisp_bench.engine import Engine, sampling  # noqa: E402
-from aisp_bench.methods import AISP, BoNGaussian, BoNTopP  # noqa: E402
+from aisp_bench.methods import AISP, BoNGaussian, BoNTopP, ParticleFilter, SpecRejection  # noqa: E402
 from aisp_bench.models.templates import TranscriptFormat  # noqa: E402
 from aisp_bench.rewards.batching import common_prefix_len  # noqa: E402
 from aisp_bench.rewards.regression_head import RegressionHeadModel, RegressionHeadReward  # noqa: E402
@@ -218,17 +221,23 @@ def random_prompts(k: int, length: int, vocab: int, seed: int) -> list[Prompt]:
 
 # ---------------------------------------------------------------------------- timing
 class Timed:
-    """Wraps ``engine.prefill``, ``engine.decode`` and ``reward.score`` of these objects
-    (instance attributes shadow the methods), recording (phase, start, end, detail)."""
+    """Wraps ``engine.prefill``, ``engine.decode``, ``engine.start`` and ``reward.score`` of these
+    objects (instance attributes shadow the methods), recording (phase, start, end, detail). A
+    paused decode (``engine.start``: Speculative Rejection, particle filtering) has its
+    segments (``run``) recorded as phase ``segment``, detail the tokens each row decoded."""
 
     def __init__(self, dev: str, engine, reward) -> None:
         self.dev, self.events = dev, []
         for obj, name, phase in ((engine, "prefill", "prefill"), (engine, "decode", "decode"),
-                                 (reward, "score", "reward")):
+                                 (engine, "start", "start"), (reward, "score", "reward")):
             setattr(obj, name, self._wrap(getattr(obj, name), phase, reward))
 
     def _wrap(self, fn, phase, reward):
         def timed(*args, **kwargs):
+            if phase == "start":  # nothing decoded yet: its segments are timed
+                decoding = fn(*args, **kwargs)
+                decoding.run = self._wrap(decoding.run, "segment", reward)
+                return decoding
             t0 = now(self.dev)
             out = fn(*args, **kwargs)
             t1 = now(self.dev)
@@ -236,6 +245,8 @@ class Timed:
                 detail = reward_detail(reward, args[0], args[1])
             elif phase == "decode":
                 detail = [s.num_tokens for s in out]
+            elif phase == "segment":
+                detail = out.tolist()
             else:
                 detail = [len(p.text.split()) for p in args[0]]
             self.events.append((phase, t0, t1, detail))
@@ -305,7 +316,7 @@ def phase_floor(floor: Floor, events, prompt_count: int, chunk: int) -> dict[str
     for phase, _, _, detail in events:
         if phase == "prefill":
             out["prefill"] += floor.prefill([n + 4 for n in detail])
-        elif phase == "decode":
+        elif phase in ("decode", "segment"):  # a segment as if from step 0: a lower floor, still a floor
             for s in range(0, len(detail), chunk):
                 part = detail[s : s + chunk]
                 out["decode"] += floor.decode(min(prompt_count, len(part)), len(part), max(part))
@@ -511,14 +522,18 @@ def _run_method(ctx, label: str, method, prompts: list[Prompt], engine_kw: dict)
     results = method(prompts, eng, ctx.reward, seed=0)
     total = now(dev) - t0
     timed_events = timed.events
-    for obj, name in ((eng, "prefill"), (eng, "decode"), (ctx.reward, "score")):
+    for obj, name in ((eng, "prefill"), (eng, "decode"), (eng, "start"), (ctx.reward, "score")):
         obj.__dict__.pop(name, None)  # unwrap
     P = len(prompts)
     parts = {ph: timed.total(ph) for ph in ("prefill", "decode", "reward")}
+    parts["decode"] += timed.total("segment")
     parts["other"] = total - sum(parts.values())
     floors = phase_floor(ctx.floor, timed_events, P, eng.max_batch_rows)
     toks = sum(r.num_tokens for r in results)
     lengths = [n for e in timed_events if e[0] == "decode" for n in e[3]]
+    # a paused decode: each segment's rows all decode it whole (none ends early), responses full length
+    segments = [e[3] for e in timed_events if e[0] == "segment"]
+    lengths += [r.response_tokens for r in results] if segments else []
     out = {"prompts": P, "seconds": total, "seconds_per_prompt": total / P,
            "per_prompt": {k: v / P for k, v in parts.items()}, "tokens": toks, "tokens_per_s": toks / total,
            "peak_gb": peak_gb(dev), "floor_s": sum(floors.values()), "floor_by_phase_s": floors,
@@ -527,7 +542,9 @@ def _run_method(ctx, label: str, method, prompts: list[Prompt], engine_kw: dict)
            "batch_rows": eng.max_batch_rows,
            "attention": eng.attention,
            "decode_step": eng.decode_step, "sync_every": eng.sync_every, "graph_captures": eng.stats["graph_captures"],
-           "all_rows_full_length": all(n == ctx.args.new_tokens for n in lengths),
+           "all_rows_full_length": all(n == ctx.args.new_tokens for n in lengths)
+           and all(len(set(d)) == 1 for d in segments),
+           "reward_calls": sum(1 for e in timed_events if e[0] == "reward"),
            "rewards_finite": all(math.isfinite(x) for r in results for x in r.sample_rewards),
            "results_sha256": hashlib.sha256(json.dumps([(r.response, r.sample_rewards) for r in results],
                                                        default=str).encode()).hexdigest()[:16]}
@@ -574,6 +591,13 @@ def methods(ctx) -> dict:
             P = max(1, rows[v] // N)
             jobs.append((f"bon_gaussian/N{N}/{v}", lambda N=N: BoNGaussian(num_samples=N, tau=a.tau), P, kw))
             jobs.append((f"bon_topp/N{N}/{v}", lambda N=N: BoNTopP(num_samples=N), P, kw))
+        if N == a.bon_n[-1]:  # the reward-guided decoders at BoN's generated-token budget (conf/method/*.yaml)
+            T = a.new_tokens
+            P = max(1, rows["default"] // (2 * N))
+            jobs.append((f"spec_rejection/N{2 * N}/default", lambda N=N, T=T: SpecRejection(
+                num_samples=2 * N, rejection_rate=0.5, decision_tokens=max(1, T // 4)), P, {}))
+            jobs.append((f"particle_filter/N{N}/default", lambda N=N, T=T: ParticleFilter(
+                num_particles=N, segment_tokens=max(1, T // 8)), max(1, rows["default"] // N), {}))
         if a.top_p_prefilter_k:  # the default engine with the other setting of the top-p prefilter
             P = max(1, rows["default"] // N)
             other = 0 if sampling.TOP_P_PREFILTER_K.get(ctx.dev) else a.top_p_prefilter_k

@@ -38,7 +38,8 @@ def test_bench_methods_dry_run(tmp_path):
     assert "aten::mm" in rew["profile"]["table"]
     m = report["methods"]
     assert set(m) == {"aisp/default", "bon_gaussian/N8/default", "bon_topp/N8/default", "bon_topp/N8/prefilter0",
-                      "bon_gaussian/N16/default", "bon_topp/N16/default", "bon_topp/N16/prefilter0"}
+                      "bon_gaussian/N16/default", "bon_topp/N16/default", "bon_topp/N16/prefilter0",
+                      "spec_rejection/N32/default", "particle_filter/N16/default"}
     for name, r in m.items():
         parts = r["per_prompt"]
         assert math.isclose(sum(parts.values()), r["seconds_per_prompt"], rel_tol=1e-6)
@@ -53,6 +54,9 @@ def test_bench_methods_dry_run(tmp_path):
     # the CPU's default samples through the top-k prefilter; prefilter0 is the full sort
     for N in (8, 16):  # ... and gives the same results
         assert m[f"bon_topp/N{N}/prefilter0"]["results_sha256"] == m[f"bon_topp/N{N}/default"]["results_sha256"]
+    sr, pf = m["spec_rejection/N32/default"], m["particle_filter/N16/default"]  # at BoN N = 16's token budget
+    assert sr["prompts"] == 64 // 32 and sr["tokens"] == 2 * (32 * 2 + 16 * 2 + 8 * 2 + 4 * 2) < 2 * 16 * 8
+    assert sr["reward_calls"] == 4 and pf["reward_calls"] == 8 and pf["tokens"] == pf["prompts"] * 16 * 8
     profile = report["profile"]
     assert "aten::sort" in profile["eager_topp"]["table"] and "aten::mm" in profile["eager_noise"]["table"]
-    assert len(report["table"]) == 2 + 4 + 5 + 7 and "bon_topp/N16/prefilter0" in report["table"][-1]
+    assert len(report["table"]) == 2 + 4 + 5 + 9 and "bon_topp/N16/prefilter0" in report["table"][-1]

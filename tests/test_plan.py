@@ -12,23 +12,42 @@ from aisp_bench.cli import UserError
 from aisp_bench.data.datasets import PromptDataset
 from aisp_bench.methods.aisp import AISP
 from aisp_bench.methods.bon import BoNTopP
-from aisp_bench.plan import app, job_counts, sampling
+from aisp_bench.methods.particle_filter import ParticleFilter
+from aisp_bench.methods.spec_rejection import SpecRejection
+from aisp_bench.plan import PerPrompt, app, job_counts, sampling
 
 
 def test_samples_and_scored_groups_per_prompt():
-    assert sampling(AISP(n=4, kappa=4), 64) == (4 * 4 + 1, 4 + 1)  # y(U*) is one more sample, scored alone
-    assert sampling(AISP(n=32, kappa=32, final_candidate=False), "auto") == (1024, 32)
-    assert sampling(BoNTopP(num_samples=1024), 64) == (1024, 16)  # 64 rows at a time
-    assert sampling(BoNTopP(num_samples=16), 64) == (16, 1)
-    assert sampling(BoNTopP(num_samples=1024), "auto") == (1024, 1)
+    def counts(method, rows):
+        per = sampling(method, rows, 32)
+        assert (per.scored, per.generated, per.scored_tokens) == (per.samples, per.samples * 32, per.samples * 32)
+        return per.samples, per.groups
+
+    assert counts(AISP(n=4, kappa=4), 64) == (4 * 4 + 1, 4 + 1)  # y(U*) is one more sample, scored alone
+    assert counts(AISP(n=32, kappa=32, final_candidate=False), "auto") == (1024, 32)
+    assert counts(BoNTopP(num_samples=1024), 64) == (1024, 16)  # 64 rows at a time
+    assert counts(BoNTopP(num_samples=16), 64) == (16, 1)
+    assert counts(BoNTopP(num_samples=1024), "auto") == (1024, 1)
+
+
+def test_the_reward_guided_decoders_count_their_schedule():
+    """Speculative Rejection: 16 rows to 12 tokens, 8 to 24, 4 to 36, 2 to 48 (α = 1/2); each
+    point scores the rows in I, partial responses read whole. Particles: N rows throughout."""
+    sr = sampling(SpecRejection(num_samples=16, rejection_rate=0.5, decision_tokens=12), 64, 48)
+    assert sr == PerPrompt(samples=16, groups=4, scored=16 + 8 + 4 + 2, generated=(16 + 8 + 4 + 2) * 12,
+                           scored_tokens=16 * 12 + 8 * 24 + 4 * 36 + 2 * 48)
+    assert sr.generated == 8 * 48 * 15 // 16  # 15/16 of BoN's N·T at N = 8 (the config's default ratio)
+    pf = sampling(ParticleFilter(num_particles=8, segment_tokens=[6, 40]), 64, 48)
+    assert pf == PerPrompt(samples=8, groups=3, scored=24, generated=8 * 48, scored_tokens=8 * (6 + 40 + 48))
 
 
 def test_job_counts():
-    c = job_counts([10, 20], samples=17, groups=5, max_new_tokens=32, shares_prompt=True, tokens_per_second=100)
+    per = PerPrompt(samples=17, groups=5, scored=17, generated=17 * 32, scored_tokens=17 * 32)
+    c = job_counts([10, 20], per, shares_prompt=True, tokens_per_second=100)
     assert (c.jobs, c.prompts, c.samples, c.generated_tokens) == (1, 2, 34, 2 * 17 * 32)
     assert c.reward_tokens == 1088 + (10 + 20) * 5  # responses, and each prompt once per scored group
     assert c.gpu_hours == pytest.approx(1088 / 100 / 3600) == c.longest_job_hours
-    c = job_counts([10, 20], 17, 5, 32, shares_prompt=False, tokens_per_second=None)
+    c = job_counts([10, 20], per, shares_prompt=False, tokens_per_second=None)
     assert c.reward_tokens == 1088 + 30 * 17 and math.isnan(c.gpu_hours)
 
 
@@ -92,4 +111,4 @@ def test_plan_notes_and_refusals(capsys, monkeypatch, tmp_path):
         assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
         assert re.search(message, err), err
     with pytest.raises(UserError):
-        sampling(object(), 64)
+        sampling(object(), 64, 32)

@@ -44,6 +44,9 @@ def test_every_numeric_and_boolean_key_has_a_rule_and_every_shipped_config_passe
         (RULES["method.final_candidate"], [True, False], ["maybe", "true", 1, 0, None]),
         (RULES["generation.prompt_overflow"], ["skip", "truncate_left"], ["drop", None, 1]),
         (RULES["reward.empty_score"], [-1.0, 0, 3], [math.inf, -math.inf, math.nan, "x"]),
+        (RULES["method.decision_tokens"], [1, 16, [4, 8], [32]], [0, [], [4, 0], [4, "x"], "4", [[4]], None]),
+        (RULES["method.rejection_rate"], [0, 0.5, 0.99], [1, -0.1, math.nan, "0.5"]),
+        (RULES["method.resampling"], ["multinomial", "systematic"], ["stratified", None, 1]),
     ],
 )
 def test_rules_accept_and_refuse(rule, good, bad):
@@ -82,4 +85,4 @@ def test_hydra_messages_in_one_line(compose):
     with pytest.raises(Exception) as e:
         compose(["method=aspi"])
     assert hydra_message(e.value) == ("In 'config': Could not find 'method/aspi'; available options in 'method': "
-                                      "aisp, bon_gaussian, bon_topp")
+                                      "aisp, bon_gaussian, bon_topp, particle_filter, spec_rejection")

@@ -16,6 +16,9 @@ The modules, in the order a decode runs through them:
   one batch, ``padding.pad``) and keeps its KV cache and its last pre-logit (``Prefix``);
   ``decode`` can be called many times on one prefix (all of AISP's κ iterations reuse one
   prefill) and cuts its rows into chunks of ``max_batch_rows``;
+* ``decoding``: a decode that pauses (``Engine.start``): decode a segment, hand back the
+  partial responses, keep, drop or duplicate rows with their KV (``select``), continue
+  (Speculative Rejection, particle filtering); ``decode`` is one segment from start to end;
 * ``chunk``: one chunk's step loop and its state (``Chunk``: rows, lanes, tokens): noise,
   ``lm_head``, argmax or a top-p draw (``sampling``), and every ``sync_every`` steps the
   host reads the new tokens, finishes rows at EOS, a stop string or ``max_new_tokens``
@@ -29,16 +32,18 @@ The modules, in the order a decode runs through them:
   rows, from the model and the device.
 
 Randomness never comes from here: callers pass noise and uniforms drawn from generators
-seeded per (run seed, prompt id, iteration, row), so results do not depend on batching.
+seeded per (run seed, prompt id, iteration or segment, row), so results do not depend on
+batching.
 """
 
 from aisp_bench.engine.core import Engine, Prefix, PromptTooLongError
+from aisp_bench.engine.decoding import Decoding
 from aisp_bench.engine.padding import pad
 from aisp_bench.engine.sampling import sample_top_p, top_p_filter
 from aisp_bench.engine.steps import SPAN, StaticStep
 from aisp_bench.engine.stopping import stop_candidates
 
 __all__ = [
-    "SPAN", "Engine", "Prefix", "PromptTooLongError", "StaticStep", "pad", "sample_top_p", "stop_candidates",
+    "SPAN", "Decoding", "Engine", "Prefix", "PromptTooLongError", "StaticStep", "pad", "sample_top_p", "stop_candidates",
     "top_p_filter",
 ]  # fmt: skip

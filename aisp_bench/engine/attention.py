@@ -73,9 +73,10 @@ class RowKV:
     form reads no device value on the host, so a CUDA graph can capture its forward.
     """
 
-    def __init__(self, num_layers: int, capacity: int, t: torch.Tensor | None = None) -> None:
+    def __init__(self, num_layers: int, capacity: int, t: torch.Tensor | None = None, rows: int | None = None) -> None:
         self.capacity = capacity
         self.t = t
+        self.rows = rows  # static: the rows the buffers hold (else the first batch's)
         self.span = capacity
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
@@ -86,8 +87,8 @@ class RowKV:
         if self.k[layer_idx] is None:  # static: zeros, as masked positions are still read
             h, d = key_states.shape[1], key_states.shape[-1]
             new = key_states.new_empty if self.t is None else key_states.new_zeros
-            self.k[layer_idx] = new((b, h, self.capacity, d))
-            self.v[layer_idx] = new((b, h, self.capacity, value_states.shape[-1]))
+            self.k[layer_idx] = new((self.rows or b, h, self.capacity, d))
+            self.v[layer_idx] = new((self.rows or b, h, self.capacity, value_states.shape[-1]))
         k, v = self.k[layer_idx][:b], self.v[layer_idx][:b]
         if self.t is not None:
             k.index_copy_(2, self.t, key_states)
@@ -115,6 +116,25 @@ class RowKV:
                 self.k[i], self.v[i] = k.new_empty((m, *k.shape[1:])), v.new_empty((m, *v.shape[1:]))
             self.k[i][:m, :, :filled] = k[rows, :, :filled]
             self.v[i][:m, :, :filled] = v[rows, :, :filled]
+
+    def lanes(self, n: int, filled: int) -> list[torch.Tensor]:
+        """Views of the first n rows' first ``filled`` positions, k and v of each layer in turn
+        (none before the first forward)."""
+        if filled == 0 or self.k[0] is None:
+            return []
+        return [x[:n, :, :filled] for pair in zip(self.k, self.v) for x in pair]
+
+    def load(self, kv: list[torch.Tensor], filled: int) -> None:
+        """Rows 0..m-1 now hold ``kv`` (``lanes``' layout: (m, H_kv, filled, D) per layer); eager
+        buffers are new (m rows), static ones allocated (``rows``) where there are none yet."""
+        for j, x in enumerate(kv):
+            bufs, i = (self.k, self.v)[j % 2], j // 2
+            if self.t is None:
+                bufs[i] = x.new_empty((x.shape[0], x.shape[1], self.capacity, x.shape[3]))
+            elif bufs[i] is None:
+                bufs[i] = x.new_zeros((self.rows or x.shape[0], x.shape[1], self.capacity, x.shape[3]))
+            bufs[i][: x.shape[0], :, :filled] = x
+        self.lengths = [filled if kv else 0] * len(self.k)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from aisp_bench.engine.attention import cache_keyword
-from aisp_bench.engine.chunk import decode_chunk
+from aisp_bench.engine.decoding import Decoding
 from aisp_bench.engine.padding import pad
 from aisp_bench.engine.stopping import StopRules
 from aisp_bench.engine.tuning import auto_batch_rows, choose, kv_bytes_per_token
@@ -187,7 +187,7 @@ class Engine:
         =============  =============  =================================================
 
         Without noise and uniforms the rows are decoded greedily. Rows are decoded in
-        chunks of ``max_batch_rows`` (``engine.chunk``).
+        chunks of ``max_batch_rows`` (``engine.chunk``), one after another.
         """
         prompt_of_row = torch.as_tensor(prompt_of_row, dtype=torch.long).cpu()
         B = int(prompt_of_row.numel())
@@ -199,8 +199,15 @@ class Engine:
         if uniforms is not None and (uniforms.shape[0] != B or uniforms.shape[1] < self.max_new_tokens):
             raise ValueError(f"uniforms must have shape ({B}, >= {self.max_new_tokens}), got {tuple(uniforms.shape)}")
         out: list[Sample] = []
-        for start in range(0, B, self.max_batch_rows):
+        for start in range(0, B, self.max_batch_rows):  # a chunk at a time, from its first step to its last
             sl = slice(start, start + self.max_batch_rows)
-            noise_sl, uniforms_sl = (None if x is None else x[sl].to(self.device) for x in (noise, uniforms))
-            out += decode_chunk(self, prefix, prompt_of_row[sl], noise_sl, uniforms_sl, temperature, top_p)
+            chunk = Decoding(self, prefix, prompt_of_row[sl])
+            chunk.run(self.max_new_tokens, noise=None if noise is None else noise[sl],
+                      uniforms=None if uniforms is None else uniforms[sl], temperature=temperature, top_p=top_p)
+            out += chunk.responses()
         return out
+
+    def start(self, prefix: Prefix, prompt_of_row: Sequence[int] | torch.Tensor) -> Decoding:
+        """A decode of one row per entry of ``prompt_of_row`` that pauses between segments:
+        ``run`` a segment, read ``responses``, ``select`` rows, run on (``engine.decoding``)."""
+        return Decoding(self, prefix, prompt_of_row)

@@ -1,10 +1,12 @@
 """The three ways one decode step runs the backbone for a chunk's lanes (``engine.chunk``).
 
 Each holds the KV of the lanes it decodes and has ``forward(tok, pos, t) -> z`` (one step:
-the new tokens in, the pre-logits of the next ones out) and ``keep(lanes, filled)`` (only
+the new tokens in, the pre-logits of the next ones out), ``keep(lanes, filled)`` (only
 these lanes stay, moved to the front; returns the new batch size, or None when the
-layout is kept). ``step_for`` picks one from the engine's ``attention`` and ``decode_step``
-(``engine.tuning``):
+layout is kept), and for a paused decode (``engine.decoding``) ``lanes(filled)`` (the
+lanes' own state: per-lane tensors, batch first) and ``load(prompt_of_lane, state,
+filled)`` (lanes 0..m-1 now hold that state; returns the batch size). ``step_for`` picks
+one from the engine's ``attention`` and ``decode_step`` (``engine.tuning``):
 
 * ``CopyStep`` (``attention="copy"``): the prompt KV copied to each lane, the model's own
   attention;
@@ -31,11 +33,13 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 102
 SPAN = 32  # and it attends to the generated positions in spans of this many
 
 
-def step_for(engine: Engine, prefix: Prefix, prompt_of_row: torch.Tensor):
-    """The decode step of a chunk of rows of ``prefix`` (their prompts: ``prompt_of_row``)."""
+def step_for(engine: Engine, prefix: Prefix, prompt_of_row: torch.Tensor, slot: int = 0):
+    """The decode step of a chunk of rows of ``prefix`` (their prompts: ``prompt_of_row``);
+    ``slot``: the chunk's place in a decode (chunks decoded at the same time never share a
+    static step; a decode's chunks one after another do)."""
     if engine.decode_step == "eager":
         return (CopyStep if engine.attention == "copy" else SharedStep)(engine, prefix, prompt_of_row)
-    key = (engine.decode_step, engine.max_new_tokens, tuple(prompt_of_row.tolist()))
+    key = (engine.decode_step, engine.max_new_tokens, tuple(prompt_of_row.tolist()), slot)
     step = prefix.static_steps.get(key)
     if step is None:  # kept on the prefix: AISP's next iterations reuse buffers and graphs
         step = prefix.static_steps[key] = StaticStep(engine, prefix, prompt_of_row,
@@ -65,6 +69,16 @@ class CopyStep:
         self.mask = self.mask.index_select(0, lanes_d)
         return int(lanes.numel())
 
+    def lanes(self, filled: int) -> list[torch.Tensor]:
+        """Each layer's keys and values (prompt and generated), then the mask."""
+        return [x for lay in self.cache.layers for x in (lay.keys, lay.values)] + [self.mask]
+
+    def load(self, prompt_of_lane: torch.Tensor, state: list[torch.Tensor], filled: int) -> int:
+        for i, lay in enumerate(self.cache.layers):
+            lay.keys, lay.values = state[2 * i], state[2 * i + 1]
+        self.mask = state[-1]
+        return int(self.mask.shape[0])
+
 
 class _SharedPrompts:
     """Shared-prefix setup: ``prompt_of_lane``, each lane's index among the P prompts present;
@@ -73,7 +87,7 @@ class _SharedPrompts:
 
     def __init__(self, engine: Engine, prefix: Prefix, prompt_of_row: torch.Tensor) -> None:
         present, self.prompt_of_lane = torch.unique(prompt_of_row, return_inverse=True)
-        self.engine, self.P = engine, int(present.numel())
+        self.engine, self.P, self.present = engine, int(present.numel()), present
         key = tuple(present.tolist())
         if prefix.prompt_kv is None or prefix.prompt_kv[0] != key:
             present_d = present.to(engine.device)
@@ -110,6 +124,14 @@ class SharedStep(_SharedPrompts):
         self._layout()
         return int(lanes.numel())
 
+    def lanes(self, filled: int) -> list[torch.Tensor]:
+        return self.cache.lanes(len(self.prompt_of_lane), filled)
+
+    def load(self, prompt_of_lane: torch.Tensor, state: list[torch.Tensor], filled: int) -> int:
+        """Built for these lanes' prompts (``step_for``): only their generated KV to copy."""
+        self.cache.load(state, filled)
+        return int(self.prompt_of_lane.numel())
+
 
 class StaticStep(_SharedPrompts):
     """Shared-prefix attention on static shapes, for CUDA graphs.
@@ -138,7 +160,7 @@ class StaticStep(_SharedPrompts):
         self.bias_rows = self.bias.index_select(0, self.prompt_of_row.to(dev))
         self.own_positions = torch.arange(T, device=dev)
         self.suffix_zeros = torch.zeros(T, dtype=engine.dtype, device=dev)
-        self.cache = RowKV(len(self.k), T, t=self.t)
+        self.cache = RowKV(len(self.k), T, t=self.t, rows=self.B0)
         self.captured: dict[tuple[int, int], tuple] = {}
         self.reset()
 
@@ -203,4 +225,24 @@ class StaticStep(_SharedPrompts):
         self.cache.keep(lanes.to(self.t.device), filled)
         self._layout(self.prompt_of_lane[lanes])
         self.n = min(smaller)
+        return self.n
+
+    def lanes(self, filled: int) -> list[torch.Tensor]:
+        return self.cache.lanes(self.n, filled)
+
+    def fits(self, prompt_of_lane: torch.Tensor) -> bool:
+        """Whether lanes of these prompts (indices into the prefix) fit this step's buffers: its
+        prompts only, at most its rows in all and per prompt."""
+        if prompt_of_lane.numel() > self.B0 or not torch.isin(prompt_of_lane, self.present).all():
+            return False
+        counts = torch.bincount(torch.searchsorted(self.present, prompt_of_lane), minlength=self.P)
+        return int(counts.max()) <= self.R
+
+    def load(self, prompt_of_lane: torch.Tensor, state: list[torch.Tensor], filled: int) -> int:
+        """Lanes 0..m-1 take ``state`` and these prompts (``fits``); the batch is the smallest bucket
+        that holds them (at most the step's rows)."""
+        m = int(prompt_of_lane.numel())
+        self.cache.load(state, filled)
+        self._layout(torch.searchsorted(self.present, prompt_of_lane))
+        self.n = min(next((b for b in BUCKETS if b >= m), self.B0), self.B0)
         return self.n

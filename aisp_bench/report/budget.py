@@ -240,7 +240,15 @@ def _notes(df: pd.DataFrame, boot: Bootstrap) -> list[str]:
             "‖Û‖²/(2σ²) of its noise distribution after iteration k (not the same quantity).",
             "Method rows: mean over (prompt, seed); difference rows: AISP minus the baseline on the same prompt and "
             f"seed, at equal samples and at both end points (AISP's y(U*) adds one sample). {boot.describe()}.",
-            f"Scored by: {who}.", *df.attrs.get("notes", [])]
+            f"Scored by: {who}.", *_end_only(df), *df.attrs.get("notes", [])]
+
+
+def _end_only(df: pd.DataFrame) -> list[str]:
+    """The note on methods with one budget point, their end (Speculative Rejection, particle filtering)."""
+    rows = df[df.row == "method"].groupby("method", sort=False)["checkpoint"].sum()
+    ends = [display_method(m) for m, k in rows.items() if k == 1 and m not in (COMPARED,) and not best_of_pool(m)]
+    return [f"{', '.join(ends)}: one budget point, the end of the run (samples: rows started, particles); a smaller "
+            "budget is another run of the method, not a prefix of this one."] if ends else []
 
 
 def write_budget(df: pd.DataFrame, out_dir: Path | str, fig_dir: Path | str, boot: Bootstrap,

@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 # --------------------------------------------------------------------------- names
 
-METHOD_ORDER = ("bon_topp", "bon_gaussian", "aisp")  # the paper's row order
+METHOD_ORDER = ("bon_topp", "bon_gaussian", "aisp", "spec_rejection", "particle_filter")  # the paper's, then the rest
 PAIR_ORDER = (
     ("llama3_8b", "ultrarm"),
     ("vicuna_7b", "ultrarm"),
@@ -34,11 +34,14 @@ PAIR_ORDER = (
 )
 DATASET_ORDER = ("shp", "hh_rlhf")
 
-METHOD_NAMES = {"aisp": "AISP", "bon_topp": "BoN (top-p)", "bon_gaussian": "BoN (N(0,σ²I))"}
+METHOD_NAMES = {"aisp": "AISP", "bon_topp": "BoN (top-p)", "bon_gaussian": "BoN (N(0,σ²I))",
+                "spec_rejection": "Speculative Rejection", "particle_filter": "Particle filtering"}
 METHOD_NAMES_TEX = {
     "aisp": "AISP",
     "bon_topp": "BoN (top-$p$)",
     "bon_gaussian": r"BoN ($\mathcal{N}(\mathbf{0},\sigma^2\mathbf{I})$)",
+    "spec_rejection": "Speculative Rejection",
+    "particle_filter": "Particle filtering",
 }
 MODEL_NAMES = {"llama3_8b": "Llama3_8B", "vicuna_7b": "Vicuna_7B", "smollm2_135m": "SmolLM2-135M"}
 REWARD_NAMES = {"ultrarm": "UltraRM", "eurus": "Eurus"}

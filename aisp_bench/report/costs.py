@@ -20,6 +20,13 @@ seconds         wall seconds (``seconds``, a batch's time split evenly over its 
                 samples, the rest over the y(U*) candidate)
 ==============  ==============================================================================
 
+A reward-guided decoder (Speculative Rejection, particle filtering: ``paused``) has no cost
+per sample: its rows share decoding (a dropped row stops, a resampled particle's prefix is
+decoded once) and its reward model also reads partial responses. Its record's totals are
+its one point: ``num_samples``, ``num_tokens`` (every token decoded), ``reward_tokens``
+(the prompt once plus every response scored, partial ones included), ``decode_passes``,
+``seconds``.
+
 A best-of-N pool read through the unbiased best-of-m estimator (:mod:`.bestof`) spends
 the *expected* cost of m random samples of the pool: m × the pool's mean per sample (the
 prompt once; depth 1). Records written before ``prompt_tokens`` existed have no
@@ -98,12 +105,22 @@ def sample_depth(record: dict[str, Any], n: int | None) -> np.ndarray:
     return np.full(num, finite_or_nan(record.get("decode_passes") or 1))
 
 
+def paused(record: dict[str, Any]) -> bool:
+    """A reward-guided decoder's record (its decode paused at ``decision_points``): totals only."""
+    return "decision_points" in record
+
+
 def cumulative(record: dict[str, Any], n: int | None, params: tuple[float, float]) -> dict[str, np.ndarray]:
     """Per axis, the cost spent after each sample j = 1..S in generation order (depth: the passes
-    needed so far, a running max)."""
+    needed so far, a running max); a ``paused`` record: its totals, one point."""
+    prompt = finite_or_nan(record.get("prompt_tokens"))
+    if paused(record):
+        one = {axis: np.array([finite_or_nan(record.get(key))]) for axis, key in (
+            ("samples", "num_samples"), ("tokens", "num_tokens"), ("reward_tokens", "reward_tokens"),
+            ("depth", "decode_passes"), ("seconds", "seconds"))}
+        return _with_flops(one, prompt, params)
     tokens = sample_tokens(record)
     gen = np.cumsum(tokens)
-    prompt = finite_or_nan(record.get("prompt_tokens"))
     return _with_flops({"samples": np.arange(1.0, len(tokens) + 1), "tokens": gen, "reward_tokens": prompt + gen,
                         "depth": np.fmax.accumulate(sample_depth(record, n)) if len(tokens) else np.zeros(0),
                         "seconds": np.cumsum(sample_seconds(record, tokens, n))}, prompt, params)
@@ -158,7 +175,8 @@ def method_n(run: Run) -> int | None:
 def compute_table(runs: Sequence[Run]) -> pd.DataFrame:
     """One row per (dataset, pair, method) of the chosen variants (``select_variants``): per axis of
     :data:`AXES` (and ``flops_policy``, ``flops_reward``) the mean per prompt over prompts, then seeds;
-    ``policy_parameters`` and ``reward_parameters`` from the first seed's manifest."""
+    ``policy_parameters`` and ``reward_parameters`` from the first seed's manifest; ``paused``: a
+    reward-guided decoder's records (their totals: :func:`paused`)."""
     chosen, _ = select_variants(runs)
     rows = []
     for cell in sorted(chosen, key=lambda c: (dataset_key(c[0]), pair_key(c[1:3]), method_key(c[3]))):
@@ -167,7 +185,8 @@ def compute_table(runs: Sequence[Run]) -> pd.DataFrame:
             policy, reward = parameters(rs[0])
             rows.append(dict(zip(("dataset", "model", "reward", "method"), cell), variant=rs[0].variant,
                              n_seeds=len(rs), prompts=sum(len(r.records) for r in rs), policy_parameters=policy,
-                             reward_parameters=reward, **cost_means(rs, method_n(rs[0]))))
+                             reward_parameters=reward, paused=any(paused(x) for r in rs for x in r.records),
+                             **cost_means(rs, method_n(rs[0]))))
     return pd.DataFrame(rows)
 
 
@@ -192,6 +211,11 @@ def write_compute_table(df: pd.DataFrame, out_dir: Path | str, name: str = "comp
              "after another (BoN 1: its N rows need nothing from each other; AISP κ, plus y(U*)). Seconds: wall time.",
              "—: not recorded (records without prompt_tokens, or manifests without parameters: runs made before "
              "they were recorded)."]
+    guided = [display_method(r.method) for r in df.itertuples() if getattr(r, "paused", False)]
+    notes += [f"{', '.join(dict.fromkeys(guided))}: the records' totals. Samples: rows started; generated tokens: "
+              "every token decoded (a dropped row's up to its rejection, a copied particle's prefix once); "
+              "reward-model tokens: the prompt once plus every response scored at every decision point, partial "
+              "ones included; depth 1: one decode, paused for scoring (its reward calls in the records)."] if guided else []
     md = render_markdown(header, body, title="Compute per prompt, every axis", notes=notes,
                          align=["l", "l", "l"] + ["r"] * 6)
     return write_texts(out_dir, name, {"md": md, "csv": df.to_csv(index=False)})

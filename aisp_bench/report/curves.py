@@ -12,6 +12,9 @@ over seeds of those per-seed means. The band is
 * ``"prompts"``: ± one standard error over prompts of the per-prompt curves (each first
   averaged over the seeds that have that prompt id);
 * ``"auto"`` (default): ``"seeds"`` when every curve has ≥ 2 seeds, else ``"prompts"``.
+
+A reward-guided decoder (Speculative Rejection, particle filtering) is one point per prompt:
+the reward it returned at what it spent in all (:func:`.costs.paused`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 
 from .bestof import expected_best
 from .common import as_float_array, finite_or_nan
-from .costs import cumulative, expected_cumulative
+from .costs import cumulative, expected_cumulative, paused
 
 
 # --------------------------------------------------------------------------- per-prompt curves
@@ -50,6 +53,8 @@ def compute_curve(record: dict[str, Any], n: int | None = None, params: tuple[fl
     best-of-N run): ``best`` the expected best of j samples drawn from the pool
     (:func:`.bestof.expected_best`), costs their expected cost (:func:`.costs.expected_cumulative`).
     """
+    if paused(record):  # a reward-guided decoder: its returned reward at its total cost, one point
+        return {"best": np.array([finite_or_nan(record.get("reward"))]), **cumulative(record, n, params)}
     r = as_float_array(record.get("sample_rewards"))
     if pool:
         return {"best": expected_best(r, range(1, len(r) + 1)), **expected_cumulative(record, params)}

@@ -35,7 +35,7 @@ from .curves import aisp_curves, average_curves, compute_curve, nanmean_columns,
 AISP_CURVES = ("aisp_mean_at_k", "aisp_best_at_k", "aisp_best_so_far")  # aisp_curves' keys
 DEFAULT_N = 32  # the paper's n, the BoN curves' step N = n·k only when no AISP run gives n
 BAND_NAMES = {"seeds": "±1 std over seeds (ddof=1)", "prompts": "±1 s.e. over prompts"}
-METHOD_COLORS = {"aisp": "C0", "bon_topp": "C1", "bon_gaussian": "C2"}
+METHOD_COLORS = {"aisp": "C0", "bon_topp": "C1", "bon_gaussian": "C2", "spec_rejection": "C3", "particle_filter": "C4"}
 CURVE_STYLE = {
     "aisp_best_so_far": dict(color="C0", ls="-", label="AISP (Best so far)"),
     "aisp_best_at_k": dict(color="C0", ls="--", label="AISP (Best at k)"),
@@ -147,7 +147,11 @@ def _figure(nrows: int, ncols: int, width: float, height: float, nhandles: int) 
 
 
 def _band(ax: Any, x: pd.Series, c: pd.DataFrame, max_markers: int, **style: Any) -> Any:
-    """The curve ``c["mean"]`` against ``x`` with its ``lo``-``hi`` band; returns the line."""
+    """The curve ``c["mean"]`` against ``x`` with its ``lo``-``hi`` band (one point: a marker and
+    its bar); returns the line."""
+    if len(c) == 1:
+        err = np.nan_to_num(np.abs([c["mean"] - c["lo"], c["hi"] - c["mean"]]))
+        return ax.errorbar(x, c["mean"], yerr=err, marker="D", ms=5, capsize=3, ls="none", **style)
     (h,) = ax.plot(x, c["mean"], lw=1.6, marker="o" if len(c) <= max_markers else None, ms=3, **style)
     if np.isfinite(c["lo"]).any():
         ax.fill_between(x, c["lo"], c["hi"], color=h.get_color(), alpha=0.15, lw=0)
@@ -284,7 +288,14 @@ def plot_compute(df: pd.DataFrame, path: Path | str, axes: Sequence[str] = ("tok
             ax.grid(alpha=0.08, which="minor")
     return _finish(fig, path, f"Best reward against compute on {display_dataset(df['dataset'].iloc[0])}", handles,
                    _band_note(df["band"].iloc[0], df) + "; x: mean over prompts; BoN: expected best of j samples "
-                   "of its pool (unbiased), at their expected cost")
+                   "of its pool (unbiased), at their expected cost" + _points_note(df))
+
+
+def _points_note(df: pd.DataFrame) -> str:
+    """The note on methods drawn as one point (their whole run; ``costs.paused``)."""
+    single = [m for m, c in df.groupby("method", sort=False) if c["sample"].max() == 1]
+    return "" if not single else ("; " + ", ".join(display_method(m) for m in sorted(single, key=method_key))
+                                  + ": one point, the reward returned at all it spent")
 
 
 # --------------------------------------------------------------------------- budget curves

@@ -10,7 +10,10 @@ difference with its paired bootstrap interval. Columns (per prompt, then average
 * **Diversity**, **Coherence**: Table 1's metrics, per prompt;
 * **Base log-prob**: the response's mean per-token log-probability under the noise-free
   base policy (``evaluate``'s ``base_logprob``): how far the method moved from the model;
-* **KL(Q_Û‖P)**: AISP's ‖Û‖²/(2σ²) after its last iteration (``iterations[-1].kl``).
+* **KL(Q_Û‖P)**: AISP's ‖Û‖²/(2σ²) after its last iteration (``iterations[-1].kl``);
+* **Samples**, **Generated tokens**, **Reward-model tokens**, **Seconds**: what the method
+  spent per prompt (:func:`.costs.totals`), so that methods compared at an equal budget in
+  one unit (samples or generated tokens) show what they spent in the others.
 
 Per-prompt values come from the records and from ``metrics_per_prompt.json`` (written by
 ``evaluate`` under the fingerprint of ``summary.json``'s metrics; a stale file is not
@@ -35,16 +38,21 @@ from .common import (
     dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_interval, fmt_mean_std, mean_std,
     method_key, one_scale, pair_key, render_latex, render_markdown, select_variants, tex_escape, write_texts,
 )  # fmt: skip
+from .costs import method_n, parameters, totals
 from .stats import Bootstrap
 
-METRICS = ("reward", "gold_reward", "diversity", "coherence", "base_logprob", "kl")
+COSTS = ("samples", "tokens", "reward_tokens", "seconds")  # axes of .costs, per prompt
+METRICS = ("reward", "gold_reward", "diversity", "coherence", "base_logprob", "kl", *COSTS)
 NAMES = {"reward": "Optimised reward", "gold_reward": "Gold reward", "diversity": "Diversity",
-         "coherence": "Coherence", "base_logprob": "Base log-prob/token", "kl": "KL(Q_Û‖P)"}
+         "coherence": "Coherence", "base_logprob": "Base log-prob/token", "kl": "KL(Q_Û‖P)", "samples": "Samples",
+         "tokens": "Generated tokens", "reward_tokens": "Reward-model tokens", "seconds": "Seconds"}
 GROUPS = {"reward": "Reward", "gold_reward": "Reward", "diversity": "Table 1", "coherence": "Table 1",
-          "base_logprob": "Closeness to the base model", "kl": "Closeness to the base model"}
+          "base_logprob": "Closeness to the base model", "kl": "Closeness to the base model"} | dict.fromkeys(
+    COSTS, "Compute per prompt")
 TEX_NAMES = {"reward": "optimised", "gold_reward": "gold", "diversity": "Diversity", "coherence": "Coherence",
-             "base_logprob": "log-prob/token", "kl": r"KL$(Q_{\hat U}\Vert P)$"}
-DECIMALS = 3
+             "base_logprob": "log-prob/token", "kl": r"KL$(Q_{\hat U}\Vert P)$", "samples": "samples",
+             "tokens": "generated", "reward_tokens": "reward-model tokens", "seconds": "seconds"}
+DECIMALS = {"samples": 1, "tokens": 0, "reward_tokens": 0, "seconds": 2}  # others: 3
 COMPARED = "aisp"  # the method whose differences against each baseline get intervals
 
 
@@ -57,6 +65,9 @@ def prompt_values(run: Run) -> dict[str, dict[str, float]]:
         its = rec.get("iterations") or []
         if its:
             out["kl"][pid] = finite_or_nan(its[-1].get("kl"))
+        spent = totals(rec, method_n(run), parameters(run))
+        for m in COSTS:
+            out[m][pid] = spent[m]
     per = read_prompt_metrics(run.path, run.metrics.get("fingerprint")) or {}  # lists aligned with prompt_ids
     for m in ("gold_reward", "diversity", "coherence", "base_logprob"):
         out[m] = {str(p): float(v) for p, v in zip(per.get("prompt_ids") or [], per.get(m) or []) if v is not None}
@@ -142,8 +153,9 @@ def _layout(df: pd.DataFrame, latex: bool) -> list[list[str]]:
             name = display_method(method, latex)
             if kind == "difference":
                 name += f" {'$-$' if latex else '−'} {display_method(baseline, latex)}"
-            cells = {r.metric: (fmt_interval(r.mean, r.lo, r.hi, DECIMALS, sign=True) if kind == "difference"
-                                else fmt_mean_std(r.mean, r.std, DECIMALS)) for r in rows.itertuples()}
+            places = {r.metric: DECIMALS.get(r.metric, 3) for r in rows.itertuples()}
+            cells = {r.metric: (fmt_interval(r.mean, r.lo, r.hi, places[r.metric], sign=True) if kind == "difference"
+                                else fmt_mean_std(r.mean, r.std, places[r.metric])) for r in rows.itertuples()}
             first = (tex_escape(label) if latex else label) if i == 0 else ""
             body.append([first, name, *(cells.get(m, "—") for m in METRICS)])
     return body
@@ -163,6 +175,9 @@ def _notes(df: pd.DataFrame, boot: Bootstrap) -> list[str]:
             "reward model's score of the same cleaned response. Base log-prob/token: mean per-token log-probability "
             "of the response under the noise-free policy (temperature 1). KL(Q_Û‖P) = ‖Û‖²/(2σ²) after AISP's last "
             "iteration.",
+            "Compute per prompt: samples generated (Speculative Rejection: rows started), generated tokens (every "
+            "token decoded), reward-model tokens (the prompt once plus every response scored, partial ones included, "
+            "in the policy's tokens), wall seconds; aisp_bench/report/costs.py.",
             "Scored by: " + "; ".join(scored) + ".", "—: not available (evaluate not run with that metric, or no "
             "such value for the method).", *df.attrs.get("notes", [])]
 
