@@ -24,7 +24,6 @@ import torch
 
 from aisp_bench.engine.sampling import sample_top_p
 from aisp_bench.engine.steps import step_for
-from aisp_bench.types import Sample
 
 if TYPE_CHECKING:
     from aisp_bench.engine.core import Engine, Prefix
