@@ -31,6 +31,7 @@ ifeq ($(SCALE),smoke)
   JUDGE_ARGS ?= judge=reward_model reward=minilm_similarity
   SENSITIVITY_GRID ?= sensitivity_budget=8 'budget.n=2,4' 'method.sigma=0.25,1.0' generation.max_new_tokens=4 budget.tau=4
   SENSITIVITY_DATASET ?= demo
+  LAMBDA_DATASET ?= demo
 else ifeq ($(SCALE),paper)
   PAIR ?= llama3_8b__ultrarm
   RESULTS ?= $(or $(AISP_BENCH_RESULTS),results)
@@ -40,6 +41,7 @@ else ifeq ($(SCALE),paper)
   JUDGE_ARGS ?=
   SENSITIVITY_GRID ?=
   SENSITIVITY_DATASET ?= shp
+  LAMBDA_DATASET ?= shp
 else
   $(error SCALE must be smoke or paper, got '$(SCALE)')
 endif
@@ -166,10 +168,10 @@ judge: runs  ## the win rates of Tables 2 and 3 in one judge call
 judge_bias: judge  ## the judge's position and length bias (results/tables/judge_bias.{md,csv})
 	$(REPORT) target=judge_bias
 
-lambda_runs: setup  ## the λ-sweep runs of AISP (DATASET=shp)
-	$(SWEEP) experiment=lambda_sweep dataset=$(or $(DATASET),shp)
+lambda_runs: setup  ## the λ-sweep runs of AISP (DATASET=shp; smoke: demo, where smollm2_judge's λ was tuned)
+	$(SWEEP) experiment=lambda_sweep dataset=$(or $(DATASET),$(LAMBDA_DATASET))
 
-lambda_sweep: lambda_runs  ## AISP over a λ grid with the std(r/λ) tuning signal (DATASET=shp)
+lambda_sweep: lambda_runs  ## AISP over a λ grid with the std(r/λ) tuning signal (DATASET=shp; smoke: demo)
 	$(REPORT) target=lambda_sweep
 
 sensitivity_runs: setup  ## AISP at a fixed budget n·κ: splits (n, κ) x σ (DATASET=shp, smoke: demo; SENSITIVITY_GRID)

@@ -13,16 +13,37 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("AISP_BENCH_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
-# torch's threads: one per pytest-xdist worker (the workers share the cores), else what
-# OMP_NUM_THREADS says, else at most 2. Asking for more threads than OMP_NUM_THREADS set up
-# makes OpenMP spin against itself (a 20x slowdown on 2 busy cores).
+# torch's threads: one per pytest-xdist worker (the workers share the cores), and one in every
+# process a worker starts (they inherit OMP_NUM_THREADS); else what OMP_NUM_THREADS says, else
+# at most 2. More threads than cores, or more than OMP_NUM_THREADS set up, make OpenMP spin
+# against itself (a 3x to 20x slowdown on 2 busy cores).
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
 elif not os.environ.get("OMP_NUM_THREADS"):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# pytest-xdist hands tests out in collection order, so a test of minutes collected late runs
+# alone at the end while the other worker idles. These go first, longest first (as measured
+# with --durations); every other test keeps its order.
+LONGEST_FIRST = (
+    "tests/test_smoke_chain.py::",
+    "tests/test_slurm.py::",
+    "tests/test_ray.py::",
+    "tests/test_cli.py::test_killed_run_resumes_without_duplicates",
+    "tests/test_scale_out.py::test_shards_on_the_local_launcher_equal_one_process",
+    "tests/test_cli.py::test_end_to_end_run_and_resume",
+    "tests/test_fault_injection.py::",
+)
+
+
+def _longest_first(item: pytest.Item) -> int:
+    return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)), len(LONGEST_FIRST))
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_longest_first)  # stable
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -187,6 +188,19 @@ def test_bad_data_files(compose, tmp_path, kind, name, content, message):
     assert not (tmp_path / "results").exists()
 
 
+def test_malformed_hh_rows_are_left_out_and_reported_once_per_file(caplog):
+    from aisp_bench.data.datasets import parse_hh
+
+    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello"},
+            {"chosen": "\n\nHuman: hi\n\nAssistant: ok Human: more?\n\nAssistant: x"},  # ends with Assistant
+            {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"}]
+    with caplog.at_level(logging.WARNING, logger="aisp_bench"):
+        first = parse_hh(rows, "once.jsonl")
+        again = parse_hh(rows, "once.jsonl")  # the next job of a sweep reads the same file
+    assert [[m.content for m in p.messages] for p in first] == [["hi"], ["a", "b", "c"]] and again == first
+    assert caplog.text.count("left out 1 row(s) whose prompt does not end with a Human turn (rows 1)") == 1
+
+
 def test_hub_unreachable_names_dataset_path(compose, tmp_path, monkeypatch):
     import datasets
 
@@ -213,19 +227,14 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------- end to end
-def _shp_args(shared_data, n_prompts=2):
-    extra = [] if n_prompts == 2 else [f"dataset.num_prompts={n_prompts}"]  # the smoke scale has 2
-    return ["scale=smoke", "dataset=shp", f"dataset.path={shared_data / 'shp' / 'test_1000.jsonl'}",
-            "progress=false", *extra]
-
-
 @pytest.mark.slow
-def test_end_to_end_run_and_resume(tmp_path, shared_data):
-    args = _shp_args(shared_data)
+def test_end_to_end_run_and_resume(tmp_path):
+    args = ["scale=smoke", "progress=false"]  # the demo prompts: 2 at the smoke scale
     out = cli(args, tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == "" and "[aisp_bench.models.policy][INFO] - loading policy" in out.stderr  # logs on stderr
-    run_dir = tmp_path / "smoke/runs/shp/smollm2_135m__smollm2_judge/aisp/default/seed0"
+    assert "Loading weights" not in out.stderr  # transformers' bar: only with hydra.verbose=true
+    run_dir = tmp_path / "smoke/runs/demo/smollm2_135m__smollm2_judge/aisp/default/seed0"
     recs = read_records(run_dir)
     assert len(recs) == 2 and len({r["prompt_id"] for r in recs}) == 2
     for r in recs:
@@ -279,10 +288,10 @@ def test_long_prompts_are_skipped_or_truncated_and_counted(compose, shared_data,
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_duplicates(tmp_path, shared_data):
-    args = _shp_args(shared_data, n_prompts=3) + ["batch_prompts=1", "method=bon_gaussian"]
+def test_killed_run_resumes_without_duplicates(tmp_path):
+    args = ["scale=smoke", "dataset.num_prompts=3", "progress=false", "batch_prompts=1", "method=bon_gaussian"]
     env = dict(os.environ, AISP_BENCH_RESULTS=str(tmp_path), PYTHONUNBUFFERED="1")
-    run_dir = tmp_path / "smoke/runs/shp/smollm2_135m__smollm2_judge/bon_gaussian/dataset.num_prompts=3/seed0"
+    run_dir = tmp_path / "smoke/runs/demo/smollm2_135m__smollm2_judge/bon_gaussian/dataset.num_prompts=3/seed0"
     records = run_dir / "records.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "aisp_bench", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)

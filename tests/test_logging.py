@@ -69,6 +69,23 @@ def test_third_party_info_reaches_stderr_only_when_verbose(config_name, verbose,
     assert ("HTTP Request" in err) is verbose and ("lock acquired" in err) is verbose
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_transformers_weight_bars_only_when_verbose(verbose, restore_logging):
+    from transformers.utils import logging as hf_logging
+
+    from aisp_bench.models.loading import weight_bars_follow_logging
+
+    log_config, verbose_config = job_logging("config", *(["hydra.verbose=true"] if verbose else []))
+    configure_log(log_config, verbose_config)
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        (hf_logging.disable_progress_bar if verbose else hf_logging.enable_progress_bar)()  # the other state
+        weight_bars_follow_logging()
+        assert hf_logging.is_progress_bar_enabled() is verbose
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 def test_judge_command_hides_http_requests_unless_verbose(server, api_key, runs, tmp_path):  # noqa: F811
     def judge(cache: str, *extra: str):
         args = [f"results_dir={tmp_path}", f"judge.cache_dir={tmp_path / cache}", f"judge.base_url={server.base_url}",

@@ -80,3 +80,14 @@ def test_table1_extended_shows_every_methods_compute(tmp_path):
     md = (tmp_path / "tables" / "table1_extended.md").read_text()
     assert "Speculative Rejection" in md and "Particle filtering" in md and "Reward-model tokens" in md
     assert "| 20 |" in md or " 20 " in md
+
+
+def test_compare_gives_no_first_sample_for_the_guided_decoders(tmp_path):
+    from aisp_bench.report.tables import compare, render_compare
+
+    tree(tmp_path)
+    df = compare(discover_runs(tmp_path)).set_index("method")
+    assert np.isnan(df.loc["spec_rejection", "first_sample"]) and np.isnan(df.loc["particle_filter", "first_sample"])
+    assert df.loc["spec_rejection", "reward"] == (2.5 + 3.0) / 2  # their best is still reported
+    assert np.isfinite(df.loc["bon_topp", "first_sample"]) and np.isfinite(df.loc["aisp", "first_sample"])
+    assert "none for Speculative Rejection and particle filtering" in render_compare(df.reset_index())

@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -24,12 +22,12 @@ from tiny_runs import ROOT, without_timings
 
 
 @pytest.mark.slow
-def test_shards_on_the_local_launcher_equal_one_process(tmp_path, shared_data, command, compose, caplog):
+def test_shards_on_the_local_launcher_equal_one_process(tmp_path, command, compose, caplog):
     # batch_prompts=1: each prompt computed alone, so batching cannot change a float between layouts
-    args = ["scale=smoke", "dataset=shp", f"dataset.path={shared_data / 'shp' / 'test_1000.jsonl'}",
-            "dataset.num_prompts=3", "generation.max_new_tokens=8", "batch_prompts=1", "progress=false"]  # n 2, κ 2
+    args = ["scale=smoke", "dataset.num_prompts=3", "generation.max_new_tokens=8", "batch_prompts=1",
+            "progress=false"]  # the demo prompts; n 2, κ 2
     env = dict(os.environ, AISP_BENCH_RESULTS=str(tmp_path / "sharded"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    root = (tmp_path / "sharded/smoke/runs/shp/smollm2_135m__smollm2_judge/aisp"
+    root = (tmp_path / "sharded/smoke/runs/demo/smollm2_135m__smollm2_judge/aisp"
             / "dataset.num_prompts=3,generation.max_new_tokens=8/seed0")
     shard0 = root / "shards" / "00-of-02"
 

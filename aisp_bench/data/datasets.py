@@ -100,6 +100,7 @@ def parse_shp(rows: Iterable[dict], where: str) -> list[Prompt]:
     )
 
 
+_WARNED: set[str] = set()  # the files whose malformed rows were reported
 _TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
@@ -127,7 +128,8 @@ def parse_hh(rows: Iterable[dict], where: str) -> list[Prompt]:
             malformed.append(i)
             continue
         out.append(Prompt(id="hh-" + hashlib.blake2b(prompt_text.encode(), digest_size=6).hexdigest(), messages=msgs))
-    if malformed:
+    if malformed and where not in _WARNED:  # once per file and process (a sweep reads it per job)
+        _WARNED.add(where)
         log.warning("%s: left out %d row(s) whose prompt does not end with a Human turn (rows %s)",
                     where, len(malformed), ", ".join(map(str, malformed[:10])))
     return _first_of_each_id(out)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from aisp_bench.models.loading import resolve_device
+from aisp_bench.models.loading import resolve_device, weight_bars_follow_logging
 from aisp_bench.registry import Registry
 from aisp_bench.rewards.similarity import mean_pool
 
@@ -63,6 +63,7 @@ class Encoder:
         if self.model is None:
             from transformers import AutoModel, AutoTokenizer
 
+            weight_bars_follow_logging()
             try:
                 name, kw = self._source()
                 self.tokenizer = AutoTokenizer.from_pretrained(name, **kw)

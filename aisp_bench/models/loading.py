@@ -45,6 +45,18 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; known: auto, {', '.join(sorted(_DTYPES))}") from None
 
 
+def weight_bars_follow_logging() -> None:
+    """transformers draws a "Loading weights" bar for every model it loads, beside our own
+    "loading ..." line: third-party chatter, shown only when everything is logged
+    (``hydra.verbose=true``: the root logger at DEBUG). Called before each load."""
+    from transformers.utils import logging as hf_logging
+
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+
+
 def parameter_count(model) -> int | None:
     """The parameters of a torch module (a tensor two modules share, e.g. tied embeddings, once);
     None for anything else (a reward without a torch model)."""

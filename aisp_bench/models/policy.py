@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aisp_bench.models.loading import gguf_safetensors_cache, package_file, resolve_device, resolve_dtype
+from aisp_bench.models.loading import (
+    gguf_safetensors_cache, package_file, resolve_device, resolve_dtype, weight_bars_follow_logging,
+)
 from aisp_bench.models.templates import ChatTemplateFormat, TranscriptFormat
 from aisp_bench.types import Prompt
 
@@ -82,6 +84,7 @@ class Policy:
         tok = self.load_tokenizer()
         src, kw = self._source()
         log.info("loading policy %s from %s (%s on %s)", self.name, src, dtype, device)
+        weight_bars_follow_logging()
         try:
             extra = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
             if self.device_map:

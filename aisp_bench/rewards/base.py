@@ -86,7 +86,7 @@ def load_pretrained(reward: RewardModel, src: str, build: Callable, revision: st
     is placed straight onto its device (a 13B model never passes through CPU memory)
     unless ``device_map`` says otherwise.
     """
-    from aisp_bench.models.loading import resolve_device, resolve_dtype
+    from aisp_bench.models.loading import resolve_device, resolve_dtype, weight_bars_follow_logging
 
     if src.startswith(("/", "./", "../", "~")) and not Path(src).expanduser().exists():
         raise FileNotFoundError(f"cannot load reward model {reward.name!r}: no such folder {src!r}")
@@ -97,6 +97,7 @@ def load_pretrained(reward: RewardModel, src: str, build: Callable, revision: st
     if attn_implementation:
         place["attn_implementation"] = attn_implementation
     log.info("loading reward model %s from %s (%s on %s)", reward.name, src, dtype, device_map or dev)
+    weight_bars_follow_logging()
     try:
         model, tokenizer = build(src, dtype, hub, place)
     except (OSError, ValueError, KeyError) as e:
