@@ -130,6 +130,7 @@ RULES: dict[str, Rule] = {
     "model.dtype": Rule("choice", words=DTYPES, null=True),
     # reward group (also evaluate's and the judge's reward=NAME)
     "reward.batch_size": integer(), "reward.max_length": integer(), "reward.max_batch_tokens": integer(),
+    "reward.response_tokens": integer(0),
     "reward.last_turn_only": BOOL, "reward.add_special_tokens": OPTIONAL_BOOL, "reward.empty_score": real(),
     "reward.dtype": Rule("choice", words=DTYPES, null=True),
     "reward.padding_side": Rule("choice", words=("left", "right")),

@@ -155,8 +155,8 @@ def test_regression_head_shared_prefix_equals_one_by_one(kind, bos_tok):
     name = "ultrarm" if kind == "llama" else "eurus"
     prompts, responses = mixed_batch()
     for side, attention in (("left", "split"), ("right", "split"), ("right", "sdpa")):
-        rm = reward_from_yaml(name, max_length=80, padding_side=side, max_batch_tokens=160, batch_size=4,
-                              attention=attention)
+        rm = reward_from_yaml(name, max_length=80, response_tokens=20, padding_side=side, max_batch_tokens=160,
+                              batch_size=4, attention=attention)
         rm.attach(model, bos_tok)
         seqs = [rm.encode(p, r) for p, r in zip(prompts, responses)]
         want = torch.tensor([direct_reward(model, s) for s in seqs])
@@ -164,21 +164,24 @@ def test_regression_head_shared_prefix_equals_one_by_one(kind, bos_tok):
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
         assert want.std() > 1e-2
         assert rm.stats["prefix_tokens_saved"] > 100 and rm.stats["forwards"] > 3
-    # what the batch holds: BOS once; truncated rows keep BOS and the end of the response;
-    # the truncated group with equal response lengths still shares its (cut) prompt
+    # what the batch holds: BOS once; truncated rows keep BOS and the end of the response; a
+    # cut prompt is cut the same for its every response (up to response_tokens), whatever their
+    # lengths, so both truncated groups share their (cut) prompt
     by_prompt = {}
     for p, s in zip(prompts, seqs):
         by_prompt.setdefault(p.id, []).append(s)
     assert all(s[0] == bos_tok.bos_token_id != s[1] for s in seqs)
-    assert all(len(s) == 80 for s in by_prompt["long"] + by_prompt["long2"])
+    assert all(len(s) <= 80 for s in seqs)
     assert bos_tok.decode(by_prompt["long"][0]).endswith("alpha beta gamma delta")
-    assert common_prefix_len(by_prompt["long"]) > 40 and common_prefix_len(by_prompt["long2"]) == 1
+    short, longer = by_prompt["long2"]
+    assert len(short) < len(longer) and bos_tok.decode(longer).endswith("a much longer answer than the other one")
+    assert common_prefix_len(by_prompt["long"]) > 40 and common_prefix_len(by_prompt["long2"]) > 40
     if kind == "mistral":  # a sliding window shorter than the sequences: every pair in full, still exact
         small = RegressionHeadModel(tiny_config(kind, len(bos_tok))).eval()
         small.load_state_dict(model.state_dict())
         small.config.sliding_window = 24
         small.model.config.sliding_window = 24
-        rm = reward_from_yaml(name, max_length=80).attach(small, bos_tok)
+        rm = reward_from_yaml(name, max_length=80, response_tokens=20).attach(small, bos_tok)
         got = rm.score(prompts, responses)
         assert rm.stats["prefix_tokens_saved"] == 0
         want = torch.tensor([direct_reward(small, rm.encode(p, r)) for p, r in zip(prompts, responses)])
@@ -210,7 +213,7 @@ def test_judge_scores_equal_direct_logits(smol_tok):
 
     torch.manual_seed(5)
     lm = LlamaForCausalLM(tiny_config("llama", len(smol_tok))).eval()
-    judge = reward_from_yaml("smollm2_judge", device="cpu", max_length=120, max_batch_tokens=300)
+    judge = reward_from_yaml("smollm2_judge", device="cpu", max_length=120, response_tokens=40, max_batch_tokens=300)
     judge.attach(lm, smol_tok)
     prompts, responses = mixed_batch()
     got = judge.score(prompts, responses)
@@ -232,9 +235,9 @@ def test_shared_prefix_on_gpu_matches_cpu():
     torch.manual_seed(0)
     model = RegressionHeadModel(tiny_config("llama", len(tok))).eval()
     prompts, responses = mixed_batch()
-    cpu = reward_from_yaml("ultrarm", max_length=200, attention="full").attach(model, tok).score(prompts, responses)
+    cpu = reward_from_yaml("ultrarm", max_length=200, response_tokens=100, attention="full").attach(model, tok).score(prompts, responses)
     for attention in ("split", "sdpa"):
-        gpu_rm = reward_from_yaml("ultrarm", max_length=200, attention=attention)  # bytes: long ids
+        gpu_rm = reward_from_yaml("ultrarm", max_length=200, response_tokens=100, attention=attention)  # bytes: long ids
         gpu_rm.attach(copy.deepcopy(model).cuda(), tok)
         assert torch.allclose(gpu_rm.score(prompts, responses), cpu, atol=1e-4)
         assert gpu_rm.stats["prefix_tokens_saved"] > 0

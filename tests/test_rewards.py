@@ -123,6 +123,11 @@ def test_padding_helpers():
     assert ids.tolist() == [[9], [9]] and mask.sum() == 0
     assert truncate_keep_end(list(range(10)), 4, keep_head=1) == [0, 7, 8, 9]
     assert truncate_keep_end(list(range(3)), 4, keep_head=1) == [0, 1, 2]
+    # a prompt's own cut (min_cut) drops more than the overflow alone, never the last token
+    assert truncate_keep_end(list(range(10)), 8, keep_head=1, min_cut=4) == [0, 5, 6, 7, 8, 9]
+    assert truncate_keep_end(list(range(10)), 8, keep_head=1, min_cut=1) == [0, 3, 4, 5, 6, 7, 8, 9]
+    assert truncate_keep_end(list(range(6)), 8, keep_head=1, min_cut=2) == [0, 3, 4, 5]  # within max_length
+    assert truncate_keep_end(list(range(6)), 8, keep_head=1, min_cut=20) == [0, 5]
 
 
 # ---------------------------------------------------------------------------- regression head
@@ -170,7 +175,7 @@ def test_truncation_keeps_bos_and_end_of_response(tiny_rm, tok):
     _, model = tiny_rm
     long = "word " * 80 + "THE END"
     full = reward_from_yaml("ultrarm", max_length=None).attach(model, tok)
-    short = reward_from_yaml("ultrarm", max_length=16).attach(model, tok)
+    short = reward_from_yaml("ultrarm", max_length=16, response_tokens=8).attach(model, tok)
     p = Prompt.single("x", "A long question " * 10)
     f, s = full.encode(p, long), short.encode(p, long)
     assert len(f) > 16 and len(s) == 16
@@ -382,8 +387,8 @@ def tiny_judge(tok, device="cpu", **kw) -> LMJudgeReward:
 
 @pytest.mark.parametrize("attention", ["split", "sdpa"])
 def test_judge_prefix_sharing_truncation_and_readout_tiny(tok, attention):
-    judge = tiny_judge(tok, batch_size=3, max_length=40, attention=attention)
-    plain = tiny_judge(tok, batch_size=1, max_length=40, attention="full")
+    judge = tiny_judge(tok, batch_size=3, max_length=40, response_tokens=16, attention=attention)
+    plain = tiny_judge(tok, batch_size=1, max_length=40, response_tokens=16, attention="full")
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2 + [PROMPTS[3]]
     responses = ["Paris.", "It is Paris, the big city.", "", "ha", "A joke: " + "la " * 40, "ok"]
     got = judge.score(prompts, responses)
@@ -431,3 +436,11 @@ def test_judge_prefix_sharing_on_gpu(tok):
     cpu = tiny_judge(tok, device="cpu", batch_size=1, attention="full")
     prompts, responses = [PROMPTS[0]] * 4 + [PROMPTS[2]], ["Paris.", "It is Paris.", "", "ha", "no"]
     assert torch.allclose(judge.score(prompts, responses), cpu.score(prompts, responses), atol=1e-3)
+
+
+def test_response_tokens_must_leave_room_for_the_prompt():
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match=r"response_tokens=512 must be at least 0 and below max_length=100"):
+        reward_from_yaml("ultrarm", max_length=100)
+    assert reward_from_yaml("ultrarm", max_length=None).response_tokens == 512  # nothing is ever cut

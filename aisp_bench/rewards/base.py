@@ -111,17 +111,18 @@ def leading_special_count(ids: Sequence[int], special_ids: set[int]) -> int:
     return next((n for n, i in enumerate(ids) if i not in special_ids), len(ids))
 
 
-def truncate_keep_end(ids: list[int], max_length: int | None, keep_head: int = 0) -> list[int]:
+def truncate_keep_end(ids: list[int], max_length: int | None, keep_head: int = 0, min_cut: int = 0) -> list[int]:
     """Fit ``ids`` into ``max_length`` tokens, keeping the first ``keep_head`` and the end.
 
     The tokens dropped are those right after the head: the start of the conversation
-    first. The end of the text (the end of the response, where a reward model reads its
-    score, and for a judge the question after it) always survives.
+    first, at least ``min_cut`` of them (a prompt's own cut: ``DecoderReward.fit``). The
+    end of the text (the end of the response, where a reward model reads its score, and
+    for a judge the question after it) always survives.
     """
-    if max_length is None or len(ids) <= max_length:
+    if max_length is None or (len(ids) <= max_length and min_cut <= 0):
         return ids
     keep_head = min(keep_head, max_length - 1)
-    tail = max_length - keep_head
+    tail = max(1, min(max_length - keep_head, len(ids) - keep_head - max(0, min_cut)))
     return ids[:keep_head] + ids[len(ids) - tail :]
 
 
@@ -155,6 +156,9 @@ class DecoderReward(RewardModel):
     * ``max_batch_tokens``: padded tokens per forward, about (``batching``, point 4);
     * ``max_length``: tokens; longer inputs lose tokens after the fixed head, so the end
       of the response survives;
+    * ``response_tokens``: where a prompt is cut, the room it leaves for a response: the
+      cut depends on the prompt alone, so every response of a prompt up to this length
+      reads the same conversation (and the prompt's tokens run once for all of them);
     * ``add_special_tokens``: ``null``: add them unless the rendered text already starts
       with the tokenizer's BOS (as chat-template text does);
     * ``device``, ``dtype``;
@@ -176,8 +180,13 @@ class DecoderReward(RewardModel):
         device: str = "auto",
         dtype: str = "auto",
         attention: str = "auto",
+        response_tokens: int = 512,
     ) -> None:
         self._settings(name, batch_size, max_length, device, dtype)
+        if max_length is not None and not 0 <= response_tokens < max_length:
+            raise ValueError(f"reward {name!r}: response_tokens={response_tokens} must be at least 0 and below "
+                             f"max_length={max_length} (the room a cut prompt leaves for a response)")
+        self.response_tokens = response_tokens
         self.max_batch_tokens = max_batch_tokens
         self.attention = attention
         self.add_special_tokens = add_special_tokens
@@ -186,6 +195,16 @@ class DecoderReward(RewardModel):
     @abstractmethod
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         """The exact token ids the model reads for this pair."""
+
+    def fit(self, ids: list[int], bare: Callable[[], list[int]], keep_head: int) -> list[int]:
+        """``ids`` of one (prompt, response) within ``max_length``: the tokens right after the
+        ``keep_head`` go, at least as many as leave ``response_tokens`` after the prompt's own
+        ids (``bare()``: the pair with an empty response, tokenized only when a cut is possible).
+        So the cut of a prompt is the same for its every response up to that length."""
+        if self.max_length is None or len(ids) + self.response_tokens <= self.max_length:
+            return ids
+        return truncate_keep_end(ids, self.max_length, keep_head,
+                                 min_cut=len(bare()) + self.response_tokens - self.max_length)
 
     def _use_model(self, model, tokenizer, backbone, readout, forward=None) -> None:
         """Score with ``backbone`` + ``readout`` (or ``forward``; see ``SequenceScorer``)."""
@@ -255,12 +274,12 @@ class TextPairReward(DecoderReward):
         return self.template.render(prompt.messages, response=response, tokenizer=self.tokenizer)
 
     def encode(self, prompt: Prompt, response: str) -> list[int]:
-        """Token ids of the rendered pair, truncated to ``max_length`` keeping the special head and the end."""
+        """Token ids of the rendered pair, cut to ``max_length`` (``fit``) keeping the special head and the end."""
         ids = self._tokenize(self.render(prompt, response))
-        if self.max_length is not None and len(ids) > self.max_length:  # the special ids only when cutting
-            head = leading_special_count(ids, set(self.tokenizer.all_special_ids))
-            ids = truncate_keep_end(ids, self.max_length, head)
-        return ids
+        if self.max_length is None or len(ids) + self.response_tokens <= self.max_length:
+            return ids  # the special ids only when a cut is possible
+        head = leading_special_count(ids, set(self.tokenizer.all_special_ids))
+        return self.fit(ids, lambda: self._tokenize(self.render(prompt, "")), head)
 
 
 __all__ = ["RewardModel", "DecoderReward", "TextPairReward", "load_pretrained", "truncate_keep_end",

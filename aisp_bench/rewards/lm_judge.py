@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from aisp_bench.models.loading import gguf_safetensors_cache, package_file
-from aisp_bench.rewards.base import DecoderReward, load_pretrained, truncate_keep_end
+from aisp_bench.rewards.base import DecoderReward, load_pretrained
 from aisp_bench.types import Message, Prompt
 
 _MARK = "\x00CONVERSATION\x00"
@@ -46,6 +46,9 @@ class LMJudgeReward(DecoderReward):
         revision: hub revision to pin (``name_or_path`` only).
         max_length: tokens; longer inputs lose tokens right after the shared instruction
             (the start of the conversation first), keeping the response's end.
+        response_tokens: where a conversation is cut, the room it leaves for a response,
+            so that every response of the prompt up to that length reads the same
+            conversation (``DecoderReward.fit``).
         (the rest as ``DecoderReward``: batch_size, max_batch_tokens, add_special_tokens,
         device, dtype, attention; the judge may sit on another device than the policy)
     """
@@ -64,18 +67,20 @@ class LMJudgeReward(DecoderReward):
         revision: str | None = None,
         batch_size: int = 32,
         max_batch_tokens: int = 512,
-        max_length: int | None = 1024,
+        max_length: int | None = 2048,
         add_special_tokens: bool | None = None,
         device: str = "auto",
         dtype: str = "auto",
         attention: str = "auto",
+        response_tokens: int = 256,
     ) -> None:
         for slot in ("{conversation}", "{response}"):
             if slot not in judge_prompt:
                 raise ValueError(f"judge_prompt of reward {name!r} has no {slot} slot")
         if (package is None) == (name_or_path is None) or (package is None) != (gguf_file is None):
             raise ValueError(f"reward {name!r}: give either package and gguf_file, or name_or_path")
-        super().__init__(name, batch_size, max_batch_tokens, max_length, add_special_tokens, device, dtype, attention)
+        super().__init__(name, batch_size, max_batch_tokens, max_length, add_special_tokens, device, dtype, attention,
+                         response_tokens)
         self.judge_prompt = judge_prompt
         self.conversation_format = conversation_format
         self.judge_format = judge_format
@@ -125,7 +130,7 @@ class LMJudgeReward(DecoderReward):
 
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         ids = self._tokenize(self.render(prompt, response))
-        return truncate_keep_end(ids, self.max_length, keep_head=self._keep_head)
+        return self.fit(ids, lambda: self._tokenize(self.render(prompt, "")), self._keep_head)
 
     # ------------------------------------------------------------------ scoring
     def _answer_margin(self, last_hidden: torch.Tensor) -> torch.Tensor:
