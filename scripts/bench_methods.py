@@ -2,8 +2,7 @@
 
 One command, one JSON, one table:
 
-    python scripts/bench_methods.py                   # CUDA: writes results/bench/methods_cuda.json
-                                                      # (make bench-gpu, gpu_session.sh: methods_gpu.json, for plan)
+    python scripts/bench_methods.py                   # CUDA: writes results/bench/methods_gpu.json (what plan reads)
     python scripts/bench_methods.py --device cpu --out /tmp/m.json   # tiny shapes, seconds: the dry run the tests run
 
 What runs, in this order (a time budget, ``--budget-s``, skips what is left; the JSON is
@@ -703,7 +702,7 @@ class Context:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: tiny shapes, a dry run")
-    ap.add_argument("--out", type=Path, default=None, help="JSON (default results/bench/methods_<device>.json)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON (default results/bench/methods_gpu.json; cpu: methods_cpu.json)")
     ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 256; cpu 12)")
     ap.add_argument("--n", type=int, default=None, help="AISP rows per prompt (default 32; cpu 4)")
     ap.add_argument("--kappa", type=int, default=3, help="AISP iterations timed (the first one is reported apart)")
@@ -730,7 +729,7 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, key, cpu_default if cpu else gpu_default)
     if args.batch_rows != "auto":
         args.batch_rows = int(args.batch_rows)
-    args.out = args.out or ROOT / "results" / "bench" / f"methods_{args.device}.json"
+    args.out = args.out or ROOT / "results" / "bench" / f"methods_{'cpu' if cpu else 'gpu'}.json"  # gpu: plan's
     if not cpu and not torch.cuda.is_available():
         sys.exit("error: no CUDA device (use --device cpu for a small dry run)")
     import transformers
