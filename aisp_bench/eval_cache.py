@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import math
 import re
 import warnings
@@ -29,6 +30,8 @@ from aisp_bench.metrics import EvalBatch
 from aisp_bench.metrics.cleaning import clean_response, cleaning_options
 from aisp_bench.rundir import Run, read_json_or_none, record_checkpoints, record_prompt, write_json_atomic
 from aisp_bench.types import Prompt
+
+log = logging.getLogger(__name__)
 
 REWARD_CHUNK = 256  # pairs scored between two writes of a score cache
 
@@ -61,20 +64,31 @@ def _pairs(records: Sequence[dict[str, Any]], responses: Sequence[str]) -> tuple
 def cached_scores(path: Path, header: dict[str, str], records: Sequence[dict[str, Any]], responses: Sequence[str],
                   score: Callable[[list, list], list], *, field: str, force: bool = False) -> list[float | None]:
     """``score(prompts, responses)`` of each (record prompt, response), cached in ``path`` under
-    ``field`` by a hash of (messages, response) and reused unless ``force``. New pairs are scored
+    ``field`` by a hash of (messages, response) and reused unless ``force``, or unless the cache was
+    scored with other ``settings`` (``header["settings"]``: a digest of what changes the scores; a
+    cache written before settings were recorded is taken as it is, and stamped). New pairs are scored
     ``REWARD_CHUNK`` at a time, the file rewritten after each chunk with the current records'
     entries only. Non-finite values are ``None``."""
     prompts, keys = _pairs(records, responses)
     cache = None if force else read_json_or_none(path)
+    if cache and cache.get("settings") not in (None, header.get("settings")):
+        log.info("%s: scored with other settings of %s; scoring again", path, header.get("reward") or field)
+        cache = None
     known = {k: v.get(field) for k, v in (cache or {}).get("scores", {}).items() if isinstance(v, dict)}
     todo = list({k: i for i, k in enumerate(keys) if k not in known}.values())  # a pair twice: scored once
+
+    def write() -> None:
+        entries = {k: {"prompt_id": str(rec.get("prompt_id", "")), field: known[k]}
+                   for k, rec in zip(keys, records, strict=True) if k in known}
+        write_json_atomic(path, {**header, "scores": entries})
+
     for s in range(0, len(todo), REWARD_CHUNK):
         idx = todo[s : s + REWARD_CHUNK]
         for i, v in zip(idx, score([prompts[i] for i in idx], [responses[i] for i in idx]), strict=True):
             known[keys[i]] = float(v) if v is not None and math.isfinite(v) else None
-        entries = {k: {"prompt_id": str(rec.get("prompt_id", "")), field: known[k]}
-                   for k, rec in zip(keys, records, strict=True) if k in known}
-        write_json_atomic(path, {**header, "scores": entries})
+        write()
+    if not todo and cache and "settings" not in cache and "settings" in header:
+        write()  # a cache from before settings were recorded: stamped with them
     return [known[k] for k in keys]
 
 

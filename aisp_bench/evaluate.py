@@ -18,7 +18,7 @@ response): ``reward_mean`` is that model's mean, ``reward_model`` its name,
 ``reward_source`` ``"evaluated"``, ``run_reward_mean`` the run's own mean. Without it
 ``reward_mean`` is the run's own mean, ``reward_source`` ``"run"``. Scores are cached per
 run in ``eval_rewards_<name>.json`` (only new (prompt, response) pairs are scored;
-``force=true`` rescores).
+``force=true`` rescores, and so does a change of the reward's settings, ``reward_settings``).
 
 **Held-out gold reward** (``gold_reward=NAME``): the same cleaned responses scored by a
 reward model the run did not optimise, ``gold_reward_mean`` and ``gold_reward_model``
@@ -33,7 +33,7 @@ record (``reward``: the run's own; ``eval_reward``, ``gold_reward``, ``base_logp
 gold reward and base_logprob), under the block's fingerprint, for the report's intervals.
 
 **Idempotent**: the ``fingerprint`` hashes what the block was computed from (records'
-bytes, encoder, evaluation and gold rewards, base_logprob policy, metric names, cleaning
+bytes, encoder, evaluation and gold rewards with their settings, base_logprob policy, metric names, cleaning
 settings, ``EVALUATE_VERSION``); a run whose fingerprint matches (in its per-prompt file
 too) is left alone.
 
@@ -80,8 +80,9 @@ class RewardUnavailableError(RuntimeError):
 
 
 def evaluation_rewards(run_dir: Path, records: Sequence[dict[str, Any]], responses: Sequence[str], reward: Any,
-                       force: bool) -> list[float | None]:
-    """``reward``'s scores via ``cached_scores``; ``RewardUnavailableError`` when it cannot be loaded."""
+                       force: bool, settings: str | None = None) -> list[float | None]:
+    """``reward``'s scores via ``cached_scores`` (``settings``: ``reward_settings`` of its config);
+    ``RewardUnavailableError`` when it cannot be loaded."""
     reward_name = _name(reward)
 
     def score(prompts, resps):
@@ -91,8 +92,21 @@ def evaluation_rewards(run_dir: Path, records: Sequence[dict[str, Any]], respons
             raise RewardUnavailableError(f"cannot load evaluation reward {reward_name!r}: {first_line(e)}") from None
         return [float(x) for x in reward.score(prompts, resps).tolist()]
 
-    return cached_scores(eval_rewards_path(run_dir, reward_name), {"reward": reward_name}, records, responses, score,
+    header = {"reward": reward_name} | ({"settings": settings} if settings else {})
+    return cached_scores(eval_rewards_path(run_dir, reward_name), header, records, responses, score,
                          field="reward", force=force)
+
+
+TUNING = ("batch_size", "max_batch_tokens", "attention", "device", "device_map")  # where and how fast, not what
+
+
+def reward_settings(node: Any) -> str:
+    """A digest of a reward's config without its ``TUNING`` keys: two configs of one name that
+    score differently (``max_length``, the template, an explicit ``dtype``, ...) get different
+    digests. (``dtype: auto`` follows the device: bf16 on a GPU, fp32 on the CPU, one digest.)"""
+    plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    kept = {k: v for k, v in plain.items() if k not in TUNING}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -123,15 +137,22 @@ def _name(model: Any) -> str | None:
     return None if model is None else str(getattr(model, "name", None) or type(model).__name__)
 
 
+def _label(model: Any, settings: str | None) -> str | None:
+    """What the fingerprint names a reward by: its name, and the digest of its settings when known."""
+    name = _name(model)
+    return name if name is None or not settings else f"{name}@{settings}"
+
+
 def _reward_metrics(run: Run, metrics: dict, per: dict, batch: EvalBatch, reward: Any, gold: Any, force: bool,
-                    scored: Scored) -> dict:
+                    scored: Scored, settings: dict[str, str | None]) -> dict:
     """``metrics`` with reward_mean (the run's own, or ``reward``'s) and its provenance keys right after
     it, then the gold reward's; ``per`` gets the per-prompt scores (checkpoints': ``per["checkpoints"]``)."""
     run_mean, own = metrics.get("reward_mean"), get_path(run.config, "reward.name")
     if reward is None:
         mean, model, source = run_mean, None if own is None else str(own), "run"
     else:
-        per["eval_reward"] = evaluation_rewards(run.path, batch.records, batch.responses, reward, force)
+        per["eval_reward"] = evaluation_rewards(run.path, batch.records, batch.responses, reward, force,
+                                                settings.get("reward"))
         mean, model, source = _mean(per["eval_reward"]), _name(reward), "evaluated"
     provenance = dict(reward_mean=mean, reward_model=model, reward_source=source, run_reward_mean=run_mean)
     out: dict[str, Any] = {}
@@ -141,7 +162,8 @@ def _reward_metrics(run: Run, metrics: dict, per: dict, batch: EvalBatch, reward
         if _name(gold) == own:
             warnings.warn(f"{run.path}: gold_reward={_name(gold)} is the reward this run optimised (not held out)",
                           stacklevel=2)
-        values = evaluation_rewards(run.path, scored.records, scored.cleaned(batch, run.config), gold, force)
+        values = evaluation_rewards(run.path, scored.records, scored.cleaned(batch, run.config), gold, force,
+                                    settings.get("gold_reward"))
         per["gold_reward"], per["checkpoints"]["gold_reward"] = scored.split(values)
         out.update(gold_reward_mean=_mean(per["gold_reward"]), gold_reward_model=_name(gold))
     return out
@@ -156,10 +178,13 @@ def evaluate_run(
     reward: Any = None,
     gold_reward: Any = None,
     policy: BasePolicy | None = None,
+    settings: dict[str, str | None] | None = None,
 ) -> tuple[str, dict[str, Any] | None]:
     """Write the metrics block into ``summary.json`` and its per-prompt values into
-    ``metrics_per_prompt.json`` (``reward``, ``gold_reward``, ``policy``: the module docstring).
+    ``metrics_per_prompt.json`` (``reward``, ``gold_reward``, ``policy``: the module docstring;
+    ``settings``: ``reward_settings`` of the ``reward`` and ``gold_reward`` configs, where known).
     Returns (status, metrics), status ``"updated"``, ``"up to date"`` or ``"skipped: <why>"``."""
+    settings = settings or {}
     run = run if isinstance(run, Run) else Run.at(run)
     if reward is not None and "reward_mean" not in names:
         raise UserError(f"reward={_name(reward)} needs the reward_mean metric in metrics")
@@ -170,7 +195,8 @@ def evaluate_run(
         return f"skipped: {why}", None
     label, records = encoder.label if encoder is not None else None, quiet_records(run)
     scored = Scored.of(records)
-    fp = fingerprint(run.path, label, names, run.config, _name(reward), _name(gold_reward),
+    fp = fingerprint(run.path, label, names, run.config, _label(reward, settings.get("reward")),
+                     _label(gold_reward, settings.get("gold_reward")),
                      BasePolicy.label(run) if "base_logprob" in names else None, any(scored.counts))
     old = run.metrics
     if not force and isinstance(old, dict) and old.get("fingerprint") == fp and read_prompt_metrics(run.path, fp):
@@ -179,7 +205,7 @@ def evaluate_run(
     metrics, per = metric_values(batch, [n for n in names if n not in POLICY_METRICS])
     per["checkpoints"] = {}  # per metric, per record: its checkpoints' values (in the file when some were recorded)
     if "reward_mean" in metrics:
-        metrics = _reward_metrics(run, metrics, per, batch, reward, gold_reward, force, scored)
+        metrics = _reward_metrics(run, metrics, per, batch, reward, gold_reward, force, scored, settings)
     if "base_logprob" in names:
         per["base_logprob"], per["checkpoints"]["base_logprob"] = scored.split(policy.logprobs(run, scored, force))
         metrics.update(base_logprob=_mean(per["base_logprob"]), base_logprob_model=BasePolicy.label(run))
@@ -208,8 +234,9 @@ def _report(run: Run, status: str, m: dict[str, Any]) -> str:
             f"({m.get('num_records')} records)")
 
 
-def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any, Any, BasePolicy | None]:
-    """(metric names, encoder, evaluation reward, gold reward, base policy; None where unused)."""
+def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any, Any, BasePolicy | None, dict[str, str | None]]:
+    """(metric names, encoder, evaluation reward, gold reward, base policy; None where unused; the
+    rewards' ``reward_settings``)."""
     from aisp_bench.metrics.coherence import ENCODERS
     from aisp_bench.models.loading import resolve_device
 
@@ -234,7 +261,8 @@ def _setup(cfg: DictConfig) -> tuple[list[str], Any, Any, Any, BasePolicy | None
         encoder = encoder_class(device=cfg.device, batch_size=cfg.batch_size) if "coherence" in names else None
     except ValueError as e:
         raise UserError(f"encoder: {e}") from None
-    return names, encoder, reward, gold, policy
+    settings = {k: None if cfg.get(k) is None else reward_settings(cfg[k]) for k in ("reward", "gold_reward")}
+    return names, encoder, reward, gold, policy, settings
 
 
 def main(cfg: DictConfig) -> int:
@@ -242,7 +270,7 @@ def main(cfg: DictConfig) -> int:
 
     check(cfg)
     runs = select_runs(cfg)
-    names, encoder, reward, gold, policy = _setup(cfg)
+    names, encoder, reward, gold, policy, settings = _setup(cfg)
     counts = dict.fromkeys(("updated", "up to date", "skipped", "failed"), 0)
     unavailable = (EncoderUnavailableError, RewardUnavailableError, PolicyUnavailableError)  # stop everything
     try:
@@ -251,7 +279,7 @@ def main(cfg: DictConfig) -> int:
         for run in runs:
             try:
                 status, m = evaluate_run(run, encoder, names=names, force=bool(cfg.force), reward=reward,
-                                         gold_reward=gold, policy=policy)
+                                         gold_reward=gold, policy=policy, settings=settings)
             except (UserError, *unavailable):
                 raise
             except Exception as e:  # noqa: BLE001 - report and go on with the other runs

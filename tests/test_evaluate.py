@@ -253,6 +253,28 @@ def test_eval_reward_replaces_reward_mean_and_names_both(tmp_path):
     assert len(rm.scored) == 6 and (run / "summary.json").read_bytes() == before
 
 
+def test_a_change_of_the_reward_settings_scores_again(tmp_path):
+    from aisp_bench.evaluate import reward_settings
+
+    run, rm = make_run(tmp_path), WordReward()
+    a = {"reward": reward_settings({"name": "words", "max_length": 10, "batch_size": 2})}
+    same = {"reward": reward_settings({"name": "words", "max_length": 10, "batch_size": 64, "device": "cpu"})}
+    b = {"reward": reward_settings({"name": "words", "max_length": 20})}
+    assert a == same and a != b  # batch sizes and the device are tuning, max_length is not
+    path = eval_rewards_path(run, "words")
+    assert evaluate_run(run, None, names=NAMES_NO_COH, reward=rm, settings=a)[0] == "updated"
+    assert len(rm.scored) == 3 and read_json(path)["settings"] == a["reward"]
+    assert evaluate_run(run, None, names=NAMES_NO_COH, reward=rm, settings=same)[0] == "up to date"
+    assert evaluate_run(run, None, names=NAMES_NO_COH, reward=rm, settings=b)[0] == "updated"
+    assert len(rm.scored) == 6 and read_json(path)["settings"] == b["reward"]  # every pair scored again
+    # a cache written before settings were recorded is taken as it is, and stamped
+    cache = read_json(path)
+    del cache["settings"]
+    path.write_text(json.dumps(cache))
+    assert evaluate_run(run, None, names=NAMES_NO_COH, reward=rm, settings=a)[0] == "updated"  # a's fingerprint
+    assert len(rm.scored) == 6 and read_json(path)["settings"] == a["reward"]
+
+
 def test_eval_reward_reads_messages_and_scores_only_new_records(tmp_path):
     run = make_run(tmp_path, torn=False)
     recs = [json.loads(x) for x in (run / "records.jsonl").read_text().splitlines()]
@@ -279,7 +301,10 @@ def test_cli_reward_from_the_reward_group_and_errors(tmp_path, evaluate):
     assert code == 0 and "[words]" in out and "1 updated" in out
     m = read_json(run / "summary.json")["metrics"]
     assert m["reward_mean"] == pytest.approx(WORDS_MEAN) and m["reward_source"] == "evaluated"
-    assert "1 up to date" in evaluate(NO_COH, *reward_option(tmp_path))[1]
+    assert "1 up to date" in evaluate(NO_COH, *reward_option(tmp_path))[1]  # reward.device: not a setting
+    settings = read_json(eval_rewards_path(run, "words"))["settings"]
+    code, out, _ = evaluate(NO_COH, *reward_option(tmp_path, fail_load=False))  # another setting of "words"
+    assert code == 0 and "1 updated" in out and read_json(eval_rewards_path(run, "words"))["settings"] != settings
 
     before = (run / "summary.json").read_bytes()
     for args, needle in (
