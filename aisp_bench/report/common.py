@@ -56,12 +56,6 @@ def tex_escape(text: str) -> str:
     return str(text).translate(_TEX_SPECIAL)
 
 
-def guided(method: str) -> bool:
-    """A method that uses the reward while it decodes (Speculative Rejection, particle filtering):
-    its rows are pruned or resampled, so none of them is a plain sample of the policy."""
-    return method in ("spec_rejection", "particle_filter")
-
-
 def best_of_pool(method: str) -> bool:
     """A best-of-N method: i.i.d. samples, the best returned; its curves use the unbiased best-of-m
     over the recorded pool (:mod:`.bestof`)."""

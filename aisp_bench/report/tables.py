@@ -19,9 +19,10 @@ from aisp_bench.rundir import Run, read_json_or_none
 
 from .common import (
     DASH, as_float_array, dataset_key, display_dataset, display_method, display_pair, finite_or_nan, fmt_interval,
-    fmt_mean_std, fmt_num, guided, mean_std, nanmean, pair_key, records_mean, render_latex, render_markdown, tex_escape,
+    fmt_mean_std, fmt_num, mean_std, nanmean, pair_key, records_mean, render_latex, render_markdown, tex_escape,
     write_texts,
 )  # fmt: skip
+from .costs import paused
 from .stats import Bootstrap
 
 # --------------------------------------------------------------------------- tables 2 / 3
@@ -213,7 +214,8 @@ def compare(runs: Sequence[Run]) -> pd.DataFrame:
 
     Columns: dataset, pair, method, variant, seeds, prompts (records, summed over seeds),
     reward (mean over prompts, then over seeds; the run's own reward model), best-of-first
-    (mean reward of the first sample, i.e. what one sample gets; NaN for the ``guided`` methods),
+    (mean reward of the first sample, i.e. what one sample gets; NaN for a reward-guided decoder,
+    ``costs.paused``),
     samples, tokens and
     seconds per prompt (means over prompts and seeds).
     """
@@ -226,8 +228,8 @@ def compare(runs: Sequence[Run]) -> pd.DataFrame:
             dataset=dataset, pair=f"{model}__{reward}", method=method, variant=variant,
             seeds=",".join(str(r.seed) for r in rs), prompts=len(recs),
             reward=nanmean(np.array([records_mean(r.records, "reward") for r in rs if r.records])),
-            first_sample=np.nan if guided(method) else nanmean(as_float_array(
-                [(x.get("sample_rewards") or [np.nan])[0] for x in recs])),
+            first_sample=nanmean(as_float_array([(x.get("sample_rewards") or [np.nan])[0] for x in recs
+                                                 if not paused(x)])),
             samples=records_mean(recs, "num_samples"), tokens=records_mean(recs, "num_tokens"),
             seconds=records_mean(recs, "seconds"),
         ))
