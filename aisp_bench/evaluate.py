@@ -60,7 +60,7 @@ from omegaconf import DictConfig, OmegaConf
 from aisp_bench.cli import (
     UserError, engine_options, first_line, instantiate_node, launch, reward_node, run_app, select_runs,
 )  # fmt: skip
-from aisp_bench.config import CONF_DIR, get_path
+from aisp_bench.config import CONF_DIR, get_path, semantic_config
 from aisp_bench.eval_cache import (  # noqa: F401 - eval_logprobs_path: the caches' names, re-exported
     BasePolicy, PolicyUnavailableError, Scored, cached_scores, eval_logprobs_path, eval_rewards_path, quiet_records,
     unready,
@@ -97,15 +97,13 @@ def evaluation_rewards(run_dir: Path, records: Sequence[dict[str, Any]], respons
                          field="reward", force=force)
 
 
-TUNING = ("batch_size", "max_batch_tokens", "attention", "device", "device_map")  # where and how fast, not what
-
-
 def reward_settings(node: Any) -> str:
-    """A digest of a reward's config without its ``TUNING`` keys: two configs of one name that
-    score differently (``max_length``, the template, an explicit ``dtype``, ...) get different
-    digests. (``dtype: auto`` follows the device: bf16 on a GPU, fp32 on the CPU, one digest.)"""
+    """A digest of a reward's config without the keys a run may change on resume (``NON_SEMANTIC``:
+    ``device``, ``batch_size``, ``max_batch_tokens``): two configs of one name that score
+    differently (``max_length``, the template, an explicit ``dtype``, ...) get different digests.
+    (``dtype: auto`` follows the device: bf16 on a GPU, fp32 on the CPU, one digest.)"""
     plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-    kept = {k: v for k, v in plain.items() if k not in TUNING}
+    kept = semantic_config({"reward": plain})["reward"]
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
