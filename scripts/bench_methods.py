@@ -702,7 +702,8 @@ class Context:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: tiny shapes, a dry run")
-    ap.add_argument("--out", type=Path, default=None, help="JSON (default results/bench/methods_gpu.json; cpu: methods_cpu.json)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON (default results/bench/methods_gpu.json; cpu: methods_cpu.json)")
     ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 256; cpu 12)")
     ap.add_argument("--n", type=int, default=None, help="AISP rows per prompt (default 32; cpu 4)")
     ap.add_argument("--kappa", type=int, default=3, help="AISP iterations timed (the first one is reported apart)")

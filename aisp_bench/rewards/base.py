@@ -196,14 +196,15 @@ class DecoderReward(RewardModel):
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         """The exact token ids the model reads for this pair."""
 
-    def fit(self, ids: list[int], bare: Callable[[], list[int]], keep_head: int) -> list[int]:
+    def fit(self, ids: list[int], bare: Callable[[], list[int]], keep_head: Callable[[], int]) -> list[int]:
         """``ids`` of one (prompt, response) within ``max_length``: the tokens right after the
-        ``keep_head`` go, at least as many as leave ``response_tokens`` after the prompt's own
-        ids (``bare()``: the pair with an empty response, tokenized only when a cut is possible).
-        So the cut of a prompt is the same for its every response up to that length."""
+        head (``keep_head()`` tokens) go, at least as many as leave ``response_tokens`` after the
+        prompt's own ids (``bare()``: the pair with an empty response). Both are computed only
+        when a cut is possible. So the cut of a prompt is the same for its every response up to
+        that length."""
         if self.max_length is None or len(ids) + self.response_tokens <= self.max_length:
             return ids
-        return truncate_keep_end(ids, self.max_length, keep_head,
+        return truncate_keep_end(ids, self.max_length, keep_head(),
                                  min_cut=len(bare()) + self.response_tokens - self.max_length)
 
     def _use_model(self, model, tokenizer, backbone, readout, forward=None) -> None:
@@ -276,10 +277,8 @@ class TextPairReward(DecoderReward):
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         """Token ids of the rendered pair, cut to ``max_length`` (``fit``) keeping the special head and the end."""
         ids = self._tokenize(self.render(prompt, response))
-        if self.max_length is None or len(ids) + self.response_tokens <= self.max_length:
-            return ids  # the special ids only when a cut is possible
-        head = leading_special_count(ids, set(self.tokenizer.all_special_ids))
-        return self.fit(ids, lambda: self._tokenize(self.render(prompt, "")), head)
+        return self.fit(ids, lambda: self._tokenize(self.render(prompt, "")),
+                        lambda: leading_special_count(ids, set(self.tokenizer.all_special_ids)))
 
 
 __all__ = ["RewardModel", "DecoderReward", "TextPairReward", "load_pretrained", "truncate_keep_end",

@@ -130,7 +130,7 @@ class LMJudgeReward(DecoderReward):
 
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         ids = self._tokenize(self.render(prompt, response))
-        return self.fit(ids, lambda: self._tokenize(self.render(prompt, "")), self._keep_head)
+        return self.fit(ids, lambda: self._tokenize(self.render(prompt, "")), lambda: self._keep_head)
 
     # ------------------------------------------------------------------ scoring
     def _answer_margin(self, last_hidden: torch.Tensor) -> torch.Tensor:
